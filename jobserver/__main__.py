@@ -1,0 +1,3 @@
+from jobserver.cli import main
+
+main()

@@ -1,0 +1,362 @@
+"""The HTTP API: JSON in, JSON out, every error in one envelope.
+
+Handlers only change stored state and wake the scheduler; they never start or signal a
+process (the scheduler does, from the stored state).  Every error, on every route, is
+``{"error": {"code", "message", "details"}}`` with a status code from ``STATUS``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy.exc import OperationalError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jobserver import __version__
+from jobserver.errors import (
+    InvalidTransition,
+    JobServerError,
+    NotFound,
+    ValidationError,
+)
+from jobserver.jobs import CELERY_STATUS, Job, JobState, format_timestamp, new_job_id, utcnow
+from jobserver.store import MAX_PAGE, NewJob, Store
+from jobserver.tasks import Registry, Task
+
+log = logging.getLogger("jobserver.api")
+
+MAX_PRIORITY = 1000
+SUBMIT_FIELDS = ("task", "args", "priority")
+
+
+class SchedulerPort(Protocol):
+    """What the API may ask of the scheduler: nothing that starts or stops a process."""
+
+    def wake(self) -> None: ...
+
+    def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
+
+    def view(self) -> dict[str, Any]: ...
+
+
+class ApiError(JobServerError):
+    """An HTTP-level problem with the request itself (not with its content)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message, details, code=code)
+        self.status = status
+
+
+STATUS: dict[type[JobServerError], int] = {
+    ValidationError: 422,
+    NotFound: 404,
+    InvalidTransition: 409,
+}
+
+
+class JSONDocument(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def error_response(
+    status: int, error: JobServerError, headers: Mapping[str, str] | None = None
+) -> Response:
+    return JSONDocument({"error": error.to_dict()}, status_code=status, headers=headers)
+
+
+def create_app(
+    *,
+    store: Store,
+    registry: Registry,
+    scheduler: SchedulerPort,
+    max_body_size: int,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    def document(job: Job) -> dict[str, Any]:
+        return job_document(job, scheduler.waiting_reason(job, utcnow()))
+
+    async def read_json(request: Request) -> Any:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send the body as JSON with 'Content-Type: application/json'",
+                {"content_type": content_type or None},
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_size:
+            raise _too_large(max_body_size)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_size:
+                raise _too_large(max_body_size)
+        try:
+            return json.loads(body, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ApiError(400, "malformed_json", "the body's JSON is nested too deeply") from None
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, "malformed_json", "the body is not valid UTF-8", str(exc)) from None
+        except json.JSONDecodeError as exc:
+            raise ApiError(
+                400,
+                "malformed_json",
+                f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                {"line": exc.lineno, "column": exc.colno},
+            ) from None
+
+    async def submit(task: Task, args: Any, priority: int) -> Job:
+        validated = task.validate(args)
+        new = NewJob(task.name, validated, priority, task.settings.max_retries)
+        job = await store.insert(new, new_job_id(), utcnow())
+        scheduler.wake()
+        log.info("job %s (%s): submitted -> queued", job.id, job.task)
+        return job
+
+    async def submit_job(request: Request) -> Response:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise ValidationError(
+                "the body must be a JSON object like "
+                '{"task": "NAME", "args": {...}, "priority": 0}',
+                [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
+            )
+        problems = [
+            {"field": key, "message": f"unknown field; allowed: {', '.join(SUBMIT_FIELDS)}"}
+            for key in body
+            if key not in SUBMIT_FIELDS
+        ]
+        name = body.get("task")
+        if not isinstance(name, str):
+            problems.append({"field": "task", "message": "required: the name of a task"})
+        priority = body.get("priority", 0)
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or abs(priority) > MAX_PRIORITY
+        ):
+            problems.append(
+                {
+                    "field": "priority",
+                    "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
+                }
+            )
+        if problems:
+            raise ValidationError("invalid job submission", problems)
+        assert isinstance(name, str)
+        job = await submit(registry.get(name), body.get("args", {}), priority)
+        return JSONDocument(document(job), status_code=202, headers=_location(job))
+
+    def tutorial_route(task: Task) -> Callable[[Request], Any]:
+        async def start(request: Request) -> Response:
+            job = await submit(task, await read_json(request), 0)
+            return JSONDocument(
+                {"message": "task accepted; processing in the background", "task_id": job.id},
+                status_code=202,
+                headers=_location(job),
+            )
+
+        return start
+
+    async def get_job(request: Request) -> Response:
+        job = await store.get(request.path_params["job_id"])
+        return JSONDocument(document(job))
+
+    async def list_jobs(request: Request) -> Response:
+        params = request.query_params
+        unknown = sorted(set(params) - {"state", "task", "limit", "cursor"})
+        problems = [{"field": key, "message": "unknown query parameter"} for key in unknown]
+        state = None
+        if "state" in params:
+            try:
+                state = JobState(params["state"])
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobState)
+                problems.append({"field": "state", "message": f"expected one of {allowed}"})
+        limit = 50
+        if "limit" in params:
+            text = params["limit"]
+            if text.isdigit() and 1 <= int(text) <= MAX_PAGE:
+                limit = int(text)
+            else:
+                problems.append(
+                    {"field": "limit", "message": f"expected an integer from 1 to {MAX_PAGE}"}
+                )
+        cursor = params.get("cursor") or None
+        if cursor is not None and not _looks_like_job_id(cursor):
+            problems.append({"field": "cursor", "message": "not a cursor this server issued"})
+        if problems:
+            raise ValidationError("invalid query", problems)
+        found = await store.list(
+            state=state, task=params.get("task"), limit=limit + 1, before=cursor
+        )
+        page = found[:limit]
+        next_cursor = page[-1].id if len(found) > limit else None
+        return JSONDocument({"jobs": [document(job) for job in page], "next_cursor": next_cursor})
+
+    async def cancel_job(request: Request) -> Response:
+        job = await store.request_cancel(request.path_params["job_id"], utcnow())
+        scheduler.wake()
+        log.info("job %s: cancel requested (%s)", job.id, job.state.value)
+        return JSONDocument(document(job), status_code=200 if job.state.terminal else 202)
+
+    async def task_status(request: Request) -> Response:
+        job = await store.get(request.path_params["task_id"])
+        return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
+
+    async def list_tasks(request: Request) -> Response:
+        return JSONDocument({"tasks": [task.describe() for task in registry]})
+
+    async def system(request: Request) -> Response:
+        view = scheduler.view()
+        view["jobs"] = await store.counts()
+        return JSONDocument(view)
+
+    async def healthz(request: Request) -> Response:
+        await store.counts()
+        return JSONDocument({"status": "ok", "version": __version__})
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/api/v1/jobs", submit_job, methods=["POST"]),
+        Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+        Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
+        Route("/api/v1/tasks", list_tasks, methods=["GET"]),
+        Route("/api/v1/system", system, methods=["GET"]),
+    ]
+    routes += [
+        Route(path, tutorial_route(task), methods=["POST"])
+        for path, task in registry.by_route().items()
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            JobServerError: _on_jobserver_error,
+            HTTPException: _on_http_error,
+            OperationalError: _on_storage_error,
+            Exception: _on_unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "task": job.task,
+        "args": job.args,
+        "state": job.state.value,
+        "priority": job.priority,
+        "created_at": format_timestamp(job.created_at),
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+        "attempts": job.attempts,
+        "max_retries": job.max_retries,
+        "result": job.result,
+        "error": job.error.to_dict() if job.error else None,
+        "reason": job.reason,
+        "waiting_reason": waiting_reason,
+        "run_after": _time(job.run_after),
+        "cancel_requested": job.cancel_requested,
+        "exit_code": job.exit_code,
+        "peak_rss": job.peak_rss,
+        "cpu_seconds": job.cpu_seconds,
+    }
+
+
+def celery_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
+    """The tutorial's ``/task-status`` shape (Celery's AsyncResult names)."""
+    body: dict[str, Any] = {"task_id": job.id, "status": CELERY_STATUS[job.state]}
+    if job.state is JobState.SUCCEEDED:
+        body["result"] = job.result
+    elif job.state is JobState.FAILED:
+        body["error"] = job.error.message if job.error else job.reason
+    elif job.state is JobState.CANCELLED:
+        body["error"] = job.reason
+    elif job.state is JobState.QUEUED:
+        body["waiting_reason"] = waiting_reason
+    return body
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else format_timestamp(moment)
+
+
+def _location(job: Job) -> dict[str, str]:
+    return {"Location": f"/api/v1/jobs/{job.id}"}
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "body_too_large",
+        f"the body is larger than the limit of {limit} bytes",
+        {"limit": limit},
+    )
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (and the stored JSON columns) do not.
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
+def _looks_like_job_id(text: str) -> bool:
+    return len(text) == 26 and text.isascii() and text.isalnum()
+
+
+async def _on_jobserver_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, JobServerError)
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc)
+    status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+    return error_response(status, exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {
+        404: f"no route for {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    error = JobServerError(
+        message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code, "http_error")
+    )
+    return error_response(exc.status_code, error, exc.headers)
+
+
+async def _on_storage_error(request: Request, exc: Exception) -> Response:
+    log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
+    error = JobServerError(
+        "the job database cannot be written right now (disk full, read-only or locked); "
+        "nothing was stored; retry later",
+        str(getattr(exc, "orig", exc)),
+        code="storage_unavailable",
+    )
+    return error_response(503, error, {"Retry-After": "5"})
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(
+        500, JobServerError("internal error; see the server log", code="internal_error")
+    )

@@ -1,0 +1,68 @@
+"""The jobs table.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-26
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "jobs",
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("task", sa.Text, nullable=False),
+        sa.Column("args", sa.Text, nullable=False),
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.Column("run_after", sa.Text),
+        sa.Column("started_at", sa.Text),
+        sa.Column("finished_at", sa.Text),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("max_retries", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("rescues", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("result", sa.Text),
+        sa.Column("error_type", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Column("traceback", sa.Text),
+        sa.Column("reason", sa.Text),
+        sa.Column("cancel_requested_at", sa.Text),
+        sa.Column("pid", sa.Integer),
+        sa.Column("pid_started_at", sa.Float),
+        sa.Column("exit_code", sa.Integer),
+        sa.Column("peak_rss", sa.Integer),
+        sa.Column("cpu_seconds", sa.Float),
+        sa.CheckConstraint(
+            "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
+            name="ck_jobs_state",
+        ),
+        sa.CheckConstraint(
+            "(state IN ('cancelled', 'failed', 'succeeded')) = (finished_at IS NOT NULL)",
+            name="ck_jobs_finished_at",
+        ),
+        sa.CheckConstraint("json_valid(args)", name="ck_jobs_args_json"),
+        sa.CheckConstraint("result IS NULL OR json_valid(result)", name="ck_jobs_result_json"),
+    )
+    op.create_index(
+        "ix_jobs_queue",
+        "jobs",
+        [sa.text("priority DESC"), "id"],
+        sqlite_where=sa.text("state = 'queued'"),
+    )
+    op.create_index("ix_jobs_state_id", "jobs", ["state", "id"])
+    op.create_index("ix_jobs_task_id", "jobs", ["task", "id"])
+
+
+def downgrade() -> None:
+    op.drop_table("jobs")

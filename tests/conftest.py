@@ -1,0 +1,242 @@
+"""Shared test parts: config files in temp dirs, a fake resource probe, an in-process app
+with its lifespan running, and a real server process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobserver import config
+from jobserver.resources import Snapshot
+from jobserver.server import Application, build
+from jobserver.store import migrate
+
+TESTS_DIR = Path(__file__).resolve().parent
+GiB = 2**30
+
+SAMPLE_TASKS = {
+    "add": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "16MiB"},
+    "echo": {"function": "sample_tasks:echo", "cpus": 0.1, "memory": "16MiB"},
+    "sleep": {"function": "sample_tasks:sleep", "cpus": 0.1, "memory": "16MiB"},
+    "fail": {"function": "sample_tasks:fail", "cpus": 0.1, "memory": "16MiB"},
+    "die": {"function": "sample_tasks:die", "cpus": 0.1, "memory": "16MiB"},
+    "exit_with": {"function": "sample_tasks:exit_with", "cpus": 0.1, "memory": "16MiB"},
+    "unserializable": {"function": "sample_tasks:unserializable", "cpus": 0.1, "memory": "16MiB"},
+    "flaky": {"function": "sample_tasks:flaky", "cpus": 0.1, "memory": "16MiB", "max_retries": 2},
+    "spawn_and_sleep": {"function": "sample_tasks:spawn_and_sleep", "cpus": 0.1, "memory": "16MiB"},
+    "ignore_sigterm": {"function": "sample_tasks:ignore_sigterm", "cpus": 0.1, "memory": "16MiB"},
+    "wait_for_file": {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "16MiB"},
+    "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "8GiB"},
+    "analysis": {
+        "function": "jobserver.demo:run_long_analysis",
+        "cpus": 0.1,
+        "memory": "16MiB",
+        "route": "/api/v1/start-analysis",
+    },
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(
+    directory: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    tasks: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    lines = [f"task_paths = {_toml_value([str(TESTS_DIR)])}", "", "[server]"]
+    server_values = {"log_level": "warning", "access_log": False, **(server or {})}
+    lines += [f"{key} = {_toml_value(value)}" for key, value in server_values.items()]
+    scheduler_values = {
+        "poll_interval": "100ms",
+        "reserve_cpus": 0,
+        "reserve_memory": 0,
+        "kill_grace": "2s",
+        **(scheduler or {}),
+    }
+    lines += ["", "[scheduler]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in scheduler_values.items()]
+    for name, table in (SAMPLE_TASKS if tasks is None else tasks).items():
+        lines += ["", f"[tasks.{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class FakeProbe:
+    """A machine whose capacity and free resources the test sets."""
+
+    def __init__(self, cpus: float = 8, memory: int = 16 * GiB) -> None:
+        self.snapshot_value = Snapshot(
+            cpu_capacity=cpus,
+            memory_capacity=memory,
+            cpu_idle=cpus,
+            memory_available=memory,
+            memory_pressure=None,
+            cpu_pressure=None,
+            sources={
+                "cpu_capacity": "fake",
+                "memory_capacity": "fake",
+                "cpu_idle": "fake",
+                "memory_available": "fake",
+            },
+        )
+
+    def snapshot(self) -> Snapshot:
+        return self.snapshot_value
+
+
+@dataclass
+class Harness:
+    application: Application
+    client: httpx.AsyncClient
+    settings: config.Settings
+    probe: FakeProbe
+
+    async def wait_for_state(
+        self, job_id: str, *states: str, timeout: float = 30
+    ) -> dict[str, Any]:
+        return await wait_for(self.client, job_id, *states, timeout=timeout)
+
+
+async def wait_for(
+    client: httpx.AsyncClient, job_id: str, *states: str, timeout: float = 30
+) -> dict[str, Any]:
+    import anyio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.get(f"/api/v1/jobs/{job_id}")
+        document: dict[str, Any] = response.json()
+        if document.get("state") in states:
+            return document
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} never reached {states}: {document}")
+        await anyio.sleep(0.02)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Harness]]:
+    """An in-process app (lifespan running, scheduler started) over a real SQLite file,
+    running jobs as real child processes, with a fake probe."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def factory(probe: FakeProbe | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+        settings = config.load(write_config(tmp_path, **overrides))
+        migrate(settings.server.database)
+        fake = probe or FakeProbe()
+        application = build(settings, probe=fake)
+        transport = httpx.ASGITransport(app=application.app)
+        async with (
+            application.app.router.lifespan_context(application.app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            yield Harness(application, client, settings, fake)
+
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    config_path: Path
+    log_path: Path
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(config_path: Path, *, wait: bool = True, timeout: float = 30) -> ServerProcess:
+    port = free_port()
+    log_path = config_path.parent / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobserver",
+                "serve",
+                "--config",
+                str(config_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", config_path, log_path)
+    if wait:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                server.stop(signal.SIGKILL)
+                raise AssertionError(f"server did not start:\n{server.log()}")
+            time.sleep(0.05)
+    return server
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerProcess]]:
+    """Start real ``jobserver serve`` processes; every one is killed at the end."""
+    started: list[ServerProcess] = []
+
+    def factory(config_path: Path, **kwargs: Any) -> ServerProcess:
+        server = start_server(config_path, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)

@@ -1,0 +1,408 @@
+"""The HTTP API in process (httpx over ASGI), with real child processes and a real SQLite
+file; the resource probe is fake so admissions do not depend on this machine's load."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from typing import Any
+
+import pytest
+
+from jobserver.jobs import utcnow
+from tests.conftest import FakeProbe, Harness
+
+pytestmark = pytest.mark.anyio
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def stored_rows(harness: Harness) -> int:
+    with sqlite3.connect(harness.settings.server.database) as db:
+        return int(db.execute("SELECT count(*) FROM jobs").fetchone()[0])
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+async def test_submit_run_and_read_a_job(make_harness: Any) -> None:
+    async with make_harness() as h:
+        response = await h.client.post(
+            "/api/v1/jobs", json={"task": "add", "args": {"a": 2, "b": 3}}
+        )
+        assert response.status_code == 202
+        job = response.json()
+        assert response.headers["location"] == f"/api/v1/jobs/{job['id']}"
+        assert job["state"] == "queued" and job["task"] == "add" and job["args"] == {"a": 2, "b": 3}
+        assert ISO.match(job["created_at"])
+        done = await h.wait_for_state(job["id"], "succeeded")
+        assert done["result"] == 5
+        assert done["attempts"] == 1
+        assert done["error"] is None and done["waiting_reason"] is None
+        assert ISO.match(done["started_at"]) and ISO.match(done["finished_at"])
+        assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+
+
+async def test_job_environment_and_log(make_harness: Any) -> None:
+    async with make_harness() as h:
+        job = (
+            await h.client.post("/api/v1/jobs", json={"task": "echo", "args": {"text": "hi"}})
+        ).json()
+        done = await h.wait_for_state(job["id"], "succeeded")
+        assert done["result"] == {"text": "hi", "job": job["id"], "attempt": 1}
+        log = (h.settings.server.jobs_dir / job["id"] / "output.log").read_text()
+        assert "echo hi" in log
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "error_type", "message"),
+    [
+        ("fail", {"message": "bad input file"}, "ValueError", "bad input file"),
+        ("die", {"signum": 9}, "Killed", "killed by signal 9 (SIGKILL)"),
+        ("exit_with", {"code": 7}, "Exited", "exited with code 7"),
+        ("unserializable", {}, "ResultNotSerializable", "not JSON-serialisable"),
+    ],
+)
+async def test_failures_are_recorded(
+    make_harness: Any, task: str, args: dict[str, Any], error_type: str, message: str
+) -> None:
+    async with make_harness() as h:
+        job = (await h.client.post("/api/v1/jobs", json={"task": task, "args": args})).json()
+        done = await h.wait_for_state(job["id"], "failed")
+        assert done["error"]["type"] == error_type
+        assert message in done["error"]["message"]
+        status = (await h.client.get(f"/api/v1/task-status/{job['id']}")).json()
+        assert status["status"] == "FAILURE" and message in status["error"]
+
+
+async def test_exception_keeps_its_traceback(make_harness: Any) -> None:
+    async with make_harness() as h:
+        job = (await h.client.post("/api/v1/jobs", json={"task": "fail", "args": {}})).json()
+        done = await h.wait_for_state(job["id"], "failed")
+        assert "Traceback" in done["error"]["traceback"]
+        assert "sample_tasks.py" in done["error"]["traceback"]
+
+
+async def test_retries_until_success(make_harness: Any, tmp_path: Any) -> None:
+    async with make_harness() as h:
+        args = {"marker_dir": str(tmp_path / "markers"), "failures": 1}
+        job = (await h.client.post("/api/v1/jobs", json={"task": "flaky", "args": args})).json()
+        done = await h.wait_for_state(job["id"], "succeeded", "failed")
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert done["result"] == "succeeded after 1 failures"
+
+
+async def test_retries_exhausted(make_harness: Any, tmp_path: Any) -> None:
+    async with make_harness() as h:
+        args = {"marker_dir": str(tmp_path / "markers"), "failures": 10}
+        job = (await h.client.post("/api/v1/jobs", json={"task": "flaky", "args": args})).json()
+        done = await h.wait_for_state(job["id"], "failed", timeout=30)
+        assert done["attempts"] == 3  # max_retries = 2
+        assert done["error"]["message"] == "flaky failure 3"
+
+
+async def test_tutorial_walkthrough(make_harness: Any) -> None:
+    async with make_harness() as h:
+        response = await h.client.post(
+            "/api/v1/start-analysis", json={"dataset_id": "data_xyz", "complexity": 0}
+        )
+        assert response.status_code == 202
+        body = response.json()
+        assert set(body) == {"message", "task_id"}
+        task_id = body["task_id"]
+        await h.wait_for_state(task_id, "succeeded")
+        status = (await h.client.get(f"/api/v1/task-status/{task_id}")).json()
+        assert status == {
+            "task_id": task_id,
+            "status": "SUCCESS",
+            "result": {
+                "status": "success",
+                "dataset_id": "data_xyz",
+                "analysis_time_sec": 0,
+                "result_url": "http://example.com/results/data_xyz.zip",
+            },
+        }
+
+
+async def test_status_names_follow_celery(make_harness: Any, tmp_path: Any) -> None:
+    gate = tmp_path / "gate"
+    async with make_harness(probe=FakeProbe(cpus=8)) as h:
+        job = (
+            await h.client.post(
+                "/api/v1/jobs", json={"task": "wait_for_file", "args": {"path": str(gate)}}
+            )
+        ).json()
+        await h.wait_for_state(job["id"], "running")
+        status = (await h.client.get(f"/api/v1/task-status/{job['id']}")).json()
+        assert status == {"task_id": job["id"], "status": "STARTED"}
+        gate.write_text("done")
+        await h.wait_for_state(job["id"], "succeeded")
+        status = (await h.client.get(f"/api/v1/task-status/{job['id']}")).json()
+        assert status["status"] == "SUCCESS" and status["result"] == "done"
+
+
+async def test_pending_while_queued_with_reason(make_harness: Any) -> None:
+    # 8 GiB requested on a machine with 4 GiB: it waits, and says why with numbers.
+    async with make_harness(probe=FakeProbe(memory=4 * 2**30)) as h:
+        job = (await h.client.post("/api/v1/jobs", json={"task": "big", "args": {"a": 1}})).json()
+        await h.application.scheduler.tick(utcnow())
+        status = (await h.client.get(f"/api/v1/task-status/{job['id']}")).json()
+        assert status["status"] == "PENDING"
+        assert "8.0 GiB" in status["waiting_reason"]
+        document = (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()
+        assert document["state"] == "queued"
+        assert document["waiting_reason"] == status["waiting_reason"]
+        system = (await h.client.get("/api/v1/system")).json()
+        assert system["queue_head"] == [
+            {"id": job["id"], "waiting_reason": status["waiting_reason"]}
+        ]
+
+
+async def test_unknown_ids_are_404(make_harness: Any) -> None:
+    async with make_harness() as h:
+        for path in (
+            "/api/v1/jobs/01ZZZZZZZZZZZZZZZZZZZZZZZZ",
+            "/api/v1/task-status/a9b1c8d2-0000",
+        ):
+            assert_error(await h.client.get(path), 404, "not_found")
+        assert_error(
+            await h.client.post("/api/v1/jobs/01ZZZZZZZZZZZZZZZZZZZZZZZZ/cancel"), 404, "not_found"
+        )
+        assert_error(await h.client.get("/no/such/route"), 404, "not_found")
+        assert_error(await h.client.delete("/api/v1/jobs"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+        ),
+        (
+            {
+                "content": b'{"task": "add", "args": {"a": NaN}}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "malformed_json",
+        ),
+        (
+            {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+        ),
+        (
+            {"content": b"[" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+        ),
+        ({"json": [1, 2]}, 422, "validation_error"),
+        ({"json": "add"}, 422, "validation_error"),
+        ({"json": {"task": "nope", "args": {}}}, 422, "unknown_task"),
+        ({"json": {"args": {}}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": {"a": "abc"}}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": {"a": "3"}}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": []}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": {"a": 1}, "priority": "high"}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": {"a": 1}, "priority": 10**6}}, 422, "validation_error"),
+        ({"json": {"task": "add", "args": {"a": 1}, "extra": 1}}, 422, "validation_error"),
+        (
+            {
+                "content": b"task=add",
+                "headers": {"content-type": "application/x-www-form-urlencoded"},
+            },
+            415,
+            "unsupported_media_type",
+        ),
+        ({"content": b'{"task": "add"}'}, 415, "unsupported_media_type"),
+        (
+            {
+                "content": b'{"task": "add", "args": {"a": 1}, "x": "' + b"x" * 2_000_000 + b'"}',
+                "headers": {"content-type": "application/json"},
+            },
+            413,
+            "body_too_large",
+        ),
+    ],
+)
+async def test_bad_submissions_store_nothing(
+    make_harness: Any, request_kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    async with make_harness() as h:
+        response = await h.client.post("/api/v1/jobs", **request_kwargs)
+        assert_error(response, status, code)
+        assert stored_rows(h) == 0
+
+
+async def test_argument_errors_name_each_field(make_harness: Any) -> None:
+    async with make_harness() as h:
+        response = await h.client.post(
+            "/api/v1/jobs", json={"task": "add", "args": {"b": "x", "c": 1}}
+        )
+        error = assert_error(response, 422, "validation_error")
+        fields = sorted(problem["field"] for problem in error["details"])
+        assert fields == ["a", "b", "c"]
+        assert stored_rows(h) == 0
+
+
+async def test_tutorial_route_rejects_bad_bodies(make_harness: Any) -> None:
+    async with make_harness() as h:
+        response = await h.client.post(
+            "/api/v1/start-analysis", json={"dataset_id": "x", "complexity": "abc"}
+        )
+        error = assert_error(response, 422, "validation_error")
+        assert [p["field"] for p in error["details"]] == ["complexity"]
+        assert_error(
+            await h.client.post(
+                "/api/v1/start-analysis", content=b"{", headers={"content-type": "application/json"}
+            ),
+            400,
+            "malformed_json",
+        )
+        assert_error(await h.client.get("/api/v1/start-analysis"), 405, "method_not_allowed")
+        assert stored_rows(h) == 0
+
+
+async def test_list_newest_first_with_stable_cursor(make_harness: Any) -> None:
+    async with make_harness() as h:
+        ids = []
+        for i in range(7):
+            response = await h.client.post(
+                "/api/v1/jobs", json={"task": "big", "args": {"a": i}, "priority": 0}
+            )
+            ids.append(response.json()["id"])
+        page = (await h.client.get("/api/v1/jobs", params={"limit": 3})).json()
+        assert [job["id"] for job in page["jobs"]] == ids[::-1][:3]
+        # A job submitted between pages must not shift the pages being walked.
+        await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 1}})
+        seen = [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        while cursor:
+            page = (
+                await h.client.get("/api/v1/jobs", params={"limit": 3, "cursor": cursor})
+            ).json()
+            seen += [job["id"] for job in page["jobs"]]
+            cursor = page["next_cursor"]
+        assert seen == ids[::-1]
+        filtered = (await h.client.get("/api/v1/jobs", params={"task": "add"})).json()
+        assert [job["task"] for job in filtered["jobs"]] == ["add"]
+        assert filtered["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"state": "done"},
+        {"limit": "0"},
+        {"limit": "1001"},
+        {"limit": "x"},
+        {"cursor": "../x"},
+        {"colour": "red"},
+    ],
+)
+async def test_list_rejects_bad_queries(make_harness: Any, params: dict[str, str]) -> None:
+    async with make_harness() as h:
+        assert_error(await h.client.get("/api/v1/jobs", params=params), 422, "validation_error")
+
+
+async def test_cancel_queued_job(make_harness: Any) -> None:
+    # No machine room for this job: it stays queued until cancelled.
+    async with make_harness(probe=FakeProbe(memory=2 * 2**30)) as h:
+        job = (await h.client.post("/api/v1/jobs", json={"task": "big", "args": {"a": 1}})).json()
+        queued = (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()
+        assert queued["state"] == "queued"
+        response = await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 200
+        assert response.json()["state"] == "cancelled"
+        status = (await h.client.get(f"/api/v1/task-status/{job['id']}")).json()
+        assert status["status"] == "REVOKED"
+        assert_error(await h.client.post(f"/api/v1/jobs/{job['id']}/cancel"), 409, "invalid_state")
+
+
+async def test_cancel_running_job_kills_its_tree(make_harness: Any, tmp_path: Any) -> None:
+    import os
+
+    pid_file = tmp_path / "grandchild.pid"
+    async with make_harness() as h:
+        job = (
+            await h.client.post(
+                "/api/v1/jobs",
+                json={"task": "spawn_and_sleep", "args": {"pid_file": str(pid_file)}},
+            )
+        ).json()
+        await h.wait_for_state(job["id"], "running")
+        from tests.test_e2e import wait_until
+
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "")
+        grandchild = int(pid_file.read_text())
+        response = await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 202
+        assert response.json()["cancel_requested"] is True
+        done = await h.wait_for_state(job["id"], "cancelled")
+        assert done["finished_at"] is not None
+        wait_until(lambda: not _alive(grandchild))
+        assert_error(await h.client.post(f"/api/v1/jobs/{job['id']}/cancel"), 409, "invalid_state")
+        del os
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_cancel_escalates_to_sigkill(make_harness: Any) -> None:
+    async with make_harness(scheduler={"kill_grace": "300ms"}) as h:
+        job = (
+            await h.client.post("/api/v1/jobs", json={"task": "ignore_sigterm", "args": {}})
+        ).json()
+        await h.wait_for_state(job["id"], "running")
+        await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+        done = await h.wait_for_state(job["id"], "cancelled", timeout=15)
+        assert done["state"] == "cancelled"
+
+
+async def test_timeout_fails_the_job(make_harness: Any) -> None:
+    tasks = {
+        "slow": {
+            "function": "sample_tasks:sleep",
+            "cpus": 0.1,
+            "memory": "16MiB",
+            "timeout": "300ms",
+        }
+    }
+    async with make_harness(tasks=tasks) as h:
+        job = (
+            await h.client.post("/api/v1/jobs", json={"task": "slow", "args": {"seconds": 30}})
+        ).json()
+        done = await h.wait_for_state(job["id"], "failed", timeout=15)
+        assert done["error"]["type"] == "Timeout"
+        assert done["error"]["message"] == "timed out after 0.3 s"
+
+
+async def test_tasks_system_and_health(make_harness: Any) -> None:
+    async with make_harness() as h:
+        tasks = (await h.client.get("/api/v1/tasks")).json()["tasks"]
+        add = next(task for task in tasks if task["name"] == "add")
+        assert [p["name"] for p in add["params"]] == ["a", "b"]
+        assert add["params"][1]["default"] == 0 and add["params"][0]["required"] is True
+        assert add["resources"] == {"cpus": 0.1, "memory": 16 * 2**20}
+        await h.client.post("/api/v1/jobs", json={"task": "big", "args": {"a": 1}})
+        system = (await h.client.get("/api/v1/system")).json()
+        assert system["capacity"]["cpus"] == 8
+        assert {"capacity", "free", "reserved", "jobs", "running", "queue_head"} <= set(system)
+        assert set(system["jobs"]) >= {"queued", "running"}
+        health = await h.client.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
