@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,6 +25,7 @@ from jobserver.errors import (
     InvalidTransition,
     JobServerError,
     NotFound,
+    StorageUnavailable,
     ValidationError,
 )
 from jobserver.jobs import CELERY_STATUS, Job, JobState, format_timestamp, new_job_id, utcnow
@@ -60,6 +60,7 @@ STATUS: dict[type[JobServerError], int] = {
     ValidationError: 422,
     NotFound: 404,
     InvalidTransition: 409,
+    StorageUnavailable: 503,
 }
 
 
@@ -199,7 +200,7 @@ def create_app(
             problems.append({"field": "cursor", "message": "not a cursor this server issued"})
         if problems:
             raise ValidationError("invalid query", problems)
-        found = await store.list(
+        found = await store.page(
             state=state, task=params.get("task"), limit=limit + 1, before=cursor
         )
         page = found[:limit]
@@ -221,11 +222,11 @@ def create_app(
 
     async def system(request: Request) -> Response:
         view = scheduler.view()
-        view["jobs"] = await store.counts()
+        view["jobs"] = await store.active_counts()
         return JSONDocument(view)
 
     async def healthz(request: Request) -> Response:
-        await store.counts()
+        await store.active_counts()
         return JSONDocument({"status": "ok", "version": __version__})
 
     routes = [
@@ -247,7 +248,6 @@ def create_app(
         exception_handlers={
             JobServerError: _on_jobserver_error,
             HTTPException: _on_http_error,
-            OperationalError: _on_storage_error,
             Exception: _on_unexpected_error,
         },
         lifespan=lifespan,
@@ -328,6 +328,9 @@ async def _on_jobserver_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc)
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+    if status == 503:
+        log.error("storage error on %s %s: %s", request.method, request.url.path, exc.details)
+        return error_response(status, exc, {"Retry-After": "5"})
     return error_response(status, exc)
 
 
@@ -342,17 +345,6 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
         message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code, "http_error")
     )
     return error_response(exc.status_code, error, exc.headers)
-
-
-async def _on_storage_error(request: Request, exc: Exception) -> Response:
-    log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
-    error = JobServerError(
-        "the job database cannot be written right now (disk full, read-only or locked); "
-        "nothing was stored; retry later",
-        str(getattr(exc, "orig", exc)),
-        code="storage_unavailable",
-    )
-    return error_response(503, error, {"Retry-After": "5"})
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> Response:

@@ -177,7 +177,9 @@ def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> d
 def _submit(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
-    params = next((task["params"] for task in tasks if task["name"] == args.task), [])
+    params: list[dict[str, Any]] = next(
+        (task["params"] for task in tasks if task["name"] == args.task), []
+    )
     body = {
         "task": args.task,
         "args": parse_arguments(args.arguments, params),

@@ -6,7 +6,8 @@
     │   └── UnknownTask       the named task is not registered
     ├── NotFound              no such job (or route)
     ├── InvalidTransition     the job's state does not allow the change (cancel a finished job)
-    └── ServerLocked          another server already serves this database file
+    ├── ServerLocked          another server already serves this database file
+    └── StorageUnavailable    the database cannot be read or written (disk full, read-only)
 
 HTTP status codes are the API's business; it maps these classes to them.
 """
@@ -52,3 +53,7 @@ class InvalidTransition(JobServerError):
 
 class ServerLocked(JobServerError):
     code = "server_locked"
+
+
+class StorageUnavailable(JobServerError):
+    code = "storage_unavailable"

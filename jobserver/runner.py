@@ -132,8 +132,13 @@ async def _wait_for_exit(pid: int, on_exit: Any) -> int:
     except (AttributeError, OSError):
         _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
         return status
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_readable)
     try:
         await exited
     finally:

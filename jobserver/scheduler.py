@@ -244,7 +244,7 @@ RETRY_CAP_SECONDS = 300.0
 def retry_delay(failures: int, jitter: float) -> float:
     """Exponential backoff for the n-th failure (1-based): 1 s, 2 s, 4 s … capped at
     5 min; ``jitter`` in [0, 1) spreads retries of jobs that failed together by up to 20%."""
-    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** (failures - 1))
+    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failures - 1))
     return base * (1 + 0.2 * jitter)
 
 
@@ -462,54 +462,57 @@ class Scheduler:
             self.wake()
 
     async def _record(self, attempt: _Attempt, outcome: Outcome) -> None:
+        """Store how the attempt ended: a terminal state, or back to the queue for a retry
+        or after a shutdown.  One log line per transition."""
         job, now = attempt.job, self._clock()
         duration = time.monotonic() - attempt.started
-        usage = {
-            "exit_code": outcome.exit_code,
-            "peak_rss": attempt.peak_rss or None,
-            "cpu_seconds": attempt.cpu_seconds or None,
-        }
-        if attempt.stop_reason == "shutdown" and not outcome.succeeded:
-            await self._store.requeue(job.id, reason="requeued: the server shut down while it ran")
-            log.info("job %s: running -> queued (server shutdown)", job.id)
-            return
-        if outcome.succeeded:
-            await self._store.finish(
-                job.id, Finish(JobState.SUCCEEDED, result=outcome.result, **usage), now
+
+        def finish(state: JobState, **fields: Any) -> Finish:
+            return Finish(
+                state,
+                exit_code=outcome.exit_code,
+                peak_rss=attempt.peak_rss or None,
+                cpu_seconds=attempt.cpu_seconds or None,
+                **fields,
             )
-            log.info("job %s: running -> succeeded in %.3f s", job.id, duration)
-            return
-        if attempt.stop_reason == "cancel":
-            await self._store.finish(
-                job.id,
-                Finish(JobState.CANCELLED, reason="cancelled by request while running", **usage),
-                now,
-            )
-            log.info("job %s: running -> cancelled after %.3f s", job.id, duration)
-            return
+
         error = outcome.error
         if attempt.stop_reason == "timeout" and attempt.timeout is not None:
             error = JobError("Timeout", f"timed out after {attempt.timeout:g} s")
-        assert error is not None
-        if job.failures < job.max_retries:
+        if error is None:
+            target, reason = JobState.SUCCEEDED, None
+            await self._store.finish(job.id, finish(target, result=outcome.result), now)
+        elif attempt.stop_reason == "shutdown":
+            target, reason = JobState.QUEUED, "requeued: the server shut down while it ran"
+            await self._store.requeue(job.id, reason=reason)
+        elif attempt.stop_reason == "cancel":
+            target, reason = JobState.CANCELLED, "cancelled by request while running"
+            await self._store.finish(job.id, finish(target, reason=reason), now)
+        elif job.failures < job.max_retries:
             delay = retry_delay(job.failures + 1, random.random())
-            run_after = now + timedelta(seconds=delay)
+            target = JobState.QUEUED
+            reason = (
+                f"attempt {job.attempts} failed ({error.message}); "
+                f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s"
+            )
             await self._store.requeue(
                 job.id,
-                reason=f"attempt {job.attempts} failed ({error.message}); "
-                f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s",
-                run_after=run_after,
+                reason=reason,
+                run_after=now + timedelta(seconds=delay),
                 error=error,
                 failed=True,
             )
-            log.info(
-                "job %s: running -> queued (retry after %.1f s): %s", job.id, delay, error.message
-            )
-            return
-        await self._store.finish(
-            job.id, Finish(JobState.FAILED, error=error, reason=error.type, **usage), now
+        else:
+            target, reason = JobState.FAILED, error.message
+            await self._store.finish(job.id, finish(target, error=error, reason=error.type), now)
+        log.info(
+            "job %s (%s): running -> %s after %.3f s%s",
+            job.id,
+            job.task,
+            target.value,
+            duration,
+            f": {reason}" if reason else "",
         )
-        log.info("job %s: running -> failed after %.3f s: %s", job.id, duration, error.message)
 
     # -- what the API shows ------------------------------------------------------
 

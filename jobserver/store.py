@@ -16,9 +16,11 @@ marked "SQLite specifics".
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -28,9 +30,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from jobserver.errors import NotFound, ServerLocked
+from jobserver.errors import NotFound, ServerLocked, StorageUnavailable
 from jobserver.jobs import (
     TERMINAL_STATES,
     Job,
@@ -80,14 +83,10 @@ jobs = sa.Table(
     sa.CheckConstraint("json_valid(args)", name="ck_jobs_args_json"),
     sa.CheckConstraint("result IS NULL OR json_valid(result)", name="ck_jobs_result_json"),
 )
-# The scheduler's claim reads the queue head through this index: O(log n) whatever
-# the number of finished jobs.
-sa.Index(
-    "ix_jobs_queue",
-    jobs.c.priority.desc(),
-    jobs.c.id,
-    sqlite_where=jobs.c.state == "queued",
-)
+# The scheduler reads the queue head through this index, already in order: O(log n)
+# whatever the number of finished jobs.  (Not a partial index: SQLite cannot use one for
+# a query whose state is a bound parameter.)
+sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
 
@@ -141,16 +140,33 @@ class Store:
         await self._writer.dispose()
         await self._reader.dispose()
 
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction (BEGIN IMMEDIATE, committed on exit)."""
+        try:
+            async with self._writer.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise _unavailable(exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._reader.connect() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise _unavailable(exc) from exc
+
     # -- reads -------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job:
-        async with self._reader.connect() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
         if row is None:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
         return _job_from_row(row)
 
-    async def list(
+    async def page(
         self,
         *,
         state: JobState | None = None,
@@ -167,25 +183,18 @@ class Store:
             query = query.where(jobs.c.task == task)
         if before is not None:
             query = query.where(jobs.c.id < before)
-        async with self._reader.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         return [_job_from_row(row) for row in rows]
 
     async def queue_head(self, limit: int, now: datetime) -> list[Job]:
         """Queued jobs that may start now, highest priority first, then oldest."""
-        query = (
-            sa.select(jobs)
-            .where(jobs.c.state == JobState.QUEUED.value)
-            .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= format_timestamp(now)))
-            .order_by(jobs.c.priority.desc(), jobs.c.id)
-            .limit(limit)
-        )
-        async with self._reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
+        async with self._read() as conn:
+            rows = (await conn.execute(queue_head_query(limit, now))).all()
         return [_job_from_row(row) for row in rows]
 
     async def in_state(self, state: JobState) -> list[Job]:
-        async with self._reader.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(sa.select(jobs).where(jobs.c.state == state.value))).all()
         return [_job_from_row(row) for row in rows]
 
@@ -194,14 +203,20 @@ class Store:
         query = sa.select(jobs.c.id).where(
             jobs.c.state == JobState.RUNNING.value, jobs.c.cancel_requested_at.is_not(None)
         )
-        async with self._reader.connect() as conn:
+        async with self._read() as conn:
             return set((await conn.execute(query)).scalars())
 
-    async def counts(self) -> dict[str, int]:
-        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
-        async with self._reader.connect() as conn:
-            found = {state: count for state, count in (await conn.execute(query)).all()}
-        return {state.value: found.get(state.value, 0) for state in JobState}
+    async def active_counts(self) -> dict[str, int]:
+        """How many jobs are queued and running (an index range each, not a table scan)."""
+        active = (JobState.QUEUED.value, JobState.RUNNING.value)
+        query = (
+            sa.select(jobs.c.state, sa.func.count())
+            .where(jobs.c.state.in_(active))
+            .group_by(jobs.c.state)
+        )
+        async with self._read() as conn:
+            found: dict[str, int] = {state: n for state, n in (await conn.execute(query)).all()}
+        return {state: found.get(state, 0) for state in active}
 
     # -- writes ------------------------------------------------------------------
 
@@ -216,13 +231,13 @@ class Store:
             "created_at": format_timestamp(now),
             "max_retries": new.max_retries,
         }
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
         return _job_from_row(row)
 
     async def claim(self, job_id: str, now: datetime) -> Job | None:
         """queued → running, counting an attempt; None if the job is no longer queued."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return await self._set_state(
                 conn,
                 job_id,
@@ -236,7 +251,7 @@ class Store:
             )
 
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
@@ -245,7 +260,7 @@ class Store:
 
     async def finish(self, job_id: str, finish: Finish, now: datetime) -> Job | None:
         """running → a terminal state; None if the job was not running."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return await self._set_state(
                 conn,
                 job_id,
@@ -290,12 +305,12 @@ class Store:
             values["rescues"] = jobs.c.rescues + 1
         if failed:
             values["failures"] = jobs.c.failures + 1
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
 
     async def fail_unstarted(self, job_id: str, error: JobError, now: datetime) -> Job | None:
         """queued → failed without running (e.g. a job rescued too often: ``lost``)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return await self._set_state(
                 conn,
                 job_id,
@@ -311,7 +326,7 @@ class Store:
     async def request_cancel(self, job_id: str, now: datetime) -> Job:
         """A queued job is cancelled at once; a running one is flagged for the scheduler,
         which signals its process.  A finished job raises ``InvalidTransition``."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             job = await self._locked_get(conn, job_id)
             check_transition(job.state, JobState.CANCELLED, job_id)
             if job.state is JobState.QUEUED:
@@ -361,6 +376,25 @@ class Store:
             )
         ).first()
         return None if row is None else _job_from_row(row)
+
+
+def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
+    """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
+    return (
+        sa.select(jobs)
+        .where(jobs.c.state == JobState.QUEUED.value)
+        .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= format_timestamp(now)))
+        .order_by(jobs.c.priority.desc(), jobs.c.id)
+        .limit(limit)
+    )
+
+
+def _unavailable(exc: OperationalError) -> StorageUnavailable:
+    return StorageUnavailable(
+        "the job database cannot be used right now (disk full, read-only or locked); "
+        "nothing was changed; retry later",
+        str(exc.orig),
+    )
 
 
 def _job_from_row(row: Row[Any]) -> Job:

@@ -104,9 +104,10 @@ def test_sigkill_mid_job_then_restart_requeues_and_succeeds(
 
     restarted = server_factory(config_path)
     rescued = wait_for_job(restarted.url, job["id"], "running", "queued")
-    assert "requeued after the server stopped" in (rescued["reason"] or "") or rescued[
-        "state"
-    ] == "running"
+    assert (
+        "requeued after the server stopped" in (rescued["reason"] or "")
+        or rescued["state"] == "running"
+    )
     wait_for_job(restarted.url, job["id"], "running")
     gate.write_text("released")
     done = wait_for_job(restarted.url, job["id"], "succeeded")
@@ -170,8 +171,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_cli_submit_wait_and_status(tmp_path: Path, server_factory: Any) -> None:
     server: ServerProcess = server_factory(write_config(tmp_path))
-    done = run_cli("submit", "analysis", "dataset_id=007", "complexity=0", "--wait",
-                   "--url", server.url)
+    done = run_cli(
+        "submit", "analysis", "dataset_id=007", "complexity=0", "--wait", "--url", server.url
+    )
     assert done.returncode == 0, done.stderr
     assert '"dataset_id": "007"' in done.stdout
 

@@ -54,12 +54,7 @@ def upgrade() -> None:
         sa.CheckConstraint("json_valid(args)", name="ck_jobs_args_json"),
         sa.CheckConstraint("result IS NULL OR json_valid(result)", name="ck_jobs_result_json"),
     )
-    op.create_index(
-        "ix_jobs_queue",
-        "jobs",
-        [sa.text("priority DESC"), "id"],
-        sqlite_where=sa.text("state = 'queued'"),
-    )
+    op.create_index("ix_jobs_queue", "jobs", ["state", sa.text("priority DESC"), "id"])
     op.create_index("ix_jobs_state_id", "jobs", ["state", "id"])
     op.create_index("ix_jobs_task_id", "jobs", ["task", "id"])
 

@@ -1,0 +1,85 @@
+"""The module boundaries of shared/STYLE.md, checked on the imports themselves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import jobserver
+
+PACKAGE = Path(jobserver.__file__).parent
+
+# module -> jobserver modules it may import (directly).
+ALLOWED = {
+    "errors": set(),
+    "jobs": {"errors"},
+    "config": {"errors"},
+    "tasks": {"errors", "config"},
+    "store": {"errors", "jobs"},
+    "resources": {"errors", "jobs"},
+    "runner": {"errors", "jobs"},
+    "child": set(),
+    "demo": set(),
+    "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
+    "maintenance": {"errors", "jobs", "store", "resources", "runner"},
+    "api": {"errors", "jobs", "store", "tasks", "__init__"},
+    "server": {
+        "errors",
+        "jobs",
+        "config",
+        "tasks",
+        "store",
+        "resources",
+        "runner",
+        "scheduler",
+        "maintenance",
+        "api",
+    },
+    "cli": {"errors", "config", "server", "store", "__init__"},
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+# Third-party or stdlib modules a module must never import.
+FORBIDDEN = {
+    "api": {"subprocess", "signal", "psutil", "sqlalchemy"},
+    "scheduler": {"subprocess", "sqlalchemy", "starlette", "psutil"},
+    "runner": {"sqlalchemy", "starlette", "httpx"},
+    "resources": {"sqlalchemy", "starlette"},
+    "jobs": {"asyncio", "sqlalchemy", "starlette"},
+    "tasks": {"sqlalchemy", "starlette", "subprocess"},
+    "child": {"sqlalchemy", "starlette", "psutil"},
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "jobserver":
+                found.update(f"jobserver.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_every_module_is_listed() -> None:
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert modules == set(ALLOWED)
+
+
+def test_modules_import_only_what_their_layer_allows() -> None:
+    for path in PACKAGE.glob("*.py"):
+        name = path.stem
+        found = imports_of(path)
+        internal = set()
+        for module in found:
+            if module == "jobserver":
+                internal.add("__init__")
+            elif module.startswith("jobserver."):
+                internal.add(module.split(".")[1])
+        internal -= {"__version__"}
+        internal = {"__init__" if m == "__version__" else m for m in internal}
+        assert internal <= ALLOWED[name], f"{name} imports {internal - ALLOWED[name]}"
+        external = {module.split(".")[0] for module in found}
+        assert not external & FORBIDDEN.get(name, set()), f"{name} imports {external}"

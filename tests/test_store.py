@@ -1,0 +1,197 @@
+"""The store on real SQLite files: schema, compare-and-set transitions, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from jobserver.errors import InvalidTransition, NotFound, ServerLocked
+from jobserver.jobs import JobError, JobState, new_job_id, utcnow
+from jobserver.store import DatabaseLock, Finish, NewJob, Store, metadata, migrate, queue_head_query
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs.db"
+    migrate(path)
+    return path
+
+
+@pytest.fixture
+async def store(database: Path) -> AsyncIterator[Store]:
+    opened = Store.open(database)
+    yield opened
+    await opened.close()
+
+
+async def insert(store: Store, task: str = "t", priority: int = 0) -> str:
+    job = await store.insert(NewJob(task, {"x": 1}, priority, 0), new_job_id(), utcnow())
+    return job.id
+
+
+def test_migrations_match_the_models(database: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{database}")
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    engine.dispose()
+
+
+def test_migrate_is_idempotent_and_uses_wal(database: Path) -> None:
+    migrate(database)
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+
+
+def test_queue_head_reads_through_its_index_in_order(database: Path) -> None:
+    # Compiled with bound parameters, as the store runs it.
+    compiled = queue_head_query(10, utcnow()).compile(dialect=sa.dialects.sqlite.dialect())
+    params = [compiled.params[name] for name in compiled.positiontup or []]
+    with sqlite3.connect(database) as db:
+        rows = db.execute(f"EXPLAIN QUERY PLAN {compiled}", params).fetchall()
+    plan = " ".join(row[-1] for row in rows)
+    assert "ix_jobs_queue" in plan
+    assert "SCAN jobs" not in plan.replace("USING INDEX", "")
+    assert "TEMP B-TREE" not in plan
+
+
+def test_schema_rejects_impossible_rows(database: Path) -> None:
+    with sqlite3.connect(database) as db:
+        insert_sql = (
+            "INSERT INTO jobs (id, task, args, state, created_at, finished_at) "
+            "VALUES (?, 't', ?, ?, '2026-01-01T00:00:00.000Z', ?)"
+        )
+        for values in [
+            ("a", "{}", "bogus", None),
+            ("b", "{}", "succeeded", None),  # terminal without finished_at
+            ("c", "{}", "queued", "2026-01-01T00:00:00.000Z"),  # finished_at while queued
+            ("d", "not json", "queued", None),
+        ]:
+            with pytest.raises(sqlite3.IntegrityError):
+                db.execute(insert_sql, values)
+
+
+async def test_insert_and_get_roundtrip(store: Store) -> None:
+    job_id = await insert(store)
+    job = await store.get(job_id)
+    assert job.state is JobState.QUEUED and job.args == {"x": 1} and job.attempts == 0
+    with pytest.raises(NotFound):
+        await store.get("01ZZZZZZZZZZZZZZZZZZZZZZZZ")
+
+
+async def test_claim_is_compare_and_set(store: Store) -> None:
+    job_id = await insert(store)
+    results = await asyncio.gather(*(store.claim(job_id, utcnow()) for _ in range(5)))
+    claimed = [job for job in results if job is not None]
+    assert len(claimed) == 1 and claimed[0].attempts == 1
+    assert claimed[0].state is JobState.RUNNING
+
+
+async def test_finish_only_from_running(store: Store) -> None:
+    job_id = await insert(store)
+    assert await store.finish(job_id, Finish(JobState.SUCCEEDED, result=1), utcnow()) is None
+    await store.claim(job_id, utcnow())
+    done = await store.finish(job_id, Finish(JobState.SUCCEEDED, result={"ok": True}), utcnow())
+    assert done is not None and done.result == {"ok": True} and done.finished_at is not None
+    # Terminal states never change.
+    assert await store.finish(job_id, Finish(JobState.FAILED), utcnow()) is None
+    assert await store.requeue(job_id, reason="x") is None
+    with pytest.raises(InvalidTransition):
+        await store.request_cancel(job_id, utcnow())
+    assert (await store.get(job_id)).state is JobState.SUCCEEDED
+
+
+async def test_requeue_counts_failures_and_rescues(store: Store) -> None:
+    job_id = await insert(store)
+    await store.claim(job_id, utcnow())
+    later = utcnow() + timedelta(hours=1)
+    job = await store.requeue(
+        job_id, reason="retry", run_after=later, error=JobError("E", "boom"), failed=True
+    )
+    assert job is not None and job.failures == 1 and job.rescues == 0 and job.error is not None
+    assert await store.queue_head(10, utcnow()) == []  # not before run_after
+    assert [j.id for j in await store.queue_head(10, later)] == [job_id]
+    await store.claim(job_id, later)
+    job = await store.requeue(job_id, reason="rescued", rescued=True)
+    assert job is not None and job.failures == 1 and job.rescues == 1 and job.attempts == 2
+
+
+async def test_cancel_queued_at_once_running_by_flag(store: Store) -> None:
+    queued = await insert(store)
+    assert (await store.request_cancel(queued, utcnow())).state is JobState.CANCELLED
+    running = await insert(store)
+    await store.claim(running, utcnow())
+    flagged = await store.request_cancel(running, utcnow())
+    assert flagged.state is JobState.RUNNING and flagged.cancel_requested
+    assert await store.cancel_requested() == {running}
+
+
+async def test_queue_head_order_priority_then_age(store: Store) -> None:
+    low = await insert(store, priority=0)
+    high = await insert(store, priority=5)
+    low2 = await insert(store, priority=0)
+    assert [job.id for job in await store.queue_head(10, utcnow())] == [high, low, low2]
+
+
+async def test_concurrent_writes_never_fail_as_locked(store: Store) -> None:
+    ids = await asyncio.gather(*(insert(store) for _ in range(200)))
+    assert len(set(ids)) == 200
+    await asyncio.gather(*(store.claim(job_id, utcnow()) for job_id in ids[:100]))
+    assert (await store.active_counts()) == {"queued": 100, "running": 100}
+
+
+async def test_writes_continue_while_an_admin_reads(store: Store, database: Path) -> None:
+    admin = sqlite3.connect(database, isolation_level=None)
+    admin.execute("BEGIN")
+    admin.execute("SELECT count(*) FROM jobs").fetchall()  # holds a read snapshot
+    try:
+        for _ in range(20):
+            await insert(store)
+    finally:
+        admin.execute("COMMIT")
+        admin.close()
+    assert (await store.active_counts())["queued"] == 20
+
+
+async def test_writes_wait_for_an_admin_write(store: Store, database: Path) -> None:
+    admin = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    admin.execute("BEGIN IMMEDIATE")
+    admin.execute("UPDATE jobs SET priority = priority")
+
+    def release() -> None:
+        time.sleep(0.5)
+        admin.execute("COMMIT")
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    try:
+        await insert(store)  # waits on busy_timeout instead of failing
+    finally:
+        thread.join()
+        admin.close()
+    assert (await store.active_counts())["queued"] == 1
+
+
+def test_one_server_per_database(tmp_path: Path) -> None:
+    first = DatabaseLock(tmp_path / "x.db")
+    first.acquire()
+    try:
+        with pytest.raises(ServerLocked, match=r"pid \d+"):
+            DatabaseLock(tmp_path / "x.db").acquire()
+    finally:
+        first.release()
+    again = DatabaseLock(tmp_path / "x.db")
+    again.acquire()
+    again.release()
