@@ -17,12 +17,10 @@ from datetime import datetime
 
 from jobserver.jobs import Job, JobError, JobState
 from jobserver.resources import find_tagged_processes, is_same_process
-from jobserver.runner import kill_group, kill_process
+from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
 from jobserver.store import Finish, Store
 
 log = logging.getLogger("jobserver.maintenance")
-
-JOB_ID_TAG = "JOBSERVER_JOB_ID"
 
 
 async def rescue_interrupted(store: Store, max_rescues: int, now: datetime) -> list[Job]:
@@ -60,5 +58,5 @@ def kill_leftovers(job: Job) -> None:
         and is_same_process(job.pid, job.pid_started_at)
     ):
         kill_group(job.pid)
-    for pid in find_tagged_processes(JOB_ID_TAG, job.id):
+    for pid in find_tagged_processes(JOB_ID_ENV, job.id):
         kill_process(pid)

@@ -25,6 +25,8 @@ from jobserver.jobs import JobError, Outcome, format_timestamp, signal_name, utc
 LOG_NAME = "output.log"
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
+# Every process of a job inherits this variable: a dead server's leftovers are found by it.
+JOB_ID_ENV = "JOBSERVER_JOB_ID"
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Runner:
         inherited = env.get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join(self._python_path + ([inherited] if inherited else []))
         env["PYTHONUNBUFFERED"] = "1"
-        env["JOBSERVER_JOB_ID"] = spec.job_id
+        env[JOB_ID_ENV] = spec.job_id
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
         return env

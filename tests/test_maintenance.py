@@ -1,0 +1,94 @@
+"""The startup rescuer against real processes: leftovers are killed, recycled pids never."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobserver.jobs import JobState, new_job_id, utcnow
+from jobserver.maintenance import rescue_interrupted
+from jobserver.resources import process_start_time
+from jobserver.store import NewJob, Store, migrate
+from tests.test_e2e import alive, wait_until
+
+pytestmark = pytest.mark.anyio
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+async def running_job(store: Store, pid: int | None, started: float | None) -> str:
+    job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
+    await store.claim(job.id, utcnow())
+    if pid is not None:
+        await store.record_process(job.id, pid, started)
+    return job.id
+
+
+async def test_rescue_kills_the_leftover_and_requeues(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    migrate(tmp_path / "x.db")
+    store = Store.open(tmp_path / "x.db")
+    try:
+        leftover = subprocess.Popen(SLEEPER, start_new_session=True)
+        processes.append(leftover)
+        job_id = await running_job(store, leftover.pid, process_start_time(leftover.pid))
+        rescued = await rescue_interrupted(store, max_rescues=3, now=utcnow())
+        assert [job.id for job in rescued] == [job_id]
+        leftover.wait(timeout=10)
+        job = await store.get(job_id)
+        assert job.state is JobState.QUEUED and job.rescues == 1
+        assert "rescue 1 of 3" in (job.reason or "")
+    finally:
+        await store.close()
+
+
+async def test_rescue_never_signals_a_recycled_pid(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    migrate(tmp_path / "x.db")
+    store = Store.open(tmp_path / "x.db")
+    try:
+        stranger = subprocess.Popen(SLEEPER, start_new_session=True)
+        processes.append(stranger)
+        started = process_start_time(stranger.pid)
+        assert started is not None
+        # Same pid, different start time: a process that merely reuses the old pid.
+        await running_job(store, stranger.pid, started - 100)
+        await rescue_interrupted(store, max_rescues=3, now=utcnow())
+        assert alive(stranger.pid)
+    finally:
+        await store.close()
+
+
+async def test_rescue_finds_escaped_processes_by_their_tag(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    migrate(tmp_path / "x.db")
+    store = Store.open(tmp_path / "x.db")
+    try:
+        job_id = await running_job(store, None, None)
+        escaped = subprocess.Popen(
+            SLEEPER, start_new_session=True, env={**os.environ, "JOBSERVER_JOB_ID": job_id}
+        )
+        processes.append(escaped)
+        wait_until(lambda: alive(escaped.pid))
+        await rescue_interrupted(store, max_rescues=3, now=utcnow())
+        escaped.wait(timeout=10)
+        assert escaped.returncode == -9
+    finally:
+        await store.close()
