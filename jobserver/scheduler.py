@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from jobserver.config import SchedulerSettings
+from jobserver.config import SchedulerSettings, format_size
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner
@@ -113,6 +113,10 @@ def plan(
       and its request fits free for both CPUs and memory; then subtract its request
       from free (both) and go on.  A job that does not fit does not block later,
       smaller jobs (skip ahead).
+    - CPU is compressible, memory is not: while this server runs none of its jobs, the
+      live CPU reading does not hold back the first job (declared accounting alone
+      decides), so programs outside jobserver that keep the CPUs busy slow jobs down
+      but never stall the queue.
     - Every job not admitted gets a reason with numbers: the resource it waits for,
       the ``max_jobs`` limit, or that its request exceeds capacity minus reserve and so
       it can never start.
@@ -133,9 +137,8 @@ def plan(
     unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
 
-    free_cpus = (
-        min(capacity_cpus - claimed_cpus, snapshot.cpu_idle - unused_cpus) - limits.reserve_cpus
-    )
+    declared_cpus = capacity_cpus - claimed_cpus - limits.reserve_cpus
+    free_cpus = min(declared_cpus, snapshot.cpu_idle - unused_cpus - limits.reserve_cpus)
     free_memory = (
         min(capacity_memory - claimed_memory, snapshot.memory_available - unused_memory)
         - limits.reserve_memory
@@ -149,10 +152,14 @@ def plan(
         if reason is None and slots <= 0:
             reason = f"max_jobs limit {limits.max_jobs} reached"
         if reason is None:
-            reason = _shortfall(job.request, free_cpus, free_memory)
+            # CPU is compressible: with none of our jobs running, busy CPUs (other
+            # programs) slow a job down but must not stall the queue for ever.
+            cpus = declared_cpus if not running and not admit else free_cpus
+            reason = _shortfall(job.request, cpus, free_memory)
         if reason is None:
             admit.append(job.id)
             slots -= 1
+            declared_cpus -= job.request.cpus
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
         else:
@@ -183,8 +190,8 @@ def _never_fits(
         if limits.reserve_memory > 0 and request.memory <= capacity_memory:
             fixes.append("lower reserve_memory")
         problems.append(
-            f"needs {_format_size(request.memory)} memory but capacity after reserve is "
-            f"{_format_size(usable_memory)}: it can never start; {' or '.join(fixes)}"
+            f"needs {format_size(request.memory)} memory but capacity after reserve is "
+            f"{format_size(usable_memory)}: it can never start; {' or '.join(fixes)}"
         )
     usable_cpus = capacity_cpus - limits.reserve_cpus
     if request.cpus > usable_cpus + _CPU_EPSILON:
@@ -205,8 +212,8 @@ def _shortfall(request: Request, free_cpus: float, free_memory: int) -> str | No
     problems = []
     if request.memory > free_memory:
         problems.append(
-            f"waiting for memory: needs {_format_size(request.memory)}, "
-            f"{_format_size(free_memory)} free after reserve"
+            f"waiting for memory: needs {format_size(request.memory)}, "
+            f"{format_size(free_memory)} free after reserve"
         )
     if request.cpus > free_cpus + _CPU_EPSILON:
         problems.append(
@@ -219,18 +226,6 @@ def _shortfall(request: Request, free_cpus: float, free_memory: int) -> str | No
 def _format_cpus(cpus: float) -> str:
     # Over-commitment makes free negative; "0.00 free" reads better than "-0.30 free".
     return f"{max(0.0, cpus):.2f}"
-
-
-def _format_size(size: int) -> str:
-    """Bytes as "512 B", "512.0 MiB", "2.0 GiB"; negative (over-committed) shows as "0 B"."""
-    if size < 1024:
-        return f"{max(0, size)} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if round(value, 1) < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} TiB"
 
 
 # -- The Scheduler service: applies plan() through the store and the runner ------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from jobserver.jobs import (
     format_timestamp,
     parse_timestamp,
 )
+
+log = logging.getLogger("jobserver.store")
 
 metadata = sa.MetaData()
 
@@ -475,23 +478,32 @@ def migrations_dir() -> Path:
     return shipped
 
 
-def migrate(database: Path) -> None:
-    """Create the file if needed, switch it to WAL, and apply every pending migration."""
+def migrate(database: Path) -> tuple[str | None, str | None]:
+    """Create the file if needed, switch it to WAL, and apply every pending migration;
+    returns the schema revision before and after."""
     from alembic import command
     from alembic.config import Config
+    from alembic.migration import MigrationContext
 
+    # Alembic narrates every step at INFO; one line from us says what changed.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     database.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(f"sqlite:///{database}")
     try:
         with engine.begin() as conn:
             # WAL persists in the file: readers (an admin's sqlite3 shell) never block writers.
             conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+            before = MigrationContext.configure(conn).get_current_revision()
             config = Config()
             config.set_main_option("script_location", str(migrations_dir()))
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
+            after = MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+    if before != after:
+        log.info("migrated %s from schema %s to %s", database, before or "(empty)", after)
+    return before, after
 
 
 class DatabaseLock:
