@@ -119,10 +119,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from jobserver.store import migrate
+    from jobserver.store import DatabaseLock, migrate
 
     database = _load_settings(args).server.database
-    migrate(database)
+    lock = DatabaseLock(database)
+    lock.acquire()  # never change the schema under a running server
+    try:
+        migrate(database)
+    finally:
+        lock.release()
     print(f"database {database} is up to date")
     return EXIT_OK
 
@@ -164,7 +169,7 @@ def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> d
         key, equals, text = pair.partition("=")
         if not equals or not key:
             raise CommandFailed(f"expected key=value, got {pair!r}", EXIT_USAGE)
-        if types.get(key) == "str":
+        if "str" in types.get(key, "").replace(" ", "").split("|"):
             arguments[key] = text
             continue
         try:

@@ -213,7 +213,7 @@ def _shortfall(request: Request, free_cpus: float, free_memory: int) -> str | No
     if request.memory > free_memory:
         problems.append(
             f"waiting for memory: needs {format_size(request.memory)}, "
-            f"{format_size(free_memory)} free after reserve"
+            f"{format_size(max(0, free_memory))} free after reserve"
         )
     if request.cpus > free_cpus + _CPU_EPSILON:
         problems.append(
@@ -316,13 +316,14 @@ class Scheduler:
         the queue (the interrupted attempt counts toward neither retries nor rescues)."""
         self._stopping = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            self.wake()  # the loop sees _stopping and ends after any tick in progress
+            await self._loop_task
             self._loop_task = None
         attempts = list(self._running.values())
         for attempt in attempts:
-            self._terminate(attempt, "shutdown")
+            # A job already being stopped for a cancel or a timeout ends as such.
+            if attempt.stop_reason is None:
+                self._terminate(attempt, "shutdown")
         watchers = [a.watcher for a in attempts if a.watcher is not None]
         if watchers:
             _, pending = await asyncio.wait(watchers, timeout=self._settings.kill_grace)
@@ -335,10 +336,14 @@ class Scheduler:
         self._wakeup.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
+            # asyncio.timeout rather than wait_for: 3.11's wait_for can swallow a cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval)
+                async with asyncio.timeout(self._settings.poll_interval):
+                    await self._wakeup.wait()
             self._wakeup.clear()
+            if self._stopping:
+                break
             try:
                 await self.tick(self._clock())
             except Exception:
@@ -525,7 +530,7 @@ class Scheduler:
             return reason
         if self._stopping:
             return "the server is shutting down"
-        if job.id in self._head or self._last_plan is None:
+        if job.id in self._head or len(self._head) < QUEUE_HEAD_SIZE:
             return "waiting for the scheduler's next tick"
         return f"in the queue behind the first {QUEUE_HEAD_SIZE} jobs"
 

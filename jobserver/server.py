@@ -37,9 +37,11 @@ class Application:
     scheduler: Scheduler
 
 
-def build(settings: Settings, probe: Probe | None = None) -> Application:
+def build(
+    settings: Settings, probe: Probe | None = None, registry: Registry | None = None
+) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe)."""
-    registry = Registry.load(settings.tasks, settings.task_paths)
+    registry = registry or Registry.load(settings.tasks, settings.task_paths)
     store = Store.open(settings.server.database)
     scheduler = Scheduler(
         store=store,
@@ -81,8 +83,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     lock = DatabaseLock(settings.server.database)
     lock.acquire()
     try:
+        # Import the tasks first: a broken task module must not touch the database.
+        registry = Registry.load(settings.tasks, settings.task_paths)
         migrate(settings.server.database)
-        application = build(settings)
+        application = build(settings, registry=registry)
         config = uvicorn.Config(
             application.app,
             host=host or settings.server.host,

@@ -251,6 +251,9 @@ class Store:
                 pid=None,
                 pid_started_at=None,
                 reason=None,
+                error_type=None,
+                error=None,
+                traceback=None,
             )
 
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:

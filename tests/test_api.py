@@ -406,3 +406,24 @@ async def test_tasks_system_and_health(make_harness: Any) -> None:
         assert set(system["jobs"]) >= {"queued", "running"}
         health = await h.client.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+async def test_a_new_job_says_it_waits_for_the_next_tick(make_harness: Any) -> None:
+    async with make_harness(probe=FakeProbe(memory=2**30)) as h:
+        response = await h.client.post("/api/v1/jobs", json={"task": "big", "args": {"a": 1}})
+        assert response.json()["waiting_reason"] == "waiting for the scheduler's next tick"
+
+
+async def test_shutdown_does_not_undo_a_cancel(make_harness: Any) -> None:
+    async with make_harness(scheduler={"kill_grace": "500ms"}) as h:
+        job = (
+            await h.client.post("/api/v1/jobs", json={"task": "ignore_sigterm", "args": {}})
+        ).json()
+        await h.wait_for_state(job["id"], "running")
+        await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+        await h.application.scheduler.tick(utcnow())  # sends SIGTERM, which the task ignores
+    with sqlite3.connect(h.settings.server.database) as db:
+        state, reason = db.execute(
+            "SELECT state, reason FROM jobs WHERE id = ?", (job["id"],)
+        ).fetchone()
+    assert (state, reason) == ("cancelled", "cancelled by request while running")

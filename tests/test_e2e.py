@@ -156,6 +156,8 @@ def test_second_server_on_the_same_file_refuses(tmp_path: Path, server_factory: 
     second = server_factory(config_path, wait=False)
     assert second.process.wait(timeout=30) != 0
     assert f"pid {first.process.pid}" in second.log()
+    migrating = run_cli("migrate", "--config", str(config_path))
+    assert migrating.returncode == 2 and f"pid {first.process.pid}" in migrating.stderr
     assert httpx.get(f"{first.url}/healthz").status_code == 200
 
 

@@ -30,6 +30,13 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait()
 
 
+def environ_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 async def running_job(store: Store, pid: int | None, started: float | None) -> str:
     job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
     await store.claim(job.id, utcnow())
@@ -86,7 +93,7 @@ async def test_rescue_finds_escaped_processes_by_their_tag(
             SLEEPER, start_new_session=True, env={**os.environ, "JOBSERVER_JOB_ID": job_id}
         )
         processes.append(escaped)
-        wait_until(lambda: alive(escaped.pid))
+        wait_until(lambda: f"JOBSERVER_JOB_ID={job_id}" in environ_of(escaped.pid))
         await rescue_interrupted(store, max_rescues=3, now=utcnow())
         escaped.wait(timeout=10)
         assert escaped.returncode == -9
