@@ -66,10 +66,10 @@ async def jobs_of(store: Store) -> list[Any]:
 
 
 def test_retry_is_the_one_way_out_of_a_terminal_state() -> None:
-    assert RETRY_TRANSITIONS == {
+    assert {
         JobState.FAILED: {JobState.QUEUED},
         JobState.CANCELLED: {JobState.QUEUED},
-    }
+    } == RETRY_TRANSITIONS
     for state in (JobState.FAILED, JobState.CANCELLED):
         check_retry(state, "j")
     for state in (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED):
@@ -263,9 +263,9 @@ def test_jobs_table_keys(tmp_path: Path) -> None:
     assert (jobs.retry_base, jobs.retry_cap, jobs.max_retries_limit) == (2.0, 60.0, 5)
     assert (jobs.max_log_size, jobs.retention, jobs.prune_interval) == (2**20, 86400.0, 10.0)
     assert (jobs.idempotency_window, jobs.progress_interval) == (3600.0, 0.5)
-    with pytest.raises(ConfigError, match="jobs.retention"):
+    with pytest.raises(ConfigError, match=r"jobs\.retention"):
         config.load(write_config(tmp_path, jobs={"retention": 0}))
-    with pytest.raises(ConfigError, match="unknown key jobs.keep"):
+    with pytest.raises(ConfigError, match=r"unknown key jobs\.keep"):
         config.load(write_config(tmp_path, jobs={"keep": 1}))
 
 
