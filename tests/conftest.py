@@ -64,6 +64,17 @@ SAMPLE_TASKS = {
         "cpus": 0.1,
         "memory": "16MiB",
     },
+    "cmd_sleep": {
+        "command": [
+            sys.executable,
+            "-c",
+            "import sys, time; time.sleep(float(sys.argv[1]))",
+            "{s}",
+        ],
+        "params": {"s": "float"},
+        "cpus": 0.1,
+        "memory": "16MiB",
+    },
     "cmd_exit": {
         "command": [
             sys.executable,

@@ -544,6 +544,22 @@ async def test_command_exit_codes_decide_the_outcome(make_harness: Any) -> None:
         assert done["result"] is None  # "bye" is not JSON
 
 
+async def test_a_command_task_is_cancelled_with_its_tree(make_harness: Any) -> None:
+    from tests.test_e2e import alive
+
+    async with make_harness() as h:
+        job = await submitted(h, {"task": "cmd_sleep", "args": {"s": 60}})
+        running = await h.wait_for_state(job["id"], "running")
+        system = (await h.client.get("/api/v1/system")).json()
+        pid = next(r["pid"] for r in system["running"] if r["id"] == job["id"])
+        # Under setpriv (when installed) the leader execs the program: same pid.
+        assert "time.sleep" in Path(f"/proc/{pid}/cmdline").read_text()
+        await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+        done = await h.wait_for_state(job["id"], "cancelled")
+        assert done["history"][0]["outcome"] == "cancelled"
+        assert running["state"] == "running" and not alive(pid)
+
+
 # -- dependencies ---------------------------------------------------------------------
 
 
