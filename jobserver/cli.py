@@ -316,8 +316,8 @@ def _prune(args: argparse.Namespace) -> int:
     """Open the database file directly, like ``migrate``: safe beside a running server
     (WAL lets both read, and writes wait on the busy timeout)."""
     import asyncio
+    from datetime import UTC, datetime
 
-    from jobserver.jobs import utcnow
     from jobserver.server import build_pruner
     from jobserver.store import Store
 
@@ -330,7 +330,7 @@ def _prune(args: argparse.Namespace) -> int:
         store = Store.open(database)
         try:
             pruner = build_pruner(settings, store)
-            now = utcnow()
+            now = datetime.now(UTC)
             if args.dry_run:
                 return await pruner.due(now)
             return await pruner.run_until_done(now)
