@@ -107,6 +107,10 @@ class Task:
         value never splits into, or merges with, another argument."""
         assert self.settings.command is not None
 
+        missing = [p.name for p in self.params if p.name not in args]
+        if missing:  # stored before the config changed: refuse rather than pass "{x}"
+            raise ValueError(f"task {self.name!r} has no value for {', '.join(missing)}")
+
         def text(value: Any) -> str:
             if isinstance(value, bool):
                 return "true" if value else "false"

@@ -75,6 +75,7 @@ SAMPLE_TASKS = {
         "cpus": 0.1,
         "memory": "16MiB",
     },
+    "cmd_missing": {"command": ["jobserver-no-such-program-x"], "cpus": 0.1, "memory": "16MiB"},
     "cmd_exit": {
         "command": [
             sys.executable,

@@ -539,6 +539,10 @@ async def test_command_exit_codes_decide_the_outcome(make_harness: Any) -> None:
         done = await h.wait_for_state(job["id"], "failed")
         assert done["error"]["type"] == "Exited" and done["exit_code"] == 3
         assert "exited with code 3" in done["error"]["message"]
+        missing = await submitted(h, {"task": "cmd_missing", "args": {}})
+        done = await h.wait_for_state(missing["id"], "failed")
+        assert done["error"]["type"] == "SpawnFailed"
+        assert "'jobserver-no-such-program-x' not found on PATH" in done["error"]["message"]
         ok = await submitted(h, {"task": "cmd_exit", "args": {"code": 0}})
         done = await h.wait_for_state(ok["id"], "succeeded")
         assert done["result"] is None  # "bye" is not JSON

@@ -306,3 +306,26 @@ async def test_pruner_deletes_old_finished_jobs_only(store: Store, tmp_path: Pat
         attempts = {row[0] for row in db.execute("SELECT job_id FROM attempts")}
     assert attempts == {recent, kept_longer, running}
     assert await pruner.tick(now) == []
+
+
+def test_shipped_config_lifecycle_defaults_and_example(tmp_path: Path) -> None:
+    import re
+
+    from jobserver.config import JobsSettings
+
+    text = (Path(__file__).parent.parent / "config.toml").read_text()
+    jobs = text.split("\n[jobs]\n")[1].split("# schedules:")[0]
+    jobs = re.sub(r"^# (\w+ = .*)$", r"\1", jobs, flags=re.MULTILINE)
+    path = tmp_path / "c.toml"
+    path.write_text("[jobs]\n" + jobs)
+    assert config.load(path).jobs == JobsSettings()
+    example = text.split("# [schedules.nightly_report]")[1]
+    example = "[schedules.nightly_report]" + re.sub(r"^# ", "", example, flags=re.MULTILINE)
+    task = '[tasks.run_long_analysis]\nfunction = "jobserver.demo:run_long_analysis"\n'
+    path.write_text(task + example)
+    schedule = config.load(path).schedules["nightly_report"]
+    assert (schedule.cron, schedule.timezone, schedule.catch_up) == (
+        "0 3 * * *",
+        "Europe/Paris",
+        3600.0,
+    )
