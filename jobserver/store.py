@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from jobserver.jobs import (
 )
 
 metadata = sa.MetaData()
+log = logging.getLogger("jobserver.store")
 
 _STATES = ", ".join(f"'{state.value}'" for state in JobState)
 _TERMINAL = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
@@ -845,6 +847,7 @@ async def _cascade(conn: AsyncConnection, job: Job, now: datetime) -> None:
                 )
             )
             pending.append((dependent, JobState.CANCELLED.value))
+            log.info("job %s: queued -> cancelled: %s", dependent, reason)
 
 
 async def _cascade_new(conn: AsyncConnection, job: Job, now: datetime) -> None:

@@ -635,3 +635,33 @@ async def test_job_directory_holds_only_what_the_runner_wrote(make_harness: Any)
         await h.wait_for_state(job["id"], "succeeded")
         names = sorted(os.listdir(h.settings.server.jobs_dir / job["id"]))
         assert names == ["artifacts", "output.log", "result.json", "spec.json"]
+
+
+def test_progress_never_blocks_on_a_full_pipe() -> None:
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    script = (
+        "import time, jobserver.reporting as r\n"
+        "r.MIN_INTERVAL = 0\n"
+        "sent = sum(r.progress(0.5, 'x' * 200) for _ in range(5000))\n"
+        "print(sent)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "JOBSERVER_PROGRESS_FD": str(write_end)},
+            pass_fds=(write_end,),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    sent = int(done.stdout)
+    assert 0 < sent < 5000  # the pipe filled up (nobody read it) and the rest was dropped
+    first = os.read(read_end, 4096).split(b"\n")[0]
+    os.close(read_end)
+    assert first == b'{"fraction": 0.5, "message": "' + b"x" * 200 + b'"}'
