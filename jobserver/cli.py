@@ -375,6 +375,17 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
         print(f"{'result:':<{width}} {json.dumps(job['result'], ensure_ascii=False)}")
     if job.get("error"):
         print(f"{'error:':<{width}} {job['error']['type']}: {job['error']['message']}")
+    if job.get("depends_on"):
+        print(f"{'depends_on:':<{width}} {', '.join(job['depends_on'])}")
+    for artifact in job.get("artifacts") or []:
+        print(f"{'artifact:':<{width}} {artifact['name']} ({artifact['size']} bytes)")
+    for entry in job.get("history") or []:
+        error = entry.get("error") or {}
+        detail = f" ({error.get('type')}: {error.get('message')})" if error else ""
+        print(
+            f"{'attempt ' + str(entry['attempt']) + ':':<{width}} {entry['started_at']} "
+            f"{entry.get('outcome') or 'running'}{detail}"
+        )
 
 
 def _path(text: str) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -73,6 +75,8 @@ def test_cli_lifecycle_commands(tmp_path: Path, server_factory: Any) -> None:
     assert retried.returncode == 0 and json.loads(retried.stdout)["state"] == "queued"
     done = wait_for_job(server.url, job_id, "failed")
     assert done["attempts"] == 2 and len(done["history"]) == 2
+    shown = run_cli("status", job_id, *url).stdout
+    assert "attempt 1:" in shown and "attempt 2:" in shown and "ValueError: boom" in shown
     again = run_cli("retry", then_job["id"], *url)
     assert again.returncode == 2 and "only a failed or cancelled job" in again.stderr
     assert run_cli("retry", "01ZZZZZZZZZZZZZZZZZZZZZZZZ", *url).returncode == 4
@@ -147,3 +151,22 @@ def test_prune_cli_beside_a_running_server(tmp_path: Path, server_factory: Any) 
     elsewhere.mkdir()
     missing = run_cli("prune", "--config", str(write_config(elsewhere)))
     assert missing.returncode == 2 and "no database" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_a_command_dies_with_a_killed_server(tmp_path: Path, server_factory: Any) -> None:
+    from tests.test_e2e import alive
+
+    server: ServerProcess = server_factory(write_config(tmp_path))
+    job = submit(server.url, "cmd_sleep", s=60)
+    wait_for_job(server.url, job["id"], "running")
+    pids: list[int] = []
+
+    def started() -> bool:
+        running = httpx.get(f"{server.url}/api/v1/system").json()["running"]
+        pids[:] = [r["pid"] for r in running if r["id"] == job["id"]]
+        return bool(pids)
+
+    wait_until(started)
+    server.stop(signal.SIGKILL)
+    wait_until(lambda: not alive(pids[0]), timeout=10)
