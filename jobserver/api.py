@@ -360,16 +360,15 @@ def create_app(
             raise ValidationError("invalid query", problems)
         job = await store.get(request.path_params["job_id"])
         path = job_path(job.id, JOB_LOG_NAME)
-        text = _read_log(path, tail)
+        text, offset = _read_log(path, tail)
         if follow not in ("1", "true") or job.state.terminal:
             return PlainTextResponse(text)
         return StreamingResponse(
-            follow_log(job.id, path, text), media_type="text/plain; charset=utf-8"
+            follow_log(job.id, path, text, offset), media_type="text/plain; charset=utf-8"
         )
 
-    async def follow_log(job_id: str, path: Path, first: str) -> AsyncIterator[bytes]:
+    async def follow_log(job_id: str, path: Path, first: str, offset: int) -> AsyncIterator[bytes]:
         yield first.encode()
-        offset = _size(path)
         while True:
             done = (await store.get(job_id)).state.terminal
             chunk, offset = _read_from(path, offset)
@@ -574,25 +573,17 @@ def _parse_run_at(value: Any) -> datetime | None:
     return None if moment.tzinfo is None else moment
 
 
-def _read_log(path: Path, tail: int | None) -> str:
+def _read_log(path: Path, tail: int | None) -> tuple[str, int]:
+    """The log (or its last ``tail`` lines) and the number of bytes read, where a follow
+    goes on from."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return ""
+        return "", 0
     text = data.decode(errors="replace")
-    if tail is None:
-        return text
-    if tail == 0:
-        return ""
-    lines = text.splitlines(keepends=True)
-    return "".join(lines[-tail:])
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    if tail is not None:
+        text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
+    return text, len(data)
 
 
 def _read_from(path: Path, offset: int) -> tuple[bytes, int]:

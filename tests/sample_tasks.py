@@ -89,6 +89,7 @@ def report(gate: str, steps: int = 3) -> str:
     for step in range(steps):
         progress((step + 1) / steps, f"step {step + 1} of {steps}")
         time.sleep(0.06)  # above the child's rate limit, so every step is sent
+    print("all reported", flush=True)
     wait_for_file(gate)
     return "reported"
 

@@ -349,7 +349,11 @@ async def test_stored_progress_is_rate_limited(make_harness: Any, tmp_path: Path
         while not (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()["progress"]:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.6)  # all 5 reports are sent within 0.3 s
+        log = h.settings.server.jobs_dir / job["id"] / "output.log"
+        while "all reported" not in log.read_text():  # every report has been sent
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        await h.application.scheduler.tick(utcnow())
         document = (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()
         assert document["progress"]["fraction"] < 1.0  # later ones wait for the interval
         gate.write_text("go")
