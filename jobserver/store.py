@@ -12,6 +12,11 @@ FIELD-NOTES: a deferred transaction that reads then writes fails with SQLITE_BUS
 whatever the busy timeout); reads use a small pool of their own, which WAL lets run
 beside the writer.  SQLite-only statements (pragmas, the file lock) are in the section
 marked "SQLite specifics".
+
+Beside ``jobs``: ``attempts`` (one row per start of a job's process, written in the
+transaction of the job's transition), ``dependencies`` (read by the queue head query, so
+a job whose dependencies have not all succeeded is never admitted), ``schedules`` (the
+last cron slot fired) and ``idempotency_keys``.  Deleting a job cascades to all of them.
 """
 
 from __future__ import annotations
@@ -310,20 +315,6 @@ class Store:
         job, _ = await self.submit(new, job_id, now)
         return job
 
-    async def _insert_plain(self, new: NewJob, job_id: str, now: datetime) -> Job:
-        values = {
-            "id": job_id,
-            "task": new.task,
-            "args": dump_json(new.args),
-            "state": JobState.QUEUED.value,
-            "priority": new.priority,
-            "created_at": format_timestamp(now),
-            "max_retries": new.max_retries,
-        }
-        async with self._write() as conn:
-            row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
-        return _job_from_row(row)
-
     async def claim(self, job_id: str, now: datetime) -> Job | None:
         """queued → running, counting an attempt (and opening its ``attempts`` row); None if
         the job is no longer queued."""
@@ -549,17 +540,7 @@ class Store:
                             for dep in missing
                         ],
                     )
-            values = {
-                "id": job_id,
-                "task": new.task,
-                "args": dump_json(new.args),
-                "state": JobState.QUEUED.value,
-                "priority": new.priority,
-                "created_at": format_timestamp(now),
-                "max_retries": new.max_retries,
-                "timeout": new.timeout,
-                "run_after": None if new.run_after is None else format_timestamp(new.run_after),
-            }
+            values = _new_job_values(new, job_id, now)
             row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
             if new.depends_on:
                 await conn.execute(
@@ -724,19 +705,24 @@ class Store:
                 )
             if not result.rowcount or new is None:
                 return None
-            values = {
-                "id": job_id,
-                "task": new.task,
-                "args": dump_json(new.args),
-                "state": JobState.QUEUED.value,
-                "priority": new.priority,
-                "created_at": format_timestamp(now),
-                "max_retries": new.max_retries,
-                "timeout": new.timeout,
-                "reason": f"scheduled by {name} for {slot_text}",
-            }
+            values = _new_job_values(new, job_id, now)
+            values["reason"] = f"scheduled by {name} for {slot_text}"
             row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
             return _job_from_row(row)
+
+
+def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "task": new.task,
+        "args": dump_json(new.args),
+        "state": JobState.QUEUED.value,
+        "priority": new.priority,
+        "created_at": format_timestamp(now),
+        "max_retries": new.max_retries,
+        "timeout": new.timeout,
+        "run_after": None if new.run_after is None else format_timestamp(new.run_after),
+    }
 
 
 async def _with_extras(conn: AsyncConnection, found: list[Job]) -> list[Job]:
