@@ -246,6 +246,11 @@ class Runner:
         if spec.command is None:
             file_actions.append((os.POSIX_SPAWN_DUP2, out_write, 2))
             progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
+            if progress_write == PROGRESS_FD:
+                # dup2 onto itself would keep close-on-exec: move it out of the way first.
+                moved = os.dup(progress_write)
+                os.close(progress_write)
+                progress_write = moved
             fds += [progress_read, progress_write]
             file_actions.append((os.POSIX_SPAWN_DUP2, progress_write, PROGRESS_FD))
             env[FD_ENV] = str(PROGRESS_FD)
