@@ -7,35 +7,69 @@ process (the scheduler does, from the stored state).  Every error, on every rout
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+import math
+import mimetypes
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jobserver import __version__
 from jobserver.errors import (
+    Conflict,
     InvalidTransition,
     JobServerError,
     NotFound,
     StorageUnavailable,
     ValidationError,
 )
-from jobserver.jobs import CELERY_STATUS, Job, JobState, format_timestamp, new_job_id, utcnow
-from jobserver.store import MAX_PAGE, NewJob, Store
+from jobserver.jobs import (
+    ARTIFACTS_DIR_NAME,
+    CELERY_STATUS,
+    JOB_LOG_NAME,
+    Job,
+    JobState,
+    format_timestamp,
+    new_job_id,
+    utcnow,
+)
+from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
 
 MAX_PRIORITY = 1000
-SUBMIT_FIELDS = ("task", "args", "priority")
+SUBMIT_FIELDS = (
+    "task",
+    "args",
+    "priority",
+    # --- lifecycle (issue 4) ---
+    "max_retries",
+    "timeout",
+    "run_at",
+    "delay",
+    "depends_on",
+)
+MAX_DELAY = 366 * 86400.0  # seconds: the furthest a job may be scheduled ahead
+MAX_TIMEOUT = 366 * 86400.0
+MAX_DEPENDENCIES = 100
+MAX_TAIL = 100_000
+IDEMPOTENCY_HEADER = "idempotency-key"
+ANONYMOUS_SCOPE = "anonymous"  # the client scope of Idempotency-Keys until auth exists
+FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 
 
 class SchedulerPort(Protocol):
@@ -60,6 +94,7 @@ STATUS: dict[type[JobServerError], int] = {
     ValidationError: 422,
     NotFound: 404,
     InvalidTransition: 409,
+    Conflict: 409,
     StorageUnavailable: 503,
 }
 
@@ -82,6 +117,9 @@ def create_app(
     scheduler: SchedulerPort,
     max_body_size: int,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    jobs_dir: Path | None = None,
+    max_retries_limit: int = 10,
+    idempotency_window: float = 86400.0,
 ) -> Starlette:
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
@@ -118,13 +156,64 @@ def create_app(
                 {"line": exc.lineno, "column": exc.colno},
             ) from None
 
-    async def submit(task: Task, args: Any, priority: int) -> Job:
+    async def submit(
+        task: Task,
+        args: Any,
+        priority: int,
+        options: dict[str, Any] | None = None,
+        request: Request | None = None,
+        body: Any = None,
+    ) -> tuple[Job, bool]:
+        """Validate and store a job; (job, created).  created is False when an
+        Idempotency-Key named an earlier submit of the same body."""
+        options = options or {}
+        key = None if request is None else idempotency_key(request, body)
         validated = task.validate(args)
-        new = NewJob(task.name, validated, priority, task.settings.max_retries)
-        job = await store.insert(new, new_job_id(), utcnow())
-        scheduler.wake()
-        log.info("job %s (%s): submitted -> queued", job.id, job.task)
-        return job
+        now = utcnow()
+        max_retries = options.get("max_retries", task.settings.max_retries)
+        run_after = options.get("run_at")
+        if "delay" in options:
+            run_after = now + timedelta(seconds=options["delay"])
+        new = NewJob(
+            task.name,
+            validated,
+            priority,
+            max_retries,
+            timeout=options.get("timeout"),
+            run_after=run_after,
+            depends_on=tuple(options.get("depends_on", ())),
+            idempotency=key,
+        )
+        job, created = await store.submit(new, new_job_id(), now)
+        if created:
+            scheduler.wake()
+            log.info("job %s (%s): submitted -> %s", job.id, job.task, job.state.value)
+        return job, created
+
+    def idempotency_key(request: Request, body: Any) -> IdempotencyKey | None:
+        text = request.headers.get(IDEMPOTENCY_HEADER)
+        if text is None:
+            return None
+        if not (1 <= len(text) <= 255 and text.isascii() and text.isprintable()):
+            raise ValidationError(
+                "invalid Idempotency-Key header",
+                [
+                    {
+                        "field": "Idempotency-Key",
+                        "message": "expected 1 to 255 printable ASCII characters "
+                        "(a UUID is a good choice)",
+                    }
+                ],
+            )
+        canonical = json.dumps(
+            {"path": request.url.path, "body": body}, sort_keys=True, separators=(",", ":")
+        )
+        return IdempotencyKey(
+            ANONYMOUS_SCOPE,
+            text,
+            hashlib.sha256(canonical.encode()).hexdigest(),
+            idempotency_window,
+        )
 
     async def submit_job(request: Request) -> Response:
         body = await read_json(request)
@@ -154,18 +243,24 @@ def create_app(
                     "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
                 }
             )
+        options = submit_options(body, problems, max_retries_limit)
         if problems:
             raise ValidationError("invalid job submission", problems)
         assert isinstance(name, str)
-        job = await submit(registry.get(name), body.get("args", {}), priority)
-        return JSONDocument(document(job), status_code=202, headers=_location(job))
+        job, created = await submit(
+            registry.get(name), body.get("args", {}), priority, options, request, body
+        )
+        return JSONDocument(
+            document(job), status_code=202 if created else 200, headers=_location(job)
+        )
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
-            job = await submit(task, await read_json(request), 0)
+            body = await read_json(request)
+            job, created = await submit(task, body, 0, None, request, body)
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
-                status_code=202,
+                status_code=202 if created else 200,
                 headers=_location(job),
             )
 
@@ -211,6 +306,7 @@ def create_app(
         job = await store.request_cancel(request.path_params["job_id"], utcnow())
         scheduler.wake()
         log.info("job %s: cancel requested (%s)", job.id, job.state.value)
+        job = await store.get(job.id)  # with its history and dependencies
         return JSONDocument(document(job), status_code=200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
@@ -229,6 +325,90 @@ def create_app(
         await store.active_counts()
         return JSONDocument({"status": "ok", "version": __version__})
 
+    # -- lifecycle (issue 4) -------------------------------------------------------
+
+    def job_path(job_id: str, *parts: str) -> Path:
+        if jobs_dir is None or not _looks_like_job_id(job_id):
+            raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
+        return jobs_dir.joinpath(job_id, *parts)
+
+    async def retry_job(request: Request) -> Response:
+        job = await store.retry(request.path_params["job_id"], utcnow())
+        scheduler.wake()
+        log.info("job %s: retried by request -> queued", job.id)
+        return JSONDocument(document(job), status_code=202, headers=_location(job))
+
+    async def job_logs(request: Request) -> Response:
+        params = request.query_params
+        problems = [
+            {"field": key, "message": "unknown query parameter; allowed: tail, follow"}
+            for key in sorted(set(params) - {"tail", "follow"})
+        ]
+        tail = None
+        if "tail" in params:
+            text = params["tail"]
+            if text.isdigit() and 0 <= int(text) <= MAX_TAIL:
+                tail = int(text)
+            else:
+                problems.append(
+                    {"field": "tail", "message": f"expected an integer from 0 to {MAX_TAIL}"}
+                )
+        follow = params.get("follow", "0")
+        if follow not in ("0", "1", "true", "false"):
+            problems.append({"field": "follow", "message": "expected 1 or 0"})
+        if problems:
+            raise ValidationError("invalid query", problems)
+        job = await store.get(request.path_params["job_id"])
+        path = job_path(job.id, JOB_LOG_NAME)
+        text, offset = _read_log(path, tail)
+        if follow not in ("1", "true") or job.state.terminal:
+            return PlainTextResponse(text)
+        return StreamingResponse(
+            follow_log(job.id, path, text, offset), media_type="text/plain; charset=utf-8"
+        )
+
+    async def follow_log(job_id: str, path: Path, first: str, offset: int) -> AsyncIterator[bytes]:
+        yield first.encode()
+        while True:
+            done = (await store.get(job_id)).state.terminal
+            chunk, offset = _read_from(path, offset)
+            if chunk:
+                yield chunk
+            if done:
+                return
+            await asyncio.sleep(FOLLOW_POLL)
+
+    async def job_artifact(request: Request) -> Response:
+        job = await store.get(request.path_params["job_id"])
+        name = request.path_params["name"]
+        listed = {artifact.name: artifact for artifact in job.artifacts}
+        if not _safe_name(name) or name not in listed:
+            raise NotFound(
+                f"job {job.id} has no artifact {name!r}",
+                {"id": job.id, "name": name, "artifacts": sorted(listed)},
+            )
+        directory = job_path(job.id, ARTIFACTS_DIR_NAME)
+        try:
+            # O_NOFOLLOW: a symlink planted under the listed name is refused, never followed.
+            fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            raise NotFound(
+                f"artifact {name!r} of job {job.id} is no longer on disk", {"id": job.id}
+            ) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise NotFound(f"job {job.id} has no artifact {name!r}", {"id": job.id})
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return StreamingResponse(
+            _file_chunks(fd),
+            media_type=media_type,
+            headers={
+                "Content-Length": str(info.st_size),
+                "X-Checksum-Sha256": listed[name].sha256,
+            },
+        )
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/jobs", submit_job, methods=["POST"]),
@@ -238,6 +418,10 @@ def create_app(
         Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
         Route("/api/v1/tasks", list_tasks, methods=["GET"]),
         Route("/api/v1/system", system, methods=["GET"]),
+        # --- lifecycle (issue 4) ---
+        Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+        Route("/api/v1/jobs/{job_id}/logs", job_logs, methods=["GET"]),
+        Route("/api/v1/jobs/{job_id}/artifacts/{name}", job_artifact, methods=["GET"]),
     ]
     routes += [
         Route(path, tutorial_route(task), methods=["POST"])
@@ -275,7 +459,160 @@ def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
         "exit_code": job.exit_code,
         "peak_rss": job.peak_rss,
         "cpu_seconds": job.cpu_seconds,
+        # --- lifecycle (issue 4) ---
+        "timeout": job.timeout,
+        "depends_on": list(job.depends_on),
+        "progress": _progress(job),
+        "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in job.artifacts],
+        "history": [
+            {
+                "attempt": a.attempt,
+                "started_at": format_timestamp(a.started_at),
+                "finished_at": _time(a.finished_at),
+                "outcome": a.outcome,
+                "error": None if a.error is None else {"type": a.error_type, "message": a.error},
+                "exit_code": a.exit_code,
+            }
+            for a in job.history
+        ],
     }
+
+
+def _progress(job: Job) -> dict[str, Any] | None:
+    if job.progress is None:
+        return None
+    return {
+        "fraction": job.progress.fraction,
+        "message": job.progress.message,
+        "updated_at": format_timestamp(job.progress.updated_at),
+    }
+
+
+def submit_options(
+    body: dict[str, Any], problems: list[dict[str, str]], max_retries_limit: int
+) -> dict[str, Any]:
+    """The optional lifecycle fields of a submit body, checked; problems are appended."""
+    options: dict[str, Any] = {}
+
+    def number(field: str) -> float | None:
+        value = body[field]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+    if "max_retries" in body:
+        value = body["max_retries"]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if value <= max_retries_limit:
+                options["max_retries"] = value
+            else:
+                problems.append(
+                    {
+                        "field": "max_retries",
+                        "message": f"at most {max_retries_limit} (the server's max_retries_limit)",
+                    }
+                )
+        else:
+            problems.append({"field": "max_retries", "message": "expected an integer >= 0"})
+    if "timeout" in body:
+        seconds = number("timeout")
+        if seconds is None or not 0 < seconds <= MAX_TIMEOUT:
+            problems.append(
+                {"field": "timeout", "message": f"expected seconds, > 0 and <= {MAX_TIMEOUT:g}"}
+            )
+        else:
+            options["timeout"] = seconds
+    if "run_at" in body and "delay" in body:
+        problems.append({"field": "delay", "message": "give run_at or delay, not both"})
+    elif "delay" in body:
+        seconds = number("delay")
+        if seconds is None or not 0 <= seconds <= MAX_DELAY:
+            problems.append(
+                {"field": "delay", "message": f"expected seconds from 0 to {MAX_DELAY:g}"}
+            )
+        else:
+            options["delay"] = seconds
+    elif "run_at" in body:
+        moment = _parse_run_at(body["run_at"])
+        if moment is None:
+            problems.append(
+                {
+                    "field": "run_at",
+                    "message": "expected an ISO 8601 time with a UTC offset, like "
+                    '"2030-01-31T03:00:00Z" or "2030-01-31T04:00:00+01:00"',
+                }
+            )
+        elif moment - utcnow() > timedelta(seconds=MAX_DELAY):
+            problems.append({"field": "run_at", "message": "at most 366 days ahead"})
+        else:
+            options["run_at"] = moment
+    if "depends_on" in body:
+        value = body["depends_on"]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            problems.append({"field": "depends_on", "message": "expected a list of job ids"})
+        elif len(value) > MAX_DEPENDENCIES:
+            problems.append(
+                {"field": "depends_on", "message": f"at most {MAX_DEPENDENCIES} job ids"}
+            )
+        elif len(set(value)) != len(value):
+            problems.append({"field": "depends_on", "message": "a job id is listed twice"})
+        elif bad := [item for item in value if not _looks_like_job_id(item)]:
+            problems.append({"field": "depends_on", "message": f"not a job id: {bad[0]!r}"})
+        else:
+            options["depends_on"] = value
+    return options
+
+
+def _parse_run_at(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return None if moment.tzinfo is None else moment
+
+
+def _read_log(path: Path, tail: int | None) -> tuple[str, int]:
+    """The log (or its last ``tail`` lines) and the number of bytes read, where a follow
+    goes on from."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "", 0
+    text = data.decode(errors="replace")
+    if tail is not None:
+        text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
+    return text, len(data)
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            data = file.read(1 << 20)
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
+
+
+def _safe_name(name: str) -> bool:
+    """One plain file name: no separators, no '.'/'..', no NUL, not hidden-absolute."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+    )
+
+
+async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(os.read, fd, 1 << 20):
+            yield chunk
+    finally:
+        os.close(fd)
 
 
 def celery_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
@@ -289,6 +626,9 @@ def celery_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
         body["error"] = job.reason
     elif job.state is JobState.QUEUED:
         body["waiting_reason"] = waiting_reason
+    elif job.state is JobState.RUNNING and job.progress is not None:
+        # Celery's custom states carry their meta in ``info``; so does our progress.
+        body["info"] = {"fraction": job.progress.fraction, "message": job.progress.message}
     return body
 
 

@@ -1,7 +1,8 @@
 """The ``jobserver`` command.
 
-``serve`` and ``migrate`` work on the local config and database; the client commands
-(``submit``, ``status``) speak HTTP to a running server like any other client.
+``serve``, ``migrate`` and ``prune`` work on the local config and database; the client
+commands (``submit``, ``status``, ``retry``, ``logs``) speak HTTP to a running server like
+any other client.
 
 Exit codes: 0 done (for ``--wait``: the job succeeded); 1 the job failed or was
 cancelled; 2 bad usage, bad config or a request the server rejected; 3 the server could
@@ -78,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, metavar="SECONDS", help="start no sooner than this")
+    when.add_argument(
+        "--run-at", metavar="TIME", help='start at this ISO 8601 time, e.g. "2030-01-31T03:00Z"'
+    )
+    submit.add_argument(
+        "--depends-on",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="wait until job ID has succeeded (repeat for several)",
+    )
+    submit.add_argument("--max-retries", type=int, help="override the task's max_retries")
+    submit.add_argument("--timeout", type=float, metavar="SECONDS", help="override the timeout")
+    submit.add_argument(
+        "--idempotency-key", metavar="KEY", help="resubmitting with the same key returns the job"
+    )
     _client_options(submit)
     submit.set_defaults(run=_submit)
 
@@ -85,6 +103,30 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("job_id")
     _client_options(status)
     status.set_defaults(run=_status)
+
+    # --- lifecycle (issue 4) ---
+    retry = commands.add_parser("retry", help="run a failed or cancelled job again")
+    retry.add_argument("job_id")
+    _client_options(retry)
+    retry.set_defaults(run=_retry)
+
+    logs = commands.add_parser("logs", help="print a job's log (stdout and stderr)")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.add_argument(
+        "--url",
+        default=os.environ.get("JOBSERVER_URL", DEFAULT_URL),
+        help=f"server URL (default: $JOBSERVER_URL, else {DEFAULT_URL})",
+    )
+    logs.set_defaults(run=_logs)
+
+    prune = commands.add_parser(
+        "prune", help="delete finished jobs past their retention now (safe while serving)"
+    )
+    _config_option(prune)
+    prune.add_argument("--dry-run", action="store_true", help="only list what would go")
+    prune.set_defaults(run=_prune)
     return parser
 
 
@@ -185,12 +227,24 @@ def _submit(args: argparse.Namespace) -> int:
     params: list[dict[str, Any]] = next(
         (task["params"] for task in tasks if task["name"] == args.task), []
     )
-    body = {
+    body: dict[str, Any] = {
         "task": args.task,
         "args": parse_arguments(args.arguments, params),
         "priority": args.priority,
     }
-    job = _request("POST", f"{base}/api/v1/jobs", json=body)
+    optional = {
+        "delay": args.delay,
+        "run_at": args.run_at,
+        "max_retries": args.max_retries,
+        "timeout": args.timeout,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if args.depends_on:
+        body["depends_on"] = args.depends_on
+    headers = {}
+    if args.idempotency_key:
+        headers["Idempotency-Key"] = args.idempotency_key
+    job = _request("POST", f"{base}/api/v1/jobs", json=body, headers=headers)
     if not args.wait:
         _show(job, args.json)
         return EXIT_OK
@@ -218,6 +272,84 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retry(args: argparse.Namespace) -> int:
+    job = _request("POST", f"{args.url.rstrip('/')}/api/v1/jobs/{args.job_id}/retry")
+    _show(job, args.json)
+    return EXIT_OK
+
+
+def _logs(args: argparse.Namespace) -> int:
+    url = f"{args.url.rstrip('/')}/api/v1/jobs/{args.job_id}/logs"
+    params: dict[str, Any] = {}
+    if args.tail is not None:
+        params["tail"] = args.tail
+    if args.follow:
+        params["follow"] = 1
+    try:
+        # No read timeout when following: the stream is quiet while the job is.
+        with httpx.stream("GET", url, params=params, timeout=httpx.Timeout(30, read=None)) as r:
+            if not r.is_success:
+                r.read()
+                _request_error(r, "GET", url)
+            for chunk in r.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+    except httpx.HTTPError as exc:
+        raise CommandFailed(
+            f"cannot reach {url}: {exc}; is the server running?", EXIT_SERVER
+        ) from None
+    return EXIT_OK
+
+
+def _request_error(response: httpx.Response, method: str, url: str) -> None:
+    """Raise CommandFailed for an error response, as ``_request`` does."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise CommandFailed(
+            f"{method} {url} answered {response.status_code} without JSON", EXIT_SERVER
+        ) from None
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    message = error.get("message", response.reason_phrase)
+    code = EXIT_NOT_FOUND if response.status_code == 404 else EXIT_SERVER
+    if 400 <= response.status_code < 500 and response.status_code != 404:
+        code = EXIT_USAGE
+    raise CommandFailed(message, code)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """Open the database file directly, like ``migrate``: safe beside a running server
+    (WAL lets both read, and writes wait on the busy timeout)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from jobserver.server import build_pruner
+    from jobserver.store import Store
+
+    settings = _load_settings(args)
+    database = settings.server.database
+    if not database.exists():
+        raise CommandFailed(f"no database at {database}; nothing to prune", EXIT_USAGE)
+
+    async def run() -> list[str]:
+        store = Store.open(database)
+        try:
+            pruner = build_pruner(settings, store)
+            now = datetime.now(UTC)
+            if args.dry_run:
+                return await pruner.due(now)
+            return await pruner.run_until_done(now)
+        finally:
+            await store.close()
+
+    ids = asyncio.run(run())
+    for job_id in ids:
+        print(job_id)
+    verb = "would prune" if args.dry_run else "pruned"
+    print(f"{verb} {len(ids)} finished job(s)", file=sys.stderr)
+    return EXIT_OK
+
+
 def _show(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(job, indent=2, ensure_ascii=False))
@@ -234,6 +366,11 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
         "waiting_reason",
         "reason",
     ]
+    if job.get("progress"):
+        fraction = job["progress"].get("fraction")
+        done = "" if fraction is None else f"{fraction:.0%} "
+        job = {**job, "progress_text": f"{done}{job['progress'].get('message') or ''}".strip()}
+        fields.append("progress_text")
     width = max(len(name) for name in fields) + 1
     for name in fields:
         if job.get(name) is not None:
@@ -243,6 +380,17 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
         print(f"{'result:':<{width}} {json.dumps(job['result'], ensure_ascii=False)}")
     if job.get("error"):
         print(f"{'error:':<{width}} {job['error']['type']}: {job['error']['message']}")
+    if job.get("depends_on"):
+        print(f"{'depends_on:':<{width}} {', '.join(job['depends_on'])}")
+    for artifact in job.get("artifacts") or []:
+        print(f"{'artifact:':<{width}} {artifact['name']} ({artifact['size']} bytes)")
+    for entry in job.get("history") or []:
+        error = entry.get("error") or {}
+        detail = f" ({error.get('type')}: {error.get('message')})" if error else ""
+        print(
+            f"{'attempt ' + str(entry['attempt']) + ':':<{width}} {entry['started_at']} "
+            f"{entry.get('outcome') or 'running'}{detail}"
+        )
 
 
 def _path(text: str) -> Path:

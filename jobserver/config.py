@@ -3,9 +3,13 @@
     Settings                  the whole file: path, task_paths, and the tables below
     ├── ServerSettings        [server]: listen address, database and job files, logging
     ├── SchedulerSettings     [scheduler]: polling, concurrency and resource caps, kill grace
-    └── TaskSettings          [tasks.NAME]: one registered task (import path, resources, route)
+    ├── TaskSettings          [tasks.NAME]: one registered task (import path or command,
+    │                         resources, route, retries, retention)
+    ├── JobsSettings          [jobs]: lifecycle defaults (backoff, log cap, retention, keys)
+    └── ScheduleSettings      [schedules.NAME]: one periodic job (task, cron, args, zone)
 
-Every key has a default except ``tasks.NAME.function``.  Unknown keys and bad values are
+Every key has a default except ``tasks.NAME.function`` (or ``command``) and a schedule's
+``task`` and ``cron``.  Unknown keys and bad values are
 rejected with a ``ConfigError`` naming the dotted key, the file and (best effort) the line.
 Relative paths are resolved against the config file's directory, never the working directory.
 
@@ -123,6 +127,9 @@ RESERVED_ROUTES = (
     "/api/v1/task-status",
     "/healthz",
 )
+# Types a command task's params may declare (see TaskSettings.params).
+COMMAND_PARAM_TYPES = ("str", "int", "float", "bool")
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
@@ -158,6 +165,41 @@ class TaskSettings:
     max_retries: int = 0
     timeout: float | None = None
     route: str | None = None  # extra submit path besides /api/v1/jobs
+    # --- lifecycle (issue 4) ---
+    retry_base: float | None = None  # None: [jobs] retry_base
+    retry_cap: float | None = None  # None: [jobs] retry_cap
+    retry_on_timeout: bool = False  # a timed-out attempt counts as a retryable failure
+    retention: float | None = None  # None: [jobs] retention
+    command: tuple[str, ...] | None = None  # a program to run instead of ``function``
+    params: Mapping[str, str] = dataclasses.field(default_factory=dict)  # command params
+    allow_leading_dash: tuple[str, ...] = ()  # command params whose value may start with "-"
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """[jobs]: lifecycle defaults for every task."""
+
+    retry_base: float = 1.0  # first retry delay; doubles per failure
+    retry_cap: float = 300.0  # longest retry delay
+    max_retries_limit: int = 10  # the most max_retries a submit may ask for
+    max_log_size: int = 10 * _MIB  # per job, all attempts together
+    retention: float = 7 * 86400.0  # finished jobs older than this are pruned
+    prune_interval: float = 60.0
+    idempotency_window: float = 86400.0  # how long an Idempotency-Key is remembered
+    progress_interval: float = 1.0  # at most one stored progress update per job per interval
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """[schedules.NAME]: submit ``task`` with ``args`` at every ``cron`` slot."""
+
+    name: str
+    task: str
+    cron: str
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timezone: str = "UTC"
+    catch_up: float = 3600.0  # missed slots younger than this fire once after a restart
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +209,10 @@ class Settings:
     server: ServerSettings
     scheduler: SchedulerSettings
     tasks: Mapping[str, TaskSettings]  # read-only (MappingProxyType)
+    jobs: JobsSettings = JobsSettings()
+    schedules: Mapping[str, ScheduleSettings] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 def resolve_path(cli_value: str | None) -> Path:
@@ -196,7 +242,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
     source = _Source(file, _locate_keys(text))
     base = file.parent
-    root = _Table(source, (), data, ("task_paths", "server", "scheduler", "tasks"))
+    root = _Table(
+        source, (), data, ("task_paths", "server", "scheduler", "tasks", "jobs", "schedules")
+    )
+    tasks = _tasks(source, data.get("tasks"))
     return Settings(
         path=file,
         task_paths=root.get("task_paths", _path_list(base), (base,)),
@@ -206,7 +255,9 @@ def load(path: str | os.PathLike[str]) -> Settings:
         scheduler=_scheduler(
             _Table(source, ("scheduler",), data.get("scheduler"), _fields(SchedulerSettings))
         ),
-        tasks=_tasks(source, data.get("tasks")),
+        tasks=tasks,
+        jobs=_jobs(_Table(source, ("jobs",), data.get("jobs"), _fields(JobsSettings))),
+        schedules=_schedules(source, data.get("schedules"), tasks),
     )
 
 
@@ -254,15 +305,33 @@ def _tasks(source: _Source, value: object) -> Mapping[str, TaskSettings]:
             )
         table = _Table(source, key, raw, [f for f in _fields(TaskSettings) if f != "name"])
         default = TaskSettings(name=name, function="")
+        command = table.get("command", _command, None)
+        if command is None:
+            function = table.require("function", _function, 'function = "package.module:function"')
+        elif "function" in table.data:
+            raise source.error(
+                (*key, "command"),
+                f"{_dotted(key)}: set either function or command, not both",
+            )
+        else:
+            function = ""
         task = TaskSettings(
             name=name,
-            function=table.require("function", _function, 'function = "package.module:function"'),
+            function=function,
             cpus=table.get("cpus", _number(0, above=True), default.cpus),
             memory=table.get("memory", _positive(parse_size), default.memory),
             max_retries=table.get("max_retries", _integer(0), default.max_retries),
             timeout=table.get("timeout", _positive(parse_duration), default.timeout),
             route=table.get("route", _route, default.route),
+            retry_base=table.get("retry_base", _positive(parse_duration), None),
+            retry_cap=table.get("retry_cap", _positive(parse_duration), None),
+            retry_on_timeout=table.get("retry_on_timeout", _boolean, False),
+            retention=table.get("retention", _positive(parse_duration), None),
+            command=command,
+            params=MappingProxyType(table.get("params", _command_params, {})),
+            allow_leading_dash=tuple(table.get("allow_leading_dash", _name_list, [])),
         )
+        _check_command(source, key, task)
         if task.route is not None:
             if task.route in routes:
                 raise source.error(
@@ -273,6 +342,115 @@ def _tasks(source: _Source, value: object) -> Mapping[str, TaskSettings]:
             routes[task.route] = name
         tasks[name] = task
     return MappingProxyType(tasks)
+
+
+def _jobs(table: _Table) -> JobsSettings:
+    default = JobsSettings()
+    return JobsSettings(
+        retry_base=table.get("retry_base", _positive(parse_duration), default.retry_base),
+        retry_cap=table.get("retry_cap", _positive(parse_duration), default.retry_cap),
+        max_retries_limit=table.get(
+            "max_retries_limit", _integer(0, 1000), default.max_retries_limit
+        ),
+        max_log_size=table.get("max_log_size", _positive(parse_size), default.max_log_size),
+        retention=table.get("retention", _positive(parse_duration), default.retention),
+        prune_interval=table.get(
+            "prune_interval", _positive(parse_duration), default.prune_interval
+        ),
+        idempotency_window=table.get(
+            "idempotency_window", _positive(parse_duration), default.idempotency_window
+        ),
+        progress_interval=table.get("progress_interval", parse_duration, default.progress_interval),
+    )
+
+
+def _check_command(source: _Source, key: tuple[str, ...], task: TaskSettings) -> None:
+    """A command's placeholders and params must match one to one."""
+    if task.command is None:
+        if task.params or task.allow_leading_dash:
+            raise source.error(
+                (*key, "params"),
+                f"{_dotted(key)}: params and allow_leading_dash apply to command tasks only",
+            )
+        return
+    used = {name for part in task.command for name in _PLACEHOLDER_RE.findall(part)}
+    for name in sorted(used - set(task.params)):
+        raise source.error(
+            (*key, "command"),
+            f"{_dotted((*key, 'command'))}: placeholder {{{name}}} has no type in "
+            f'{_dotted((*key, "params"))}; add {name} = "str" (or int, float, bool)',
+        )
+    for name in sorted(set(task.params) - used):
+        raise source.error(
+            (*key, "params"),
+            f"{_dotted((*key, 'params', name))}: no {{{name}}} placeholder in command",
+        )
+    for name in task.allow_leading_dash:
+        if name not in task.params:
+            raise source.error(
+                (*key, "allow_leading_dash"),
+                f"{_dotted((*key, 'allow_leading_dash'))}: {name!r} is not a param",
+            )
+
+
+def _schedules(
+    source: _Source, value: object, tasks: Mapping[str, TaskSettings]
+) -> Mapping[str, ScheduleSettings]:
+    # Lazy: only a config with schedules needs the cron library and the zone database.
+    import zoneinfo
+
+    from croniter import croniter
+
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise source.error(
+            ("schedules",), f"schedules = {_show(value)}: expected tables [schedules.NAME]"
+        )
+    schedules: dict[str, ScheduleSettings] = {}
+    for name, raw in value.items():
+        key = ("schedules", name)
+        if not _TASK_NAME_RE.fullmatch(name):
+            raise source.error(
+                key,
+                f"{_dotted(key)}: a schedule name must start with a letter or _ and contain "
+                "only letters, digits, _, . and -",
+            )
+        table = _Table(source, key, raw, [f for f in _fields(ScheduleSettings) if f != "name"])
+        task = table.require("task", _string, 'task = "NAME of a [tasks.NAME] table"')
+        if task not in tasks:
+            raise source.error(
+                (*key, "task"),
+                f"{_dotted((*key, 'task'))} = {_show(task)}: no [tasks.{task}] table; "
+                f"known tasks: {', '.join(sorted(tasks)) or 'none'}",
+            )
+        cron = table.require("cron", _string, 'cron = "0 3 * * *"')
+        if len(cron.split()) != 5 or not croniter.is_valid(cron):
+            raise source.error(
+                (*key, "cron"),
+                f"{_dotted((*key, 'cron'))} = {_show(cron)}: expected a 5-field cron "
+                'expression like "0 3 * * *" (minute hour day month weekday)',
+            )
+        zone = table.get("timezone", _string, "UTC")
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise source.error(
+                (*key, "timezone"),
+                f"{_dotted((*key, 'timezone'))} = {_show(zone)}: unknown time zone; use an "
+                'IANA name like "Europe/Paris" or "UTC"',
+            ) from None
+        args: dict[str, Any] = table.get("args", _args_table, {})
+        schedules[name] = ScheduleSettings(
+            name=name,
+            task=task,
+            cron=cron,
+            args=MappingProxyType(args),
+            timezone=zone,
+            catch_up=table.get("catch_up", parse_duration, 3600.0),
+            priority=table.get("priority", _integer(-1000, 1000), 0),
+        )
+    return MappingProxyType(schedules)
 
 
 # --- reading one table ---------------------------------------------------------------
@@ -435,6 +613,54 @@ def _function(value: object, key: str) -> str:
     ):
         raise ValueError(f'{key} = {_show(value)}: expected "package.module:function"')
     return str(value)
+
+
+def _command(value: object, key: str) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(part, str) and part for part in value)
+    ):
+        raise ValueError(
+            f"{key} = {_show(value)}: expected a list of non-empty strings like "
+            '["convert", "{src}", "-resize", "{size}", "{dst}"] (no shell is used)'
+        )
+    for part in value:
+        leftover = _PLACEHOLDER_RE.sub("", part)
+        if "{" in leftover or "}" in leftover:
+            raise ValueError(f"{key}: {_show(part)} has a brace that is not a {{name}} placeholder")
+    return tuple(value)
+
+
+def _command_params(value: object, key: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f'{key} = {_show(value)}: expected a table like {{ src = "str" }}')
+    for name, kind in value.items():
+        if not _PLACEHOLDER_RE.fullmatch("{" + name + "}"):
+            raise ValueError(f"{key}.{name}: a param name must be an identifier")
+        if kind not in COMMAND_PARAM_TYPES:
+            raise ValueError(
+                f"{key}.{name} = {_show(kind)}: expected one of {', '.join(COMMAND_PARAM_TYPES)}"
+            )
+    return {str(name): str(kind) for name, kind in value.items()}
+
+
+def _name_list(value: object, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f'{key} = {_show(value)}: expected a list of names like ["offset"]')
+    return list(value)
+
+
+def _args_table(value: object, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} = {_show(value)}: expected a table of task arguments")
+    try:
+        # TOML dates have no JSON form: the args must be what a client could submit.
+        return dict(json.loads(json.dumps(value, allow_nan=False)))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{key}: arguments must be JSON values (no TOML dates or times, no nan/inf)"
+        ) from None
 
 
 def _route(value: object, key: str) -> str:

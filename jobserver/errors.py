@@ -6,6 +6,7 @@
     │   └── UnknownTask       the named task is not registered
     ├── NotFound              no such job (or route)
     ├── InvalidTransition     the job's state does not allow the change (cancel a finished job)
+    ├── Conflict              the request clashes with stored state (Idempotency-Key reuse)
     ├── ServerLocked          another server already serves this database file
     └── StorageUnavailable    the database cannot be read or written (disk full, read-only)
 
@@ -57,3 +58,10 @@ class ServerLocked(JobServerError):
 
 class StorageUnavailable(JobServerError):
     code = "storage_unavailable"
+
+
+class Conflict(JobServerError):
+    """The request clashes with stored state other than a job's state (an Idempotency-Key
+    reused with a different body)."""
+
+    code = "conflict"

@@ -11,8 +11,11 @@ States (stored as plain text in ``jobs.state``):
     ends (``succeeded`` / ``failed`` / ``cancelled`` if a cancel was requested), or
     it is requeued (retry, rescue, shutdown).
 ``succeeded`` / ``failed`` / ``cancelled``
-    Terminal: never left.  ``finished_at`` is set exactly in these states (the schema
-    checks it).
+    Terminal: never left by the scheduler or a cancel.  ``finished_at`` is set exactly in
+    these states (the schema checks it).  The one sanctioned exception is a client's
+    explicit retry (``POST /api/v1/jobs/{id}/retry``): ``failed`` or ``cancelled`` back to
+    ``queued`` as a new attempt, listed apart in ``RETRY_TRANSITIONS`` so that no other
+    path can use it by accident.
 
 No I/O here: this module is imported by everything and imports only ``errors``.
 """
@@ -54,6 +57,16 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
 }
 
+# Files in a job's directory (<jobs_dir>/<id>/): the runner writes them, the API serves them.
+JOB_LOG_NAME = "output.log"
+ARTIFACTS_DIR_NAME = "artifacts"
+
+# A client's explicit retry: the only way out of a terminal state (see the module docstring).
+RETRY_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+}
+
 # The tutorial's (Celery's) names for our states.
 CELERY_STATUS: dict[JobState, str] = {
     JobState.QUEUED: "PENDING",
@@ -73,6 +86,15 @@ def check_transition(source: JobState, target: JobState, job_id: str) -> None:
         raise InvalidTransition(
             f"job {job_id} is {source.value}; it cannot become {target.value}",
             {"id": job_id, "state": source.value, "requested": target.value},
+        )
+
+
+def check_retry(source: JobState, job_id: str) -> None:
+    """A retry re-queues a failed or cancelled job; anything else is InvalidTransition."""
+    if JobState.QUEUED not in RETRY_TRANSITIONS.get(source, frozenset()):
+        raise InvalidTransition(
+            f"job {job_id} is {source.value}; only a failed or cancelled job can be retried",
+            {"id": job_id, "state": source.value, "requested": "retry"},
         )
 
 
@@ -112,6 +134,40 @@ class Job:
     exit_code: int | None
     peak_rss: int | None
     cpu_seconds: float | None
+    # --- lifecycle (issue 4) ---
+    timeout: float | None = None  # per-job override of the task's timeout
+    depends_on: tuple[str, ...] = ()
+    progress: Progress | None = None
+    artifacts: tuple[Artifact, ...] = ()
+    history: tuple[Attempt, ...] = ()  # filled by the store's single-job and page reads
+    waiting_on: tuple[tuple[str, str], ...] = ()  # (id, state) of unsucceeded dependencies
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float | None
+    message: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One row of ``attempts``: a start of the job's process and how it ended."""
+
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None  # succeeded | failed | retrying | cancelled | interrupted | None (running)
+    error_type: str | None
+    error: str | None
+    exit_code: int | None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Work on stored jobs that no request asked for: for now, the startup rescuer.
+"""Work on stored jobs that no request asked for: the startup rescuer, the pruner and the
+cron firer.  The last two are small services with the same shape (``start``/``stop`` safe
+to call twice, ``tick(now)`` that tests call directly with a fake clock).
 
 Rescue (at start, before the scheduler runs): a job left ``running`` by a server that died
 has no process watching it any more.  Its leftover processes are killed first (the leader
@@ -12,13 +14,23 @@ loop forever.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from datetime import datetime
+import shutil
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from jobserver.jobs import Job, JobError, JobState
+from croniter import croniter
+
+from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import Finish, Store
+from jobserver.store import Finish, NewJob, Store
 
 log = logging.getLogger("jobserver.maintenance")
 
@@ -60,3 +72,201 @@ def kill_leftovers(job: Job) -> None:
         kill_group(job.pid)
     for pid in find_tagged_processes(JOB_ID_ENV, job.id):
         kill_process(pid)
+
+
+class _Periodic:
+    """A loop calling ``tick(now)`` every ``interval`` seconds until ``stop``."""
+
+    interval: float
+    name: str
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self, now: datetime) -> Any:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"jobserver-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick(self._clock())
+            except Exception:
+                log.exception("%s tick failed; retrying on the next tick", self.name)
+            await asyncio.sleep(self.interval)
+
+
+class Pruner(_Periodic):
+    """Deletes finished jobs older than their retention, with their attempts, dependency
+    rows, idempotency keys (by cascade) and their directory (log, result, artifacts).
+    Queued and running jobs are never touched: the store deletes only terminal rows."""
+
+    name = "pruner"
+    BATCH = 500
+
+    def __init__(
+        self,
+        store: Store,
+        jobs_dir: Path,
+        retention: float,
+        per_task: Mapping[str, float],
+        *,
+        interval: float = 60.0,
+        idempotency_window: float = 86400.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        super().__init__(clock)
+        self._store = store
+        self._jobs_dir = jobs_dir
+        self._retention = retention
+        self._per_task = dict(per_task)
+        self.interval = interval
+        self._idempotency_window = idempotency_window
+
+    async def due(self, now: datetime) -> list[str]:
+        """The ids a tick would prune now (at most one batch)."""
+        return await self._store.prunable(now, self._retention, self._per_task, self.BATCH)
+
+    async def tick(self, now: datetime) -> list[str]:
+        """Prune one batch; returns the ids deleted."""
+        deleted = await self._store.delete_finished(await self.due(now))
+        for job_id in deleted:
+            await asyncio.to_thread(shutil.rmtree, self._jobs_dir / job_id, True)
+        await self._store.forget_idempotency_keys(now - timedelta(seconds=self._idempotency_window))
+        if deleted:
+            log.info("pruned %d finished job(s) past their retention", len(deleted))
+        return deleted
+
+    async def run_until_done(self, now: datetime) -> list[str]:
+        deleted: list[str] = []
+        while batch := await self.tick(now):
+            deleted += batch
+        return deleted
+
+
+@dataclass(frozen=True)
+class CronJob:
+    """One configured schedule, with its task's submit settings resolved."""
+
+    name: str
+    task: str
+    cron: str
+    args: Mapping[str, Any]
+    timezone: str
+    catch_up: float
+    priority: int
+    max_retries: int
+
+
+class CronService(_Periodic):
+    """Submits each schedule's job once per cron slot.
+
+    The last fired slot is stored per schedule, and advancing it and inserting the job
+    happen in one transaction (compare-and-set on the previous slot), so a slot fires at
+    most once, whatever restarts happen.  After downtime, the latest missed slot fires
+    once if it is younger than ``catch_up``; older missed slots are skipped and logged.
+    A schedule seen for the first time starts from the slot before now (nothing fires
+    for the past).
+    """
+
+    name = "cron"
+
+    def __init__(
+        self,
+        store: Store,
+        schedules: Mapping[str, CronJob],
+        wake: Callable[[], None],
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        super().__init__(clock)
+        self._store = store
+        self._schedules = dict(schedules)
+        self._wake = wake
+        self.interval = interval
+
+    async def tick(self, now: datetime) -> list[Job]:
+        """Fire what is due at ``now``; returns the jobs submitted."""
+        if not self._schedules:
+            return []
+        fired: list[Job] = []
+        slots = await self._store.schedule_slots()
+        for schedule in self._schedules.values():
+            job = await self._fire(schedule, slots.get(schedule.name), now)
+            if job is not None:
+                fired.append(job)
+        if fired:
+            self._wake()
+        return fired
+
+    async def _fire(
+        self, schedule: CronJob, previous: datetime | None, now: datetime
+    ) -> Job | None:
+        zone = zoneinfo.ZoneInfo(schedule.timezone)
+        latest = latest_slot(schedule.cron, zone, now)
+        if previous is None:
+            await self._store.fire_schedule(schedule.name, None, latest, None, "", now)
+            return None
+        if latest <= previous:
+            return None
+        missed = count_slots(schedule.cron, zone, previous, latest) - 1
+        if (now - latest).total_seconds() > schedule.catch_up:
+            log.warning(
+                "schedule %s: skipped %d slot(s) up to %s, older than catch_up (%g s)",
+                schedule.name,
+                missed + 1,
+                format_timestamp(latest),
+                schedule.catch_up,
+            )
+            await self._store.fire_schedule(schedule.name, previous, latest, None, "", now)
+            return None
+        if missed > 0:
+            log.warning(
+                "schedule %s: %d earlier missed slot(s) skipped; firing the latest, %s",
+                schedule.name,
+                missed,
+                format_timestamp(latest),
+            )
+        new = NewJob(schedule.task, dict(schedule.args), schedule.priority, schedule.max_retries)
+        job = await self._store.fire_schedule(
+            schedule.name, previous, latest, new, new_job_id(), now
+        )
+        if job is not None:
+            log.info(
+                "schedule %s: slot %s -> job %s", schedule.name, format_timestamp(latest), job.id
+            )
+        return job
+
+
+def latest_slot(cron: str, zone: zoneinfo.ZoneInfo, now: datetime) -> datetime:
+    """The last slot of ``cron`` (read in ``zone``) at or before ``now``, in UTC."""
+    local = now.astimezone(zone)
+    base = local.replace(microsecond=0) + timedelta(seconds=1)
+    slot: datetime = croniter(cron, base).get_prev(datetime)
+    if slot > local:
+        slot = croniter(cron, slot).get_prev(datetime)
+    return slot.astimezone(UTC)
+
+
+def count_slots(cron: str, zone: zoneinfo.ZoneInfo, after: datetime, until: datetime) -> int:
+    """How many slots are in (after, until], counting at most 10 000."""
+    iterator = croniter(cron, after.astimezone(zone))
+    count = 0
+    while count < 10_000:
+        slot: datetime = iterator.get_next(datetime)
+        if slot.astimezone(UTC) > until:
+            break
+        count += 1
+    return count

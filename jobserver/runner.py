@@ -2,27 +2,42 @@
 
 Each attempt is a fresh process in a session (and process group) of its own, so one
 ``killpg`` reaches everything the task started, grandchildren included.  Its stdout and
-stderr are appended to the job's log file.  The runner never touches the database and
-never decides which job runs; callers get a ``ProcessHandle`` and, at the end, an
-``Outcome``, whatever way the process was started.
+stderr go to pipes that the server drains (``loop.add_reader``) into the job's log file,
+so the per-job log cap holds while the job writes; a command task's stdout is also read
+line by line for progress reports and its result.  A Python task also gets a progress
+pipe (``reporting``).  The runner never touches the database and never decides which job
+runs; callers get a ``ProcessHandle`` and, at the end, an ``Outcome``, whatever way the
+process was started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobserver.jobs import JobError, Outcome, format_timestamp, signal_name, utcnow
+from jobserver.jobs import (
+    ARTIFACTS_DIR_NAME,
+    JOB_LOG_NAME,
+    Artifact,
+    JobError,
+    Outcome,
+    format_timestamp,
+    signal_name,
+    utcnow,
+)
+from jobserver.reporting import FD_ENV, OUTPUT_DIR_ENV, parse_line
 
-LOG_NAME = "output.log"
+LOG_NAME = JOB_LOG_NAME
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
 # Every process of a job inherits this variable: a dead server's leftovers are found by it.
@@ -36,16 +51,126 @@ class LaunchSpec:
     function: str
     args: Mapping[str, Any]
     workdir: Path
+    # --- lifecycle (issue 4) ---
+    command: tuple[str, ...] | None = None  # argv of a command task, placeholders filled
+    log_limit: int | None = None  # bytes kept in the job's log, all attempts together
+
+
+# The child's end of the progress pipe: a fixed fd number, named in $JOBSERVER_PROGRESS_FD.
+PROGRESS_FD = 3
+MAX_LINE = 64 * 1024  # a command's stdout line longer than this is not parsed
+
+
+class _Log:
+    """The job's log file, written by the server with a size cap: once the cap is hit, one
+    line says so and further output is read (so the job never blocks) and discarded."""
+
+    def __init__(self, path: Path, limit: int | None) -> None:
+        self._file = path.open("ab", buffering=0)
+        self._written = self._file.tell()
+        self._limit = limit
+        self.truncated = limit is not None and self._written >= limit
+
+    def write(self, data: bytes) -> None:
+        if self.truncated or not data:
+            return
+        if self._limit is not None and self._written + len(data) > self._limit:
+            data = data[: max(0, self._limit - self._written)]
+            self._file.write(data)
+            self._file.write(
+                f"\n--- log truncated: max_log_size ({self._limit} bytes) reached; "
+                "further output discarded\n".encode()
+            )
+            self.truncated = True
+            return
+        self._file.write(data)
+        self._written += len(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Pipe:
+    """Drains one pipe on the event loop: every chunk to ``sink``, and complete lines to
+    ``on_line`` when given."""
+
+    def __init__(
+        self,
+        fd: int,
+        sink: Callable[[bytes], None] | None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._sink = sink
+        self._on_line = on_line
+        self._partial = b""
+        self.closed = False
+        asyncio.get_running_loop().add_reader(fd, self.read)
+
+    def read(self) -> None:
+        while not self.closed:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            if self._sink is not None:
+                self._sink(data)
+            if self._on_line is not None:
+                self._lines(data)
+
+    def _lines(self, data: bytes) -> None:
+        assert self._on_line is not None
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        for line in complete:
+            self._on_line(line.decode(errors="replace"))
+        if len(self._partial) > MAX_LINE:
+            self._partial = b""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
+        if self._on_line is not None and self._partial:
+            self._on_line(self._partial.decode(errors="replace"))
+            self._partial = b""
 
 
 class ProcessHandle:
     """One running attempt.  ``wait`` reaps it; until then its pid (and so its process
-    group id) cannot be reused, which makes ``signal_tree`` safe."""
+    group id) cannot be reused, which makes ``signal_tree`` safe.
+
+    ``progress`` is the latest report (fraction, message) and ``progress_seq`` counts
+    reports, so the scheduler can tell a new one from the one it stored."""
 
     def __init__(self, pid: int, result_path: Path) -> None:
         self.pid = pid
         self._result_path = result_path
         self._reaped = False
+        self.progress: tuple[float | None, str] | None = None
+        self.progress_seq = 0
+        self._pipes: list[_Pipe] = []
+        self._log: _Log | None = None
+        self._command = False
+        self._last_stdout_line: str | None = None
+
+    def _report(self, line: str) -> None:
+        report = parse_line(line)
+        if report is not None:
+            self.progress = report
+            self.progress_seq += 1
+
+    def _stdout_line(self, line: str) -> None:
+        if line.strip():
+            self._last_stdout_line = line
+        self._report(line)
 
     def signal_tree(self, signum: int) -> None:
         if self._reaped:
@@ -54,9 +179,21 @@ class ProcessHandle:
             os.killpg(self.pid, signum)
 
     async def wait(self) -> Outcome:
-        status = await _wait_for_exit(self.pid, self._on_exit)
-        self._reaped = True
-        return _outcome(os.waitstatus_to_exitcode(status), self._result_path)
+        try:
+            status = await _wait_for_exit(self.pid, self._on_exit)
+        finally:
+            self._reaped = True
+            # Whatever is left in the pipes was written before the exit: read it, then
+            # close (a grandchild that escaped the group must not hold the log open).
+            for pipe in self._pipes:
+                pipe.read()
+                pipe.close()
+            if self._log is not None:
+                self._log.close()
+        exit_code = os.waitstatus_to_exitcode(status)
+        if self._command:
+            return _command_outcome(exit_code, self._last_stdout_line)
+        return _outcome(exit_code, self._result_path)
 
     def _on_exit(self) -> None:
         # The leader is a zombie now, not yet reaped: anything it left in its group
@@ -68,38 +205,84 @@ class Runner:
     def __init__(self, python_path: Sequence[Path], environment: Mapping[str, str]) -> None:
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
+        # A program cannot ask for a parent-death signal itself: setpriv does it, then
+        # execs the program (FIELD-NOTES).  Without it the startup rescuer cleans up.
+        self._setpriv = shutil.which("setpriv")
 
     def start(self, spec: LaunchSpec) -> ProcessHandle:
         """Spawn the attempt; call from the event-loop thread (the parent-death signal is
-        tied to the thread that spawned the child)."""
+        tied to the thread that spawned the child, and the pipes are read by its loop)."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
+        (spec.workdir / ARTIFACTS_DIR_NAME).mkdir(exist_ok=True)
         result_path = spec.workdir / RESULT_NAME
         result_path.unlink(missing_ok=True)
-        spec_path = spec.workdir / SPEC_NAME
-        spec_path.write_text(
-            json.dumps(
-                {"function": spec.function, "args": spec.args, "result_path": str(result_path)}
+        env = self._child_environment(spec)
+        if spec.command is None:
+            spec_path = spec.workdir / SPEC_NAME
+            spec_path.write_text(
+                json.dumps(
+                    {"function": spec.function, "args": spec.args, "result_path": str(result_path)}
+                )
             )
-        )
-        log_path = spec.workdir / LOG_NAME
-        with log_path.open("ab") as log:
-            log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            program = sys.executable
+            argv = [sys.executable, "-m", "jobserver.child", str(spec_path)]
+        else:
+            found = shutil.which(spec.command[0])
+            if found is None:
+                raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
+            program, argv = found, [found, *spec.command[1:]]
+            if self._setpriv is not None:
+                program, argv = self._setpriv, [self._setpriv, "--pdeathsig", "KILL", "--", *argv]
+        log = _Log(spec.workdir / LOG_NAME, spec.log_limit)
+        log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
+        # Pipes are created close-on-exec; dup2 into the child's 1, 2 and 3 clears the flag
+        # on those copies only, so nothing else leaks into the job.
+        out_read, out_write = os.pipe2(os.O_CLOEXEC)
+        fds = [out_read, out_write]
+        file_actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_write, 1),
+        ]
+        if spec.command is None:
+            file_actions.append((os.POSIX_SPAWN_DUP2, out_write, 2))
+            progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
+            if progress_write == PROGRESS_FD:
+                # dup2 onto itself would keep close-on-exec: move it out of the way first.
+                moved = os.dup(progress_write)
+                os.close(progress_write)
+                progress_write = moved
+            fds += [progress_read, progress_write]
+            file_actions.append((os.POSIX_SPAWN_DUP2, progress_write, PROGRESS_FD))
+            env[FD_ENV] = str(PROGRESS_FD)
+        else:
+            err_read, err_write = os.pipe2(os.O_CLOEXEC)
+            fds += [err_read, err_write]
+            file_actions.append((os.POSIX_SPAWN_DUP2, err_write, 2))
         try:
-            pid = os.posix_spawn(
-                sys.executable,
-                [sys.executable, "-m", "jobserver.child", str(spec_path)],
-                self._child_environment(spec),
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ],
-                setsid=True,
-            )
-        finally:
-            os.close(log_fd)
-        return ProcessHandle(pid, result_path)
+            pid = os.posix_spawn(program, argv, env, file_actions=file_actions, setsid=True)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            log.close()
+            raise
+        handle = ProcessHandle(pid, result_path)
+        handle._log = log
+        # The server keeps only the read ends.
+        os.close(out_write)
+        if spec.command is None:
+            os.close(progress_write)
+            handle._pipes = [
+                _Pipe(out_read, log.write),
+                _Pipe(progress_read, None, handle._report),
+            ]
+        else:
+            os.close(err_write)
+            handle._command = True
+            handle._pipes = [
+                _Pipe(out_read, log.write, handle._stdout_line),
+                _Pipe(err_read, log.write),
+            ]
+        return handle
 
     def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
         env = dict(self._environment)
@@ -109,6 +292,8 @@ class Runner:
         env[JOB_ID_ENV] = spec.job_id
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
+        env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
+        env.pop(FD_ENV, None)
         return env
 
 
@@ -178,3 +363,55 @@ def _outcome(exit_code: int, result_path: Path) -> Outcome:
             error.get("traceback"),
         ),
     )
+
+
+def _command_outcome(exit_code: int, last_line: str | None) -> Outcome:
+    """Exit 0 is success; the result is the last stdout line if it is JSON, else null."""
+    if exit_code < 0:
+        name = signal_name(-exit_code)
+        return Outcome(
+            signal=-exit_code,
+            error=JobError("Killed", f"killed by signal {-exit_code} ({name})"),
+        )
+    if exit_code != 0:
+        return Outcome(
+            exit_code=exit_code,
+            error=JobError("Exited", f"the command exited with code {exit_code}"),
+        )
+    result = None
+    if last_line is not None:
+        try:
+            result = json.loads(last_line, parse_constant=_no_constant)
+        except ValueError:
+            result = None
+    return Outcome(exit_code=0, result=result)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def list_artifacts(workdir: Path) -> tuple[Artifact, ...]:
+    """The regular files an attempt left in its output directory (top level only;
+    symlinks and directories are not artifacts), with size and sha256.  Blocking: call
+    it in a worker thread."""
+    directory = workdir / ARTIFACTS_DIR_NAME
+    found: list[Artifact] = []
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return ()
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(entry.path, "rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError:
+            continue
+        found.append(Artifact(entry.name, size, digest.hexdigest()))
+    return tuple(found)

@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from jobserver.config import SchedulerSettings, format_size
+from jobserver.config import JobsSettings, SchedulerSettings, format_size
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
-from jobserver.runner import LaunchSpec, ProcessHandle, Runner
+from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
 from jobserver.store import Finish, Store
 from jobserver.tasks import Registry, Task
 
@@ -236,11 +236,17 @@ RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
 
 
-def retry_delay(failures: int, jitter: float) -> float:
-    """Exponential backoff for the n-th failure (1-based): 1 s, 2 s, 4 s … capped at
-    5 min; ``jitter`` in [0, 1) spreads retries of jobs that failed together by up to 20%."""
-    base = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failures - 1))
-    return base * (1 + 0.2 * jitter)
+def retry_delay(
+    failures: int,
+    jitter: float,
+    base: float = RETRY_BASE_SECONDS,
+    cap: float = RETRY_CAP_SECONDS,
+) -> float:
+    """Exponential backoff for the n-th failure (1-based): base, 2 x base, 4 x base …
+    capped at ``cap`` (by default 1 s, 2 s, 4 s … 5 min); ``jitter`` in [0, 1) spreads
+    retries of jobs that failed together by up to 20%."""
+    delay = min(cap, base * 2.0 ** min(failures - 1, 64))
+    return delay * (1 + 0.2 * jitter)
 
 
 @dataclass
@@ -260,6 +266,8 @@ class _Attempt:
     sampled: float = 0.0  # monotonic time of the last usage sample
     stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown"
     kill_at: float | None = None  # monotonic deadline for SIGKILL after SIGTERM
+    progress_stored: int = 0  # the handle's progress_seq last written to the store
+    progress_stored_at: float = float("-inf")  # monotonic
 
 
 class Scheduler:
@@ -279,6 +287,7 @@ class Scheduler:
         settings: SchedulerSettings,
         jobs_dir: Path,
         clock: Callable[[], datetime] = utcnow,
+        jobs_settings: JobsSettings | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -303,6 +312,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tick_lock = asyncio.Lock()
+        self._jobs_settings = jobs_settings or JobsSettings()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -356,6 +366,7 @@ class Scheduler:
         async with self._tick_lock:
             monotonic = time.monotonic()
             self._sample_usage(monotonic)
+            await self._store_progress(monotonic)
             await self._enforce(monotonic)
             if not self._stopping:
                 await self._admit(now, monotonic)
@@ -427,18 +438,25 @@ class Scheduler:
             return
         task = self._registry.get(job.task)
         spec = LaunchSpec(
-            job.id, job.attempts, task.settings.function, job.args, self.job_dir(job.id)
+            job.id,
+            job.attempts,
+            task.settings.function,
+            job.args,
+            self.job_dir(job.id),
+            command=None if task.settings.command is None else task.argv(job.args),
+            log_limit=self._jobs_settings.max_log_size,
         )
         try:
             handle = self._runner.start(spec)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             await self._store.finish(
                 job.id,
                 Finish(JobState.FAILED, error=JobError("SpawnFailed", f"could not start: {exc}")),
                 self._clock(),
             )
             return
-        attempt = _Attempt(job, handle, _request(task), task.settings.timeout, monotonic)
+        timeout = job.timeout if job.timeout is not None else task.settings.timeout
+        attempt = _Attempt(job, handle, _request(task), timeout, monotonic)
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
@@ -464,8 +482,13 @@ class Scheduler:
     async def _record(self, attempt: _Attempt, outcome: Outcome) -> None:
         """Store how the attempt ended: a terminal state, or back to the queue for a retry
         or after a shutdown.  One log line per transition."""
+        await self._store_progress(time.monotonic(), attempt)
+        artifacts = await asyncio.to_thread(list_artifacts, self.job_dir(attempt.job.id))
         job, now = attempt.job, self._clock()
         duration = time.monotonic() - attempt.started
+        task = self._registry.get(job.task) if job.task in self._registry else None
+        timed_out = attempt.stop_reason == "timeout"
+        retry_allowed = not timed_out or (task is not None and task.settings.retry_on_timeout)
 
         def finish(state: JobState, **fields: Any) -> Finish:
             return Finish(
@@ -473,6 +496,7 @@ class Scheduler:
                 exit_code=outcome.exit_code,
                 peak_rss=attempt.peak_rss or None,
                 cpu_seconds=attempt.cpu_seconds or None,
+                artifacts=artifacts,
                 **fields,
             )
 
@@ -484,12 +508,17 @@ class Scheduler:
             await self._store.finish(job.id, finish(target, result=outcome.result), now)
         elif attempt.stop_reason == "shutdown":
             target, reason = JobState.QUEUED, "requeued: the server shut down while it ran"
-            await self._store.requeue(job.id, reason=reason)
+            await self._store.requeue(job.id, reason=reason, now=now, exit_code=outcome.exit_code)
         elif attempt.stop_reason == "cancel":
             target, reason = JobState.CANCELLED, "cancelled by request while running"
             await self._store.finish(job.id, finish(target, reason=reason), now)
-        elif job.failures < job.max_retries:
-            delay = retry_delay(job.failures + 1, random.random())
+        elif job.failures < job.max_retries and retry_allowed:
+            base = self._jobs_settings.retry_base
+            cap = self._jobs_settings.retry_cap
+            if task is not None:
+                base = task.settings.retry_base or base
+                cap = task.settings.retry_cap or cap
+            delay = retry_delay(job.failures + 1, random.random(), base, cap)
             target = JobState.QUEUED
             reason = (
                 f"attempt {job.attempts} failed ({error.message}); "
@@ -501,6 +530,8 @@ class Scheduler:
                 run_after=now + timedelta(seconds=delay),
                 error=error,
                 failed=True,
+                now=now,
+                exit_code=outcome.exit_code,
             )
         else:
             target, reason = JobState.FAILED, error.message
@@ -514,6 +545,20 @@ class Scheduler:
             f": {reason}" if reason else "",
         )
 
+    async def _store_progress(self, monotonic: float, only: _Attempt | None = None) -> None:
+        """Write each running job's newest progress report, at most once per
+        ``progress_interval`` per job (``only``: that job's, now, before it finishes)."""
+        interval = self._jobs_settings.progress_interval
+        for attempt in [only] if only is not None else list(self._running.values()):
+            handle = attempt.handle
+            if handle.progress is None or handle.progress_seq == attempt.progress_stored:
+                continue
+            if only is None and monotonic - attempt.progress_stored_at < interval:
+                continue
+            fraction, message = handle.progress
+            attempt.progress_stored, attempt.progress_stored_at = handle.progress_seq, monotonic
+            await self._store.set_progress(attempt.job.id, fraction, message, self._clock())
+
     # -- what the API shows ------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
@@ -524,7 +569,10 @@ class Scheduler:
         if job.state is not JobState.QUEUED:
             return None
         if job.run_after is not None and job.run_after > now:
-            return f"scheduled for {format_timestamp(job.run_after)}: {job.reason or 'retry'}"
+            because = f": {job.reason}" if job.reason else ""
+            return f"scheduled for {format_timestamp(job.run_after)}{because}"
+        if job.waiting_on:
+            return ", ".join(f"waiting for {dep} ({state})" for dep, state in job.waiting_on)
         reason = self._waiting.get(job.id)
         if reason is not None:
             return reason

@@ -19,8 +19,9 @@ from starlette.applications import Starlette
 
 from jobserver.api import create_app
 from jobserver.config import Settings
+from jobserver.errors import ConfigError, ValidationError
 from jobserver.jobs import utcnow
-from jobserver.maintenance import rescue_interrupted
+from jobserver.maintenance import CronJob, CronService, Pruner, rescue_interrupted
 from jobserver.resources import MachineProbe, Probe
 from jobserver.runner import Runner
 from jobserver.scheduler import Scheduler
@@ -35,6 +36,8 @@ class Application:
     app: Starlette
     store: Store
     scheduler: Scheduler
+    pruner: Pruner | None = None
+    cron: CronService | None = None
 
 
 def build(
@@ -50,7 +53,10 @@ def build(
         registry=registry,
         settings=settings.scheduler,
         jobs_dir=settings.server.jobs_dir,
+        jobs_settings=settings.jobs,
     )
+    pruner = build_pruner(settings, store)
+    cron = CronService(store, cron_jobs(settings, registry), scheduler.wake)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -58,9 +64,13 @@ def build(
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
         await scheduler.start()
+        await pruner.start()
+        await cron.start()
         try:
             yield
         finally:
+            await cron.stop()
+            await pruner.stop()
             await scheduler.stop()
             await store.close()
 
@@ -70,8 +80,49 @@ def build(
         scheduler=scheduler,
         max_body_size=settings.server.max_body_size,
         lifespan=lifespan,
+        jobs_dir=settings.server.jobs_dir,
+        max_retries_limit=settings.jobs.max_retries_limit,
+        idempotency_window=settings.jobs.idempotency_window,
     )
-    return Application(app, store, scheduler)
+    return Application(app, store, scheduler, pruner, cron)
+
+
+def build_pruner(settings: Settings, store: Store) -> Pruner:
+    """The pruner for these settings (the server runs it; ``jobserver prune`` too)."""
+    return Pruner(
+        store,
+        settings.server.jobs_dir,
+        settings.jobs.retention,
+        {name: t.retention for name, t in settings.tasks.items() if t.retention is not None},
+        interval=settings.jobs.prune_interval,
+        idempotency_window=settings.jobs.idempotency_window,
+    )
+
+
+def cron_jobs(settings: Settings, registry: Registry) -> dict[str, CronJob]:
+    """The configured schedules, their args checked against their task now, at start."""
+    found = {}
+    for name, schedule in settings.schedules.items():
+        task = registry.get(schedule.task)
+        try:
+            task.validate(dict(schedule.args))
+        except ValidationError as exc:
+            problems = "; ".join(f"{d['field']}: {d['message']}" for d in exc.details or [])
+            raise ConfigError(
+                f"{settings.path}: schedules.{name}.args do not fit task {task.name!r}: {problems}",
+                {"file": str(settings.path), "key": f"schedules.{name}.args"},
+            ) from None
+        found[name] = CronJob(
+            name=name,
+            task=schedule.task,
+            cron=schedule.cron,
+            args=dict(schedule.args),
+            timezone=schedule.timezone,
+            catch_up=schedule.catch_up,
+            priority=schedule.priority,
+            max_retries=task.settings.max_retries,
+        )
+    return found
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> int:

@@ -12,18 +12,24 @@ FIELD-NOTES: a deferred transaction that reads then writes fails with SQLITE_BUS
 whatever the busy timeout); reads use a small pool of their own, which WAL lets run
 beside the writer.  SQLite-only statements (pragmas, the file lock) are in the section
 marked "SQLite specifics".
+
+Beside ``jobs``: ``attempts`` (one row per start of a job's process, written in the
+transaction of the job's transition), ``dependencies`` (read by the queue head query, so
+a job whose dependencies have not all succeeded is never admitted), ``schedules`` (the
+last cron slot fired) and ``idempotency_keys``.  Deleting a job cascades to all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,15 +40,27 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from jobserver.errors import NotFound, ServerLocked, StorageUnavailable
+from jobserver.errors import (
+    Conflict,
+    InvalidTransition,
+    NotFound,
+    ServerLocked,
+    StorageUnavailable,
+    ValidationError,
+)
 from jobserver.jobs import (
     TERMINAL_STATES,
+    Artifact,
+    Attempt,
     Job,
     JobError,
     JobState,
+    Progress,
+    check_retry,
     check_transition,
     format_timestamp,
     parse_timestamp,
+    utcnow,
 )
 
 log = logging.getLogger("jobserver.store")
@@ -93,6 +111,62 @@ sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
 
+# --- lifecycle (issue 4): migration 0002 -----------------------------------------------
+# New columns of ``jobs`` are appended by 0002 (SQLite adds columns at the end).
+jobs.append_column(sa.Column("timeout", sa.Float))
+jobs.append_column(sa.Column("progress_fraction", sa.Float))
+jobs.append_column(sa.Column("progress_message", sa.Text))
+jobs.append_column(sa.Column("progress_updated_at", sa.Text))
+jobs.append_column(sa.Column("artifacts", sa.Text))
+sa.Index("ix_jobs_finished_at", jobs.c.finished_at)
+
+# One row per start of a job's process, written in the same transaction as the job's
+# transition (claim inserts it; finish/requeue closes it).
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("started_at", sa.Text, nullable=False),
+    sa.Column("finished_at", sa.Text),
+    sa.Column("outcome", sa.Text),
+    sa.Column("error_type", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("exit_code", sa.Integer),
+)
+
+# job_id waits until depends_on has succeeded.
+dependencies = sa.Table(
+    "dependencies",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "depends_on", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+)
+sa.Index("ix_dependencies_depends_on", dependencies.c.depends_on)
+
+# The last cron slot each schedule fired, so a restart never fires a slot twice.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("last_slot", sa.Text, nullable=False),
+    sa.Column("last_job_id", sa.Text),
+)
+
+# Idempotency-Key → the job its first submit created, per client scope.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("scope", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("body_hash", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+)
+sa.Index("ix_idempotency_keys_created_at", idempotency_keys.c.created_at)
+
 MAX_PAGE = 1000
 
 
@@ -102,11 +176,24 @@ def dump_json(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class IdempotencyKey:
+    scope: str  # the client ("anonymous" until there is authentication)
+    key: str
+    body_hash: str
+    window: float  # seconds a key is remembered
+
+
+@dataclass(frozen=True)
 class NewJob:
     task: str
     args: dict[str, Any]
     priority: int
     max_retries: int
+    # --- lifecycle (issue 4) ---
+    timeout: float | None = None
+    run_after: datetime | None = None
+    depends_on: tuple[str, ...] = ()
+    idempotency: IdempotencyKey | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +207,7 @@ class Finish:
     exit_code: int | None = None
     peak_rss: int | None = None
     cpu_seconds: float | None = None
+    artifacts: tuple[Artifact, ...] | None = None
 
 
 class Store:
@@ -165,9 +253,9 @@ class Store:
     async def get(self, job_id: str) -> Job:
         async with self._read() as conn:
             row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
-        if row is None:
-            raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
-        return _job_from_row(row)
+            if row is None:
+                raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
+            return (await _with_extras(conn, [_job_from_row(row)]))[0]
 
     async def page(
         self,
@@ -188,7 +276,7 @@ class Store:
             query = query.where(jobs.c.id < before)
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-        return [_job_from_row(row) for row in rows]
+            return await _with_extras(conn, [_job_from_row(row) for row in rows])
 
     async def queue_head(self, limit: int, now: datetime) -> list[Job]:
         """Queued jobs that may start now, highest priority first, then oldest."""
@@ -225,23 +313,14 @@ class Store:
 
     async def insert(self, new: NewJob, job_id: str, now: datetime) -> Job:
         """Commit a queued job; when this returns, the row is durable."""
-        values = {
-            "id": job_id,
-            "task": new.task,
-            "args": dump_json(new.args),
-            "state": JobState.QUEUED.value,
-            "priority": new.priority,
-            "created_at": format_timestamp(now),
-            "max_retries": new.max_retries,
-        }
-        async with self._write() as conn:
-            row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
-        return _job_from_row(row)
+        job, _ = await self.submit(new, job_id, now)
+        return job
 
     async def claim(self, job_id: str, now: datetime) -> Job | None:
-        """queued → running, counting an attempt; None if the job is no longer queued."""
+        """queued → running, counting an attempt (and opening its ``attempts`` row); None if
+        the job is no longer queued."""
         async with self._write() as conn:
-            return await self._set_state(
+            job = await self._set_state(
                 conn,
                 job_id,
                 JobState.QUEUED,
@@ -254,7 +333,17 @@ class Store:
                 error_type=None,
                 error=None,
                 traceback=None,
+                progress_fraction=None,
+                progress_message=None,
+                progress_updated_at=None,
             )
+            if job is not None:
+                await conn.execute(
+                    attempts.insert().values(
+                        job_id=job_id, attempt=job.attempts, started_at=format_timestamp(now)
+                    )
+                )
+            return job
 
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:
         async with self._write() as conn:
@@ -265,9 +354,13 @@ class Store:
             )
 
     async def finish(self, job_id: str, finish: Finish, now: datetime) -> Job | None:
-        """running → a terminal state; None if the job was not running."""
+        """running → a terminal state; None if the job was not running.  The attempt's row
+        is closed, and a failure or cancel cancels the jobs that depend on this one."""
+        extra: dict[str, Any] = {}
+        if finish.artifacts is not None:
+            extra["artifacts"] = dump_json([a.__dict__ for a in finish.artifacts])
         async with self._write() as conn:
-            return await self._set_state(
+            job = await self._set_state(
                 conn,
                 job_id,
                 JobState.RUNNING,
@@ -283,7 +376,12 @@ class Store:
                 cpu_seconds=finish.cpu_seconds,
                 failures=jobs.c.failures + (1 if finish.state is JobState.FAILED else 0),
                 pid=None,
+                **extra,
             )
+            if job is not None:
+                await _close_attempt(conn, job, finish.state.value, finish.error, now)
+                await _cascade(conn, job, now)
+            return job
 
     async def requeue(
         self,
@@ -294,6 +392,8 @@ class Store:
         error: JobError | None = None,
         failed: bool = False,
         rescued: bool = False,
+        now: datetime | None = None,
+        exit_code: int | None = None,
     ) -> Job | None:
         """running → queued: a retry after the task failed (``failed`` counts toward
         ``max_retries``), a rescue after the server died (``rescued`` counts toward
@@ -312,12 +412,16 @@ class Store:
         if failed:
             values["failures"] = jobs.c.failures + 1
         async with self._write() as conn:
-            return await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
+            job = await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
+            if job is not None:
+                outcome = "retrying" if failed else "interrupted"
+                await _close_attempt(conn, job, outcome, error, now or utcnow(), exit_code)
+            return job
 
     async def fail_unstarted(self, job_id: str, error: JobError, now: datetime) -> Job | None:
         """queued → failed without running (e.g. a job rescued too often: ``lost``)."""
         async with self._write() as conn:
-            return await self._set_state(
+            job = await self._set_state(
                 conn,
                 job_id,
                 JobState.QUEUED,
@@ -328,6 +432,9 @@ class Store:
                 traceback=None,
                 reason=error.type,
             )
+            if job is not None:
+                await _cascade(conn, job, now)
+            return job
 
     async def request_cancel(self, job_id: str, now: datetime) -> Job:
         """A queued job is cancelled at once; a running one is flagged for the scheduler,
@@ -345,6 +452,7 @@ class Store:
                     reason="cancelled by request before it started",
                 )
                 assert cancelled is not None  # the write lock is held since the read
+                await _cascade(conn, cancelled, now)
                 return cancelled
             if job.cancel_requested:
                 return job
@@ -383,13 +491,399 @@ class Store:
         ).first()
         return None if row is None else _job_from_row(row)
 
+    # -- lifecycle (issue 4) -------------------------------------------------------
+
+    async def submit(self, new: NewJob, job_id: str, now: datetime) -> tuple[Job, bool]:
+        """Insert a queued job with its dependencies and idempotency key, in one
+        transaction.  Returns (job, created): with a known key and the same body, the
+        original job and False.  Unknown dependencies raise ValidationError, a key reused
+        with another body raises Conflict; either way nothing is stored."""
+        async with self._write() as conn:
+            key = new.idempotency
+            if key is not None:
+                found = (
+                    await conn.execute(
+                        sa.select(idempotency_keys).where(
+                            idempotency_keys.c.scope == key.scope,
+                            idempotency_keys.c.key == key.key,
+                        )
+                    )
+                ).first()
+                cutoff = format_timestamp(now - timedelta(seconds=key.window))
+                if found is not None and found.created_at < cutoff:
+                    await conn.execute(
+                        idempotency_keys.delete().where(
+                            idempotency_keys.c.scope == key.scope,
+                            idempotency_keys.c.key == key.key,
+                        )
+                    )
+                    found = None
+                if found is not None:
+                    if found.body_hash != key.body_hash:
+                        raise Conflict(
+                            f"Idempotency-Key {key.key!r} was used for a different request "
+                            f"(job {found.job_id}); use a new key for a new job",
+                            {"key": key.key, "job_id": found.job_id},
+                        )
+                    original = await self._locked_get(conn, found.job_id)
+                    return (await _with_extras(conn, [original]))[0], False
+            if new.depends_on:
+                known = set(
+                    (
+                        await conn.execute(
+                            sa.select(jobs.c.id).where(jobs.c.id.in_(new.depends_on))
+                        )
+                    ).scalars()
+                )
+                missing = [dep for dep in new.depends_on if dep not in known]
+                if missing:
+                    raise ValidationError(
+                        "depends_on names jobs that do not exist",
+                        [
+                            {"field": "depends_on", "message": f"no job with id {dep!r}"}
+                            for dep in missing
+                        ],
+                    )
+            values = _new_job_values(new, job_id, now)
+            row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
+            if new.depends_on:
+                await conn.execute(
+                    dependencies.insert(),
+                    [{"job_id": job_id, "depends_on": dep} for dep in new.depends_on],
+                )
+            if key is not None:
+                await conn.execute(
+                    idempotency_keys.insert().values(
+                        scope=key.scope,
+                        key=key.key,
+                        body_hash=key.body_hash,
+                        job_id=job_id,
+                        created_at=format_timestamp(now),
+                    )
+                )
+            job = _job_from_row(row)
+            # A dependency may already have failed: the new job is cancelled at once.
+            await _cascade_new(conn, job, now)
+            found_job = await self._locked_get(conn, job_id)
+            return (await _with_extras(conn, [found_job]))[0], True
+
+    async def retry(self, job_id: str, now: datetime) -> Job:
+        """failed/cancelled → queued as a new attempt (a client's explicit retry).  The
+        automatic retry budget starts again; ``attempts`` and the history keep counting."""
+        async with self._write() as conn:
+            job = (await _with_extras(conn, [await self._locked_get(conn, job_id)]))[0]
+            check_retry(job.state, job_id)
+            failed_deps = [
+                (dep, state)
+                for dep, state in job.waiting_on
+                if state in (JobState.FAILED.value, JobState.CANCELLED.value)
+            ]
+            if failed_deps:
+                dep, state = failed_deps[0]
+                raise InvalidTransition(
+                    f"job {job_id} depends on {dep}, which is {state}; retry {dep} first",
+                    {"id": job_id, "depends_on": dep, "state": state},
+                )
+            row = (
+                await conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == job.state.value)
+                    .values(
+                        state=JobState.QUEUED.value,
+                        finished_at=None,
+                        result=None,
+                        error_type=None,
+                        error=None,
+                        traceback=None,
+                        exit_code=None,
+                        cancel_requested_at=None,
+                        run_after=None,
+                        failures=0,
+                        reason=f"retried by request (was {job.state.value})",
+                    )
+                    .returning(jobs)
+                )
+            ).one()
+            return (await _with_extras(conn, [_job_from_row(row)]))[0]
+
+    async def set_progress(
+        self, job_id: str, fraction: float | None, message: str, now: datetime
+    ) -> bool:
+        """Record a running job's latest progress (the one place progress is stored, so
+        notifications can hook here).  False if the job is not running any more."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
+                .values(
+                    progress_fraction=fraction,
+                    progress_message=message,
+                    progress_updated_at=format_timestamp(now),
+                )
+            )
+        return bool(result.rowcount)
+
+    async def prunable(
+        self, now: datetime, default: float, per_task: dict[str, float], limit: int = 500
+    ) -> list[str]:
+        """Ids of finished jobs older than their retention (queued/running never)."""
+        terminal = [state.value for state in TERMINAL_STATES]
+        found: list[str] = []
+        async with self._read() as conn:
+            for task, seconds in per_task.items():
+                query = (
+                    sa.select(jobs.c.id)
+                    .where(jobs.c.state.in_(terminal), jobs.c.task == task)
+                    .where(jobs.c.finished_at < format_timestamp(now - timedelta(seconds=seconds)))
+                    .limit(limit)
+                )
+                found += list((await conn.execute(query)).scalars())
+            query = (
+                sa.select(jobs.c.id)
+                .where(jobs.c.state.in_(terminal), jobs.c.task.not_in(list(per_task)))
+                .where(jobs.c.finished_at < format_timestamp(now - timedelta(seconds=default)))
+                .limit(limit)
+            )
+            found += list((await conn.execute(query)).scalars())
+        return found
+
+    async def delete_finished(self, job_ids: list[str]) -> list[str]:
+        """Delete these jobs if they are still finished (with their attempts, dependency
+        rows and idempotency keys, by cascade); returns the ids deleted."""
+        if not job_ids:
+            return []
+        terminal = [state.value for state in TERMINAL_STATES]
+        async with self._write() as conn:
+            rows = await conn.execute(
+                jobs.delete()
+                .where(jobs.c.id.in_(job_ids), jobs.c.state.in_(terminal))
+                .returning(jobs.c.id)
+            )
+            return list(rows.scalars())
+
+    async def forget_idempotency_keys(self, before: datetime) -> int:
+        async with self._write() as conn:
+            result = await conn.execute(
+                idempotency_keys.delete().where(
+                    idempotency_keys.c.created_at < format_timestamp(before)
+                )
+            )
+        return int(result.rowcount)
+
+    async def schedule_slots(self) -> dict[str, datetime]:
+        """The last slot each schedule fired."""
+        async with self._read() as conn:
+            rows = (await conn.execute(sa.select(schedules.c.name, schedules.c.last_slot))).all()
+        return {name: parse_timestamp(slot) for name, slot in rows}
+
+    async def fire_schedule(
+        self,
+        name: str,
+        previous: datetime | None,
+        slot: datetime,
+        new: NewJob | None,
+        job_id: str,
+        now: datetime,
+    ) -> Job | None:
+        """Advance schedule ``name`` from ``previous`` to ``slot`` and (if ``new``) insert
+        its job, in one transaction: a slot fires at most once, even across restarts or two
+        servers.  None if another writer advanced the slot first, or nothing was inserted."""
+        slot_text = format_timestamp(slot)
+        async with self._write() as conn:
+            if previous is None:
+                result = await conn.execute(
+                    sa.text(
+                        "INSERT INTO schedules (name, last_slot, last_job_id) "
+                        "VALUES (:name, :slot, :job) ON CONFLICT (name) DO NOTHING"
+                    ),
+                    {"name": name, "slot": slot_text, "job": job_id if new else None},
+                )
+            else:
+                result = await conn.execute(
+                    schedules.update()
+                    .where(
+                        schedules.c.name == name,
+                        schedules.c.last_slot == format_timestamp(previous),
+                    )
+                    .values(last_slot=slot_text, last_job_id=job_id if new else None)
+                )
+            if not result.rowcount or new is None:
+                return None
+            values = _new_job_values(new, job_id, now)
+            values["reason"] = f"scheduled by {name} for {slot_text}"
+            row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
+            return _job_from_row(row)
+
+
+def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "task": new.task,
+        "args": dump_json(new.args),
+        "state": JobState.QUEUED.value,
+        "priority": new.priority,
+        "created_at": format_timestamp(now),
+        "max_retries": new.max_retries,
+        "timeout": new.timeout,
+        "run_after": None if new.run_after is None else format_timestamp(new.run_after),
+    }
+
+
+async def _with_extras(conn: AsyncConnection, found: list[Job]) -> list[Job]:
+    """Jobs with their history, their dependencies and the unfinished ones' states."""
+    if not found:
+        return found
+    ids = [job.id for job in found]
+    history: dict[str, list[Attempt]] = {}
+    for row in (
+        await conn.execute(
+            sa.select(attempts)
+            .where(attempts.c.job_id.in_(ids))
+            .order_by(attempts.c.job_id, attempts.c.attempt)
+        )
+    ).all():
+        history.setdefault(row.job_id, []).append(
+            Attempt(
+                attempt=row.attempt,
+                started_at=parse_timestamp(row.started_at),
+                finished_at=_maybe_time(row.finished_at),
+                outcome=row.outcome,
+                error_type=row.error_type,
+                error=row.error,
+                exit_code=row.exit_code,
+            )
+        )
+    parent = jobs.alias("parent")
+    deps: dict[str, list[tuple[str, str]]] = {}
+    for row in (
+        await conn.execute(
+            sa.select(dependencies.c.job_id, dependencies.c.depends_on, parent.c.state)
+            .join(parent, parent.c.id == dependencies.c.depends_on)
+            .where(dependencies.c.job_id.in_(ids))
+            .order_by(dependencies.c.job_id, dependencies.c.depends_on)
+        )
+    ).all():
+        deps.setdefault(row.job_id, []).append((row.depends_on, row.state))
+    return [
+        dataclasses.replace(
+            job,
+            history=tuple(history.get(job.id, ())),
+            depends_on=tuple(dep for dep, _ in deps.get(job.id, ())),
+            waiting_on=tuple(
+                (dep, state)
+                for dep, state in deps.get(job.id, ())
+                if state != JobState.SUCCEEDED.value
+            ),
+        )
+        for job in found
+    ]
+
+
+async def _close_attempt(
+    conn: AsyncConnection,
+    job: Job,
+    outcome: str,
+    error: JobError | None,
+    now: datetime,
+    exit_code: int | None = None,
+) -> None:
+    await conn.execute(
+        attempts.update()
+        .where(
+            attempts.c.job_id == job.id,
+            attempts.c.attempt == job.attempts,
+            attempts.c.finished_at.is_(None),
+        )
+        .values(
+            finished_at=format_timestamp(now),
+            outcome=outcome,
+            error_type=error.type if error else None,
+            error=error.message if error else None,
+            exit_code=job.exit_code if exit_code is None else exit_code,
+        )
+    )
+
+
+async def _cascade(conn: AsyncConnection, job: Job, now: datetime) -> None:
+    """A failed or cancelled job cancels every queued job that (transitively) depends on
+    it, in the caller's transaction."""
+    if job.state not in (JobState.FAILED, JobState.CANCELLED):
+        return
+    pending = [(job.id, job.state.value)]
+    while pending:
+        cause, cause_state = pending.pop()
+        dependents = (
+            await conn.execute(
+                sa.select(jobs.c.id)
+                .join(dependencies, dependencies.c.job_id == jobs.c.id)
+                .where(
+                    dependencies.c.depends_on == cause,
+                    jobs.c.state == JobState.QUEUED.value,
+                )
+            )
+        ).scalars()
+        for dependent in list(dependents):
+            check_transition(JobState.QUEUED, JobState.CANCELLED, dependent)
+            reason = f"dependency {cause} {cause_state}"
+            await conn.execute(
+                jobs.update()
+                .where(jobs.c.id == dependent, jobs.c.state == JobState.QUEUED.value)
+                .values(
+                    state=JobState.CANCELLED.value,
+                    finished_at=format_timestamp(now),
+                    reason=reason,
+                    error_type="DependencyFailed",
+                    error=reason,
+                )
+            )
+            pending.append((dependent, JobState.CANCELLED.value))
+            log.info("job %s: queued -> cancelled: %s", dependent, reason)
+
+
+async def _cascade_new(conn: AsyncConnection, job: Job, now: datetime) -> None:
+    """Cancel a just-inserted job at once if one of its dependencies already failed."""
+    parent = jobs.alias("parent")
+    row = (
+        await conn.execute(
+            sa.select(parent.c.id, parent.c.state)
+            .join(dependencies, dependencies.c.depends_on == parent.c.id)
+            .where(
+                dependencies.c.job_id == job.id,
+                parent.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
+            )
+            .limit(1)
+        )
+    ).first()
+    if row is not None:
+        reason = f"dependency {row.id} {row.state}"
+        await conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job.id)
+            .values(
+                state=JobState.CANCELLED.value,
+                finished_at=format_timestamp(now),
+                reason=reason,
+                error_type="DependencyFailed",
+                error=reason,
+            )
+        )
+
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
     """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
+    parent = jobs.alias("parent")
+    unfinished_dependency = (
+        sa.select(dependencies.c.job_id)
+        .join(parent, parent.c.id == dependencies.c.depends_on)
+        .where(dependencies.c.job_id == jobs.c.id)
+        .where(parent.c.state != JobState.SUCCEEDED.value)
+    )
     return (
         sa.select(jobs)
         .where(jobs.c.state == JobState.QUEUED.value)
         .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= format_timestamp(now)))
+        # A job waits until every job it depends on has succeeded.
+        .where(~unfinished_dependency.exists())
         .order_by(jobs.c.priority.desc(), jobs.c.id)
         .limit(limit)
     )
@@ -431,6 +925,25 @@ def _job_from_row(row: Row[Any]) -> Job:
         exit_code=m["exit_code"],
         peak_rss=m["peak_rss"],
         cpu_seconds=m["cpu_seconds"],
+        timeout=m["timeout"],
+        progress=None
+        if m["progress_updated_at"] is None
+        else Progress(
+            m["progress_fraction"],
+            m["progress_message"] or "",
+            parse_timestamp(m["progress_updated_at"]),
+        ),
+        artifacts=tuple(Artifact(**item) for item in json.loads(m["artifacts"] or "[]")),
+    )
+
+
+def _progress_from(m: Any) -> Progress | None:
+    if m["progress_updated_at"] is None:
+        return None
+    return Progress(
+        m["progress_fraction"],
+        m["progress_message"] or "",
+        parse_timestamp(m["progress_updated_at"]),
     )
 
 

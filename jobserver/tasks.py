@@ -9,6 +9,11 @@ Supported annotations (anything else is a ``ConfigError`` at load time): ``str``
 ``dict``/``dict[str, T]``, unions and ``Optional``, ``Literal`` of str/int/bool, and ``Any``
 or no annotation (any JSON value).  JSON types are strict: ``"3"`` is not an int, ``true`` is
 not an int, and a float must be finite.
+
+A command task (``command = [...]`` instead of ``function``) takes the typed ``params`` of
+its config table, all required; ``Task.argv`` fills each ``{placeholder}`` with one value,
+so a value is always exactly one argument (no shell, no splitting).  A str value may not
+start with "-" unless the param is in ``allow_leading_dash`` (it would read as an option).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,15 +79,55 @@ class Task:
             if key not in known:
                 message = f"unexpected argument; this task takes: {takes}"
                 details.append({"field": str(key), "message": message})
+        if self.settings.command is not None:
+            details += self._command_problems(args)
         if details:
             raise ValidationError(f"invalid arguments for task {self.name!r}", details)
         return dict(args)
+
+    def _command_problems(self, args: dict[str, Any]) -> list[dict[str, str]]:
+        problems = []
+        for name, value in args.items():
+            if not isinstance(value, str):
+                continue
+            if "\x00" in value:
+                problems.append({"field": name, "message": "a NUL character cannot be passed"})
+            elif value.startswith("-") and name not in self.settings.allow_leading_dash:
+                problems.append(
+                    {
+                        "field": name,
+                        "message": "a value starting with '-' would read as an option; "
+                        "add this param to allow_leading_dash if the program expects it",
+                    }
+                )
+        return problems
+
+    def argv(self, args: Mapping[str, Any]) -> tuple[str, ...]:
+        """A command task's arguments: each placeholder replaced by its value's text; a
+        value never splits into, or merges with, another argument."""
+        assert self.settings.command is not None
+
+        missing = [p.name for p in self.params if p.name not in args]
+        if missing:  # stored before the config changed: refuse rather than pass "{x}"
+            raise ValueError(f"task {self.name!r} has no value for {', '.join(missing)}")
+
+        def text(value: Any) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            return str(value)
+
+        return tuple(
+            _PLACEHOLDER.sub(lambda match: text(args[match.group(1)]), part)
+            for part in self.settings.command
+        )
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {
             "name": self.name,
-            "function": s.function,
+            "kind": "function" if s.command is None else "command",
+            "function": s.function or None,
+            "command": None if s.command is None else list(s.command),
             "params": [
                 {"name": p.name, "type": p.type, "required": p.required, "default": p.default}
                 for p in self.params
@@ -90,6 +136,8 @@ class Task:
             "max_retries": s.max_retries,
             "timeout": s.timeout,
             "route": s.route,
+            "retry_on_timeout": s.retry_on_timeout,
+            "retention": s.retention,
         }
 
 
@@ -145,7 +193,17 @@ class Registry:
 # --- loading -------------------------------------------------------------------------------
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_COMMAND_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
 def _load_task(name: str, settings: TaskSettings, task_paths: Sequence[Path]) -> Task:
+    if settings.command is not None:
+        params = tuple(
+            Param(param, kind, True, None, annotation=_COMMAND_TYPES[kind])
+            for param, kind in settings.params.items()
+        )
+        return Task(name, settings, params)
     function = settings.function
 
     def fail(reason: str, **extra: Any) -> ConfigError:

@@ -39,6 +39,54 @@ SAMPLE_TASKS = {
     "ignore_sigterm": {"function": "sample_tasks:ignore_sigterm", "cpus": 0.1, "memory": "16MiB"},
     "wait_for_file": {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "16MiB"},
     "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "8GiB"},
+    # --- lifecycle (issue 4) ---
+    "report": {"function": "sample_tasks:report", "cpus": 0.1, "memory": "16MiB"},
+    "make_files": {"function": "sample_tasks:make_files", "cpus": 0.1, "memory": "16MiB"},
+    "chatty": {"function": "sample_tasks:chatty", "cpus": 0.1, "memory": "16MiB"},
+    "slow_retry": {
+        "function": "sample_tasks:sleep",
+        "cpus": 0.1,
+        "memory": "16MiB",
+        "timeout": "300ms",
+        "max_retries": 1,
+        "retry_on_timeout": True,
+    },
+    "argv": {
+        "command": [sys.executable, str(TESTS_DIR / "argv_tool.py"), "{src}", "-n", "{n}"],
+        "params": {"src": "str", "n": "int"},
+        "cpus": 0.1,
+        "memory": "16MiB",
+    },
+    "dash_ok": {
+        "command": [sys.executable, str(TESTS_DIR / "argv_tool.py"), "{offset}"],
+        "params": {"offset": "str"},
+        "allow_leading_dash": ["offset"],
+        "cpus": 0.1,
+        "memory": "16MiB",
+    },
+    "cmd_sleep": {
+        "command": [
+            sys.executable,
+            "-c",
+            "import sys, time; time.sleep(float(sys.argv[1]))",
+            "{s}",
+        ],
+        "params": {"s": "float"},
+        "cpus": 0.1,
+        "memory": "16MiB",
+    },
+    "cmd_missing": {"command": ["jobserver-no-such-program-x"], "cpus": 0.1, "memory": "16MiB"},
+    "cmd_exit": {
+        "command": [
+            sys.executable,
+            "-c",
+            "import sys; print('bye'); sys.exit(int(sys.argv[1]))",
+            "{code}",
+        ],
+        "params": {"code": "int"},
+        "cpus": 0.1,
+        "memory": "16MiB",
+    },
     "analysis": {
         "function": "jobserver.demo:run_long_analysis",
         "cpus": 0.1,
@@ -55,6 +103,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -64,6 +114,8 @@ def write_config(
     server: dict[str, Any] | None = None,
     scheduler: dict[str, Any] | None = None,
     tasks: dict[str, dict[str, Any]] | None = None,
+    jobs: dict[str, Any] | None = None,
+    schedules: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     lines = [f"task_paths = {_toml_value([str(TESTS_DIR)])}", "", "[server]"]
     server_values = {"log_level": "warning", "access_log": False, **(server or {})}
@@ -79,6 +131,12 @@ def write_config(
     lines += [f"{key} = {_toml_value(value)}" for key, value in scheduler_values.items()]
     for name, table in (SAMPLE_TASKS if tasks is None else tasks).items():
         lines += ["", f"[tasks.{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    if jobs:
+        lines += ["", "[jobs]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in jobs.items()]
+    for name, table in (schedules or {}).items():
+        lines += ["", f"[schedules.{name}]"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
     path = directory / "config.toml"
     path.write_text("\n".join(lines) + "\n")

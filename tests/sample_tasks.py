@@ -76,3 +76,36 @@ def wait_for_file(path: str, timeout: float = 60) -> str:
             raise TimeoutError(path)
         time.sleep(0.02)
     return Path(path).read_text()
+
+
+# --- lifecycle (issue 4) ---
+
+
+def report(gate: str, steps: int = 3) -> str:
+    """Reports progress, then waits for ``gate`` to exist (the test reads progress while
+    the job runs)."""
+    from jobserver import progress
+
+    for step in range(steps):
+        progress((step + 1) / steps, f"step {step + 1} of {steps}")
+        time.sleep(0.06)  # above the child's rate limit, so every step is sent
+    print("all reported", flush=True)
+    wait_for_file(gate)
+    return "reported"
+
+
+def make_files(names: list[str], link_to: str | None = None) -> int:
+    """Leaves one file per name in the output directory (content: the name), and
+    optionally a symlink ``link`` pointing at ``link_to``."""
+    directory = Path(os.environ["JOBSERVER_OUTPUT_DIR"])
+    for name in names:
+        (directory / name).write_text(f"content of {name}")
+    if link_to is not None:
+        (directory / "link").symlink_to(link_to)
+    return len(names)
+
+
+def chatty(lines: int, width: int = 100) -> int:
+    for number in range(lines):
+        print(f"{number:08d} " + "x" * width)
+    return lines

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobserver.config import (
+    JobsSettings,
     SchedulerSettings,
     ServerSettings,
     Settings,
@@ -174,7 +175,7 @@ def test_shipped_config_loads() -> None:
 
 def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text(encoding="utf-8")
-    for cls in (Settings, ServerSettings, SchedulerSettings, TaskSettings):
+    for cls in (Settings, ServerSettings, SchedulerSettings, TaskSettings, JobsSettings):
         for field in dataclasses.fields(cls):
             if field.name in {"path", "server", "scheduler", "tasks", "name"}:
                 continue

@@ -162,6 +162,10 @@ def test_describe() -> None:
         "max_retries": 3,
         "timeout": 60.0,
         "route": "/api/v1/start-analysis",
+        "kind": "function",
+        "command": None,
+        "retry_on_timeout": False,
+        "retention": None,
     }
 
 
