@@ -14,17 +14,22 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jobserver.errors import ConfigError
 from jobserver.jobs import JobError, Outcome, format_timestamp, signal_name, utcnow
 
 LOG_NAME = "output.log"
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
+CHILD_NAME = "child.py"  # a copy of jobserver/child.py, for tasks with their own interpreter
 # Every process of a job inherits this variable: a dead server's leftovers are found by it.
 JOB_ID_ENV = "JOBSERVER_JOB_ID"
 
@@ -36,6 +41,7 @@ class LaunchSpec:
     function: str
     args: Mapping[str, Any]
     workdir: Path
+    python: Path | None = None  # the task's own interpreter; None: the server's
 
 
 class ProcessHandle:
@@ -84,12 +90,21 @@ class Runner:
         log_path = spec.workdir / LOG_NAME
         with log_path.open("ab") as log:
             log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
+        environment = self._child_environment(spec)
+        if spec.python is not None:
+            # The child module alone, run by path: the task's interpreter has no jobserver.
+            script = spec.workdir / CHILD_NAME
+            script.write_text(child_source())
+            argv = [str(spec.python), str(script), str(spec_path)]
+            environment = host_environment(environment)
+        else:
+            argv = [*child_command(), str(spec_path)]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             pid = os.posix_spawn(
-                sys.executable,
-                [sys.executable, "-m", "jobserver.child", str(spec_path)],
-                self._child_environment(spec),
+                argv[0],
+                argv,
+                environment,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, log_fd, 1),
@@ -110,6 +125,65 @@ class Runner:
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
         return env
+
+    def describe(self, python: Path, function: str) -> dict[str, Any]:
+        """The parameters of ``function`` as ``python`` sees it (``child.py --describe``):
+        the server cannot import a module that needs packages only that interpreter has."""
+        env = host_environment(self._environment)
+        inherited = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join(self._python_path + ([inherited] if inherited else []))
+        command = [str(python), "-c", child_source(), "--describe", function]
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"cannot run {python}: {exc}", {"python": str(python)}) from None
+        try:
+            document: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = (done.stderr or done.stdout).strip()[-500:]
+            raise ConfigError(
+                f"{python} could not describe {function!r} (exit code {done.returncode}): {tail}",
+                {"python": str(python), "function": function},
+            ) from None
+        return document
+
+
+def _frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def child_command() -> list[str]:
+    """How to run the child module under the server's own Python: ``python -m`` in a normal
+    install; the single-file binary runs its hidden ``_child`` command (see __main__.py)."""
+    if _frozen():
+        return [sys.executable, "_child"]
+    return [sys.executable, "-m", "jobserver.child"]
+
+
+@cache
+def child_source() -> str:
+    # Shipped as package data in the binary, where modules are not files of their own.
+    return resources.files("jobserver").joinpath("child.py").read_text(encoding="utf-8")
+
+
+def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """``environment`` without what the single-file binary's loader added, so another
+    interpreter finds its own shared libraries and does not take itself for a copy of
+    the binary.  Outside the binary, a plain copy."""
+    env = dict(environment)
+    if not _frozen():
+        return env
+    for key in list(env):
+        if key.startswith("_PYI_") or key in ("_MEIPASS2", "PYINSTALLER_RESET_ENVIRONMENT"):
+            del env[key]
+    original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        env["LD_LIBRARY_PATH"] = original
+    else:
+        env.pop("LD_LIBRARY_PATH", None)
+    return env
 
 
 def kill_group(pid: int) -> None:

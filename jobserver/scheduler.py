@@ -427,7 +427,12 @@ class Scheduler:
             return
         task = self._registry.get(job.task)
         spec = LaunchSpec(
-            job.id, job.attempts, task.settings.function, job.args, self.job_dir(job.id)
+            job.id,
+            job.attempts,
+            task.settings.function,
+            job.args,
+            self.job_dir(job.id),
+            python=task.settings.python,
         )
         try:
             handle = self._runner.start(spec)

@@ -13,18 +13,20 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 
 from jobserver.api import create_app
+from jobserver.backup import backup_before_upgrade
 from jobserver.config import Settings
 from jobserver.jobs import utcnow
 from jobserver.maintenance import rescue_interrupted
 from jobserver.resources import MachineProbe, Probe
 from jobserver.runner import Runner
 from jobserver.scheduler import Scheduler
-from jobserver.store import DatabaseLock, Store, migrate
+from jobserver.store import DatabaseLock, Store, migrate, pending_migrations
 from jobserver.tasks import Registry
 
 log = logging.getLogger("jobserver")
@@ -39,11 +41,12 @@ class Application:
 
 def build(settings: Settings, probe: Probe | None = None) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe)."""
-    registry = Registry.load(settings.tasks, settings.task_paths)
+    runner = Runner(settings.task_paths, os.environ)
+    registry = Registry.load(settings.tasks, settings.task_paths, describe=runner.describe)
     store = Store.open(settings.server.database)
     scheduler = Scheduler(
         store=store,
-        runner=Runner(settings.task_paths, os.environ),
+        runner=runner,
         probe=probe or MachineProbe(),
         registry=registry,
         settings=settings.scheduler,
@@ -81,7 +84,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     lock = DatabaseLock(settings.server.database)
     lock.acquire()
     try:
-        migrate(settings.server.database)
+        upgrade(settings.server.database)
         application = build(settings)
         config = uvicorn.Config(
             application.app,
@@ -101,3 +104,14 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         return 0 if server.started else 1
     finally:
         lock.release()
+
+
+def upgrade(database: Path) -> Path | None:
+    """Migrate ``database``, first copying an existing file that has migrations pending
+    into ``backups/`` beside it; return that copy's path, if one was taken."""
+    pending = pending_migrations(database)
+    copy = backup_before_upgrade(database, pending)
+    if copy is not None:
+        log.warning("backed up %s to %s before applying %s", database, copy, ", ".join(pending))
+    migrate(database)
+    return copy

@@ -18,6 +18,7 @@ ALLOWED = {
     "store": {"errors", "jobs"},
     "resources": {"errors", "jobs"},
     "runner": {"errors", "jobs"},
+    "backup": {"errors"},
     "child": set(),
     "demo": set(),
     "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
@@ -34,9 +35,11 @@ ALLOWED = {
         "scheduler",
         "maintenance",
         "api",
+        "backup",
     },
-    "cli": {"errors", "config", "server", "store", "__init__"},
-    "__main__": {"cli"},
+    "cli": {"errors", "config", "server", "store", "backup", "__init__"},
+    "__main__": {"cli", "child"},
+    "build": {"store"},
     "__init__": set(),
 }
 # Third-party or stdlib modules a module must never import.
@@ -48,6 +51,7 @@ FORBIDDEN = {
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
+    "backup": {"sqlalchemy", "starlette", "subprocess"},
 }
 
 
