@@ -98,17 +98,25 @@ def describe(function: str) -> dict[str, Any]:
     return {"ok": True, "params": params}
 
 
-def _frozen_import_path() -> None:
-    # The single-file binary's interpreter ignores PYTHONPATH; the runner puts task_paths
-    # there, so they are added by hand.
-    if getattr(sys, "frozen", False):
-        entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        sys.path[:0] = [entry for entry in entries if entry and entry not in sys.path]
+def _frozen_setup() -> None:
+    """In the single-file binary: add task_paths by hand (its interpreter ignores
+    PYTHONPATH, where the runner puts them) and give programs the task starts the
+    library path they would have had, not the binary's bundled libraries (this process
+    has loaded its own already)."""
+    if not getattr(sys, "frozen", False):
+        return
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    sys.path[:0] = [entry for entry in entries if entry and entry not in sys.path]
+    original = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        os.environ["LD_LIBRARY_PATH"] = original
+    else:
+        os.environ.pop("LD_LIBRARY_PATH", None)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    _frozen_import_path()
+    _frozen_setup()
     if argv[:1] == ["--describe"]:
         try:
             document = describe(argv[1])

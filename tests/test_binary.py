@@ -73,6 +73,7 @@ def wait_until(condition: Any, what: str, timeout: float) -> Any:
         time.sleep(0.1)
 
 
+@pytest.mark.timeout(900)  # the build happens in the fixture, inside this limit
 def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Path) -> None:
     box = tmp_path / "box"
     box.mkdir()
@@ -99,14 +100,22 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
     # A user task module beside the config (task_paths = ["."]) that needs only the stdlib,
     # and the same module run by another interpreter (python = ...).
     (box / "mytasks.py").write_text(
-        "import csv, io, sys\n\n"
-        "def rows(text: str) -> list:\n"
-        "    return list(csv.reader(io.StringIO(text)))\n\n"
+        "import csv, io, os, sys\n\n"
+        "def rows(text: str) -> dict:\n"
+        "    return {'rows': list(csv.reader(io.StringIO(text))),\n"
+        "            'LD_LIBRARY_PATH': os.environ.get('LD_LIBRARY_PATH')}\n\n"
         "def interpreter() -> str:\n"
-        "    return sys.executable\n"
+        "    return sys.executable\n\n"
+        "def square(x: int) -> int:\n"
+        "    return x * x\n\n"
+        "def pool(n: int) -> list:\n"
+        "    import multiprocessing\n"
+        "    with multiprocessing.get_context('spawn').Pool(2) as workers:\n"
+        "        return workers.map(square, range(n))\n"
     )
     text += (
         '\n[tasks.rows]\nfunction = "mytasks:rows"\ncpus = 0.1\nmemory = "16MiB"\n'
+        '\n[tasks.pool]\nfunction = "mytasks:pool"\ncpus = 0.1\nmemory = "16MiB"\n'
         f'\n[tasks.interpreter]\nfunction = "mytasks:interpreter"\npython = "{sys.executable}"\n'
         'cpus = 0.1\nmemory = "16MiB"\n'
     )
@@ -134,6 +143,7 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
                 {"task": "run_long_analysis", "args": {"dataset_id": "smoke", "complexity": 0}},
                 {"task": "rows", "args": {"text": "a,b\n1,2\n"}},
                 {"task": "interpreter", "args": {}},
+                {"task": "pool", "args": {"n": 5}},
             )
         ]
         jobs = [
@@ -148,10 +158,12 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
             )
             for job_id in submitted
         ]
-        assert [job["state"] for job in jobs] == ["succeeded"] * 3, jobs
+        assert [job["state"] for job in jobs] == ["succeeded"] * 4, jobs
         assert jobs[0]["result"]["dataset_id"] == "smoke"
-        assert jobs[1]["result"] == [["a", "b"], ["1", "2"]]
+        # A program the task starts sees the box's libraries, not the binary's bundled ones.
+        assert jobs[1]["result"] == {"rows": [["a", "b"], ["1", "2"]], "LD_LIBRARY_PATH": None}
         assert jobs[2]["result"] == sys.executable
+        assert jobs[3]["result"] == [0, 1, 4, 9, 16]  # multiprocessing "spawn" workers
         # Job processes reused the server's unpacked files instead of unpacking again.
         assert len(list(unpack.glob("_MEI*"))) == 1
         assert (box / "data" / "jobserver.db").is_file()  # beside the config, not the cwd
