@@ -35,9 +35,9 @@ def backup(database: Path, target: Path, *, overwrite: bool = False) -> Path:
         raise ConfigError(
             f"{target} already exists; pass --force to replace it", {"target": str(target)}
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         source = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)
         try:
             copy = sqlite3.connect(temporary)
@@ -60,13 +60,13 @@ def backup(database: Path, target: Path, *, overwrite: bool = False) -> Path:
         _fsync(temporary)
         os.replace(temporary, target)
         _fsync(target.parent)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StorageUnavailable(
             f"cannot back up {database} to {target}: {exc}",
             {"database": str(database), "target": str(target)},
         ) from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already (renamed), or never made
             temporary.unlink()
     return target
 

@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 
 from jobserver.backup import BACKUP_DIR, backup
-from jobserver.errors import ConfigError
+from jobserver.errors import ConfigError, StorageUnavailable
 from jobserver.server import upgrade
 from jobserver.store import migrate, migrations_dir, pending_migrations
 from tests.conftest import ServerProcess, write_config
@@ -164,3 +164,33 @@ def test_upgrade_takes_no_backup_when_nothing_is_pending_or_the_file_is_new(
     assert upgrade(database) is None  # a new file: nothing to lose
     assert upgrade(database) is None  # up to date
     assert not (tmp_path / BACKUP_DIR).exists()
+
+
+def test_an_unwritable_target_is_a_clear_error(tmp_path: Path) -> None:
+    database = tmp_path / "jobserver.db"
+    migrate(database)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StorageUnavailable, match="cannot back up"):
+        backup(database, blocker / "sub" / "copy.db")  # a directory under a plain file
+
+
+def test_serve_backs_up_before_migrating(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess]
+) -> None:
+    config_path = write_config(tmp_path)
+    database = tmp_path / "data" / "jobserver.db"
+    migrate(database)
+    _downgrade_to_base(database)
+    with sqlite3.connect(database) as conn:
+        conn.execute("CREATE TABLE keep (note TEXT)")
+
+    server = server_factory(config_path)
+
+    copies = list((database.parent / BACKUP_DIR).glob("jobserver-*-before-*.db"))
+    assert len(copies) == 1
+    assert str(copies[0]) in server.log()
+    assert httpx.get(f"{server.url}/api/v1/jobs").json()["jobs"] == []  # migrated
+    assert server.stop() == 0
+    server_factory(config_path).stop()  # up to date now: no second copy
+    assert len(list((database.parent / BACKUP_DIR).iterdir())) == 1
