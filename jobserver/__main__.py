@@ -1,3 +1,24 @@
-from jobserver.cli import main
+"""``python -m jobserver`` and the single-file binary's entry point.
 
-main()
+In the binary there is no separate Python to run ``-m jobserver.child``, so the runner
+starts job processes as ``jobserver _child SPEC``; that hidden command is dispatched here,
+before the CLI (and its HTTP client) is imported, to keep each job's start-up short.
+Likewise a task's ``multiprocessing`` helpers started with the "spawn" or "forkserver"
+method re-run the binary (workers with ``--multiprocessing-fork``, the resource tracker
+and fork server with ``-c CODE``); ``freeze_support`` runs them.
+"""
+
+import sys
+
+if len(sys.argv) > 1 and sys.argv[1] == "_child":
+    from jobserver.child import main as child_main
+
+    child_main(sys.argv[2:])
+elif "--multiprocessing-fork" in sys.argv or sys.argv[-2:-1] == ["-c"]:
+    import multiprocessing
+
+    multiprocessing.freeze_support()
+else:
+    from jobserver.cli import main
+
+    main()

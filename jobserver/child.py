@@ -1,16 +1,25 @@
 """The code that runs inside a job's process: import the task, call it, hand back the result.
 
-Started by the runner as ``python -m jobserver.child SPEC`` with stdout and stderr going to
-the job's log.  The outcome is written to the spec's ``result_path`` (JSON, written to a
-temporary name then renamed, so the server never reads half a file):
+Started by the runner as ``python -m jobserver.child SPEC`` (in the single-file binary:
+``jobserver _child SPEC``; for a task with its own ``python``: that interpreter running a
+copy of this file) with stdout and stderr going to the job's log.  The outcome is written
+to the spec's ``result_path`` (JSON, written to a temporary name then renamed, so the
+server never reads half a file):
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type", "message", "traceback"}}``.
 The exit code is 0 when the task returned, 1 when it raised.
+
+``--describe package.module:function`` prints the function's parameters as JSON instead
+(annotations as text), so the server can validate arguments for a task whose module it
+cannot import itself because it needs packages only that task's interpreter has.
+
+Stdlib only: this file also runs under interpreters that have nothing else installed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -71,9 +80,55 @@ def write_atomically(path: Path, document: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def main() -> None:
+def describe(function: str) -> dict[str, Any]:
+    """The parameters of ``function``: name, kind, default (if any) and annotation text."""
+    params = []
+    for p in inspect.signature(resolve(function)).parameters.values():
+        annotation = p.annotation
+        if annotation is p.empty:
+            text = None
+        elif isinstance(annotation, str):
+            text = annotation
+        else:
+            text = inspect.formatannotation(annotation)
+        entry: dict[str, Any] = {"name": p.name, "kind": p.kind.name, "annotation": text}
+        if p.default is not p.empty:
+            entry["default"] = p.default
+        params.append(entry)
+    return {"ok": True, "params": params}
+
+
+def _frozen_setup() -> None:
+    """In the single-file binary: add task_paths by hand (its interpreter ignores
+    PYTHONPATH, where the runner puts them) and give programs the task starts the
+    library path they would have had, not the binary's bundled libraries (this process
+    has loaded its own already)."""
+    if not getattr(sys, "frozen", False):
+        return
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    sys.path[:0] = [entry for entry in entries if entry and entry not in sys.path]
+    original = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        os.environ["LD_LIBRARY_PATH"] = original
+    else:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    _frozen_setup()
+    if argv[:1] == ["--describe"]:
+        try:
+            document = describe(argv[1])
+        except Exception as exc:
+            document = _error(type(exc).__name__, str(exc), traceback.format_exc())
+        try:
+            print(json.dumps(document))
+        except (TypeError, ValueError):  # a default that JSON cannot carry
+            print(json.dumps(_error("TypeError", "a parameter default is not JSON-serialisable")))
+        sys.exit(0 if document["ok"] else 1)
     die_with_server()
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    spec = json.loads(Path(argv[0]).read_text())
     code, document = run(spec)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,8 +1,8 @@
 """The ``jobserver`` command.
 
-``serve``, ``migrate`` and ``prune`` work on the local config and database; the client
-commands (``submit``, ``status``, ``retry``, ``logs``) speak HTTP to a running server like
-any other client.
+``serve``, ``migrate``, ``prune`` and ``backup`` work on the local config and database,
+``init`` writes a starter config; the client commands (``submit``, ``status``, ``retry``,
+``logs``) speak HTTP to a running server like any other client.
 
 Exit codes: 0 done (for ``--wait``: the job succeeded); 1 the job failed or was
 cancelled; 2 bad usage, bad config or a request the server rejected; 3 the server could
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -55,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobserver", description="Long-running Python functions as an HTTP job service."
     )
-    parser.add_argument("--version", action="version", version=f"jobserver {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, help="show the version, Python and SQLite, and exit"
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server (migrates the database first)")
@@ -67,6 +71,24 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="create or upgrade the database, then exit")
     _config_option(migrate)
     migrate.set_defaults(run=_migrate)
+
+    init = commands.add_parser("init", help="write a commented starter config.toml")
+    init.add_argument(
+        "path",
+        nargs="?",
+        default="config.toml",
+        help="file (or directory) to write (default: ./config.toml)",
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.set_defaults(run=_init)
+
+    backup = commands.add_parser(
+        "backup", help="copy the database to PATH, safely while the server runs"
+    )
+    backup.add_argument("path", help="file to write, or a directory to put a timestamped copy in")
+    backup.add_argument("--force", action="store_true", help="replace an existing file")
+    _config_option(backup)
+    backup.set_defaults(run=_backup)
 
     submit = commands.add_parser("submit", help="submit a job: TASK key=value ...")
     submit.add_argument("task")
@@ -132,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", help="config file (default: $JOBSERVER_CONFIG, else ./config.toml)"
+        "--config",
+        help="config file (default: $JOBSERVER_CONFIG, else ./config.toml, else config.toml "
+        "next to the jobserver binary)",
     )
 
 
@@ -161,17 +185,64 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from jobserver.store import DatabaseLock, migrate
+    from jobserver.server import upgrade
+    from jobserver.store import DatabaseLock
 
     database = _load_settings(args).server.database
     lock = DatabaseLock(database)
     lock.acquire()  # never change the schema under a running server
     try:
-        migrate(database)
+        copy = upgrade(database)
     finally:
         lock.release()
+    if copy is not None:
+        print(f"backed up the database to {copy} before migrating")
     print(f"database {database} is up to date")
     return EXIT_OK
+
+
+def _init(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / "config.toml"
+    if target.exists() and not args.force:
+        raise CommandFailed(f"{target} already exists; pass --force to replace it", EXIT_USAGE)
+    text = resources.files("jobserver").joinpath("config.toml").read_text(encoding="utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}; edit it, then run: jobserver serve --config {target}")
+    return EXIT_OK
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from jobserver.backup import backup
+
+    settings = _load_settings(args)
+    written = backup(settings.server.database, Path(args.path), overwrite=args.force)
+    print(f"backed up {settings.server.database} to {written}")
+    return EXIT_OK
+
+
+class _Version(argparse.Action):
+    # argparse's own version action rewraps the text onto one line.
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """The version, and the Python and SQLite inside this build (the binary's own)."""
+    kind = "single-file binary" if getattr(sys, "frozen", False) else sys.executable
+    return (
+        f"jobserver {__version__}\n"
+        f"Python {platform.python_version()} ({kind})\n"
+        f"SQLite {sqlite3.sqlite_version}"
+    )
 
 
 # -- client commands ------------------------------------------------------------------

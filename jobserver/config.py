@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -174,6 +175,8 @@ class TaskSettings:
     params: Mapping[str, str] = dataclasses.field(default_factory=dict)  # command params
     allow_leading_dash: tuple[str, ...] = ()  # command params whose value may start with "-"
 
+    python: Path | None = None  # the task's own interpreter (a venv's bin/python); None: ours
+
 
 @dataclass(frozen=True)
 class JobsSettings:
@@ -215,16 +218,29 @@ class Settings:
     )
 
 
-def resolve_path(cli_value: str | None) -> Path:
-    """The config file to read: ``--config``, else $JOBSERVER_CONFIG, else ./config.toml."""
-    chosen = cli_value or os.environ.get(ENV_VAR) or DEFAULT_CONFIG_NAME
-    return Path(os.path.abspath(Path(chosen).expanduser()))
+def resolve_path(cli_value: str | None, *, beside: Path | None = None) -> Path:
+    """The config file to read: ``--config``, else $JOBSERVER_CONFIG, else ./config.toml,
+    else config.toml in ``beside`` (default: the single-file binary's directory, so a
+    binary copied next to its config needs no option, whatever the working directory).
+    When neither of the last two exists: ./config.toml, whose absence ``load`` reports."""
+    chosen = cli_value or os.environ.get(ENV_VAR)
+    if chosen:
+        return Path(os.path.abspath(Path(chosen).expanduser()))
+    here = Path(os.path.abspath(DEFAULT_CONFIG_NAME))
+    if beside is None and getattr(sys, "frozen", False):
+        beside = Path(sys.executable).parent
+    if not here.is_file() and beside is not None and (beside / DEFAULT_CONFIG_NAME).is_file():
+        return Path(os.path.abspath(beside / DEFAULT_CONFIG_NAME))
+    return here
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
     """Read and validate a config file; raise ``ConfigError`` naming what is wrong and where."""
     file = Path(os.path.abspath(Path(path).expanduser()))
-    not_found = f"config file not found: {file}; pass --config PATH or set {ENV_VAR}"
+    not_found = (
+        f"config file not found: {file}; pass --config PATH or set {ENV_VAR} "
+        "(`jobserver init` writes a starter config.toml)"
+    )
     details: dict[str, object] = {"file": str(file), "line": None, "key": None}
     try:
         text = file.read_text(encoding="utf-8")
@@ -245,7 +261,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     root = _Table(
         source, (), data, ("task_paths", "server", "scheduler", "tasks", "jobs", "schedules")
     )
-    tasks = _tasks(source, data.get("tasks"))
+    tasks = _tasks(source, data.get("tasks"), base)
     return Settings(
         path=file,
         task_paths=root.get("task_paths", _path_list(base), (base,)),
@@ -288,7 +304,7 @@ def _scheduler(table: _Table) -> SchedulerSettings:
     )
 
 
-def _tasks(source: _Source, value: object) -> Mapping[str, TaskSettings]:
+def _tasks(source: _Source, value: object, base: Path) -> Mapping[str, TaskSettings]:
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -330,6 +346,7 @@ def _tasks(source: _Source, value: object) -> Mapping[str, TaskSettings]:
             command=command,
             params=MappingProxyType(table.get("params", _command_params, {})),
             allow_leading_dash=tuple(table.get("allow_leading_dash", _name_list, [])),
+            python=table.get("python", _path(base), default.python),
         )
         _check_command(source, key, task)
         if task.route is not None:

@@ -19,12 +19,16 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jobserver.errors import ConfigError
 from jobserver.jobs import (
     ARTIFACTS_DIR_NAME,
     JOB_LOG_NAME,
@@ -40,6 +44,7 @@ from jobserver.reporting import FD_ENV, OUTPUT_DIR_ENV, parse_line
 LOG_NAME = JOB_LOG_NAME
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
+CHILD_NAME = "child.py"  # a copy of jobserver/child.py, for tasks with their own interpreter
 # Every process of a job inherits this variable: a dead server's leftovers are found by it.
 JOB_ID_ENV = "JOBSERVER_JOB_ID"
 
@@ -54,6 +59,7 @@ class LaunchSpec:
     # --- lifecycle (issue 4) ---
     command: tuple[str, ...] | None = None  # argv of a command task, placeholders filled
     log_limit: int | None = None  # bytes kept in the job's log, all attempts together
+    python: Path | None = None  # the task's own interpreter; None: the server's
 
 
 # The child's end of the progress pipe: a fixed fd number, named in $JOBSERVER_PROGRESS_FD.
@@ -224,9 +230,18 @@ class Runner:
                     {"function": spec.function, "args": spec.args, "result_path": str(result_path)}
                 )
             )
-            program = sys.executable
-            argv = [sys.executable, "-m", "jobserver.child", str(spec_path)]
+            if spec.python is not None:
+                # The child module alone, run by path: the task's interpreter has no jobserver.
+                script = spec.workdir / CHILD_NAME
+                script.write_text(child_source())
+                argv = [str(spec.python), str(script), str(spec_path)]
+                env = host_environment(env)
+            else:
+                argv = [*child_command(), str(spec_path)]
+            program = argv[0]
         else:
+            # A program of the machine's: not the single-file binary's bundled libraries.
+            env = host_environment(env)
             found = shutil.which(spec.command[0])
             if found is None:
                 raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
@@ -295,6 +310,65 @@ class Runner:
         env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
         env.pop(FD_ENV, None)
         return env
+
+    def describe(self, python: Path, function: str) -> dict[str, Any]:
+        """The parameters of ``function`` as ``python`` sees it (``child.py --describe``):
+        the server cannot import a module that needs packages only that interpreter has."""
+        env = host_environment(self._environment)
+        inherited = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join(self._python_path + ([inherited] if inherited else []))
+        command = [str(python), "-c", child_source(), "--describe", function]
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"cannot run {python}: {exc}", {"python": str(python)}) from None
+        try:
+            document: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = (done.stderr or done.stdout).strip()[-500:]
+            raise ConfigError(
+                f"{python} could not describe {function!r} (exit code {done.returncode}): {tail}",
+                {"python": str(python), "function": function},
+            ) from None
+        return document
+
+
+def _frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def child_command() -> list[str]:
+    """How to run the child module under the server's own Python: ``python -m`` in a normal
+    install; the single-file binary runs its hidden ``_child`` command (see __main__.py)."""
+    if _frozen():
+        return [sys.executable, "_child"]
+    return [sys.executable, "-m", "jobserver.child"]
+
+
+@cache
+def child_source() -> str:
+    # Shipped as package data in the binary, where modules are not files of their own.
+    return resources.files("jobserver").joinpath("child.py").read_text(encoding="utf-8")
+
+
+def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """``environment`` without what the single-file binary's loader added, so another
+    interpreter finds its own shared libraries and does not take itself for a copy of
+    the binary.  Outside the binary, a plain copy."""
+    env = dict(environment)
+    if not _frozen():
+        return env
+    for key in list(env):
+        if key.startswith("_PYI_") or key in ("_MEIPASS2", "PYINSTALLER_RESET_ENVIRONMENT"):
+            del env[key]
+    original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        env["LD_LIBRARY_PATH"] = original
+    else:
+        env.pop("LD_LIBRARY_PATH", None)
+    return env
 
 
 def kill_group(pid: int) -> None:

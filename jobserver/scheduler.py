@@ -445,6 +445,7 @@ class Scheduler:
             self.job_dir(job.id),
             command=None if task.settings.command is None else task.argv(job.args),
             log_limit=self._jobs_settings.max_log_size,
+            python=task.settings.python,
         )
         try:
             handle = self._runner.start(spec)

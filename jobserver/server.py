@@ -13,11 +13,13 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
 
 from jobserver.api import create_app
+from jobserver.backup import backup_before_upgrade
 from jobserver.config import Settings
 from jobserver.errors import ConfigError, ValidationError
 from jobserver.jobs import utcnow
@@ -25,7 +27,7 @@ from jobserver.maintenance import CronJob, CronService, Pruner, rescue_interrupt
 from jobserver.resources import MachineProbe, Probe
 from jobserver.runner import Runner
 from jobserver.scheduler import Scheduler
-from jobserver.store import DatabaseLock, Store, migrate
+from jobserver.store import DatabaseLock, Store, migrate, pending_migrations
 from jobserver.tasks import Registry
 
 log = logging.getLogger("jobserver")
@@ -40,15 +42,22 @@ class Application:
     cron: CronService | None = None
 
 
+def load_tasks(settings: Settings) -> Registry:
+    """Import every task (or ask a task's own interpreter about it) before serving."""
+    describe = Runner(settings.task_paths, os.environ).describe
+    return Registry.load(settings.tasks, settings.task_paths, describe=describe)
+
+
 def build(
     settings: Settings, probe: Probe | None = None, registry: Registry | None = None
 ) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe)."""
-    registry = registry or Registry.load(settings.tasks, settings.task_paths)
+    runner = Runner(settings.task_paths, os.environ)
+    registry = registry or load_tasks(settings)
     store = Store.open(settings.server.database)
     scheduler = Scheduler(
         store=store,
-        runner=Runner(settings.task_paths, os.environ),
+        runner=runner,
         probe=probe or MachineProbe(),
         registry=registry,
         settings=settings.scheduler,
@@ -135,8 +144,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     lock.acquire()
     try:
         # Import the tasks first: a broken task module must not touch the database.
-        registry = Registry.load(settings.tasks, settings.task_paths)
-        migrate(settings.server.database)
+        registry = load_tasks(settings)
+        upgrade(settings.server.database)
         application = build(settings, registry=registry)
         config = uvicorn.Config(
             application.app,
@@ -156,3 +165,14 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         return 0 if server.started else 1
     finally:
         lock.release()
+
+
+def upgrade(database: Path) -> Path | None:
+    """Migrate ``database``, first copying an existing file that has migrations pending
+    into ``backups/`` beside it; return that copy's path, if one was taken."""
+    pending = pending_migrations(database)
+    copy = backup_before_upgrade(database, pending)
+    if copy is not None:
+        log.warning("backed up %s to %s before applying %s", database, copy, ", ".join(pending))
+    migrate(database)
+    return copy

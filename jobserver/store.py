@@ -1022,6 +1022,32 @@ def migrate(database: Path) -> tuple[str | None, str | None]:
     return before, after
 
 
+def pending_migrations(database: Path) -> list[str]:
+    """The revisions ``migrate`` would apply to an existing file, oldest first; empty for
+    a file that does not exist (nothing to lose) or is up to date."""
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    if not database.is_file():
+        return []
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    script = ScriptDirectory.from_config(config)
+    engine = sa.create_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+    finally:
+        engine.dispose()
+    applied = {rev.revision for rev in script.iterate_revisions(current, "base")}
+    return [
+        rev.revision
+        for rev in reversed(list(script.walk_revisions()))
+        if rev.revision not in applied
+    ]
+
+
 class DatabaseLock:
     """An exclusive ``flock`` on ``<database>.lock``, held while a server runs.
 

@@ -24,6 +24,7 @@ import json
 import math
 import re
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,14 +147,28 @@ class Registry:
         self._tasks = dict(tasks)
 
     @classmethod
-    def load(cls, tasks: Mapping[str, TaskSettings], task_paths: Sequence[Path]) -> Registry:
-        """Import every task's function (task_paths first on sys.path) and read its signature."""
+    def load(
+        cls,
+        tasks: Mapping[str, TaskSettings],
+        task_paths: Sequence[Path],
+        *,
+        describe: Describe | None = None,
+    ) -> Registry:
+        """Import every task's function (task_paths first on sys.path) and read its signature.
+
+        A task with its own ``python`` is not imported here: ``describe(python, function)``
+        (the runner's, which asks that interpreter) gives its parameters instead."""
         # Reversed, so that the first configured path ends up first on sys.path.
         for path in reversed(task_paths):
             entry = str(Path(path).absolute())
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        loaded = {name: _load_task(name, settings, task_paths) for name, settings in tasks.items()}
+        loaded = {
+            name: _load_foreign_task(name, settings, describe)
+            if settings.python is not None
+            else _load_task(name, settings, task_paths)
+            for name, settings in tasks.items()
+        }
         routes: dict[str, str] = {}
         for task in loaded.values():
             route = task.settings.route
@@ -249,6 +264,62 @@ def _load_task(name: str, settings: TaskSettings, task_paths: Sequence[Path]) ->
     except Exception as exc:  # NameError etc. from evaluating string annotations
         raise fail(f"cannot resolve its type hints: {type(exc).__name__}: {exc}") from exc
     return Task(name, settings, tuple(_param(p, fail) for p in signature.parameters.values()))
+
+
+# (python, function) -> {"ok": true, "params": [...]} as ``child.py --describe`` prints it.
+Describe = Callable[[Path, str], Mapping[str, Any]]
+
+# What annotation text from another interpreter may name: the JSON types and typing's forms.
+_ANNOTATION_NAMES: dict[str, Any] = {
+    "__builtins__": {},
+    "None": None,
+    "NoneType": NoneType,
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+    "tuple": tuple,
+    "typing": typing,
+    **{name: getattr(typing, name) for name in typing.__all__},
+}
+
+
+def _load_foreign_task(name: str, settings: TaskSettings, describe: Describe | None) -> Task:
+    """A task run under its own interpreter: its signature comes from that interpreter."""
+    function, python = settings.function, settings.python
+
+    def fail(reason: str, **extra: Any) -> ConfigError:
+        message = f"task {name!r}: cannot use function {function!r} with python {python}: {reason}"
+        return ConfigError(message, {"task": name, "function": function, **extra})
+
+    if describe is None or python is None:
+        raise fail("this registry cannot ask another interpreter")
+    document = describe(python, function)
+    if not document.get("ok"):
+        error = document.get("error") or {}
+        raise fail(f"{error.get('type', 'Error')}: {error.get('message', 'unknown error')}")
+    params = []
+    for entry in document.get("params", []):
+        text = entry.get("annotation")
+        try:
+            annotation = _EMPTY if text is None else eval(text, _ANNOTATION_NAMES)
+        except Exception:
+            raise fail(
+                f"parameter {entry['name']!r} has an unsupported annotation {text}; "
+                f"supported: {_SUPPORTED}",
+                parameter=entry["name"],
+            ) from None
+        params.append(
+            inspect.Parameter(
+                entry["name"],
+                getattr(inspect.Parameter, entry["kind"]),  # "KEYWORD_ONLY" etc.
+                default=entry.get("default", _EMPTY),
+                annotation=annotation,
+            )
+        )
+    return Task(name, settings, tuple(_param(p, fail) for p in params))
 
 
 def _param(p: inspect.Parameter, fail: Callable[..., ConfigError]) -> Param:

@@ -18,6 +18,7 @@ ALLOWED = {
     "store": {"errors", "jobs"},
     "resources": {"errors", "jobs"},
     "runner": {"errors", "jobs", "reporting"},
+    "backup": {"errors"},
     "child": set(),
     "demo": set(),
     "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
@@ -34,9 +35,11 @@ ALLOWED = {
         "scheduler",
         "maintenance",
         "api",
+        "backup",
     },
-    "cli": {"errors", "config", "server", "store", "__init__"},
-    "__main__": {"cli"},
+    "cli": {"errors", "config", "server", "store", "backup", "__init__"},
+    "__main__": {"cli", "child"},
+    "build": {"store"},
     "__init__": {"reporting"},
     # What a running task tells the server (progress): imported by every child through
     # __init__, so it imports nothing of ours.
@@ -52,6 +55,7 @@ FORBIDDEN = {
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
     "reporting": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx"},
+    "backup": {"sqlalchemy", "starlette", "subprocess"},
 }
 
 

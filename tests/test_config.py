@@ -294,7 +294,8 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(path)
     assert info.value.message == (
-        f"config file not found: {path}; pass --config PATH or set JOBSERVER_CONFIG"
+        f"config file not found: {path}; pass --config PATH or set JOBSERVER_CONFIG "
+        "(`jobserver init` writes a starter config.toml)"
     )
     assert info.value.details == {"file": str(path), "line": None, "key": None}
 
