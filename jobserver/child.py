@@ -34,6 +34,39 @@ def die_with_server() -> None:
         os._exit(137)
 
 
+RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_CORE"}
+
+
+def apply_rlimits(limits: dict[str, int]) -> None:
+    """Lower (soft and hard) the resource limits the config asks for, before any task
+    code runs; a limit above the current hard limit is capped at it (only root could raise
+    it, and jobs should not)."""
+    import resource
+
+    for name, value in limits.items():
+        which = getattr(resource, RLIMITS[name])
+        _soft, hard = resource.getrlimit(which)
+        target = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (target, target))
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its uid, primary gid and supplementary groups) for good.
+
+    Done here rather than with ``posix_spawn`` (which cannot change users) or
+    ``preexec_fn`` (unsafe in the threaded server): this process has one thread and no
+    task code has run yet.  Changing credentials clears the parent-death signal, so
+    ``die_with_server`` is called after this.
+    """
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+
+
 def resolve(function: str) -> Any:
     module_name, _, attribute = function.partition(":")
     target: Any = importlib.import_module(module_name)
@@ -43,6 +76,21 @@ def resolve(function: str) -> Any:
 
 
 def run(spec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    code, document = _run(spec)
+    limit = spec.get("max_result_size")
+    if code == 0 and limit is not None:
+        size = len(json.dumps(document.get("result"), ensure_ascii=False).encode())
+        if size > limit:
+            message = (
+                f"the task returned {size} bytes of JSON; the limit (max_result_size) is "
+                f"{limit} bytes: write large output to a file and return its path"
+            )
+            print(message, file=sys.stderr)
+            return 1, _error("ResultTooLarge", message)
+    return code, document
+
+
+def _run(spec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     try:
         result = resolve(spec["function"])(**spec["args"])
     except SystemExit as stop:
@@ -72,8 +120,11 @@ def write_atomically(path: Path, document: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    die_with_server()
     spec = json.loads(Path(sys.argv[1]).read_text())
+    apply_rlimits(spec.get("rlimits") or {})
+    if spec.get("run_as"):
+        drop_privileges(spec["run_as"])
+    die_with_server()
     code, document = run(spec)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -81,6 +81,28 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(submit)
     submit.set_defaults(run=_submit)
 
+    token = commands.add_parser(
+        "token", help="manage bearer tokens (stored as hashes in server.tokens_file)"
+    )
+    token_commands = token.add_subparsers(required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="create a token; prints its secret once")
+    create.add_argument("name", help="who the token is for; its jobs are owned by this name")
+    create.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated: submit, read, cancel, admin (admin implies all and sees "
+        "every client's jobs)",
+    )
+    _config_option(create)
+    create.set_defaults(run=_token_create)
+    listing = token_commands.add_parser("list", help="list token names and scopes")
+    _config_option(listing)
+    listing.set_defaults(run=_token_list)
+    revoke = token_commands.add_parser("revoke", help="delete a token")
+    revoke.add_argument("name")
+    _config_option(revoke)
+    revoke.set_defaults(run=_token_revoke)
+
     status = commands.add_parser("status", help="show a job")
     status.add_argument("job_id")
     _client_options(status)
@@ -127,12 +149,50 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tokens_file(args: argparse.Namespace) -> Path:
+    path: Path = _load_settings(args).server.tokens_file
+    return path
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    path = _tokens_file(args)
+    secret = access.create_token(path, args.name, access.parse_scopes(args.scopes))
+    print(secret)
+    print(
+        f"token {args.name!r} created in {path}; this secret is shown only once. "
+        "Clients send it as 'Authorization: Bearer <secret>' (or set JOBSERVER_TOKEN).",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    for token in access.read_tokens(_tokens_file(args)):
+        print(f"{token.name}\t{','.join(token.scopes)}\t{token.created_at}")
+    return EXIT_OK
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    path = _tokens_file(args)
+    access.revoke_token(path, args.name)
+    print(f"token {args.name!r} revoked", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- client commands ------------------------------------------------------------------
 
 
 def _request(method: str, url: str, **kwargs: Any) -> Any:
+    token = os.environ.get("JOBSERVER_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.request(method, url, timeout=30, **kwargs)
+        response = httpx.request(method, url, timeout=30, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         raise CommandFailed(
             f"cannot reach {url}: {exc}; is the server running?", EXIT_SERVER

@@ -112,6 +112,7 @@ class Job:
     exit_code: int | None
     peak_rss: int | None
     cpu_seconds: float | None
+    owner: str | None = None  # the token name that submitted it; None: anonymous
 
 
 @dataclass(frozen=True)

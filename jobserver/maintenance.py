@@ -12,13 +12,16 @@ loop forever.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from datetime import datetime
 
 from jobserver.jobs import Job, JobError, JobState
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import Finish, Store
+from jobserver.store import Checkpoint, Finish, Store
 
 log = logging.getLogger("jobserver.maintenance")
 
@@ -60,3 +63,59 @@ def kill_leftovers(job: Job) -> None:
         kill_group(job.pid)
     for pid in find_tagged_processes(JOB_ID_ENV, job.id):
         kill_process(pid)
+
+
+class WalCheckpointer:
+    """Keeps the write-ahead log bounded.
+
+    SQLite checkpoints the WAL by itself every 1000 pages, but a reader that holds an old
+    snapshot (an admin's open transaction in the ``sqlite3`` shell) stops it from being
+    reset, and the log then grows with every write.  Every ``interval`` this service looks
+    at the log's size and, past ``max_size``, runs ``PRAGMA wal_checkpoint(TRUNCATE)``
+    without waiting on readers: once the reader leaves, the next tick truncates the log.
+    """
+
+    def __init__(self, store: Store, max_size: int, interval: float = 1.0) -> None:
+        self._store = store
+        self._max_size = max_size
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._warned = 0.0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="jobserver-wal-checkpointer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("WAL checkpoint failed; retrying on the next tick")
+
+    async def tick(self) -> Checkpoint | None:
+        """Checkpoint if the log is past its bound; returns what the checkpoint did."""
+        size = self._store.wal_size()
+        if size <= self._max_size:
+            return None
+        result = await self._store.checkpoint()
+        if result.busy and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.warning(
+                "the WAL is %d bytes (bound %d) and cannot be reset: a reader holds an old "
+                "snapshot (an open transaction in a sqlite3 shell?); it is truncated as "
+                "soon as that reader ends its transaction",
+                size,
+                self._max_size,
+            )
+        elif not result.busy:
+            log.info("WAL checkpointed and truncated (was %d bytes)", size)
+        return result

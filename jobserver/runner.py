@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +65,52 @@ class ProcessHandle:
         self.signal_tree(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class ChildSettings:
+    """What the job process applies to itself before importing the task (see child.py):
+    resource limits, the user to run as, and the largest result it may hand back."""
+
+    run_as: str | None = None
+    rlimits: Mapping[str, int] = field(default_factory=dict)  # "nofile" | "nproc" | "core"
+    max_result_size: int | None = None
+
+
 class Runner:
-    def __init__(self, python_path: Sequence[Path], environment: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        python_path: Sequence[Path],
+        environment: Mapping[str, str],
+        child: ChildSettings | None = None,
+    ) -> None:
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
+        self._child = child or ChildSettings()
+        self._owner: tuple[int, int] | None = None
+        if self._child.run_as is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self._child.run_as)  # KeyError: checked by the caller
+            self._owner = (entry.pw_uid, entry.pw_gid)
 
     def start(self, spec: LaunchSpec) -> ProcessHandle:
         """Spawn the attempt; call from the event-loop thread (the parent-death signal is
         tied to the thread that spawned the child)."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
+        if self._owner is not None:
+            os.chown(spec.workdir, *self._owner)  # the job writes its result here
         result_path = spec.workdir / RESULT_NAME
         result_path.unlink(missing_ok=True)
         spec_path = spec.workdir / SPEC_NAME
         spec_path.write_text(
             json.dumps(
-                {"function": spec.function, "args": spec.args, "result_path": str(result_path)}
+                {
+                    "function": spec.function,
+                    "args": spec.args,
+                    "result_path": str(result_path),
+                    "run_as": self._child.run_as,
+                    "rlimits": dict(self._child.rlimits),
+                    "max_result_size": self._child.max_result_size,
+                }
             )
         )
         log_path = spec.workdir / LOG_NAME
@@ -178,3 +210,14 @@ def _outcome(exit_code: int, result_path: Path) -> Outcome:
             error.get("traceback"),
         ),
     )
+
+
+def allowed_environment(environ: Mapping[str, str], patterns: Sequence[str]) -> dict[str, str]:
+    """The variables a job inherits: those whose name matches one of ``patterns``
+    (fnmatch, case-sensitive: "LC_*", "PYTHON*").  The server's own environment may hold
+    secrets (cloud keys, database passwords); a job gets only what the config allows."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    }

@@ -308,6 +308,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tick_lock = asyncio.Lock()
+        self._hurry = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -335,6 +336,26 @@ class Scheduler:
                 attempt.handle.signal_tree(signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown, first half: stop admitting, then wait up to ``grace`` seconds
+        for the running jobs to finish by themselves (their outcomes are recorded as
+        usual).  ``hurry()`` (a second signal) ends the wait early; ``stop()`` then
+        terminates and requeues whatever still runs."""
+        self._stopping = True
+        deadline = time.monotonic() + grace
+        if self._running:
+            log.info(
+                "shutting down: waiting up to %.0f s for %d running job(s)",
+                grace,
+                len(self._running),
+            )
+        # Polled, not awaited on an event: hurry() is called from a signal handler.
+        while self._running and not self._hurry and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def hurry(self) -> None:
+        self._hurry = True
 
     def wake(self) -> None:
         self._wakeup.set()

@@ -16,10 +16,12 @@ marked "SQLite specifics".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,6 +78,7 @@ jobs = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("peak_rss", sa.Integer),
     sa.Column("cpu_seconds", sa.Float),
+    sa.Column("owner", sa.Text),  # the token name that submitted it; NULL: anonymous
     sa.CheckConstraint(f"state IN ({_STATES})", name="ck_jobs_state"),
     sa.CheckConstraint(
         f"(state IN ({_TERMINAL})) = (finished_at IS NOT NULL)", name="ck_jobs_finished_at"
@@ -89,6 +92,7 @@ jobs = sa.Table(
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
+sa.Index("ix_jobs_owner_id", jobs.c.owner, jobs.c.id)
 
 MAX_PAGE = 1000
 
@@ -104,6 +108,7 @@ class NewJob:
     args: dict[str, Any]
     priority: int
     max_retries: int
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,10 @@ class Finish:
 class Store:
     """The jobs table, behind async methods that each run one short transaction."""
 
-    def __init__(self, writer: AsyncEngine, reader: AsyncEngine) -> None:
+    def __init__(self, writer: AsyncEngine, reader: AsyncEngine, database: Path) -> None:
         self._writer = writer
         self._reader = reader
+        self._database = database
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
@@ -134,7 +140,7 @@ class Store:
         reader = create_async_engine(url, pool_size=4, max_overflow=0, pool_timeout=60)
         _configure_sqlite(writer.sync_engine, begin="BEGIN IMMEDIATE", synchronous=synchronous)
         _configure_sqlite(reader.sync_engine, begin="BEGIN", synchronous=synchronous)
-        return cls(writer, reader)
+        return cls(writer, reader, database)
 
     async def close(self) -> None:
         await self._writer.dispose()
@@ -159,9 +165,14 @@ class Store:
 
     # -- reads -------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job; with ``owner``, only if that client submitted it (else ``NotFound``,
+        so that a client cannot even learn that another client's id exists)."""
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         async with self._read() as conn:
-            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+            row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
         return _job_from_row(row)
@@ -173,6 +184,7 @@ class Store:
         task: str | None = None,
         limit: int = 50,
         before: str | None = None,
+        owner: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the last id of the previous page (keyset pagination:
         new jobs get larger ids, so they never shift a page being walked)."""
@@ -183,6 +195,8 @@ class Store:
             query = query.where(jobs.c.task == task)
         if before is not None:
             query = query.where(jobs.c.id < before)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         return [_job_from_row(row) for row in rows]
@@ -230,6 +244,7 @@ class Store:
             "priority": new.priority,
             "created_at": format_timestamp(now),
             "max_retries": new.max_retries,
+            "owner": new.owner,
         }
         async with self._write() as conn:
             row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
@@ -323,11 +338,14 @@ class Store:
                 reason=error.type,
             )
 
-    async def request_cancel(self, job_id: str, now: datetime) -> Job:
+    async def request_cancel(self, job_id: str, now: datetime, *, owner: str | None = None) -> Job:
         """A queued job is cancelled at once; a running one is flagged for the scheduler,
-        which signals its process.  A finished job raises ``InvalidTransition``."""
+        which signals its process.  A finished job raises ``InvalidTransition``; with
+        ``owner``, another client's job is ``NotFound``."""
         async with self._write() as conn:
             job = await self._locked_get(conn, job_id)
+            if owner is not None and job.owner != owner:
+                raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
             check_transition(job.state, JobState.CANCELLED, job_id)
             if job.state is JobState.QUEUED:
                 cancelled = await self._set_state(
@@ -377,6 +395,50 @@ class Store:
         ).first()
         return None if row is None else _job_from_row(row)
 
+    # -- the file under an admin's hands (issue 5) ---------------------------------
+
+    def wal_size(self) -> int:
+        """Bytes in the write-ahead log (0 when there is none)."""
+        try:
+            return os.stat(self._database.with_name(self._database.name + "-wal")).st_size
+        except FileNotFoundError:
+            return 0
+
+    async def checkpoint(self) -> Checkpoint:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` on a connection of its own that never waits:
+        while a reader holds an old snapshot, it copies what it can and reports ``busy``
+        instead of stalling the writer behind the reader (busy_timeout = 0)."""
+        return await asyncio.to_thread(_checkpoint, self._database)
+
+    async def integrity_check(self) -> list[str]:
+        """``PRAGMA integrity_check``: ``["ok"]`` for a sound file."""
+        async with self._read() as conn:
+            rows = (await conn.exec_driver_sql("PRAGMA integrity_check")).all()
+        return [str(row[0]) for row in rows]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    busy: bool  # a reader kept part of the log from being copied back
+    wal_pages: int
+    checkpointed_pages: int
+    wal_size_after: int
+
+
+def _checkpoint(database: Path) -> Checkpoint:
+    db = sqlite3.connect(database, timeout=0, isolation_level=None)
+    try:
+        busy, log, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StorageUnavailable(f"checkpoint failed: {exc}", str(exc)) from exc
+    finally:
+        db.close()
+    try:
+        after = os.stat(database.with_name(database.name + "-wal")).st_size
+    except FileNotFoundError:
+        after = 0
+    return Checkpoint(bool(busy), int(log), int(done), after)
+
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
     """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
@@ -425,6 +487,7 @@ def _job_from_row(row: Row[Any]) -> Job:
         exit_code=m["exit_code"],
         peak_rss=m["peak_rss"],
         cpu_seconds=m["cpu_seconds"],
+        owner=m["owner"],
     )
 
 

@@ -66,7 +66,14 @@ def write_config(
     tasks: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     lines = [f"task_paths = {_toml_value([str(TESTS_DIR)])}", "", "[server]"]
-    server_values = {"log_level": "warning", "access_log": False, **(server or {})}
+    # shutdown_grace 0: a stopped test server requeues its running jobs at once (tests of
+    # the graceful wait set it themselves).
+    server_values = {
+        "log_level": "warning",
+        "access_log": False,
+        "shutdown_grace": "0s",
+        **(server or {}),
+    }
     lines += [f"{key} = {_toml_value(value)}" for key, value in server_values.items()]
     scheduler_values = {
         "poll_interval": "100ms",

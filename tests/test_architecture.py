@@ -22,7 +22,9 @@ ALLOWED = {
     "demo": set(),
     "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
     "maintenance": {"errors", "jobs", "store", "resources", "runner"},
-    "api": {"errors", "jobs", "store", "tasks", "__init__"},
+    "api": {"errors", "jobs", "store", "tasks", "access", "__init__"},
+    "access": {"errors"},
+    "openapi": {"jobs", "store", "tasks", "api"},
     "server": {
         "errors",
         "jobs",
@@ -34,8 +36,11 @@ ALLOWED = {
         "scheduler",
         "maintenance",
         "api",
+        "access",
+        "openapi",
+        "__init__",
     },
-    "cli": {"errors", "config", "server", "store", "__init__"},
+    "cli": {"errors", "config", "server", "store", "access", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -48,6 +53,8 @@ FORBIDDEN = {
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
+    "access": {"sqlalchemy", "subprocess", "psutil"},
+    "openapi": {"sqlalchemy", "starlette", "subprocess"},
 }
 
 
