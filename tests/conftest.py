@@ -39,6 +39,10 @@ SAMPLE_TASKS = {
     "ignore_sigterm": {"function": "sample_tasks:ignore_sigterm", "cpus": 0.1, "memory": "16MiB"},
     "wait_for_file": {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "16MiB"},
     "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "8GiB"},
+    "environment": {"function": "sample_tasks:environment", "cpus": 0.1, "memory": "16MiB"},
+    "identity": {"function": "sample_tasks:identity", "cpus": 0.1, "memory": "16MiB"},
+    "big_result": {"function": "sample_tasks:big_result", "cpus": 0.1, "memory": "16MiB"},
+    "spawn_escaped": {"function": "sample_tasks:spawn_escaped", "cpus": 0.1, "memory": "16MiB"},
     "analysis": {
         "function": "jobserver.demo:run_long_analysis",
         "cpus": 0.1,
