@@ -12,7 +12,7 @@ Tasks with a ``route`` get an operation each, built from their signature
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobserver.api import MAX_PRIORITY
@@ -285,7 +285,21 @@ def tutorial_operations(registry: Registry) -> list[Operation]:
 
 
 def operations_for(registry: Registry) -> list[Operation]:
-    return [*OPERATIONS, *tutorial_operations(registry)]
+    """The table, with the submit body narrowed to the task names this server knows."""
+    names = registry.names()
+    submission = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Submission"},
+            {"properties": {"task": {"type": "string", "enum": names}}} if names else {},
+        ],
+    }
+    return [
+        *(
+            replace(op, body=submission) if (op.method, op.path) == ("POST", "/api/v1/jobs") else op
+            for op in OPERATIONS
+        ),
+        *tutorial_operations(registry),
+    ]
 
 
 def access_rules(operations: Iterable[Operation]) -> list[tuple[str, str, str | None]]:
