@@ -410,6 +410,12 @@ class Store:
         instead of stalling the writer behind the reader (busy_timeout = 0)."""
         return await asyncio.to_thread(_checkpoint, self._database)
 
+    async def synchronous(self) -> int:
+        """The writer's ``PRAGMA synchronous``: 2 (FULL) or 1 (NORMAL)."""
+        async with self._write() as conn:
+            value = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+        return int(value)
+
     async def integrity_check(self) -> list[str]:
         """``PRAGMA integrity_check``: ``["ok"]`` for a sound file."""
         async with self._read() as conn:

@@ -258,3 +258,24 @@ def test_disk_full_answers_503_and_recovers(tmp_path: Path, server_factory: Any)
                 db.execute("SELECT args FROM jobs WHERE id = ?", (before["id"],)).fetchone()[0]
                 == '{"a":1}'
             )
+
+
+# -- durability setting ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("durability", "level"), [("full", 2), ("normal", 1)])
+async def test_durability_sets_sqlite_synchronous(
+    make_harness: Any, durability: str, level: int
+) -> None:
+    async with make_harness(server={"durability": durability}) as h:
+        assert await h.application.store.synchronous() == level
+        assert await h.application.store.integrity_check() == ["ok"]
+
+
+def test_durability_rejects_other_values(tmp_path: Path) -> None:
+    from jobserver import config
+    from jobserver.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="expected one of full, normal"):
+        config.load(write_config(tmp_path, server={"durability": "off"}))
