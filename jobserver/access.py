@@ -249,6 +249,10 @@ class RateLimiter:
     def acquire(self, key: str) -> float:
         """0 if the request may go ahead, else the seconds to wait before retrying."""
         now = self.clock()
+        if len(self._buckets) > 10_000:  # forget callers whose bucket has refilled
+            full = [k for k, b in self._buckets.items() if now - b.updated > self.burst / self.rate]
+            for stale in full:
+                del self._buckets[stale]
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(float(self.burst), now)

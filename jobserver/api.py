@@ -3,6 +3,11 @@
 Handlers only change stored state and wake the scheduler; they never start or signal a
 process (the scheduler does, from the stored state).  Every error, on every route, is
 ``{"error": {"code", "message", "details"}}`` with a status code from ``STATUS``.
+
+Authentication and scopes are not handled here: ``access.AccessMiddleware`` answers
+401/403/429 before a handler runs and leaves the caller in the request; handlers only use
+it to record a job's owner and to restrict a client token to its own jobs.  Request
+bounds (``InputLimits``) are checked before anything is stored.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ the job's log.  The outcome is written to the spec's ``result_path`` (JSON, writ
 temporary name then renamed, so the server never reads half a file):
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type", "message", "traceback"}}``.
 The exit code is 0 when the task returned, 1 when it raised.
+
+Before any task code is imported, the process applies the spec's resource limits, switches
+to the ``run_as`` user if one is set, and asks to die with the server (in that order:
+changing credentials clears the parent-death signal).  A result larger than the spec's
+``max_result_size`` is replaced by a ``ResultTooLarge`` error.
 """
 
 from __future__ import annotations

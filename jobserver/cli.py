@@ -236,7 +236,12 @@ def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> d
 
 def _submit(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
-    tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
+    try:
+        tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
+    except CommandFailed:
+        # A submit-only token may not read the task list: then every value is JSON-parsed,
+        # and the submit itself reports any real problem (an unreachable server included).
+        tasks = []
     params: list[dict[str, Any]] = next(
         (task["params"] for task in tasks if task["name"] == args.task), []
     )

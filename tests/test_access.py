@@ -298,3 +298,35 @@ async def test_public_bind_with_tokens_revoked_stays_closed(tmp_path: Path) -> N
         assert response.status_code == 401
         assert "no tokens" in response.json()["error"]["message"]
         assert (await client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.integration
+def test_cli_uses_jobserver_token(tmp_path: Path, server_factory: Any) -> None:
+    config_path = write_config(tmp_path)
+    secret = create_token(tmp_path / "tokens.json", "ci", ["submit", "read"])
+    submit_only = create_token(tmp_path / "tokens.json", "pusher", ["submit"])
+    server = server_factory(config_path)
+    run = [*JOBSERVER, "submit", "add", "a=2", "b=3", "--url", server.url]
+    done = subprocess.run(
+        [*run, "--wait"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JOBSERVER_TOKEN": secret},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"
+    pushed = subprocess.run(
+        [*run, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JOBSERVER_TOKEN": submit_only},
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["owner"] == "pusher"
+    refused = subprocess.run(
+        run, capture_output=True, text=True, timeout=60, env={**os.environ, "JOBSERVER_TOKEN": ""}
+    )
+    assert refused.returncode == 2
+    assert "jobserver token create" in refused.stderr
