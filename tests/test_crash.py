@@ -151,9 +151,11 @@ def test_sigkill_loop_loses_nothing(tmp_path: Path) -> None:
             time.sleep(delay)
             server.process.send_signal(signal.SIGKILL)
             server.process.wait(timeout=10)
+            with sqlite3.connect(database) as db:
+                states = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
             record(
                 f"cycle {cycle}: SIGKILL pid {server.process.pid} {delay:.3f} s after it "
-                f"served; {len(ledger.accepted)} jobs accepted so far"
+                f"served; {len(ledger.accepted)} jobs accepted so far; in the file: {states}"
             )
             server = start_server(config_path)
             ledger.url = server.url
