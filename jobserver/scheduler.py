@@ -354,6 +354,10 @@ class Scheduler:
         while self._running and not self._hurry and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
+    def stop_admitting(self) -> None:
+        """Start no more jobs (the first shutdown signal; safe from a signal handler)."""
+        self._stopping = True
+
     def hurry(self) -> None:
         self._hurry = True
 

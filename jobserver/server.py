@@ -173,6 +173,8 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._captured_signals.append(sig)
+        # Stop starting jobs now, not once uvicorn has finished closing connections.
+        self._scheduler.stop_admitting()
         if self.should_exit:
             log.warning("second signal: terminating running jobs now")
             self._scheduler.hurry()

@@ -40,15 +40,15 @@ def stopped_listening(server: ServerProcess) -> bool:
 def test_shutdown_waits_for_running_jobs_to_finish(
     tmp_path: Path, server_factory: Any, signum: int
 ) -> None:
+    # max_jobs = 1: the second job waits for the first one's slot, which frees up during
+    # the drain; it must not start then.
     config_path = write_config(
-        tmp_path, server={"shutdown_grace": "30s"}, scheduler={"max_memory": "1GiB"}
+        tmp_path, server={"shutdown_grace": "30s"}, scheduler={"max_jobs": 1}
     )
     gate = tmp_path / "gate"
     server = server_factory(config_path)
     job = submit(server.url, "wait_for_file", path=str(gate))
-    queued = submit(
-        server.url, "big", a=0
-    )  # 8 GiB > max_memory: never fits: must not start during the drain
+    queued = submit(server.url, "add", a=1)
     wait_for_job(server.url, job["id"], "running")
     server.process.send_signal(signum)
     wait_until(lambda: stopped_listening(server))
