@@ -50,6 +50,7 @@ class Report:
             f"{self.polls} polls, statuses {dict(self.statuses)}, "
             f"{self.server_errors} 5xx, {self.duplicates} duplicate ids, "
             f"{len(self.errors)} transport errors"
+            + (f" (first: {self.errors[:3]})" if self.errors else "")
         )
 
 
@@ -65,8 +66,12 @@ async def run_load(
 ) -> Report:
     report = Report()
     done = asyncio.Event()
+    # Idle connections expire on the client before uvicorn closes them (after 5 s): a
+    # request sent on a connection the server is closing would be lost in transit.
     limits = httpx.Limits(
-        max_connections=clients + pollers, max_keepalive_connections=clients + pollers
+        max_connections=clients + pollers,
+        max_keepalive_connections=clients + pollers,
+        keepalive_expiry=1.0,
     )
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as http:
 
