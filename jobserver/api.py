@@ -3,6 +3,11 @@
 Handlers only change stored state and wake the scheduler; they never start or signal a
 process (the scheduler does, from the stored state).  Every error, on every route, is
 ``{"error": {"code", "message", "details"}}`` with a status code from ``STATUS``.
+
+Authentication and scopes are not handled here: ``access.AccessMiddleware`` answers
+401/403/429 before a handler runs and leaves the caller in the request; handlers only use
+it to record a job's owner and to restrict a client token to its own jobs.  Request
+bounds (``InputLimits``) are checked before anything is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jobserver import __version__
+from jobserver.access import principal_of
 from jobserver.errors import (
     Conflict,
     InvalidTransition,
@@ -46,7 +53,7 @@ from jobserver.jobs import (
     new_job_id,
     utcnow,
 )
-from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store
+from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, dump_json
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
@@ -85,9 +92,29 @@ class SchedulerPort(Protocol):
 class ApiError(JobServerError):
     """An HTTP-level problem with the request itself (not with its content)."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message, details, code=code)
         self.status = status
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on what a request may carry (server.max_* in the config); each refusal
+    names the limit it hit."""
+
+    max_json_depth: int = 32
+    max_string_length: int = 65536
+    max_array_length: int = 10000
+    max_args_size: int = 256 * 1024
+    max_queued: int | None = None
 
 
 STATUS: dict[type[JobServerError], int] = {
@@ -120,7 +147,11 @@ def create_app(
     jobs_dir: Path | None = None,
     max_retries_limit: int = 10,
     idempotency_window: float = 86400.0,
+    limits: InputLimits | None = None,
+    openapi: Mapping[str, Any] | None = None,
 ) -> Starlette:
+    limits = limits or InputLimits()
+
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
 
@@ -143,9 +174,16 @@ def create_app(
             if len(body) > max_body_size:
                 raise _too_large(max_body_size)
         try:
-            return json.loads(body, parse_constant=_reject_constant)
+            value = json.loads(body, parse_constant=_reject_constant)
         except RecursionError:
-            raise ApiError(400, "malformed_json", "the body's JSON is nested too deeply") from None
+            # Too deep for the parser itself (and so far past max_json_depth).
+            raise ApiError(
+                400,
+                "malformed_json",
+                "the body's JSON is nested too deeply "
+                f"(the limit, max_json_depth, is {limits.max_json_depth})",
+                {"limit": "max_json_depth", "value": limits.max_json_depth},
+            ) from None
         except UnicodeDecodeError as exc:
             raise ApiError(400, "malformed_json", "the body is not valid UTF-8", str(exc)) from None
         except json.JSONDecodeError as exc:
@@ -155,20 +193,45 @@ def create_app(
                 f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                 {"line": exc.lineno, "column": exc.colno},
             ) from None
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            raise ApiError(400, "malformed_json", f"the body's JSON is unusable: {exc}") from None
+        check_json_limits(value, limits)
+        return value
 
     async def submit(
+        request: Request,
         task: Task,
         args: Any,
         priority: int,
         options: dict[str, Any] | None = None,
-        request: Request | None = None,
         body: Any = None,
     ) -> tuple[Job, bool]:
         """Validate and store a job; (job, created).  created is False when an
         Idempotency-Key named an earlier submit of the same body."""
         options = options or {}
-        key = None if request is None else idempotency_key(request, body)
+        owner = principal_of(request.scope).name
+        key = idempotency_key(request, body, owner)
         validated = task.validate(args)
+        size = len(dump_json(validated).encode())
+        if size > limits.max_args_size:
+            raise ApiError(
+                413,
+                "args_too_large",
+                f"the job's args take {size} bytes as JSON; the limit (max_args_size) is "
+                f"{limits.max_args_size} bytes: pass a reference (a path, a URL) instead",
+                {"limit": "max_args_size", "value": limits.max_args_size, "size": size},
+            )
+        if limits.max_queued is not None:
+            queued = (await store.active_counts())[JobState.QUEUED.value]
+            if queued >= limits.max_queued:
+                raise ApiError(
+                    503,
+                    "queue_full",
+                    f"{queued} jobs are queued, the limit (max_queued) is {limits.max_queued}; "
+                    "retry later",
+                    {"limit": "max_queued", "value": limits.max_queued, "queued": queued},
+                    {"Retry-After": "5"},
+                )
         now = utcnow()
         max_retries = options.get("max_retries", task.settings.max_retries)
         run_after = options.get("run_at")
@@ -183,14 +246,15 @@ def create_app(
             run_after=run_after,
             depends_on=tuple(options.get("depends_on", ())),
             idempotency=key,
+            owner=owner,
         )
-        job, created = await store.submit(new, new_job_id(), now)
+        job, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
         if created:
             scheduler.wake()
             log.info("job %s (%s): submitted -> %s", job.id, job.task, job.state.value)
         return job, created
 
-    def idempotency_key(request: Request, body: Any) -> IdempotencyKey | None:
+    def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
         text = request.headers.get(IDEMPOTENCY_HEADER)
         if text is None:
             return None
@@ -209,7 +273,7 @@ def create_app(
             {"path": request.url.path, "body": body}, sort_keys=True, separators=(",", ":")
         )
         return IdempotencyKey(
-            ANONYMOUS_SCOPE,
+            owner or ANONYMOUS_SCOPE,  # keys are per client: one token cannot see another's
             text,
             hashlib.sha256(canonical.encode()).hexdigest(),
             idempotency_window,
@@ -248,7 +312,7 @@ def create_app(
             raise ValidationError("invalid job submission", problems)
         assert isinstance(name, str)
         job, created = await submit(
-            registry.get(name), body.get("args", {}), priority, options, request, body
+            request, registry.get(name), body.get("args", {}), priority, options, body
         )
         return JSONDocument(
             document(job), status_code=202 if created else 200, headers=_location(job)
@@ -257,7 +321,7 @@ def create_app(
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
             body = await read_json(request)
-            job, created = await submit(task, body, 0, None, request, body)
+            job, created = await submit(request, task, body, 0, None, body)
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
                 status_code=202 if created else 200,
@@ -267,7 +331,7 @@ def create_app(
         return start
 
     async def get_job(request: Request) -> Response:
-        job = await store.get(request.path_params["job_id"])
+        job = await store.get(request.path_params["job_id"], owner=_owner(request))
         return JSONDocument(document(job))
 
     async def list_jobs(request: Request) -> Response:
@@ -296,21 +360,27 @@ def create_app(
         if problems:
             raise ValidationError("invalid query", problems)
         found = await store.page(
-            state=state, task=params.get("task"), limit=limit + 1, before=cursor
+            state=state,
+            task=params.get("task"),
+            limit=limit + 1,
+            before=cursor,
+            owner=_owner(request),
         )
         page = found[:limit]
         next_cursor = page[-1].id if len(found) > limit else None
         return JSONDocument({"jobs": [document(job) for job in page], "next_cursor": next_cursor})
 
     async def cancel_job(request: Request) -> Response:
-        job = await store.request_cancel(request.path_params["job_id"], utcnow())
+        job = await store.request_cancel(
+            request.path_params["job_id"], utcnow(), owner=_owner(request)
+        )
         scheduler.wake()
         log.info("job %s: cancel requested (%s)", job.id, job.state.value)
         job = await store.get(job.id)  # with its history and dependencies
         return JSONDocument(document(job), status_code=200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
-        job = await store.get(request.path_params["task_id"])
+        job = await store.get(request.path_params["task_id"], owner=_owner(request))
         return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
 
     async def list_tasks(request: Request) -> Response:
@@ -333,7 +403,7 @@ def create_app(
         return jobs_dir.joinpath(job_id, *parts)
 
     async def retry_job(request: Request) -> Response:
-        job = await store.retry(request.path_params["job_id"], utcnow())
+        job = await store.retry(request.path_params["job_id"], utcnow(), owner=_owner(request))
         scheduler.wake()
         log.info("job %s: retried by request -> queued", job.id)
         return JSONDocument(document(job), status_code=202, headers=_location(job))
@@ -358,7 +428,7 @@ def create_app(
             problems.append({"field": "follow", "message": "expected 1 or 0"})
         if problems:
             raise ValidationError("invalid query", problems)
-        job = await store.get(request.path_params["job_id"])
+        job = await store.get(request.path_params["job_id"], owner=_owner(request))
         path = job_path(job.id, JOB_LOG_NAME)
         text, offset = _read_log(path, tail)
         if follow not in ("1", "true") or job.state.terminal:
@@ -379,7 +449,7 @@ def create_app(
             await asyncio.sleep(FOLLOW_POLL)
 
     async def job_artifact(request: Request) -> Response:
-        job = await store.get(request.path_params["job_id"])
+        job = await store.get(request.path_params["job_id"], owner=_owner(request))
         name = request.path_params["name"]
         listed = {artifact.name: artifact for artifact in job.artifacts}
         if not _safe_name(name) or name not in listed:
@@ -427,6 +497,13 @@ def create_app(
         Route(path, tutorial_route(task), methods=["POST"])
         for path, task in registry.by_route().items()
     ]
+    if openapi is not None:
+        description = dict(openapi)
+
+        async def openapi_json(request: Request) -> Response:
+            return JSONDocument(description)
+
+        routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
     return Starlette(
         routes=routes,
         exception_handlers={
@@ -475,6 +552,7 @@ def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
             }
             for a in job.history
         ],
+        "owner": job.owner,
     }
 
 
@@ -632,6 +710,42 @@ def celery_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
     return body
 
 
+def _owner(request: Request) -> str | None:
+    """The owner a request is restricted to: its token's name, or None for an admin token
+    (or an open server without tokens)."""
+    return principal_of(request.scope).owner_filter
+
+
+def check_json_limits(value: Any, limits: InputLimits) -> None:
+    """Walk a parsed body once (iteratively: no recursion limit to hit) and refuse the
+    first string, array, object or nesting level past its configured limit (422)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if len(item) > limits.max_string_length:
+                raise _over_limit("max_string_length", limits.max_string_length, "characters")
+        elif isinstance(item, list | dict):
+            if depth > limits.max_json_depth:
+                raise _over_limit("max_json_depth", limits.max_json_depth, "levels of nesting")
+            if len(item) > limits.max_array_length:
+                raise _over_limit("max_array_length", limits.max_array_length, "items")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _over_limit(name: str, value: int, unit: str) -> ApiError:
+    return ApiError(
+        422,
+        "limit_exceeded",
+        f"the body exceeds {name} = {value} {unit}",
+        {"limit": name, "value": value},
+    )
+
+
 def _time(moment: datetime | None) -> str | None:
     return None if moment is None else format_timestamp(moment)
 
@@ -666,7 +780,7 @@ def _looks_like_job_id(text: str) -> bool:
 async def _on_jobserver_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, JobServerError)
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc)
+        return error_response(exc.status, exc, exc.headers)
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     if status == 503:
         log.error("storage error on %s %s: %s", request.method, request.url.path, exc.details)

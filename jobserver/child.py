@@ -13,6 +13,11 @@ The exit code is 0 when the task returned, 1 when it raised.
 cannot import itself because it needs packages only that task's interpreter has.
 
 Stdlib only: this file also runs under interpreters that have nothing else installed.
+
+Before any task code is imported, the process applies the spec's resource limits, switches
+to the ``run_as`` user if one is set, and asks to die with the server (in that order:
+changing credentials clears the parent-death signal).  A result larger than the spec's
+``max_result_size`` is replaced by a ``ResultTooLarge`` error.
 """
 
 from __future__ import annotations
@@ -43,6 +48,39 @@ def die_with_server() -> None:
         os._exit(137)
 
 
+RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_CORE"}
+
+
+def apply_rlimits(limits: dict[str, int]) -> None:
+    """Lower (soft and hard) the resource limits the config asks for, before any task
+    code runs; a limit above the current hard limit is capped at it (only root could raise
+    it, and jobs should not)."""
+    import resource
+
+    for name, value in limits.items():
+        which = getattr(resource, RLIMITS[name])
+        _soft, hard = resource.getrlimit(which)
+        target = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (target, target))
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its uid, primary gid and supplementary groups) for good.
+
+    Done here rather than with ``posix_spawn`` (which cannot change users) or
+    ``preexec_fn`` (unsafe in the threaded server): this process has one thread and no
+    task code has run yet.  Changing credentials clears the parent-death signal, so
+    ``die_with_server`` is called after this.
+    """
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+
+
 def resolve(function: str) -> Any:
     module_name, _, attribute = function.partition(":")
     target: Any = importlib.import_module(module_name)
@@ -52,6 +90,21 @@ def resolve(function: str) -> Any:
 
 
 def run(spec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    code, document = _run(spec)
+    limit = spec.get("max_result_size")
+    if code == 0 and limit is not None:
+        size = len(json.dumps(document.get("result"), ensure_ascii=False).encode())
+        if size > limit:
+            message = (
+                f"the task returned {size} bytes of JSON; the limit (max_result_size) is "
+                f"{limit} bytes: write large output to a file and return its path"
+            )
+            print(message, file=sys.stderr)
+            return 1, _error("ResultTooLarge", message)
+    return code, document
+
+
+def _run(spec: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     try:
         result = resolve(spec["function"])(**spec["args"])
     except SystemExit as stop:
@@ -127,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         except (TypeError, ValueError):  # a default that JSON cannot carry
             print(json.dumps(_error("TypeError", "a parameter default is not JSON-serialisable")))
         sys.exit(0 if document["ok"] else 1)
-    die_with_server()
     spec = json.loads(Path(argv[0]).read_text())
+    apply_rlimits(spec.get("rlimits") or {})
+    if spec.get("run_as"):
+        drop_privileges(spec["run_as"])
+    die_with_server()
     code, document = run(spec)
     sys.stdout.flush()
     sys.stderr.flush()

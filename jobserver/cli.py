@@ -121,6 +121,28 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(submit)
     submit.set_defaults(run=_submit)
 
+    token = commands.add_parser(
+        "token", help="manage bearer tokens (stored as hashes in server.tokens_file)"
+    )
+    token_commands = token.add_subparsers(required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="create a token; prints its secret once")
+    create.add_argument("name", help="who the token is for; its jobs are owned by this name")
+    create.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated: submit, read, cancel, admin (admin implies all and sees "
+        "every client's jobs)",
+    )
+    _config_option(create)
+    create.set_defaults(run=_token_create)
+    listing = token_commands.add_parser("list", help="list token names and scopes")
+    _config_option(listing)
+    listing.set_defaults(run=_token_list)
+    revoke = token_commands.add_parser("revoke", help="delete a token")
+    revoke.add_argument("name")
+    _config_option(revoke)
+    revoke.set_defaults(run=_token_revoke)
+
     status = commands.add_parser("status", help="show a job")
     status.add_argument("job_id")
     _client_options(status)
@@ -245,12 +267,55 @@ def version_text() -> str:
     )
 
 
+def _tokens_file(args: argparse.Namespace) -> Path:
+    path: Path = _load_settings(args).server.tokens_file
+    return path
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    path = _tokens_file(args)
+    secret = access.create_token(path, args.name, access.parse_scopes(args.scopes))
+    print(secret)
+    print(
+        f"token {args.name!r} created in {path}; this secret is shown only once. "
+        "Clients send it as 'Authorization: Bearer <secret>' (or set JOBSERVER_TOKEN).",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    for token in access.read_tokens(_tokens_file(args)):
+        print(f"{token.name}\t{','.join(token.scopes)}\t{token.created_at}")
+    return EXIT_OK
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from jobserver import access
+
+    path = _tokens_file(args)
+    access.revoke_token(path, args.name)
+    print(f"token {args.name!r} revoked", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- client commands ------------------------------------------------------------------
 
 
-def _request(method: str, url: str, **kwargs: Any) -> Any:
+def _auth_headers(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """$JOBSERVER_TOKEN as a bearer token, plus ``extra``."""
+    token = os.environ.get("JOBSERVER_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return {**headers, **(extra or {})}
+
+
+def _request(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
     try:
-        response = httpx.request(method, url, timeout=30, **kwargs)
+        response = httpx.request(method, url, timeout=30, headers=_auth_headers(headers), **kwargs)
     except httpx.HTTPError as exc:
         raise CommandFailed(
             f"cannot reach {url}: {exc}; is the server running?", EXIT_SERVER
@@ -294,7 +359,12 @@ def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> d
 
 def _submit(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
-    tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
+    try:
+        tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
+    except CommandFailed:
+        # A submit-only token may not read the task list: then every value is JSON-parsed,
+        # and the submit itself reports any real problem (an unreachable server included).
+        tasks = []
     params: list[dict[str, Any]] = next(
         (task["params"] for task in tasks if task["name"] == args.task), []
     )
@@ -358,7 +428,9 @@ def _logs(args: argparse.Namespace) -> int:
         params["follow"] = 1
     try:
         # No read timeout when following: the stream is quiet while the job is.
-        with httpx.stream("GET", url, params=params, timeout=httpx.Timeout(30, read=None)) as r:
+        with httpx.stream(
+            "GET", url, params=params, headers=_auth_headers(), timeout=httpx.Timeout(30, read=None)
+        ) as r:
             if not r.is_success:
                 r.read()
                 _request_error(r, "GET", url)

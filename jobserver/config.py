@@ -120,6 +120,7 @@ def format_size(n: int) -> str:
 # --- the settings ----------------------------------------------------------------------
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DURABILITY = ("full", "normal")
 # Paths the API serves itself; a task's extra route may not shadow them.
 RESERVED_ROUTES = (
     "/api/v1/jobs",
@@ -127,6 +128,7 @@ RESERVED_ROUTES = (
     "/api/v1/system",
     "/api/v1/task-status",
     "/healthz",
+    "/openapi.json",
 )
 # Types a command task's params may declare (see TaskSettings.params).
 COMMAND_PARAM_TYPES = ("str", "int", "float", "bool")
@@ -143,6 +145,36 @@ class ServerSettings:
     max_body_size: int = 1 * _MIB
     access_log: bool = True
     log_level: str = "info"
+    # -- reliability and access (issue 5) --
+    durability: str = "full"  # "full": SQLite synchronous=FULL; "normal": synchronous=NORMAL
+    shutdown_grace: float = 30.0  # on SIGTERM/SIGINT, wait this long for running jobs
+    wal_max_size: int = 64 * _MIB  # checkpoint (TRUNCATE) when the WAL grows past this
+    tokens_file: Path = Path("tokens.json")  # bearer tokens (hashes), see `jobserver token`
+    allow_anonymous: bool = False  # without tokens, allow binding a non-loopback address
+    rate_limit: float | None = None  # requests per second per token (None: unlimited)
+    rate_burst: int = 50  # requests a token may make at once before the rate applies
+    max_queued: int | None = None  # submits answer 503 while this many jobs are queued
+    max_json_depth: int = 32
+    max_string_length: int = 65536  # characters in one JSON string
+    max_array_length: int = 10000  # items in one JSON array (or keys in one object)
+    max_args_size: int = 256 * 1024  # a job's args as stored JSON, bytes
+    max_result_size: int = 16 * _MIB  # a job's result as JSON, bytes
+    env_allow: tuple[str, ...] = (
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LC_*",
+        "TZ",
+        "TMPDIR",
+        "PYTHON*",
+        "VIRTUAL_ENV",
+    )  # environment variables (fnmatch patterns) a job's process inherits
+    run_as: str | None = None  # when started as root: run jobs as this user
+    rlimit_nofile: int | None = None  # open files per job process
+    rlimit_nproc: int | None = None  # processes for the job's user
+    rlimit_core: int | None = None  # core dump size, bytes (0: no core dumps)
 
 
 @dataclass(frozen=True)
@@ -287,6 +319,26 @@ def _server(table: _Table, base: Path) -> ServerSettings:
         max_body_size=table.get("max_body_size", _positive(parse_size), default.max_body_size),
         access_log=table.get("access_log", _boolean, default.access_log),
         log_level=table.get("log_level", _choice(LOG_LEVELS), default.log_level),
+        durability=table.get("durability", _choice(DURABILITY), default.durability),
+        shutdown_grace=table.get("shutdown_grace", parse_duration, default.shutdown_grace),
+        wal_max_size=table.get("wal_max_size", _positive(parse_size), default.wal_max_size),
+        tokens_file=table.get("tokens_file", _path(base), base / default.tokens_file),
+        allow_anonymous=table.get("allow_anonymous", _boolean, default.allow_anonymous),
+        rate_limit=table.get("rate_limit", _number(0, above=True), default.rate_limit),
+        rate_burst=table.get("rate_burst", _integer(1), default.rate_burst),
+        max_queued=table.get("max_queued", _integer(1), default.max_queued),
+        max_json_depth=table.get("max_json_depth", _integer(1), default.max_json_depth),
+        max_string_length=table.get("max_string_length", _integer(1), default.max_string_length),
+        max_array_length=table.get("max_array_length", _integer(1), default.max_array_length),
+        max_args_size=table.get("max_args_size", _positive(parse_size), default.max_args_size),
+        max_result_size=table.get(
+            "max_result_size", _positive(parse_size), default.max_result_size
+        ),
+        env_allow=table.get("env_allow", _string_list, default.env_allow),
+        run_as=table.get("run_as", _string, default.run_as),
+        rlimit_nofile=table.get("rlimit_nofile", _integer(0), default.rlimit_nofile),
+        rlimit_nproc=table.get("rlimit_nproc", _integer(0), default.rlimit_nproc),
+        rlimit_core=table.get("rlimit_core", parse_size, default.rlimit_core),
     )
 
 
@@ -544,6 +596,12 @@ def _string(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{key} = {_show(value)}: expected a string")
     return value
+
+
+def _string_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f'{key} = {_show(value)}: expected a list of strings like ["PATH"]')
+    return tuple(value)
 
 
 def _boolean(value: object, key: str) -> bool:

@@ -142,6 +142,8 @@ class Job:
     history: tuple[Attempt, ...] = ()  # filled by the store's single-job and page reads
     waiting_on: tuple[tuple[str, str], ...] = ()  # (id, state) of unsucceeded dependencies
 
+    owner: str | None = None  # the token name that submitted it; None: anonymous
+
 
 @dataclass(frozen=True)
 class Progress:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from croniter import croniter
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import Finish, NewJob, Store
+from jobserver.store import Checkpoint, Finish, NewJob, Store
 
 log = logging.getLogger("jobserver.maintenance")
 
@@ -105,6 +106,45 @@ class _Periodic:
             except Exception:
                 log.exception("%s tick failed; retrying on the next tick", self.name)
             await asyncio.sleep(self.interval)
+
+
+class WalCheckpointer(_Periodic):
+    """Keeps the write-ahead log bounded.
+
+    SQLite checkpoints the WAL by itself every 1000 pages, but a reader that holds an old
+    snapshot (an admin's open transaction in the ``sqlite3`` shell) stops it from being
+    reset, and the log then grows with every write.  Every ``interval`` this service looks
+    at the log's size and, past ``max_size``, runs ``PRAGMA wal_checkpoint(TRUNCATE)``
+    without waiting on readers: once the reader leaves, the next tick truncates the log.
+    """
+
+    name = "wal-checkpointer"
+
+    def __init__(self, store: Store, max_size: int, interval: float = 1.0) -> None:
+        super().__init__()
+        self._store = store
+        self._max_size = max_size
+        self.interval = interval
+        self._warned = 0.0
+
+    async def tick(self, now: datetime | None = None) -> Checkpoint | None:
+        """Checkpoint if the log is past its bound; returns what the checkpoint did."""
+        size = self._store.wal_size()
+        if size <= self._max_size:
+            return None
+        result = await self._store.checkpoint()
+        if result.busy and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.warning(
+                "the WAL is %d bytes (bound %d) and cannot be reset: a reader holds an old "
+                "snapshot (an open transaction in a sqlite3 shell?); it is truncated as "
+                "soon as that reader ends its transaction",
+                size,
+                self._max_size,
+            )
+        elif not result.busy:
+            log.info("WAL checkpointed and truncated (was %d bytes)", size)
+        return result
 
 
 class Pruner(_Periodic):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -207,19 +208,45 @@ class ProcessHandle:
         self.signal_tree(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class ChildSettings:
+    """What the job process applies to itself before importing the task (see child.py):
+    resource limits, the user to run as, and the largest result it may hand back."""
+
+    run_as: str | None = None
+    rlimits: Mapping[str, int] = field(default_factory=dict)  # "nofile" | "nproc" | "core"
+    max_result_size: int | None = None
+
+
 class Runner:
-    def __init__(self, python_path: Sequence[Path], environment: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        python_path: Sequence[Path],
+        environment: Mapping[str, str],
+        child: ChildSettings | None = None,
+    ) -> None:
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
         # A program cannot ask for a parent-death signal itself: setpriv does it, then
         # execs the program (FIELD-NOTES).  Without it the startup rescuer cleans up.
         self._setpriv = shutil.which("setpriv")
+        self._child = child or ChildSettings()
+        self._owner: tuple[int, int] | None = None
+        if self._child.run_as is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self._child.run_as)  # KeyError: checked by the caller
+            self._owner = (entry.pw_uid, entry.pw_gid)
 
     def start(self, spec: LaunchSpec) -> ProcessHandle:
         """Spawn the attempt; call from the event-loop thread (the parent-death signal is
         tied to the thread that spawned the child, and the pipes are read by its loop)."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
         (spec.workdir / ARTIFACTS_DIR_NAME).mkdir(exist_ok=True)
+        if self._owner is not None:
+            # The job writes its result and its artifacts here.
+            os.chown(spec.workdir, *self._owner)
+            os.chown(spec.workdir / ARTIFACTS_DIR_NAME, *self._owner)
         result_path = spec.workdir / RESULT_NAME
         result_path.unlink(missing_ok=True)
         env = self._child_environment(spec)
@@ -227,7 +254,14 @@ class Runner:
             spec_path = spec.workdir / SPEC_NAME
             spec_path.write_text(
                 json.dumps(
-                    {"function": spec.function, "args": spec.args, "result_path": str(result_path)}
+                    {
+                        "function": spec.function,
+                        "args": spec.args,
+                        "result_path": str(result_path),
+                        "run_as": self._child.run_as,
+                        "rlimits": dict(self._child.rlimits),
+                        "max_result_size": self._child.max_result_size,
+                    }
                 )
             )
             if spec.python is not None:
@@ -245,9 +279,8 @@ class Runner:
             found = shutil.which(spec.command[0])
             if found is None:
                 raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
-            program, argv = found, [found, *spec.command[1:]]
-            if self._setpriv is not None:
-                program, argv = self._setpriv, [self._setpriv, "--pdeathsig", "KILL", "--", *argv]
+            argv = [*self._command_wrappers(), found, *spec.command[1:]]
+            program = argv[0]
         log = _Log(spec.workdir / LOG_NAME, spec.log_limit)
         log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
         # Pipes are created close-on-exec; dup2 into the child's 1, 2 and 3 clears the flag
@@ -298,6 +331,27 @@ class Runner:
                 _Pipe(err_read, log.write),
             ]
         return handle
+
+    def _command_wrappers(self) -> list[str]:
+        """What a command task's program runs under: the configured resource limits
+        (prlimit), the ``run_as`` user and the parent-death signal (setpriv) -- what
+        child.py does for Python tasks, which a program cannot do for itself."""
+        wrappers: list[str] = []
+        if self._child.rlimits:
+            prlimit = shutil.which("prlimit")
+            if prlimit is None:
+                raise FileNotFoundError("rlimits are configured but prlimit is not installed")
+            limits = [f"--{name}={value}:{value}" for name, value in self._child.rlimits.items()]
+            wrappers += [prlimit, *limits, "--"]
+        if self._setpriv is not None:
+            wrappers += [self._setpriv, "--pdeathsig", "KILL"]
+            if self._owner is not None:
+                uid, gid = self._owner
+                wrappers += [f"--reuid={uid}", f"--regid={gid}", "--init-groups"]
+            wrappers.append("--")
+        elif self._owner is not None:
+            raise FileNotFoundError("run_as is set but setpriv (util-linux) is not installed")
+        return wrappers
 
     def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
         env = dict(self._environment)
@@ -489,3 +543,14 @@ def list_artifacts(workdir: Path) -> tuple[Artifact, ...]:
             continue
         found.append(Artifact(entry.name, size, digest.hexdigest()))
     return tuple(found)
+
+
+def allowed_environment(environ: Mapping[str, str], patterns: Sequence[str]) -> dict[str, str]:
+    """The variables a job inherits: those whose name matches one of ``patterns``
+    (fnmatch, case-sensitive: "LC_*", "PYTHON*").  The server's own environment may hold
+    secrets (cloud keys, database passwords); a job gets only what the config allows."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    }

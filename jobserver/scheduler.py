@@ -311,19 +311,23 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._admitting = True
         self._tick_lock = asyncio.Lock()
         self._jobs_settings = jobs_settings or JobsSettings()
+        self._hurry = False
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         if self._loop_task is None:
             self._stopping = False
+            self._admitting = True
             self._loop_task = asyncio.create_task(self._loop(), name="jobserver-scheduler")
 
     async def stop(self) -> None:
         """Stop admitting, then terminate every running job's tree and put the job back in
         the queue (the interrupted attempt counts toward neither retries nor rescues)."""
+        self._admitting = False
         self._stopping = True
         if self._loop_task is not None:
             self.wake()  # the loop sees _stopping and ends after any tick in progress
@@ -341,6 +345,31 @@ class Scheduler:
                 attempt.handle.signal_tree(signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown, first half: stop admitting, then wait up to ``grace`` seconds
+        for the running jobs to finish by themselves (their outcomes are recorded as
+        usual).  ``hurry()`` (a second signal) ends the wait early; ``stop()`` then
+        terminates and requeues whatever still runs.  Ticks go on meanwhile: cancels,
+        timeouts and usage sampling still apply to the jobs being waited for."""
+        self._admitting = False
+        deadline = time.monotonic() + grace
+        if self._running:
+            log.info(
+                "shutting down: waiting up to %.0f s for %d running job(s)",
+                grace,
+                len(self._running),
+            )
+        # Polled, not awaited on an event: hurry() is called from a signal handler.
+        while self._running and not self._hurry and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def stop_admitting(self) -> None:
+        """Start no more jobs (the first shutdown signal; safe from a signal handler)."""
+        self._admitting = False
+
+    def hurry(self) -> None:
+        self._hurry = True
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -368,7 +397,7 @@ class Scheduler:
             self._sample_usage(monotonic)
             await self._store_progress(monotonic)
             await self._enforce(monotonic)
-            if not self._stopping:
+            if self._admitting:
                 await self._admit(now, monotonic)
 
     def _sample_usage(self, monotonic: float) -> None:
@@ -577,7 +606,7 @@ class Scheduler:
         reason = self._waiting.get(job.id)
         if reason is not None:
             return reason
-        if self._stopping:
+        if not self._admitting:
             return "the server is shutting down"
         if job.id in self._head or len(self._head) < QUEUE_HEAD_SIZE:
             return "waiting for the scheduler's next tick"

@@ -21,12 +21,14 @@ last cron slot fired) and ``idempotency_keys``.  Deleting a job cascades to all 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -97,6 +99,7 @@ jobs = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("peak_rss", sa.Integer),
     sa.Column("cpu_seconds", sa.Float),
+    sa.Column("owner", sa.Text),  # the token name that submitted it; NULL: anonymous
     sa.CheckConstraint(f"state IN ({_STATES})", name="ck_jobs_state"),
     sa.CheckConstraint(
         f"(state IN ({_TERMINAL})) = (finished_at IS NOT NULL)", name="ck_jobs_finished_at"
@@ -110,6 +113,7 @@ jobs = sa.Table(
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
+sa.Index("ix_jobs_owner_id", jobs.c.owner, jobs.c.id)
 
 # --- lifecycle (issue 4): migration 0002 -----------------------------------------------
 # New columns of ``jobs`` are appended by 0002 (SQLite adds columns at the end).
@@ -194,6 +198,7 @@ class NewJob:
     run_after: datetime | None = None
     depends_on: tuple[str, ...] = ()
     idempotency: IdempotencyKey | None = None
+    owner: str | None = None  # the token name submitting it; None: anonymous
 
 
 @dataclass(frozen=True)
@@ -213,9 +218,10 @@ class Finish:
 class Store:
     """The jobs table, behind async methods that each run one short transaction."""
 
-    def __init__(self, writer: AsyncEngine, reader: AsyncEngine) -> None:
+    def __init__(self, writer: AsyncEngine, reader: AsyncEngine, database: Path) -> None:
         self._writer = writer
         self._reader = reader
+        self._database = database
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
@@ -225,7 +231,7 @@ class Store:
         reader = create_async_engine(url, pool_size=4, max_overflow=0, pool_timeout=60)
         _configure_sqlite(writer.sync_engine, begin="BEGIN IMMEDIATE", synchronous=synchronous)
         _configure_sqlite(reader.sync_engine, begin="BEGIN", synchronous=synchronous)
-        return cls(writer, reader)
+        return cls(writer, reader, database)
 
     async def close(self) -> None:
         await self._writer.dispose()
@@ -250,9 +256,14 @@ class Store:
 
     # -- reads -------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job; with ``owner``, only if that client submitted it (else ``NotFound``,
+        so that a client cannot even learn that another client's id exists)."""
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         async with self._read() as conn:
-            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+            row = (await conn.execute(query)).first()
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
             return (await _with_extras(conn, [_job_from_row(row)]))[0]
@@ -264,6 +275,7 @@ class Store:
         task: str | None = None,
         limit: int = 50,
         before: str | None = None,
+        owner: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the last id of the previous page (keyset pagination:
         new jobs get larger ids, so they never shift a page being walked)."""
@@ -274,6 +286,8 @@ class Store:
             query = query.where(jobs.c.task == task)
         if before is not None:
             query = query.where(jobs.c.id < before)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
             return await _with_extras(conn, [_job_from_row(row) for row in rows])
@@ -436,11 +450,14 @@ class Store:
                 await _cascade(conn, job, now)
             return job
 
-    async def request_cancel(self, job_id: str, now: datetime) -> Job:
+    async def request_cancel(self, job_id: str, now: datetime, *, owner: str | None = None) -> Job:
         """A queued job is cancelled at once; a running one is flagged for the scheduler,
-        which signals its process.  A finished job raises ``InvalidTransition``."""
+        which signals its process.  A finished job raises ``InvalidTransition``; with
+        ``owner``, another client's job is ``NotFound``."""
         async with self._write() as conn:
             job = await self._locked_get(conn, job_id)
+            if owner is not None and job.owner != owner:
+                raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
             check_transition(job.state, JobState.CANCELLED, job_id)
             if job.state is JobState.QUEUED:
                 cancelled = await self._set_state(
@@ -493,11 +510,14 @@ class Store:
 
     # -- lifecycle (issue 4) -------------------------------------------------------
 
-    async def submit(self, new: NewJob, job_id: str, now: datetime) -> tuple[Job, bool]:
+    async def submit(
+        self, new: NewJob, job_id: str, now: datetime, *, owner: str | None = None
+    ) -> tuple[Job, bool]:
         """Insert a queued job with its dependencies and idempotency key, in one
         transaction.  Returns (job, created): with a known key and the same body, the
         original job and False.  Unknown dependencies raise ValidationError, a key reused
-        with another body raises Conflict; either way nothing is stored."""
+        with another body raises Conflict; either way nothing is stored.  With ``owner``,
+        only that client's jobs can be dependencies (another client's id is unknown)."""
         async with self._write() as conn:
             key = new.idempotency
             if key is not None:
@@ -531,7 +551,10 @@ class Store:
                 known = set(
                     (
                         await conn.execute(
-                            sa.select(jobs.c.id).where(jobs.c.id.in_(new.depends_on))
+                            sa.select(jobs.c.id).where(
+                                jobs.c.id.in_(new.depends_on),
+                                sa.true() if owner is None else jobs.c.owner == owner,
+                            )
                         )
                     ).scalars()
                 )
@@ -567,11 +590,14 @@ class Store:
             found_job = await self._locked_get(conn, job_id)
             return (await _with_extras(conn, [found_job]))[0], True
 
-    async def retry(self, job_id: str, now: datetime) -> Job:
+    async def retry(self, job_id: str, now: datetime, *, owner: str | None = None) -> Job:
         """failed/cancelled → queued as a new attempt (a client's explicit retry).  The
-        automatic retry budget starts again; ``attempts`` and the history keep counting."""
+        automatic retry budget starts again; ``attempts`` and the history keep counting.
+        With ``owner``, another client's job is ``NotFound``."""
         async with self._write() as conn:
             job = (await _with_extras(conn, [await self._locked_get(conn, job_id)]))[0]
+            if owner is not None and job.owner != owner:
+                raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
             check_retry(job.state, job_id)
             failed_deps = [
                 (dep, state)
@@ -714,6 +740,56 @@ class Store:
             row = (await conn.execute(jobs.insert().values(values).returning(jobs))).one()
             return _job_from_row(row)
 
+    # -- the file under an admin's hands (issue 5) ---------------------------------
+
+    def wal_size(self) -> int:
+        """Bytes in the write-ahead log (0 when there is none)."""
+        try:
+            return os.stat(self._database.with_name(self._database.name + "-wal")).st_size
+        except FileNotFoundError:
+            return 0
+
+    async def checkpoint(self) -> Checkpoint:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` on a connection of its own that never waits:
+        while a reader holds an old snapshot, it copies what it can and reports ``busy``
+        instead of stalling the writer behind the reader (busy_timeout = 0)."""
+        return await asyncio.to_thread(_checkpoint, self._database)
+
+    async def synchronous(self) -> int:
+        """The writer's ``PRAGMA synchronous``: 2 (FULL) or 1 (NORMAL)."""
+        async with self._write() as conn:
+            value = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+        return int(value)
+
+    async def integrity_check(self) -> list[str]:
+        """``PRAGMA integrity_check``: ``["ok"]`` for a sound file."""
+        async with self._read() as conn:
+            rows = (await conn.exec_driver_sql("PRAGMA integrity_check")).all()
+        return [str(row[0]) for row in rows]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    busy: bool  # a reader kept part of the log from being copied back
+    wal_pages: int
+    checkpointed_pages: int
+    wal_size_after: int
+
+
+def _checkpoint(database: Path) -> Checkpoint:
+    db = sqlite3.connect(database, timeout=0, isolation_level=None)
+    try:
+        busy, log, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StorageUnavailable(f"checkpoint failed: {exc}", str(exc)) from exc
+    finally:
+        db.close()
+    try:
+        after = os.stat(database.with_name(database.name + "-wal")).st_size
+    except FileNotFoundError:
+        after = 0
+    return Checkpoint(bool(busy), int(log), int(done), after)
+
 
 def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
     return {
@@ -726,6 +802,7 @@ def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
         "max_retries": new.max_retries,
         "timeout": new.timeout,
         "run_after": None if new.run_after is None else format_timestamp(new.run_after),
+        "owner": new.owner,
     }
 
 
@@ -934,6 +1011,7 @@ def _job_from_row(row: Row[Any]) -> Job:
             parse_timestamp(m["progress_updated_at"]),
         ),
         artifacts=tuple(Artifact(**item) for item in json.loads(m["artifacts"] or "[]")),
+        owner=m["owner"],
     )
 
 

@@ -450,3 +450,54 @@ def _show(value: object, limit: int = 40) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(value).__name__} {text}"
+
+
+# --- JSON Schema (for the OpenAPI description) ------------------------------------------------
+
+
+def json_schema(tp: Any) -> dict[str, Any]:
+    """The JSON Schema (OpenAPI 3.0 dialect) that ``validate`` enforces for one annotation."""
+    origin, args = _parts(tp)
+    if origin is Annotated:
+        return json_schema(args[0])
+    if tp is Any or tp is _EMPTY:
+        return {}
+    if tp is None or tp is NoneType:
+        return {"nullable": True, "enum": [None]}
+    if tp is str:
+        return {"type": "string"}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if origin is list or origin is tuple:
+        return {"type": "array", "items": json_schema(args[0])} if args else {"type": "array"}
+    if origin is dict:
+        if args:
+            return {"type": "object", "additionalProperties": json_schema(args[1])}
+        return {"type": "object"}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin is Union or origin is UnionType:
+        options = [a for a in args if a is not None and a is not NoneType]
+        schema: dict[str, Any] = (
+            json_schema(options[0])
+            if len(options) == 1
+            else {"anyOf": [json_schema(a) for a in options]}
+        )
+        if len(options) < len(args):
+            schema = {**schema, "nullable": True}
+        return schema
+    return {}
+
+
+def args_schema(task: Task) -> dict[str, Any]:
+    """The JSON Schema of a task's ``args`` object."""
+    return {
+        "type": "object",
+        "properties": {p.name: json_schema(p.annotation) for p in task.params},
+        "required": [p.name for p in task.params if p.required],
+        "additionalProperties": False,
+    }

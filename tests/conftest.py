@@ -87,6 +87,10 @@ SAMPLE_TASKS = {
         "cpus": 0.1,
         "memory": "16MiB",
     },
+    "environment": {"function": "sample_tasks:environment", "cpus": 0.1, "memory": "16MiB"},
+    "identity": {"function": "sample_tasks:identity", "cpus": 0.1, "memory": "16MiB"},
+    "big_result": {"function": "sample_tasks:big_result", "cpus": 0.1, "memory": "16MiB"},
+    "spawn_escaped": {"function": "sample_tasks:spawn_escaped", "cpus": 0.1, "memory": "16MiB"},
     "analysis": {
         "function": "jobserver.demo:run_long_analysis",
         "cpus": 0.1,
@@ -118,7 +122,14 @@ def write_config(
     schedules: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     lines = [f"task_paths = {_toml_value([str(TESTS_DIR)])}", "", "[server]"]
-    server_values = {"log_level": "warning", "access_log": False, **(server or {})}
+    # shutdown_grace 0: a stopped test server requeues its running jobs at once (tests of
+    # the graceful wait set it themselves).
+    server_values = {
+        "log_level": "warning",
+        "access_log": False,
+        "shutdown_grace": "0s",
+        **(server or {}),
+    }
     lines += [f"{key} = {_toml_value(value)}" for key, value in server_values.items()]
     scheduler_values = {
         "poll_interval": "100ms",

@@ -109,3 +109,36 @@ def chatty(lines: int, width: int = 100) -> int:
     for number in range(lines):
         print(f"{number:08d} " + "x" * width)
     return lines
+
+
+def environment() -> dict[str, str]:
+    """The job process's environment, to check the allow-list."""
+    return dict(os.environ)
+
+
+def identity() -> dict[str, object]:
+    """Who the job runs as and under which resource limits."""
+    import resource
+
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
+        "home": os.environ.get("HOME"),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "nproc": list(resource.getrlimit(resource.RLIMIT_NPROC)),
+        "core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+    }
+
+
+def big_result(size: int) -> str:
+    return "x" * size
+
+
+def spawn_escaped(pid_file: str, seconds: float = 60) -> None:
+    """Starts a grandchild that leaves the job's process group (setsid), then sleeps."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds})"], start_new_session=True
+    )
+    Path(pid_file).write_text(str(child.pid))
+    time.sleep(seconds)

@@ -23,7 +23,9 @@ ALLOWED = {
     "demo": set(),
     "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
     "maintenance": {"errors", "jobs", "store", "resources", "runner"},
-    "api": {"errors", "jobs", "store", "tasks", "__init__"},
+    "api": {"errors", "jobs", "store", "tasks", "access", "__init__"},
+    "access": {"errors"},
+    "openapi": {"jobs", "store", "tasks", "api"},
     "server": {
         "errors",
         "jobs",
@@ -36,8 +38,11 @@ ALLOWED = {
         "maintenance",
         "api",
         "backup",
+        "access",
+        "openapi",
+        "__init__",
     },
-    "cli": {"errors", "config", "server", "store", "backup", "__init__"},
+    "cli": {"errors", "config", "server", "store", "backup", "access", "__init__"},
     "__main__": {"cli", "child"},
     "build": {"store"},
     "__init__": {"reporting"},
@@ -56,6 +61,8 @@ FORBIDDEN = {
     "child": {"sqlalchemy", "starlette", "psutil"},
     "reporting": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx"},
     "backup": {"sqlalchemy", "starlette", "subprocess"},
+    "access": {"sqlalchemy", "subprocess", "psutil"},
+    "openapi": {"sqlalchemy", "starlette", "subprocess"},
 }
 
 

@@ -141,6 +141,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         ServerSettings(),
         database=tmp_path / "data" / "jobserver.db",
         jobs_dir=tmp_path / "data" / "jobs",
+        tokens_file=tmp_path / "tokens.json",
     )
     assert settings.scheduler == SchedulerSettings()
     assert dict(settings.tasks) == {}
@@ -193,6 +194,7 @@ def test_shipped_config_commented_defaults_are_the_defaults(tmp_path: Path) -> N
         ServerSettings(),
         database=tmp_path / "data" / "jobserver.db",
         jobs_dir=tmp_path / "data" / "jobs",
+        tokens_file=tmp_path / "tokens.json",
     )
 
 
@@ -211,6 +213,24 @@ jobs_dir = "../jobs"
 max_body_size = "10MiB"
 access_log = false
 log_level = "debug"
+durability = "normal"
+shutdown_grace = "1m"
+wal_max_size = "8MiB"
+tokens_file = "secrets/tokens.json"
+allow_anonymous = true
+rate_limit = 2.5
+rate_burst = 10
+max_queued = 500
+max_json_depth = 8
+max_string_length = 100
+max_array_length = 50
+max_args_size = "4KiB"
+max_result_size = "1MiB"
+env_allow = ["PATH", "LC_*"]
+run_as = "nobody"
+rlimit_nofile = 256
+rlimit_nproc = 100
+rlimit_core = 0
 
 [scheduler]
 poll_interval = "500ms"
@@ -244,6 +264,24 @@ function = "a.b.c:Klass.method"
         max_body_size=10 * MiB,
         access_log=False,
         log_level="debug",
+        durability="normal",
+        shutdown_grace=60.0,
+        wal_max_size=8 * MiB,
+        tokens_file=tmp_path / "secrets" / "tokens.json",
+        allow_anonymous=True,
+        rate_limit=2.5,
+        rate_burst=10,
+        max_queued=500,
+        max_json_depth=8,
+        max_string_length=100,
+        max_array_length=50,
+        max_args_size=4096,
+        max_result_size=MiB,
+        env_allow=("PATH", "LC_*"),
+        run_as="nobody",
+        rlimit_nofile=256,
+        rlimit_nproc=100,
+        rlimit_core=0,
     )
     assert settings.scheduler == SchedulerSettings(
         poll_interval=0.5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.maintenance import rescue_interrupted
+from jobserver.maintenance import WalCheckpointer, rescue_interrupted
 from jobserver.resources import process_start_time
 from jobserver.store import NewJob, Store, migrate
 from tests.test_e2e import alive, wait_until
@@ -97,5 +98,31 @@ async def test_rescue_finds_escaped_processes_by_their_tag(
         await rescue_interrupted(store, max_rescues=3, now=utcnow())
         escaped.wait(timeout=10)
         assert escaped.returncode == -9
+    finally:
+        await store.close()
+
+
+async def test_wal_checkpointer_truncates_once_the_reader_leaves(tmp_path: Path) -> None:
+    database = tmp_path / "jobs.db"
+    migrate(database)
+    store = Store.open(database)
+    try:
+        checkpointer = WalCheckpointer(store, max_size=16 * 1024)
+        reader = sqlite3.connect(database, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()
+        for _ in range(40):
+            await store.insert(NewJob("t", {"x": "y" * 500}, 0, 0), new_job_id(), utcnow())
+        assert store.wal_size() > 16 * 1024
+        pinned = await checkpointer.tick()
+        assert pinned is not None and pinned.busy
+        assert store.wal_size() > 16 * 1024  # the reader's snapshot keeps the log
+        reader.execute("COMMIT")
+        reader.close()
+        done = await checkpointer.tick()
+        assert done is not None and not done.busy
+        assert store.wal_size() == 0
+        assert await store.integrity_check() == ["ok"]
+        assert len(await store.page(limit=100)) == 40
     finally:
         await store.close()

@@ -52,7 +52,7 @@ def test_migrate_is_idempotent_and_uses_wal(database: Path) -> None:
     migrate(database)
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
 
 
 def test_queue_head_reads_through_its_index_in_order(database: Path) -> None:

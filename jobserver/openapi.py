@@ -1,0 +1,469 @@
+"""The machine-readable description of the HTTP API: ``GET /openapi.json`` (OpenAPI 3.0).
+
+``OPERATIONS`` is the one table of routes: method, path, the scope a token needs, and what
+goes in and comes out.  The access middleware reads its rules from the same table (so a
+route cannot be described with one scope and guarded with another), and a test checks that
+every route the app serves has a row here.  To add a route: append an ``Operation``.
+
+Tasks with a ``route`` get an operation each, built from their signature
+(``tutorial_operations``), so the document describes the arguments each one takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jobserver.api import MAX_PRIORITY
+from jobserver.jobs import JobState
+from jobserver.store import MAX_PAGE
+from jobserver.tasks import Registry, args_schema
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+_STRING = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time", "nullable": True}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "details"],
+                "properties": {
+                    "code": {"type": "string", "description": "stable, machine-readable"},
+                    "message": {"type": "string", "description": "what went wrong, what to do"},
+                    "details": {"nullable": True, "description": "fields, limits, ids"},
+                },
+            }
+        },
+    },
+    "JobError": {
+        "type": "object",
+        "nullable": True,
+        "required": ["type", "message", "traceback"],
+        "properties": {
+            "type": _STRING,
+            "message": _STRING,
+            "traceback": _nullable(_STRING),
+        },
+    },
+    "Job": {
+        "type": "object",
+        "required": [
+            "id",
+            "task",
+            "args",
+            "state",
+            "priority",
+            "created_at",
+            "attempts",
+            "cancel_requested",
+        ],
+        "properties": {
+            "id": {"type": "string", "description": "a ULID: sorts by creation time"},
+            "task": _STRING,
+            "args": {"type": "object"},
+            "state": {"type": "string", "enum": [state.value for state in JobState]},
+            "priority": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "attempts": {"type": "integer", "minimum": 0},
+            "max_retries": {"type": "integer", "minimum": 0},
+            "result": {"nullable": True, "description": "the task's return value (JSON)"},
+            "error": {"$ref": "#/components/schemas/JobError"},
+            "reason": _nullable(_STRING),
+            "waiting_reason": _nullable(_STRING),
+            "run_after": _TIME,
+            "cancel_requested": {"type": "boolean"},
+            "exit_code": _nullable({"type": "integer"}),
+            "peak_rss": _nullable({"type": "integer"}),
+            "cpu_seconds": _nullable({"type": "number"}),
+            "owner": _nullable({"type": "string", "description": "the submitting token"}),
+            "timeout": _nullable({"type": "number", "description": "this job's own timeout"}),
+            "depends_on": {"type": "array", "items": _STRING},
+            "progress": {
+                "type": "object",
+                "nullable": True,
+                "properties": {
+                    "fraction": _nullable({"type": "number"}),
+                    "message": _STRING,
+                    "updated_at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "artifacts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "size", "sha256"],
+                    "properties": {
+                        "name": _STRING,
+                        "size": {"type": "integer"},
+                        "sha256": _STRING,
+                    },
+                },
+            },
+            "history": {
+                "type": "array",
+                "description": "every attempt: start, end, outcome, error",
+                "items": {"type": "object"},
+            },
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "required": ["jobs", "next_cursor"],
+        "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+            "next_cursor": _nullable(_STRING),
+        },
+    },
+    "Submission": {
+        "type": "object",
+        "required": ["task"],
+        "additionalProperties": False,
+        "properties": {
+            "task": {"type": "string", "description": "a task name from GET /api/v1/tasks"},
+            "args": {"type": "object", "description": "the task's named arguments"},
+            "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY},
+            "max_retries": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "override the task's max_retries, up to the server's limit",
+            },
+            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            "run_at": {
+                "type": "string",
+                "format": "date-time",
+                "description": "start no earlier than this (with a UTC offset); not with delay",
+            },
+            "delay": {"type": "number", "minimum": 0, "description": "seconds; not with run_at"},
+            "depends_on": {
+                "type": "array",
+                "items": _STRING,
+                "maxItems": 100,
+                "uniqueItems": True,
+                "description": "job ids that must succeed first",
+            },
+        },
+    },
+    "TaskStatus": {
+        "type": "object",
+        "required": ["task_id", "status"],
+        "properties": {
+            "task_id": _STRING,
+            "status": {
+                "type": "string",
+                "enum": ["PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED"],
+            },
+            "result": {"nullable": True},
+            "error": _nullable(_STRING),
+            "waiting_reason": _nullable(_STRING),
+            "info": {"type": "object", "description": "progress of a STARTED job"},
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["message", "task_id"],
+        "properties": {"message": _STRING, "task_id": _STRING},
+    },
+    "TaskList": {
+        "type": "object",
+        "required": ["tasks"],
+        "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
+    },
+    "System": {"type": "object"},
+    "Health": {
+        "type": "object",
+        "required": ["status", "version"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": _STRING},
+    },
+}
+
+_ERROR_TEXT = {
+    400: "malformed JSON",
+    401: "no token, or a token this server does not know",
+    403: "the token lacks the scope this operation needs",
+    404: "no such job (or it belongs to another client)",
+    409: "the job's state does not allow this (or an Idempotency-Key reused with another body)",
+    413: "the body or the args are larger than a configured limit (named in details)",
+    415: "the body is not application/json",
+    422: "invalid content, or a JSON limit exceeded (named in details)",
+    429: "the token's rate limit is exceeded (see Retry-After)",
+    503: "the database cannot be written, or the queue is full (see Retry-After)",
+}
+_BODY_ERRORS = (400, 413, 415, 422)
+# Responses that are not JSON: their media type stands where a schema name would.
+TEXT = "text/plain"
+BINARY = "application/octet-stream"
+_GUARDED_ERRORS = (401, 403, 429, 503)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route: ``scope`` is what a token needs (None: open to anyone)."""
+
+    method: str
+    path: str
+    scope: str | None
+    summary: str
+    responses: Mapping[int, str | None]  # status -> schema name in SCHEMAS (None: error)
+    body: Mapping[str, Any] | None = None  # JSON Schema of the request body
+    parameters: Sequence[Mapping[str, Any]] = ()
+    description: str = ""
+    tags: Sequence[str] = field(default_factory=lambda: ("jobs",))
+
+
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "the same key with the same body returns the original job (200)",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9A-Za-z]{1,64}$"},
+}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        "/healthz",
+        None,
+        "Liveness: the server answers and its database can be read",
+        {200: "Health", 503: None},
+        tags=("system",),
+    ),
+    Operation(
+        "GET",
+        "/openapi.json",
+        None,
+        "This document",
+        {200: None},
+        tags=("system",),
+    ),
+    Operation(
+        "POST",
+        "/api/v1/jobs",
+        "submit",
+        "Submit a job; 202 means it is stored durably",
+        {200: "Job", 202: "Job", 409: None, **dict.fromkeys(_BODY_ERRORS)},
+        body={"$ref": "#/components/schemas/Submission"},
+        parameters=(_IDEMPOTENCY_KEY,),
+        description="The job row is committed to the database before the answer is sent. "
+        "200 (not 202) answers a repeated Idempotency-Key with the original job.",
+    ),
+    Operation(
+        "GET",
+        "/api/v1/jobs",
+        "read",
+        "List jobs, newest first (a client token sees only its own)",
+        {200: "JobList", 422: None},
+        parameters=(
+            {
+                "name": "state",
+                "in": "query",
+                "schema": {"type": "string", "enum": [state.value for state in JobState]},
+            },
+            {"name": "task", "in": "query", "schema": {"type": "string"}},
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+            },
+            {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/jobs/{job_id}",
+        "read",
+        "Read one job",
+        {200: "Job", 404: None},
+        parameters=(_JOB_ID,),
+    ),
+    Operation(
+        "POST",
+        "/api/v1/jobs/{job_id}/cancel",
+        "cancel",
+        "Cancel a job: at once if queued (200), by signalling its processes if running (202)",
+        {200: "Job", 202: "Job", 404: None, 409: None},
+        parameters=(_JOB_ID,),
+    ),
+    Operation(
+        "POST",
+        "/api/v1/jobs/{job_id}/retry",
+        "submit",
+        "Run a failed or cancelled job again, as a new attempt",
+        {202: "Job", 404: None, 409: None},
+        parameters=(_JOB_ID,),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/jobs/{job_id}/logs",
+        "read",
+        "The job's stdout and stderr (text/plain); ?follow=1 streams until the job ends",
+        {200: TEXT, 404: None, 422: None},
+        parameters=(
+            _JOB_ID,
+            {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/jobs/{job_id}/artifacts/{name}",
+        "read",
+        "A file the job left in $JOBSERVER_OUTPUT_DIR (listed in its artifacts)",
+        {200: BINARY, 404: None},
+        parameters=(
+            _JOB_ID,
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/task-status/{task_id}",
+        "read",
+        "A job in the tutorial's (Celery's) terms",
+        {200: "TaskStatus", 404: None},
+        parameters=({**_JOB_ID, "name": "task_id"},),
+        tags=("tutorial",),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/tasks",
+        "read",
+        "The registered tasks and the arguments each takes",
+        {200: "TaskList"},
+        tags=("system",),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/system",
+        "admin",
+        "The scheduler's view: capacity, free resources, running jobs, queue head",
+        {200: "System"},
+        tags=("system",),
+    ),
+)
+
+
+def tutorial_operations(registry: Registry) -> list[Operation]:
+    """One submit operation per task with a ``route`` (the tutorial's endpoints)."""
+    return [
+        Operation(
+            "POST",
+            path,
+            "submit",
+            f"Submit a {task.name!r} job with its arguments as the body",
+            {202: "Accepted", **dict.fromkeys(_BODY_ERRORS)},
+            body=args_schema(task),
+            tags=("tutorial",),
+        )
+        for path, task in registry.by_route().items()
+    ]
+
+
+def operations_for(registry: Registry) -> list[Operation]:
+    """The table, with the submit body narrowed to the task names this server knows."""
+    names = registry.names()
+    submission = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Submission"},
+            {"properties": {"task": {"type": "string", "enum": names}}} if names else {},
+        ],
+    }
+    return [
+        *(
+            replace(op, body=submission) if (op.method, op.path) == ("POST", "/api/v1/jobs") else op
+            for op in OPERATIONS
+        ),
+        *tutorial_operations(registry),
+    ]
+
+
+def access_rules(operations: Iterable[Operation]) -> list[tuple[str, str, str | None]]:
+    """(method, path template, scope) for the access middleware."""
+    return [(op.method, op.path, op.scope) for op in operations]
+
+
+def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        responses: dict[str, Any] = {}
+        codes = dict(op.responses)
+        if op.scope is not None:
+            codes.update({code: None for code in _GUARDED_ERRORS if code not in codes})
+        for status, schema in sorted(codes.items()):
+            ref = schema or (None if status < 400 else "Error")
+            description = _ERROR_TEXT.get(status, "OK") if status >= 400 else "OK"
+            if status == 202:
+                description = "accepted"
+            content: dict[str, Any]
+            if ref in (TEXT, BINARY):
+                content = {ref: {"schema": {"type": "string", "format": "binary"}}}
+            else:
+                content = {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+                    if ref
+                    else {"schema": {"type": "object"}}
+                }
+            responses[str(status)] = {"description": description, "content": content}
+        operation: dict[str, Any] = {
+            "summary": op.summary,
+            "operationId": _operation_id(op),
+            "tags": list(op.tags),
+            "responses": responses,
+        }
+        if op.description:
+            operation["description"] = op.description
+        if op.parameters:
+            operation["parameters"] = [dict(p) for p in op.parameters]
+        if op.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": dict(op.body)}},
+            }
+        operation["security"] = [] if op.scope is None else [{"bearer": []}]
+        if op.scope is not None:
+            operation["x-required-scope"] = op.scope
+        paths.setdefault(op.path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "jobserver",
+            "version": version,
+            "description": "Long-running Python functions as an HTTP job service. "
+            "Every error is {'error': {'code', 'message', 'details'}}.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a token from `jobserver token create`; scopes: submit, "
+                    "read, cancel, admin (admin implies all and sees every client's jobs)",
+                }
+            },
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation_id(op: Operation) -> str:
+    words = [part for part in op.path.replace("{", "").replace("}", "").split("/") if part]
+    return op.method.lower() + "_" + "_".join(w.replace("-", "_").replace(".", "_") for w in words)

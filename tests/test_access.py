@@ -1,0 +1,328 @@
+"""Bearer tokens, scopes, owners and rate limits, through the whole app (in process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from jobserver import access, config
+from jobserver.access import RateLimiter, create_token, hash_secret, read_tokens, revoke_token
+from jobserver.errors import ConfigError
+from jobserver.server import build, check_exposure
+from jobserver.store import migrate
+from tests.conftest import FakeProbe, write_config
+
+pytestmark = pytest.mark.anyio
+JOBSERVER = (sys.executable, "-m", "jobserver")
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def make_tokens(directory: Path) -> dict[str, str]:
+    path = directory / "tokens.json"
+    return {
+        "alice": create_token(path, "alice", ["submit", "read", "cancel"]),
+        "bob": create_token(path, "bob", ["submit", "read", "cancel"]),
+        "reader": create_token(path, "reader", ["read"]),
+        "admin": create_token(path, "admin", ["admin"]),
+    }
+
+
+async def test_no_or_bad_token_is_401_on_every_guarded_route(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        guarded = [
+            ("POST", "/api/v1/jobs", {"task": "add", "args": {"a": 1}}),
+            ("GET", "/api/v1/jobs", None),
+            ("GET", "/api/v1/jobs/01ZZZZZZZZZZZZZZZZZZZZZZZZ", None),
+            ("POST", "/api/v1/jobs/01ZZZZZZZZZZZZZZZZZZZZZZZZ/cancel", None),
+            ("GET", "/api/v1/task-status/01ZZZZZZZZZZZZZZZZZZZZZZZZ", None),
+            ("POST", "/api/v1/start-analysis", {"dataset_id": "x", "complexity": 0}),
+            ("GET", "/api/v1/tasks", None),
+            ("GET", "/api/v1/system", None),
+            ("GET", "/no/such/route", None),
+        ]
+        for headers in ({}, bearer("jst_not-a-real-token"), {"Authorization": "Basic eDp5"}):
+            for method, path, body in guarded:
+                response = await h.client.request(method, path, json=body, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.text)
+                assert response.json()["error"]["code"] == "unauthorized"
+                assert response.headers["www-authenticate"].startswith("Bearer")
+        assert (await h.client.get("/healthz")).status_code == 200
+        assert (await h.client.get("/openapi.json")).status_code == 200
+        assert (await h.client.get("/api/v1/jobs")).status_code == 401
+        # Nothing was stored by any refused submit.
+        admin = (await h.client.get("/api/v1/jobs", headers=bearer(tokens["admin"]))).json()
+        assert admin["jobs"] == []
+
+
+async def test_missing_scope_is_403_naming_it(make_harness: Any, tmp_path: Path) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        refused = await h.client.post(
+            "/api/v1/jobs", json={"task": "add", "args": {"a": 1}}, headers=bearer(tokens["reader"])
+        )
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "forbidden"
+        assert refused.json()["error"]["details"]["required_scope"] == "submit"
+        system = await h.client.get("/api/v1/system", headers=bearer(tokens["alice"]))
+        assert system.status_code == 403
+        assert (await h.client.get("/api/v1/system", headers=bearer(tokens["admin"]))).is_success
+        tutorial = await h.client.post(
+            "/api/v1/start-analysis",
+            json={"dataset_id": "x", "complexity": 0},
+            headers=bearer(tokens["reader"]),
+        )
+        assert tutorial.status_code == 403
+
+
+async def test_clients_see_and_cancel_only_their_own_jobs(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    tokens = make_tokens(tmp_path)
+    gate = tmp_path / "gate"
+    async with make_harness() as h:
+        alice, bob, admin = bearer(tokens["alice"]), bearer(tokens["bob"]), bearer(tokens["admin"])
+        submitted = await h.client.post(
+            "/api/v1/jobs",
+            json={"task": "wait_for_file", "args": {"path": str(gate)}},
+            headers=alice,
+        )
+        assert submitted.status_code == 202
+        job = submitted.json()
+        assert job["owner"] == "alice"
+        tutorial = await h.client.post(
+            "/api/v1/start-analysis", json={"dataset_id": "d", "complexity": 0}, headers=bob
+        )
+        bobs_id = tutorial.json()["task_id"]
+
+        # Bob cannot tell alice's job from a job that does not exist: 404, not 403.
+        for method, path in [
+            ("GET", f"/api/v1/jobs/{job['id']}"),
+            ("POST", f"/api/v1/jobs/{job['id']}/cancel"),
+            ("GET", f"/api/v1/task-status/{job['id']}"),
+        ]:
+            response = await h.client.request(method, path, headers=bob)
+            assert response.status_code == 404, (method, path)
+            assert response.json()["error"]["code"] == "not_found"
+        assert [
+            j["id"] for j in (await h.client.get("/api/v1/jobs", headers=bob)).json()["jobs"]
+        ] == [bobs_id]
+        assert [
+            j["id"] for j in (await h.client.get("/api/v1/jobs", headers=alice)).json()["jobs"]
+        ] == [job["id"]]
+        everything = (await h.client.get("/api/v1/jobs", headers=admin)).json()["jobs"]
+        assert {j["id"] for j in everything} == {job["id"], bobs_id}
+        assert (
+            await h.client.get(f"/api/v1/task-status/{bobs_id}", headers=alice)
+        ).status_code == 404
+        assert (await h.client.get(f"/api/v1/task-status/{bobs_id}", headers=bob)).is_success
+
+        # Alice's job still runs (bob's cancel did nothing); alice may cancel it; so may admin.
+        assert (await h.client.get(f"/api/v1/jobs/{job['id']}", headers=alice)).json()[
+            "cancel_requested"
+        ] is False
+        cancelled = await h.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=admin)
+        assert cancelled.status_code in (200, 202)
+        done = await wait_as(h.client, job["id"], alice, "cancelled")
+        assert done["owner"] == "alice"
+
+
+async def wait_as(
+    client: httpx.AsyncClient, job_id: str, headers: dict[str, str], *states: str
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        document: dict[str, Any] = (
+            await client.get(f"/api/v1/jobs/{job_id}", headers=headers)
+        ).json()
+        if document.get("state") in states or time.monotonic() > deadline:
+            assert document.get("state") in states, document
+            return document
+        await anyio.sleep(0.02)
+
+
+async def test_tokens_created_and_revoked_while_running_take_effect(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.json"
+    first = create_token(path, "first", ["read"])
+    async with make_harness() as h:
+        assert (await h.client.get("/api/v1/jobs", headers=bearer(first))).is_success
+        later = create_token(path, "later", ["read"])
+        revoke_token(path, "first")
+        deadline = time.monotonic() + 10  # the file is re-read at most every 0.5 s
+        while time.monotonic() < deadline:
+            if (await h.client.get("/api/v1/jobs", headers=bearer(later))).is_success:
+                break
+            await anyio.sleep(0.02)
+        assert (await h.client.get("/api/v1/jobs", headers=bearer(later))).is_success
+        assert (await h.client.get("/api/v1/jobs", headers=bearer(first))).status_code == 401
+
+
+def test_tokens_file_keeps_only_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    secret = create_token(path, "ci", ["submit", "read"])
+    text = path.read_text()
+    assert secret not in text
+    assert hash_secret(secret) in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    [token] = read_tokens(path)
+    assert token.scopes == ("submit", "read")
+    with pytest.raises(ConfigError, match="already exists"):
+        create_token(path, "ci", ["read"])
+    with pytest.raises(ConfigError, match="unknown scope"):
+        access.parse_scopes("read,write")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="damaged"):
+        read_tokens(path)
+
+
+def test_cli_token_create_prints_the_secret_once(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path)
+    created = subprocess.run(
+        [
+            *JOBSERVER,
+            "token",
+            "create",
+            "ci",
+            "--scopes",
+            "submit,read",
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("jst_") and "shown only once" in created.stderr
+    stored = json.loads((tmp_path / "tokens.json").read_text())
+    assert stored["tokens"][0]["hash"] == hash_secret(secret)
+    listed = subprocess.run(
+        [sys.executable, "-m", "jobserver", "token", "list", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ci\tsubmit,read" in listed.stdout and secret not in listed.stdout
+    bad = subprocess.run(
+        [*JOBSERVER, "token", "create", "x", "--scopes", "root", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown scope" in bad.stderr
+
+
+async def test_rate_limit_answers_429_with_retry_after(make_harness: Any, tmp_path: Path) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness(server={"rate_limit": 0.5, "rate_burst": 3}) as h:
+        statuses = [
+            (await h.client.get("/api/v1/jobs", headers=bearer(tokens["alice"]))).status_code
+            for _ in range(4)
+        ]
+        assert statuses == [200, 200, 200, 429]
+        limited = await h.client.get("/api/v1/jobs", headers=bearer(tokens["alice"]))
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["retry-after"]) >= 1
+        # Per token: bob's bucket is his own.
+        assert (await h.client.get("/api/v1/jobs", headers=bearer(tokens["bob"]))).is_success
+
+
+def test_rate_limiter_refills_at_its_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
+    assert limiter.acquire("a") == 0 and limiter.acquire("a") == 0
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    now[0] = 0.5
+    assert limiter.acquire("a") == 0
+    assert limiter.acquire("b") == 0
+
+
+def test_safe_by_default_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
+    settings = config.load(write_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"refusing to listen on 0\.0\.0\.0"):
+        check_exposure(settings.server, "0.0.0.0")
+    check_exposure(settings.server, "127.0.0.1")
+    check_exposure(settings.server, "::1")
+    check_exposure(settings.server, "localhost")
+    open_settings = config.load(write_config(tmp_path, server={"allow_anonymous": True}))
+    check_exposure(open_settings.server, "0.0.0.0")
+    create_token(settings.server.tokens_file, "ci", ["read"])
+    check_exposure(settings.server, "0.0.0.0")
+
+
+def test_serve_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*JOBSERVER, "serve", "--config", str(write_config(tmp_path)), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in result.stderr
+    assert "allow_anonymous" in result.stderr
+
+
+async def test_public_bind_with_tokens_revoked_stays_closed(tmp_path: Path) -> None:
+    # Started on a public address with tokens; all revoked later: closed, not open.
+    settings = config.load(write_config(tmp_path))
+    migrate(settings.server.database)
+    application = build(settings, probe=FakeProbe(), host="0.0.0.0")
+    transport = httpx.ASGITransport(app=application.app)
+    async with (
+        application.app.router.lifespan_context(application.app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        response = await client.get("/api/v1/jobs")
+        assert response.status_code == 401
+        assert "no tokens" in response.json()["error"]["message"]
+        assert (await client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.integration
+def test_cli_uses_jobserver_token(tmp_path: Path, server_factory: Any) -> None:
+    config_path = write_config(tmp_path)
+    secret = create_token(tmp_path / "tokens.json", "ci", ["submit", "read"])
+    submit_only = create_token(tmp_path / "tokens.json", "pusher", ["submit"])
+    server = server_factory(config_path)
+    run = [*JOBSERVER, "submit", "add", "a=2", "b=3", "--url", server.url]
+    done = subprocess.run(
+        [*run, "--wait"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JOBSERVER_TOKEN": secret},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"
+    pushed = subprocess.run(
+        [*run, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JOBSERVER_TOKEN": submit_only},
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["owner"] == "pusher"
+    refused = subprocess.run(
+        run, capture_output=True, text=True, timeout=60, env={**os.environ, "JOBSERVER_TOKEN": ""}
+    )
+    assert refused.returncode == 2
+    assert "jobserver token create" in refused.stderr

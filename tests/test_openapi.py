@@ -1,0 +1,157 @@
+"""``/openapi.json`` describes every route the server serves, and the server does what it
+says: schemathesis fuzzes a real server from the document (bounded), and every response
+must be documented, match its schema and never be a 5xx."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.routing import Route
+
+from jobserver import config, openapi
+from jobserver.server import build
+from jobserver.store import migrate
+from tests.conftest import FakeProbe, ServerProcess, start_server, write_config
+
+# A few quick tasks: a fuzzer that finds a valid body starts real jobs.
+FUZZ_TASKS = {
+    "add": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "16MiB", "route": "/api/v1/add"},
+    "echo": {"function": "sample_tasks:echo", "cpus": 0.1, "memory": "16MiB"},
+    "analysis": {
+        "function": "jobserver.demo:run_long_analysis",
+        "cpus": 0.1,
+        "memory": "16MiB",
+        "route": "/api/v1/start-analysis",
+    },
+}
+
+
+def test_every_served_route_is_described(tmp_path: Path) -> None:
+    settings = config.load(write_config(tmp_path, tasks=FUZZ_TASKS))
+    migrate(settings.server.database)
+    application = build(settings, probe=FakeProbe())
+    served = {
+        (method, route.path)
+        for route in application.app.routes
+        if isinstance(route, Route)
+        for method in (route.methods or set()) - {"HEAD"}
+    }
+    document = httpx_get_document(application)
+    described = {
+        (method.upper(), path) for path, item in document["paths"].items() for method in item
+    }
+    assert served == described
+    # Every guarded operation says which scope it needs; the open ones are exactly these.
+    open_ops = {
+        (m.upper(), p)
+        for p, item in document["paths"].items()
+        for m, op in item.items()
+        if not op["security"]
+    }
+    assert open_ops == {("GET", "/healthz"), ("GET", "/openapi.json")}
+    assert document["paths"]["/api/v1/add"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ] == {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+
+
+def httpx_get_document(application: Any) -> dict[str, Any]:
+    import anyio
+
+    async def fetch() -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=application.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/openapi.json")
+            assert response.status_code == 200
+            document: dict[str, Any] = response.json()
+            return document
+
+    return anyio.run(fetch)
+
+
+def test_scopes_in_the_document_are_the_scopes_enforced() -> None:
+    rules = openapi.access_rules(openapi.OPERATIONS)
+    assert ("POST", "/api/v1/jobs", "submit") in rules
+    assert ("POST", "/api/v1/jobs/{job_id}/cancel", "cancel") in rules
+    assert ("GET", "/api/v1/system", "admin") in rules
+    assert ("GET", "/healthz", None) in rules
+
+
+# -- schemathesis against a real server ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("fuzz")
+    server = start_server(
+        write_config(
+            directory,
+            server={"max_body_size": "64KiB"},
+            scheduler={"max_jobs": 2},
+            tasks=FUZZ_TASKS,
+        )
+    )
+    yield server
+    server.stop(signal.SIGTERM)
+    if server.process.poll() is None:
+        server.process.kill()
+
+
+@pytest.mark.integration
+def test_server_does_what_its_document_says(fuzzed_server: ServerProcess) -> None:
+    """Each operation gets up to 30 generated requests (schemathesis' strategies driven by
+    Hypothesis, no shrinking past the first failure)."""
+    schema = schemathesis.openapi.from_url(f"{fuzzed_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    described = {
+        f"{method.upper()} {path}"
+        for path, item in schema.raw_schema["paths"].items()
+        for method in item
+    }
+    # schemathesis leaves out the document's own path; everything else is fuzzed.
+    assert {op.label for op in operations} == described - {"GET /openapi.json"}
+    # Twice round: the reads of the second round find the jobs the first one created.
+    for operation in operations * 2:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=20,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def exercise(case: Any) -> None:
+            case.call_and_validate(
+                checks=[
+                    not_a_server_error,
+                    status_code_conformance,
+                    content_type_conformance,
+                    response_schema_conformance,
+                ],
+            )
+
+        exercise()
+
+
+@pytest.mark.integration
+def test_fuzzed_server_is_still_healthy(fuzzed_server: ServerProcess) -> None:
+    assert httpx.get(f"{fuzzed_server.url}/healthz", timeout=5).status_code == 200
+    assert "Traceback" not in fuzzed_server.log()

@@ -1,0 +1,281 @@
+"""Real servers under real signals and under an admin's hands: graceful shutdown, leftover
+processes after a crash, a reader and a writer in the sqlite3 shell, a full or read-only
+disk."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, write_config
+from tests.test_e2e import alive, job_row, submit, wait_for_job, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def stopped_listening(server: ServerProcess) -> bool:
+    try:
+        httpx.get(f"{server.url}/healthz", timeout=0.5)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+# -- graceful shutdown -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_waits_for_running_jobs_to_finish(
+    tmp_path: Path, server_factory: Any, signum: int
+) -> None:
+    # max_jobs = 1: the second job waits for the first one's slot, which frees up during
+    # the drain; it must not start then.
+    config_path = write_config(
+        tmp_path, server={"shutdown_grace": "30s"}, scheduler={"max_jobs": 1}
+    )
+    gate = tmp_path / "gate"
+    server = server_factory(config_path)
+    job = submit(server.url, "wait_for_file", path=str(gate))
+    queued = submit(server.url, "add", a=1)
+    wait_for_job(server.url, job["id"], "running")
+    server.process.send_signal(signum)
+    wait_until(lambda: stopped_listening(server))
+    time.sleep(0.3)  # the drain is under way; the job is still allowed to run
+    assert server.process.poll() is None
+    gate.write_text("finished during the grace period")
+    assert server.process.wait(timeout=20) == 0
+    row = job_row(tmp_path / "data" / "jobserver.db", job["id"])
+    assert row["state"] == "succeeded" and row["attempts"] == 1
+    assert job_row(tmp_path / "data" / "jobserver.db", queued["id"])["state"] == "queued"
+
+
+def test_grace_expired_requeues_without_counting(tmp_path: Path, server_factory: Any) -> None:
+    config_path = write_config(tmp_path, server={"shutdown_grace": "1s"})
+    server = server_factory(config_path)
+    job = submit(server.url, "wait_for_file", path=str(tmp_path / "never"))
+    wait_for_job(server.url, job["id"], "running")
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 15
+    row = job_row(tmp_path / "data" / "jobserver.db", job["id"])
+    assert row["state"] == "queued" and "shut down" in row["reason"]
+    assert (row["rescues"], row["failures"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGINT),
+    ],
+)
+def test_second_signal_cuts_the_wait_short(
+    tmp_path: Path, server_factory: Any, first: int, second: int
+) -> None:
+    config_path = write_config(tmp_path, server={"shutdown_grace": "10m"})
+    server = server_factory(config_path)
+    job = submit(server.url, "wait_for_file", path=str(tmp_path / "never"))
+    wait_for_job(server.url, job["id"], "running")
+    pid = job_row(tmp_path / "data" / "jobserver.db", job["id"])["pid"]
+    server.process.send_signal(first)
+    wait_until(lambda: stopped_listening(server))
+    time.sleep(0.2)
+    assert server.process.poll() is None  # still waiting for the job
+    server.process.send_signal(second)
+    assert server.process.wait(timeout=20) == 0
+    assert not alive(pid)
+    row = job_row(tmp_path / "data" / "jobserver.db", job["id"])
+    assert row["state"] == "queued" and (row["rescues"], row["failures"]) == (0, 0)
+
+
+# -- leftovers after a crash -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["spawn_and_sleep", "spawn_escaped"])
+def test_grandchildren_never_outlive_a_crash_and_restart(
+    tmp_path: Path, server_factory: Any, task: str
+) -> None:
+    """The job's own process dies with the server (parent-death signal); a grandchild,
+    in its process group or escaped with setsid, is found by its job-id tag on restart."""
+    config_path = write_config(tmp_path)
+    pid_file = tmp_path / "grandchild.pid"
+    server = server_factory(config_path)
+    job = submit(server.url, task, pid_file=str(pid_file))
+    wait_until(lambda: pid_file.exists() and pid_file.read_text() != "")
+    grandchild = int(pid_file.read_text())
+    child = job_row(tmp_path / "data" / "jobserver.db", job["id"])["pid"]
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=10)
+    wait_until(lambda: not alive(child))
+    server_factory(config_path)
+    wait_until(lambda: not alive(grandchild))
+
+
+# -- the file under an admin's hands ---------------------------------------------------------
+
+
+def test_reader_and_writer_in_a_shell_do_not_stop_the_server(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    config_path = write_config(
+        tmp_path, server={"wal_max_size": "64KiB"}, scheduler={"max_memory": "1GiB"}
+    )
+    database = tmp_path / "data" / "jobserver.db"
+    wal = database.with_name(database.name + "-wal")
+    server = server_factory(config_path)
+    first = submit(server.url, "big", a=0)  # "big" never fits: no processes, just rows
+
+    # An admin opens a read transaction and leaves it open.
+    reader = sqlite3.connect(database, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+
+    statuses: list[int] = []
+
+    def work(i: int) -> None:
+        body = {"task": "big", "args": {"a": i}}
+        statuses.append(httpx.post(f"{server.url}/api/v1/jobs", json=body, timeout=30).status_code)
+        statuses.append(
+            httpx.get(f"{server.url}/api/v1/jobs/{first['id']}", timeout=30).status_code
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(150)))
+    assert set(statuses) == {200, 202}
+    # The reader pins the log: it grew past the bound and cannot be reset yet.
+    assert wal.stat().st_size > 64 * 1024
+
+    # An admin also runs a write, holding the write lock for a while.
+    writer = sqlite3.connect(database, isolation_level=None, timeout=10, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE jobs SET priority = priority WHERE id = ?", (first["id"],))
+    release = threading.Timer(1.5, writer.execute, ("COMMIT",))
+    release.start()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(150, 190)))
+    release.join()
+    writer.close()
+    assert set(statuses) == {200, 202}
+    assert "database is locked" not in server.log()
+
+    # The reader leaves: the checkpointer truncates the log on its next look.
+    reader.execute("COMMIT")
+    reader.close()
+    wait_until(lambda: wal.stat().st_size <= 64 * 1024, timeout=20)
+    assert (
+        httpx.get(f"{server.url}/api/v1/jobs?limit=1000", timeout=30).json()["jobs"][-1]["id"]
+        == first["id"]
+    )
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 191
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot create a small file system for this test")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with filler.open("wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 65536)
+            file.flush()
+    return filler
+
+
+def test_disk_full_answers_503_and_recovers(tmp_path: Path, server_factory: Any) -> None:
+    with small_tmpfs(tmp_path / "disk", "4M") as disk:
+        config_path = write_config(
+            tmp_path,
+            server={"database": str(disk / "jobs.db"), "wal_max_size": "1MiB"},
+            scheduler={"max_memory": "1GiB"},
+        )
+        server = server_factory(config_path)
+        before = submit(server.url, "big", a=1)
+
+        filler = fill(disk)
+        refused: httpx.Response | None = None
+        for i in range(200):  # the WAL may still have room for a few pages
+            response = httpx.post(
+                f"{server.url}/api/v1/jobs",
+                json={"task": "big", "args": {"a": i}},
+                timeout=30,
+            )
+            assert response.status_code in (202, 503), response.text
+            if response.status_code == 503:
+                refused = response
+                break
+        assert refused is not None, "the disk never filled up"
+        error = refused.json()["error"]
+        assert error["code"] == "storage_unavailable"
+        assert "disk full" in error["message"] and "retry" in error["message"]
+        assert refused.headers["retry-after"]
+        # Reads still work and what was stored is intact.
+        assert httpx.get(f"{server.url}/api/v1/jobs/{before['id']}").json()["args"] == {"a": 1}
+
+        filler.unlink()
+        wait_until(
+            lambda: (
+                httpx.post(
+                    f"{server.url}/api/v1/jobs", json={"task": "big", "args": {"a": -1}}, timeout=30
+                ).status_code
+                == 202
+            )
+        )
+
+        assert server.stop() == 0
+        with sqlite3.connect(disk / "jobs.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert (
+                db.execute("SELECT args FROM jobs WHERE id = ?", (before["id"],)).fetchone()[0]
+                == '{"a":1}'
+            )
+
+
+# -- durability setting ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("durability", "level"), [("full", 2), ("normal", 1)])
+async def test_durability_sets_sqlite_synchronous(
+    make_harness: Any, durability: str, level: int
+) -> None:
+    async with make_harness(server={"durability": durability}) as h:
+        assert await h.application.store.synchronous() == level
+        assert await h.application.store.integrity_check() == ["ok"]
+
+
+def test_durability_rejects_other_values(tmp_path: Path) -> None:
+    from jobserver import config
+    from jobserver.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="expected one of full, normal"):
+        config.load(write_config(tmp_path, server={"durability": "off"}))
