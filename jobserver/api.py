@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from jobserver import __version__
 from jobserver.errors import (
+    ConfigError,
     InvalidTransition,
     JobServerError,
     NotFound,
@@ -46,6 +47,17 @@ class SchedulerPort(Protocol):
     def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
 
     def view(self) -> dict[str, Any]: ...
+
+    async def task_figures(self) -> dict[str, dict[str, Any]]: ...
+
+
+# Routes that change how the whole server behaves.  There is no authentication yet: these
+# must be guarded (admin scope) as soon as there is; until then bind to 127.0.0.1.
+ADMIN_ROUTES: frozenset[tuple[str, str]] = frozenset({("PATCH", "/api/v1/system")})
+
+# Applies a runtime change ({"scheduler": {...}, "tasks": {...}}) and returns what changed;
+# raises ConfigError on a bad change, which then changes nothing.
+Reconfigure = Callable[[Any, str], list[str]]
 
 
 class ApiError(JobServerError):
@@ -82,6 +94,7 @@ def create_app(
     scheduler: SchedulerPort,
     max_body_size: int,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    reconfigure: Reconfigure | None = None,
 ) -> Starlette:
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
@@ -218,7 +231,13 @@ def create_app(
         return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
 
     async def list_tasks(request: Request) -> Response:
-        return JSONDocument({"tasks": [task.describe() for task in registry]})
+        figures = await scheduler.task_figures()
+        described = []
+        for task in registry:
+            document = task.describe()
+            document.update(figures.get(task.name, {}))
+            described.append(document)
+        return JSONDocument({"tasks": described})
 
     async def system(request: Request) -> Response:
         view = scheduler.view()
@@ -239,6 +258,22 @@ def create_app(
         Route("/api/v1/tasks", list_tasks, methods=["GET"]),
         Route("/api/v1/system", system, methods=["GET"]),
     ]
+    # -- admin routes (see ADMIN_ROUTES) --
+
+    async def change_system(request: Request) -> Response:
+        body = await read_json(request)
+        if reconfigure is None:
+            raise ApiError(405, "method_not_allowed", "this server cannot be changed at run time")
+        try:
+            changed = reconfigure(body, "PATCH /api/v1/system")
+        except ConfigError as exc:
+            raise ValidationError(exc.message, exc.details) from None
+        scheduler.wake()
+        view = scheduler.view()
+        view["jobs"] = await store.active_counts()
+        return JSONDocument({"changed": changed, "system": view})
+
+    routes.append(Route("/api/v1/system", change_system, methods=["PATCH"]))
     routes += [
         Route(path, tutorial_route(task), methods=["POST"])
         for path, task in registry.by_route().items()

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+# The cgroup.procs file of the job's own cgroup (a memory_limit the kernel enforces).
+CGROUP_ENV = "JOBSERVER_CGROUP_PROCS"
 
 
 def die_with_server() -> None:
@@ -32,6 +34,25 @@ def die_with_server() -> None:
     expected = os.environ.get("JOBSERVER_SERVER_PID")
     if expected is not None and os.getppid() != int(expected):
         os._exit(137)
+
+
+def join_cgroup() -> None:
+    """Move this process into the job's cgroup before any task code runs, so that
+    everything the task starts is inside the limit.  If that fails the job must not run
+    unlimited: exit with an error the server reports."""
+    procs = os.environ.get(CGROUP_ENV)
+    if not procs:
+        return
+    try:
+        with open(procs, "w") as handle:
+            handle.write(str(os.getpid()))
+    except OSError as exc:
+        print(f"jobserver: cannot join the job's cgroup {procs}: {exc}", file=sys.stderr)
+        raise CgroupJoinFailed(f"could not join the job's cgroup {procs}: {exc}") from exc
+
+
+class CgroupJoinFailed(Exception):
+    pass
 
 
 def resolve(function: str) -> Any:
@@ -74,7 +95,12 @@ def write_atomically(path: Path, document: dict[str, Any]) -> None:
 def main() -> None:
     die_with_server()
     spec = json.loads(Path(sys.argv[1]).read_text())
-    code, document = run(spec)
+    try:
+        join_cgroup()
+    except CgroupJoinFailed as exc:
+        code, document = 1, _error("CgroupJoinFailed", str(exc))
+    else:
+        code, document = run(spec)
     sys.stdout.flush()
     sys.stderr.flush()
     write_atomically(Path(spec["result_path"]), document)

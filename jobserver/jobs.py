@@ -112,6 +112,7 @@ class Job:
     exit_code: int | None
     peak_rss: int | None
     cpu_seconds: float | None
+    pressure_requeues: int = 0  # killed and requeued to protect the machine's memory
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class LaunchSpec:
     function: str
     args: Mapping[str, Any]
     workdir: Path
+    cgroup_procs: Path | None = None  # the child joins this cgroup before running the task
 
 
 class ProcessHandle:
@@ -109,6 +110,10 @@ class Runner:
         env[JOB_ID_ENV] = spec.job_id
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
+        if spec.cgroup_procs is not None:
+            env["JOBSERVER_CGROUP_PROCS"] = str(spec.cgroup_procs)
+        else:
+            env.pop("JOBSERVER_CGROUP_PROCS", None)
         return env
 
 

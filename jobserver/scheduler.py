@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import SchedulerSettings
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner
-from jobserver.store import Finish, Store
+from jobserver.store import Finish, Store, TaskRun
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.scheduler")
@@ -46,6 +49,7 @@ class QueuedJob:
     task: str
     priority: int
     request: Request
+    waited: float = 0.0  # seconds it has been ready to run (the caller's clock, not ours)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,19 @@ class RunningJob:
     request: Request
     memory_used: int  # latest measured RSS of the process tree, bytes
     cpus_used: float  # CPU rate over the last sampling window
+    priority: int = 0
+    started: float = 0.0  # start time on any monotonic scale: the youngest has the largest
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """Per-task rules: at most ``max_concurrency`` running, or ``exclusive`` (runs alone)."""
+
+    max_concurrency: int | None = None
+    exclusive: bool = False
+
+
+_NO_TASK_LIMITS = TaskLimits()
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,29 @@ class Limits:
     max_memory: int | None
     reserve_cpus: float
     reserve_memory: int
+    memory_floor: int = 0  # available memory below this stops admission
+    memory_pressure_limit: float | None = None  # PSI percent; None: not watched
+    cpu_pressure_limit: float | None = None
+    hysteresis: float = 0.0  # fraction: the margin a held resource must clear again
+    starvation_after: float | None = None  # seconds; None: no starvation guard
+    tasks: Mapping[str, TaskLimits] = field(default_factory=dict)
+
+
+# Names in PlanState.held.
+MEMORY, CPU, FLOOR, MEMORY_PSI, CPU_PSI = "memory", "cpu", "memory_floor", "memory_psi", "cpu_psi"
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """What the previous plan held back, handed to the next one (hysteresis).
+
+    ``held`` names the signals that stopped admission (``memory_floor``, ``memory_psi``,
+    ``cpu_psi``) and the resources some job waited for (``memory``, ``cpu``).  A held
+    signal is released only when it clears its threshold by the hysteresis margin; a
+    held resource admits a job only when free exceeds its need by that margin.
+    """
+
+    held: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -84,6 +124,8 @@ class Plan:
     waiting: Mapping[str, str]  # job id -> why it waits, for every queue-head job not admitted
     headroom: Headroom  # free after the admitted jobs; negative when over-committed
     capacity: Headroom  # the snapshot's capacity after max_cpus / max_memory
+    state: PlanState = PlanState()  # hand to the next plan()
+    overload: str | None = None  # why nothing is admitted (memory floor, PSI), if so
 
 
 def plan(
@@ -91,12 +133,14 @@ def plan(
     running: Sequence[RunningJob],
     snapshot: Snapshot,
     limits: Limits,
+    state: PlanState = PlanState(),
 ) -> Plan:
     """Choose the queued jobs to start now.
 
     Preconditions: ``queue_head`` is sorted by priority (highest first), then age (id,
     oldest first); ids are unique; ``running`` are the jobs this server runs; requests,
-    measured use and reserves are non-negative.
+    measured use, reserves and ``waited`` are non-negative; ``state`` is the previous
+    plan's ``state`` (or the empty state).
 
     The rule, per resource (CPUs and memory):
 
@@ -109,17 +153,24 @@ def plan(
     - live free = the snapshot's free now (``cpu_idle``, ``memory_available``)
       - sum of not-yet-used parts - reserve.
     - free = min(declared free, live free).
-    - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``
-      and its request fits free for both CPUs and memory; then subtract its request
-      from free (both) and go on.  A job that does not fit does not block later,
-      smaller jobs (skip ahead).
-    - Every job not admitted gets a reason with numbers: the resource it waits for,
-      the ``max_jobs`` limit, or that its request exceeds capacity minus reserve and so
-      it can never start.
+    - Overload stops every admission: available memory below ``memory_floor``, or PSI
+      memory / cpu pressure above its limit.  Once tripped, a signal holds until it
+      clears the threshold by the ``hysteresis`` fraction (no flapping).
+    - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
+      its task is under ``max_concurrency``, no exclusive job runs (and, for an
+      exclusive job, nothing runs at all), and its request fits free for both CPUs and
+      memory (times 1 + ``hysteresis`` for a resource the previous plan was short of);
+      then subtract its request from free and go on.  A job that does not fit does
+      not block later, smaller jobs (skip ahead) ...
+    - ... unless it has waited ``starvation_after`` or longer: then it reserves its
+      request (and a job slot; an exclusive job reserves the whole machine) against
+      every later job, which waits "held for job ...".
+    - Every job not admitted gets a reason with numbers.
 
     Because free only shrinks during the walk, a waiting job never fits the final
-    headroom while a job slot is free: the machine is never left idle while a fitting
-    job waits.
+    headroom while a job slot is free, unless a reason above (a task limit, an
+    exclusive job, a starving job's reservation, a held resource's margin, overload)
+    says otherwise: the machine is never left idle without a stated reason.
     """
     capacity_cpus = snapshot.cpu_capacity
     if limits.max_cpus is not None:
@@ -141,29 +192,139 @@ def plan(
         - limits.reserve_memory
     )
 
+    overloaded = _overload(snapshot, limits, state.held)
+    overload = "; ".join(reason for _, reason in overloaded) or None
+    held = {name for name, _ in overloaded}
+    margin = 1.0 + limits.hysteresis
+
     slots = limits.max_jobs - len(running)
+    per_task: dict[str, int] = {}
+    for runner in running:
+        per_task[runner.task] = per_task.get(runner.task, 0) + 1
+    exclusive_name = next(
+        (
+            f"{j.id} ({j.task})"
+            for j in running
+            if limits.tasks.get(j.task, _NO_TASK_LIMITS).exclusive
+        ),
+        None,
+    )
+    busy = len(running)  # jobs running or admitted so far
+
+    # Reservations made by starving jobs for the jobs behind them.
+    reserved_cpus, reserved_memory, reserved_slots = 0.0, 0, 0
+    holders: list[str] = []  # "job 01J… (waiting 5m)"
+    hold_everything = False  # a starving exclusive job: nothing behind it may start
+
     admit: list[str] = []
     waiting: dict[str, str] = {}
     for job in queue_head:
+        rules = limits.tasks.get(job.task, _NO_TASK_LIMITS)
         reason = _never_fits(job.request, capacity_cpus, capacity_memory, snapshot, limits)
+        blocked = reason is None  # waits for something that running jobs will free
+        if reason is None and overload is not None:
+            reason, blocked = overload, False
+        if reason is None and exclusive_name is not None:
+            reason = f"exclusive job {exclusive_name} is running; nothing else starts beside it"
+        count = per_task.get(job.task, 0)
+        if reason is None and rules.max_concurrency is not None and count >= rules.max_concurrency:
+            reason = f"task limit {rules.max_concurrency} reached: {count} {job.task} jobs running"
+            blocked = False
+        if reason is None and rules.exclusive and busy > 0:
+            reason = f"exclusive: waits for the {busy} running job(s) to finish"
         if reason is None and slots <= 0:
             reason = f"max_jobs limit {limits.max_jobs} reached"
         if reason is None:
-            reason = _shortfall(job.request, free_cpus, free_memory)
+            reason, short = _shortfall(job.request, free_cpus, free_memory, state.held, margin)
+            held |= short
+        if reason is None and holders:
+            fits_after_holds = (
+                not hold_everything
+                and slots - reserved_slots > 0
+                and job.request.cpus <= free_cpus - reserved_cpus + _CPU_EPSILON
+                and job.request.memory <= free_memory - reserved_memory
+            )
+            if not fits_after_holds:
+                more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
+                reason = f"held for {holders[0]}{more}: it waited past starvation_after"
         if reason is None:
             admit.append(job.id)
             slots -= 1
+            busy += 1
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
-        else:
-            waiting[job.id] = reason
+            per_task[job.task] = count + 1
+            if rules.exclusive:
+                exclusive_name = f"{job.id} ({job.task})"
+            continue
+        starving = (
+            blocked
+            and limits.starvation_after is not None
+            and job.waited >= limits.starvation_after
+        )
+        if starving:
+            holders.append(f"job {job.id} (waiting {_format_duration(job.waited)})")
+            reserved_cpus += job.request.cpus
+            reserved_memory += job.request.memory
+            reserved_slots += 1
+            hold_everything = hold_everything or rules.exclusive
+            reason += (
+                f"; waiting {_format_duration(job.waited)}, past starvation_after "
+                f"{_format_duration(limits.starvation_after or 0.0)}: later jobs may not "
+                "take what it needs"
+            )
+        waiting[job.id] = reason
 
     return Plan(
         admit=tuple(admit),
         waiting=waiting,
         headroom=Headroom(cpus=free_cpus, memory=free_memory),
         capacity=Headroom(cpus=capacity_cpus, memory=capacity_memory),
+        state=PlanState(frozenset(held)),
+        overload=overload,
     )
+
+
+def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[tuple[str, str]]:
+    """The overload signals that stop admission now, each (name, reason).
+
+    A signal that stopped the previous plan holds until it clears its threshold by the
+    hysteresis fraction: available memory above floor x (1 + h), pressure below limit x
+    (1 - h).
+    """
+    found: list[tuple[str, str]] = []
+    h = limits.hysteresis
+    floor = limits.memory_floor
+    if floor > 0:
+        threshold = int(floor * (1 + h)) if FLOOR in held else floor
+        available = snapshot.memory_available
+        if available < threshold:
+            text = (
+                f"memory floor: {_format_size(available)} available < memory_floor "
+                f"{_format_size(floor)}"
+            )
+            if available >= floor:
+                text = (
+                    f"memory floor: {_format_size(available)} available, held until above "
+                    f"{_format_size(threshold)} (memory_floor {_format_size(floor)} + hysteresis)"
+                )
+            found.append((FLOOR, text))
+    for name, kind, reading, limit in (
+        (MEMORY_PSI, "memory", snapshot.memory_pressure, limits.memory_pressure_limit),
+        (CPU_PSI, "cpu", snapshot.cpu_pressure, limits.cpu_pressure_limit),
+    ):
+        if reading is None or limit is None:
+            continue
+        psi_threshold = limit * (1 - h) if name in held else limit
+        if reading > psi_threshold:
+            text = f"PSI {kind} pressure {reading:.0f}% > {limit:.0f}%"
+            if reading <= limit:
+                text = (
+                    f"PSI {kind} pressure {reading:.0f}%, held until below {psi_threshold:.0f}% "
+                    f"(limit {limit:.0f}% - hysteresis)"
+                )
+            found.append((name, text))
+    return found
 
 
 def _never_fits(
@@ -200,20 +361,50 @@ def _never_fits(
     return "; ".join(problems) or None
 
 
-def _shortfall(request: Request, free_cpus: float, free_memory: int) -> str | None:
-    """Why ``request`` does not fit what is free now, or None if it fits."""
+def _shortfall(
+    request: Request,
+    free_cpus: float,
+    free_memory: int,
+    held: frozenset[str] = frozenset(),
+    margin: float = 1.0,
+) -> tuple[str | None, set[str]]:
+    """Why ``request`` does not fit what is free now (None if it fits), and the resources
+    it is short of.  A resource in ``held`` needs ``margin`` times the request."""
     problems = []
-    if request.memory > free_memory:
+    short: set[str] = set()
+    memory_need = request.memory * margin if MEMORY in held else request.memory
+    if memory_need > free_memory:
+        short.add(MEMORY)
+        extra = ""
+        if memory_need > request.memory >= 0 and request.memory <= free_memory:
+            extra = f" (+{_format_size(int(memory_need) - request.memory)} hysteresis margin)"
         problems.append(
-            f"waiting for memory: needs {_format_size(request.memory)}, "
+            f"waiting for memory: needs {_format_size(request.memory)}{extra}, "
             f"{_format_size(free_memory)} free after reserve"
         )
-    if request.cpus > free_cpus + _CPU_EPSILON:
+    cpu_need = request.cpus * margin if CPU in held else request.cpus
+    if cpu_need > free_cpus + _CPU_EPSILON:
+        short.add(CPU)
+        extra = ""
+        if request.cpus <= free_cpus + _CPU_EPSILON:
+            extra = f" (+{cpu_need - request.cpus:.2f} hysteresis margin)"
         problems.append(
-            f"waiting for CPU: needs {request.cpus:.2f} CPU, "
+            f"waiting for CPU: needs {request.cpus:.2f} CPU{extra}, "
             f"{_format_cpus(free_cpus)} free after reserve"
         )
-    return "; ".join(problems) or None
+    return "; ".join(problems) or None, short
+
+
+def _format_duration(seconds: float) -> str:
+    """ "45s", "5m", "5m30s", "2h05m"."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _format_cpus(cpus: float) -> str:
@@ -231,6 +422,45 @@ def _format_size(size: int) -> str:
         if round(value, 1) < 1024:
             return f"{value:.1f} {unit}"
     return f"{value / 1024:.1f} TiB"
+
+
+def pressure_victim(running: Sequence[RunningJob]) -> RunningJob | None:
+    """The job to act on under memory pressure: the lowest priority, then the youngest
+    (latest started: it has the least work to lose)."""
+    if not running:
+        return None
+    return min(running, key=lambda job: (job.priority, -job.started, job.id))
+
+
+def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> int | None:
+    """``percentile`` (nearest rank) of the recent peak RSS values, times ``margin``; None
+    without history."""
+    if not peaks:
+        return None
+    ordered = sorted(peaks)
+    rank = max(1, math.ceil(percentile / 100 * len(ordered)))
+    return int(ordered[rank - 1] * margin)
+
+
+def effective_memory(
+    declared: int | None,
+    peaks: Sequence[int],
+    percentile: float,
+    margin: float,
+    fallback: int,
+) -> int:
+    """The memory request the scheduler uses for a task.
+
+    Its declared request, unless it declares none (then the ``percentile`` of its recent
+    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
+    used more than it declares (then the larger of the two).
+    """
+    learned = learned_memory(peaks, percentile, margin)
+    if declared is None:
+        return learned if learned is not None else fallback
+    if learned is not None and max(peaks) > declared:
+        return max(declared, learned)
+    return declared
 
 
 # -- The Scheduler service: applies plan() through the store and the runner ------------
@@ -263,8 +493,13 @@ class _Attempt:
     cpu_seconds: float = 0.0
     cpus_used: float = 0.0
     sampled: float = 0.0  # monotonic time of the last usage sample
-    stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown"
+    # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
+    stop_reason: str | None = None
     kill_at: float | None = None  # monotonic deadline for SIGKILL after SIGTERM
+    memory_limit: int | None = None
+    cgroup: JobCgroup | None = None  # the kernel enforces memory_limit; None: sampling
+    paused: bool = False  # SIGSTOPped under pressure (pressure_action = "pause")
+    stop_note: str | None = None  # why the scheduler stopped it, for the job's reason
 
 
 class Scheduler:
@@ -284,6 +519,7 @@ class Scheduler:
         settings: SchedulerSettings,
         jobs_dir: Path,
         clock: Callable[[], datetime] = utcnow,
+        cgroups: JobCgroups | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -292,22 +528,49 @@ class Scheduler:
         self._settings = settings
         self._jobs_dir = jobs_dir
         self._clock = clock
-        self._limits = Limits(
-            max_jobs=settings.max_jobs,
-            max_cpus=settings.max_cpus,
-            max_memory=settings.max_memory,
-            reserve_cpus=settings.reserve_cpus,
-            reserve_memory=settings.reserve_memory,
-        )
+        self._cgroups = cgroups
+        self._limits = self._make_limits()
         self._running: dict[str, _Attempt] = {}
         self._waiting: dict[str, str] = {}
         self._head: list[str] = []
         self._last_plan: Plan | None = None
         self._last_snapshot: Snapshot | None = None
+        self._plan_state = PlanState()
+        self._peaks: dict[str, list[int]] | None = None  # task -> recent peaks, newest first
+        self._pressure_ticks = 0  # consecutive ticks under memory pressure
+        self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
+        self._leftover_cgroups: list[JobCgroup] = []
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tick_lock = asyncio.Lock()
+
+    def _make_limits(self) -> Limits:
+        s = self._settings
+        return Limits(
+            max_jobs=s.max_jobs,
+            max_cpus=s.max_cpus,
+            max_memory=s.max_memory,
+            reserve_cpus=s.reserve_cpus,
+            reserve_memory=s.reserve_memory,
+            memory_floor=s.memory_floor,
+            memory_pressure_limit=s.memory_pressure_limit,
+            cpu_pressure_limit=s.cpu_pressure_limit,
+            hysteresis=s.hysteresis,
+            starvation_after=s.starvation_after,
+            tasks={
+                task.name: TaskLimits(task.settings.max_concurrency, task.settings.exclusive)
+                for task in self._registry
+            },
+        )
+
+    def reconfigure(self, settings: SchedulerSettings) -> None:
+        """Use new settings (and the registry's current task settings) from the next tick."""
+        if settings.learn_window != self._settings.learn_window:
+            self._peaks = None  # reread with the new window
+        self._settings = settings
+        self._limits = self._make_limits()
+        self.wake()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -327,7 +590,8 @@ class Scheduler:
             self._loop_task = None
         attempts = list(self._running.values())
         for attempt in attempts:
-            self._terminate(attempt, "shutdown")
+            if attempt.stop_reason is None:
+                self._terminate(attempt, "shutdown")
         watchers = [a.watcher for a in attempts if a.watcher is not None]
         if watchers:
             _, pending = await asyncio.wait(watchers, timeout=self._settings.kill_grace)
@@ -335,6 +599,7 @@ class Scheduler:
                 attempt.handle.signal_tree(signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
+        self._remove_leftover_cgroups()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -357,8 +622,11 @@ class Scheduler:
             monotonic = time.monotonic()
             self._sample_usage(monotonic)
             await self._enforce(monotonic)
+            self._remove_leftover_cgroups()
             if not self._stopping:
-                await self._admit(now, monotonic)
+                snapshot = self._probe.snapshot()
+                await self._admit(now, monotonic, snapshot)
+                self._relieve_pressure(snapshot)
 
     def _sample_usage(self, monotonic: float) -> None:
         for attempt in self._running.values():
@@ -376,7 +644,8 @@ class Scheduler:
             attempt.sampled = monotonic
 
     async def _enforce(self, monotonic: float) -> None:
-        """Cancel requests, timeouts, and SIGKILL for trees that ignored SIGTERM."""
+        """Cancel requests, timeouts, sampled memory limits, and SIGKILL for trees that
+        ignored SIGTERM."""
         if not self._running:
             return
         for job_id in await self._store.cancel_requested():
@@ -391,6 +660,19 @@ class Scheduler:
                 and elapsed > attempt.timeout
             ):
                 self._terminate(attempt, "timeout")
+            if (
+                attempt.stop_reason is None
+                and attempt.memory_limit is not None
+                and attempt.cgroup is None
+                and attempt.peak_rss > attempt.memory_limit
+            ):
+                # No cgroup: the sampled tree RSS is the limit's only guard.  Kill at
+                # once: a job over its memory limit must not get a grace period to grow.
+                attempt.stop_note = (
+                    f"exceeded memory limit {_format_size(attempt.memory_limit)} "
+                    f"(peak {_format_size(attempt.peak_rss)})"
+                )
+                self._kill(attempt, "memory_limit")
             if attempt.kill_at is not None and monotonic >= attempt.kill_at:
                 attempt.handle.signal_tree(signal.SIGKILL)
 
@@ -398,10 +680,24 @@ class Scheduler:
         attempt.stop_reason = reason
         attempt.kill_at = time.monotonic() + self._settings.kill_grace
         attempt.handle.signal_tree(signal.SIGTERM)
+        if attempt.paused:  # a stopped process acts on SIGTERM only once continued
+            attempt.handle.signal_tree(signal.SIGCONT)
+            attempt.paused = False
         log.info("job %s: sent SIGTERM to its process group (%s)", attempt.job.id, reason)
 
-    async def _admit(self, now: datetime, monotonic: float) -> None:
+    def _kill(self, attempt: _Attempt, reason: str) -> None:
+        attempt.stop_reason = reason
+        attempt.handle.signal_tree(signal.SIGKILL)
+        log.warning(
+            "job %s (%s): killed its process group: %s",
+            attempt.job.id,
+            attempt.job.task,
+            attempt.stop_note or reason,
+        )
+
+    async def _admit(self, now: datetime, monotonic: float, snapshot: Snapshot) -> None:
         head = await self._store.queue_head(QUEUE_HEAD_SIZE, now)
+        await self._load_peaks()
         queued: list[QueuedJob] = []
         for job in head:
             if job.task not in self._registry:
@@ -411,11 +707,18 @@ class Scheduler:
                     now,
                 )
                 continue
-            request = _request(self._registry.get(job.task))
-            queued.append(QueuedJob(job.id, job.task, job.priority, request))
-        snapshot = self._probe.snapshot()
-        decision = plan(queued, self._running_jobs(), snapshot, self._limits)
+            request = self._request(self._registry.get(job.task))
+            ready_since = max(job.created_at, job.run_after or job.created_at)
+            waited = max(0.0, (now - ready_since).total_seconds())
+            queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
+        decision = plan(queued, self._running_jobs(), snapshot, self._limits, self._plan_state)
+        if decision.overload != (self._last_plan.overload if self._last_plan else None):
+            if decision.overload:
+                log.warning("admission stopped: %s", decision.overload)
+            else:
+                log.info("admission resumed: the overload signals cleared")
         self._last_snapshot, self._last_plan = snapshot, decision
+        self._plan_state = decision.state
         self._waiting = dict(decision.waiting)
         self._head = [job.id for job in queued]
         for job_id in decision.admit:
@@ -426,30 +729,179 @@ class Scheduler:
         if job is None:  # cancelled between the read and the claim
             return
         task = self._registry.get(job.task)
+        limit = task.settings.memory_limit
+        group = None
+        if limit is not None and self._cgroups is not None and self._settings.job_cgroups:
+            group = self._cgroups.create(job.id, limit)
         spec = LaunchSpec(
-            job.id, job.attempts, task.settings.function, job.args, self.job_dir(job.id)
+            job.id,
+            job.attempts,
+            task.settings.function,
+            job.args,
+            self.job_dir(job.id),
+            cgroup_procs=None if group is None else group.procs,
         )
         try:
             handle = self._runner.start(spec)
         except OSError as exc:
+            if group is not None:
+                group.remove()
             await self._store.finish(
                 job.id,
                 Finish(JobState.FAILED, error=JobError("SpawnFailed", f"could not start: {exc}")),
                 self._clock(),
             )
             return
-        attempt = _Attempt(job, handle, _request(task), task.settings.timeout, monotonic)
+        attempt = _Attempt(
+            job,
+            handle,
+            self._request(task),
+            task.settings.timeout,
+            monotonic,
+            memory_limit=limit,
+            cgroup=group,
+        )
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
         log.info(
-            "job %s (%s): queued -> running, attempt %d, pid %d",
+            "job %s (%s): queued -> running, attempt %d, pid %d%s",
             job.id,
             job.task,
             job.attempts,
             handle.pid,
+            f", in cgroup {group.path}" if group is not None else "",
         )
         await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
+
+    # -- memory pressure ---------------------------------------------------------
+
+    def _relieve_pressure(self, snapshot: Snapshot) -> None:
+        """Under memory pressure (below memory_floor, or PSI memory over its limit) plan()
+        has stopped admitting.  If it persists and keeps getting worse, act on the
+        youngest lowest-priority running job, one at a time, per ``pressure_action``."""
+        decision = self._last_plan
+        held = decision.state.held if decision is not None else frozenset()
+        under = bool(held & {FLOOR, MEMORY_PSI})
+        if not under:
+            self._pressure_ticks, self._pressure_reading = 0, None
+            self._resume_paused()
+            return
+        previous = self._pressure_reading
+        self._pressure_ticks += 1
+        self._pressure_reading = snapshot
+        action = self._settings.pressure_action
+        if action == "none" or previous is None:
+            return
+        worse = snapshot.memory_available < previous.memory_available or (
+            snapshot.memory_pressure is not None
+            and previous.memory_pressure is not None
+            and snapshot.memory_pressure > previous.memory_pressure
+        )
+        if not worse:
+            return
+        if any(a.stop_reason == "pressure" for a in self._running.values()):
+            return  # the last one we acted on has not exited yet: let its memory go first
+        candidates = [
+            RunningJob(
+                a.job.id,
+                a.job.task,
+                a.request,
+                a.memory_used,
+                a.cpus_used,
+                priority=a.job.priority,
+                started=a.started,
+            )
+            for a in self._running.values()
+            if a.stop_reason is None and not a.paused
+        ]
+        victim = pressure_victim(candidates)
+        if victim is None:
+            return
+        attempt = self._running[victim.id]
+        why = decision.overload if decision is not None else None
+        if action == "pause":
+            attempt.paused = True
+            attempt.handle.signal_tree(signal.SIGSTOP)
+            log.warning(
+                "job %s (%s): paused (SIGSTOP) under memory pressure: %s; with no swap this "
+                "frees no memory, only CPU",
+                attempt.job.id,
+                attempt.job.task,
+                why,
+            )
+            return
+        attempt.stop_note = f"killed under memory pressure ({why})"
+        self._kill(attempt, "pressure")
+
+    def _resume_paused(self) -> None:
+        for attempt in self._running.values():
+            if attempt.paused:
+                attempt.paused = False
+                attempt.handle.signal_tree(signal.SIGCONT)
+                log.info("job %s: resumed (SIGCONT): memory pressure is over", attempt.job.id)
+
+    def _remove_leftover_cgroups(self) -> None:
+        self._leftover_cgroups = [g for g in self._leftover_cgroups if not g.remove()]
+
+    # -- learned requests --------------------------------------------------------
+
+    async def _load_peaks(self) -> None:
+        if self._peaks is not None:
+            return
+        window = self._settings.learn_window
+        self._peaks = {
+            task.name: [run.peak_rss for run in await self._store.recent_runs(task.name, window)]
+            for task in self._registry
+        }
+
+    def _request(self, task: Task) -> Request:
+        s = self._settings
+        peaks = (self._peaks or {}).get(task.name, [])
+        memory = effective_memory(
+            task.settings.memory,
+            peaks,
+            s.learn_percentile,
+            s.learn_margin,
+            s.default_memory,
+        )
+        return Request(cpus=task.settings.cpus, memory=memory)
+
+    async def task_figures(self) -> dict[str, dict[str, Any]]:
+        """Per task: declared requests and limits beside what its recent runs used."""
+        s = self._settings
+        figures: dict[str, dict[str, Any]] = {}
+        for task in self._registry:
+            runs = await self._store.recent_runs(task.name, s.learn_window)
+            peaks = [run.peak_rss for run in runs]
+            declared = task.settings.memory
+            learned = learned_memory(peaks, s.learn_percentile, s.learn_margin)
+            used = effective_memory(
+                declared, peaks, s.learn_percentile, s.learn_margin, s.default_memory
+            )
+            if declared is None:
+                source = "learned" if learned is not None else "default_memory"
+            else:
+                source = "learned" if used != declared else "declared"
+            figures[task.name] = {
+                "declared": {
+                    "cpus": task.settings.cpus,
+                    "memory": declared,
+                    "memory_limit": task.settings.memory_limit,
+                    "max_concurrency": task.settings.max_concurrency,
+                    "exclusive": task.settings.exclusive,
+                },
+                "learned": {
+                    "runs": len(runs),
+                    "memory": learned,
+                    "peak_rss_max": max(peaks) if peaks else None,
+                    "peak_rss_percentile": _percentile(peaks, s.learn_percentile),
+                    "cpu_seconds_median": _median([run.cpu_seconds for run in runs]),
+                    "wall_seconds_median": _median([run.wall_seconds for run in runs]),
+                },
+                "scheduled_with": {"cpus": task.settings.cpus, "memory": used, "source": source},
+            }
+        return figures
 
     async def _watch(self, attempt: _Attempt) -> None:
         outcome = await attempt.handle.wait()
@@ -459,11 +911,13 @@ class Scheduler:
             log.exception("job %s: could not record its outcome", attempt.job.id)
         finally:
             self._running.pop(attempt.job.id, None)
+            if attempt.cgroup is not None and not attempt.cgroup.remove():
+                self._leftover_cgroups.append(attempt.cgroup)
             self.wake()
 
     async def _record(self, attempt: _Attempt, outcome: Outcome) -> None:
-        """Store how the attempt ended: a terminal state, or back to the queue for a retry
-        or after a shutdown.  One log line per transition."""
+        """Store how the attempt ended: a terminal state, or back to the queue for a retry,
+        after a shutdown or under memory pressure.  One log line per transition."""
         job, now = attempt.job, self._clock()
         duration = time.monotonic() - attempt.started
 
@@ -479,6 +933,24 @@ class Scheduler:
         error = outcome.error
         if attempt.stop_reason == "timeout" and attempt.timeout is not None:
             error = JobError("Timeout", f"timed out after {attempt.timeout:g} s")
+        oom_killed = (
+            error is not None
+            and attempt.cgroup is not None
+            and outcome.signal == signal.SIGKILL
+            and attempt.cgroup.oom_kills() > 0
+        )
+        if oom_killed and attempt.cgroup is not None and attempt.memory_limit is not None:
+            peak = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
+            attempt.peak_rss = peak
+            error = JobError(
+                "OOMKilled",
+                f"the kernel killed it at its memory limit "
+                f"{_format_size(attempt.memory_limit)} (cgroup peak {_format_size(peak)})",
+            )
+        if attempt.stop_reason == "memory_limit" and attempt.stop_note is not None:
+            error = JobError("MemoryLimitExceeded", attempt.stop_note)
+
+        requeues = job.pressure_requeues
         if error is None:
             target, reason = JobState.SUCCEEDED, None
             await self._store.finish(job.id, finish(target, result=outcome.result), now)
@@ -488,6 +960,27 @@ class Scheduler:
         elif attempt.stop_reason == "cancel":
             target, reason = JobState.CANCELLED, "cancelled by request while running"
             await self._store.finish(job.id, finish(target, reason=reason), now)
+        elif attempt.stop_reason == "pressure" and requeues < self._settings.max_pressure_requeues:
+            target = JobState.QUEUED
+            reason = (
+                f"requeued: {attempt.stop_note}; pressure requeue {requeues + 1} of "
+                f"{self._settings.max_pressure_requeues}, not counted as an attempt"
+            )
+            await self._store.requeue(job.id, reason=reason, pressure=True)
+        elif attempt.stop_reason == "pressure":
+            target = JobState.FAILED
+            reason = (
+                f"{attempt.stop_note}; already requeued {requeues} times "
+                f"(max_pressure_requeues = {self._settings.max_pressure_requeues})"
+            )
+            failure = JobError("MemoryPressure", reason)
+            await self._store.finish(job.id, finish(target, error=failure, reason=reason), now)
+        elif oom_killed or attempt.stop_reason == "memory_limit":
+            # Over its own limit again and again: retrying would end the same way.
+            target = JobState.FAILED
+            reason = "oom_killed" if oom_killed else attempt.stop_note
+            await self._store.finish(job.id, finish(target, error=error, reason=reason), now)
+            reason = f"{reason}: {error.message}" if oom_killed else reason
         elif job.failures < job.max_retries:
             delay = retry_delay(job.failures + 1, random.random())
             target = JobState.QUEUED
@@ -513,6 +1006,29 @@ class Scheduler:
             duration,
             f": {reason}" if reason else "",
         )
+        if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
+            await self._learn(attempt, target, duration, now)
+
+    async def _learn(
+        self, attempt: _Attempt, target: JobState, duration: float, now: datetime
+    ) -> None:
+        job = attempt.job
+        await self._store.record_run(
+            TaskRun(
+                task=job.task,
+                job_id=job.id,
+                attempt=job.attempts,
+                outcome="requeued" if target is JobState.QUEUED else target.value,
+                peak_rss=attempt.peak_rss,
+                cpu_seconds=attempt.cpu_seconds,
+                wall_seconds=duration,
+                finished_at=now,
+            )
+        )
+        if self._peaks is not None:
+            peaks = self._peaks.setdefault(job.task, [])
+            peaks.insert(0, attempt.peak_rss)
+            del peaks[self._settings.learn_window :]
 
     # -- what the API shows ------------------------------------------------------
 
@@ -539,7 +1055,15 @@ class Scheduler:
         snapshot, decision = self._last_snapshot, self._last_plan
         if snapshot is None or decision is None:
             snapshot = self._probe.snapshot()
-            decision = plan([], self._running_jobs(), snapshot, self._limits)
+            decision = plan([], self._running_jobs(), snapshot, self._limits, self._plan_state)
+        s, limits = self._settings, self._limits
+        sources = snapshot.sources
+
+        def capped(value: float, machine: float, cap: float | None, source: str) -> dict[str, Any]:
+            if cap is not None and cap < machine:
+                return {"value": value, "source": "config cap"}
+            return {"value": value, "source": sources.get(source, "unknown")}
+
         return {
             "capacity": {"cpus": decision.capacity.cpus, "memory": decision.capacity.memory},
             "reserved": {"cpus": self._limits.reserve_cpus, "memory": self._limits.reserve_memory},
@@ -553,6 +1077,53 @@ class Scheduler:
                 "cpu_pressure": snapshot.cpu_pressure,
                 "sources": dict(snapshot.sources),
             },
+            # Every reading admission uses, with where it came from.
+            "signals": {
+                "cpu_capacity": capped(
+                    decision.capacity.cpus, snapshot.cpu_capacity, limits.max_cpus, "cpu_capacity"
+                ),
+                "memory_capacity": capped(
+                    decision.capacity.memory,
+                    snapshot.memory_capacity,
+                    limits.max_memory,
+                    "memory_capacity",
+                ),
+                "cpu_idle": {"value": snapshot.cpu_idle, "source": sources.get("cpu_idle")},
+                "memory_available": {
+                    "value": snapshot.memory_available,
+                    "source": sources.get("memory_available"),
+                },
+                "memory_pressure": {
+                    "value": snapshot.memory_pressure,
+                    "source": sources.get("memory_pressure"),
+                    "limit": s.memory_pressure_limit,
+                },
+                "cpu_pressure": {
+                    "value": snapshot.cpu_pressure,
+                    "source": sources.get("cpu_pressure"),
+                    "limit": s.cpu_pressure_limit,
+                },
+                "reserve_cpus": {"value": s.reserve_cpus, "source": "config"},
+                "reserve_memory": {"value": s.reserve_memory, "source": "config"},
+                "memory_floor": {"value": s.memory_floor, "source": "config"},
+            },
+            "overload": decision.overload,
+            "held": sorted(decision.state.held),
+            "settings": {
+                "starvation_after": s.starvation_after,
+                "hysteresis": s.hysteresis,
+                "pressure_action": s.pressure_action,
+                "max_pressure_requeues": s.max_pressure_requeues,
+                "learn_percentile": s.learn_percentile,
+                "learn_margin": s.learn_margin,
+                "learn_window": s.learn_window,
+                "default_memory": s.default_memory,
+            },
+            "memory_limits": (
+                self._cgroups.describe()
+                if self._cgroups is not None and s.job_cgroups
+                else "sampling (no writable per-job cgroup)"
+            ),
             "max_jobs": self._limits.max_jobs,
             "running": [
                 {
@@ -560,7 +1131,12 @@ class Scheduler:
                     "task": a.job.task,
                     "pid": a.handle.pid,
                     "memory_used": a.memory_used,
+                    "peak_rss": a.peak_rss,
                     "cpus_used": round(a.cpus_used, 3),
+                    "request": {"cpus": a.request.cpus, "memory": a.request.memory},
+                    "memory_limit": a.memory_limit,
+                    "cgroup": None if a.cgroup is None else str(a.cgroup.path),
+                    "paused": a.paused,
                 }
                 for a in self._running.values()
             ],
@@ -572,10 +1148,22 @@ class Scheduler:
 
     def _running_jobs(self) -> list[RunningJob]:
         return [
-            RunningJob(a.job.id, a.job.task, a.request, a.memory_used, a.cpus_used)
+            RunningJob(
+                a.job.id,
+                a.job.task,
+                a.request,
+                a.memory_used,
+                a.cpus_used,
+                priority=a.job.priority,
+                started=a.started,
+            )
             for a in self._running.values()
         ]
 
 
-def _request(task: Task) -> Request:
-    return Request(cpus=task.settings.cpus, memory=task.settings.memory)
+def _percentile(values: Sequence[int], percentile: float) -> int | None:
+    return learned_memory(values, percentile, 1.0)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None

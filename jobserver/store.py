@@ -76,6 +76,8 @@ jobs = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("peak_rss", sa.Integer),
     sa.Column("cpu_seconds", sa.Float),
+    # Times the scheduler killed and requeued it under memory pressure (migration 0003).
+    sa.Column("pressure_requeues", sa.Integer, nullable=False, server_default="0"),
     sa.CheckConstraint(f"state IN ({_STATES})", name="ck_jobs_state"),
     sa.CheckConstraint(
         f"(state IN ({_TERMINAL})) = (finished_at IS NOT NULL)", name="ck_jobs_finished_at"
@@ -89,6 +91,23 @@ jobs = sa.Table(
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
+
+# One row per finished attempt that was measured: what each task really uses, read by the
+# scheduler to learn memory requests and by admins in the sqlite3 shell (migration 0003).
+task_runs = sa.Table(
+    "task_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),  # the state it went to, or "requeued"
+    sa.Column("peak_rss", sa.Integer, nullable=False),  # bytes, the tree's sampled peak
+    sa.Column("cpu_seconds", sa.Float, nullable=False),
+    sa.Column("wall_seconds", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Text, nullable=False),
+)
+sa.Index("ix_task_runs_task_id", task_runs.c.task, task_runs.c.id)
 
 MAX_PAGE = 1000
 
@@ -117,6 +136,20 @@ class Finish:
     exit_code: int | None = None
     peak_rss: int | None = None
     cpu_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One measured attempt of a task (a row of ``task_runs``)."""
+
+    task: str
+    job_id: str
+    attempt: int
+    outcome: str
+    peak_rss: int
+    cpu_seconds: float
+    wall_seconds: float
+    finished_at: datetime
 
 
 class Store:
@@ -288,6 +321,7 @@ class Store:
         error: JobError | None = None,
         failed: bool = False,
         rescued: bool = False,
+        pressure: bool = False,
     ) -> Job | None:
         """running → queued: a retry after the task failed (``failed`` counts toward
         ``max_retries``), a rescue after the server died (``rescued`` counts toward
@@ -305,6 +339,9 @@ class Store:
             values["rescues"] = jobs.c.rescues + 1
         if failed:
             values["failures"] = jobs.c.failures + 1
+        if pressure:  # killed to protect the machine: the attempt does not count
+            values["pressure_requeues"] = jobs.c.pressure_requeues + 1
+            values["attempts"] = sa.func.max(0, jobs.c.attempts - 1)
         async with self._write() as conn:
             return await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
 
@@ -377,6 +414,47 @@ class Store:
         ).first()
         return None if row is None else _job_from_row(row)
 
+    # -- task runs (resource-aware scheduling) ----------------------------------------
+
+    async def record_run(self, run: TaskRun) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                task_runs.insert().values(
+                    task=run.task,
+                    job_id=run.job_id,
+                    attempt=run.attempt,
+                    outcome=run.outcome,
+                    peak_rss=run.peak_rss,
+                    cpu_seconds=run.cpu_seconds,
+                    wall_seconds=run.wall_seconds,
+                    finished_at=format_timestamp(run.finished_at),
+                )
+            )
+
+    async def recent_runs(self, task: str, limit: int) -> list[TaskRun]:
+        """The task's last ``limit`` measured runs, newest first (through its index)."""
+        query = (
+            sa.select(task_runs)
+            .where(task_runs.c.task == task)
+            .order_by(task_runs.c.id.desc())
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            TaskRun(
+                task=row.task,
+                job_id=row.job_id,
+                attempt=row.attempt,
+                outcome=row.outcome,
+                peak_rss=row.peak_rss,
+                cpu_seconds=row.cpu_seconds,
+                wall_seconds=row.wall_seconds,
+                finished_at=parse_timestamp(row.finished_at),
+            )
+            for row in rows
+        ]
+
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
     """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
@@ -425,6 +503,7 @@ def _job_from_row(row: Row[Any]) -> Job:
         exit_code=m["exit_code"],
         peak_rss=m["peak_rss"],
         cpu_seconds=m["cpu_seconds"],
+        pressure_requeues=m["pressure_requeues"],
     )
 
 

@@ -18,9 +18,19 @@ ALLOWED = {
     "store": {"errors", "jobs"},
     "resources": {"errors", "jobs"},
     "runner": {"errors", "jobs"},
+    "cgroups": set(),
     "child": set(),
     "demo": set(),
-    "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
+    "scheduler": {
+        "errors",
+        "jobs",
+        "config",
+        "tasks",
+        "store",
+        "resources",
+        "runner",
+        "cgroups",
+    },
     "maintenance": {"errors", "jobs", "store", "resources", "runner"},
     "api": {"errors", "jobs", "store", "tasks", "__init__"},
     "server": {
@@ -31,6 +41,7 @@ ALLOWED = {
         "store",
         "resources",
         "runner",
+        "cgroups",
         "scheduler",
         "maintenance",
         "api",
@@ -48,6 +59,7 @@ FORBIDDEN = {
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
+    "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
 }
 
 
