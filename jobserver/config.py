@@ -373,6 +373,12 @@ def apply_changes(settings: Settings, changes: object, origin: str) -> Settings:
     names the key and ``origin`` (e.g. "PATCH /api/v1/system").  Nothing is half-applied:
     the result is a new object, or an error."""
     source = _Source(Path(origin), {})
+    if not isinstance(changes, dict):
+        raise ConfigError(
+            f'{origin}: expected an object like {{"scheduler": {{"max_jobs": 4}}, '
+            f'"tasks": {{"NAME": {{"memory": "1GiB"}}}}}}, got {_show(changes)}',
+            {"file": origin, "line": None, "key": None},
+        )
     root = _Table(source, (), changes, ("scheduler", "tasks"))
     scheduler = settings.scheduler
     if "scheduler" in root.data:

@@ -466,6 +466,7 @@ def effective_memory(
 # -- The Scheduler service: applies plan() through the store and the runner ------------
 
 QUEUE_HEAD_SIZE = 200
+_OVERLOAD = frozenset({FLOOR, MEMORY_PSI, CPU_PSI})
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
@@ -712,7 +713,8 @@ class Scheduler:
             waited = max(0.0, (now - ready_since).total_seconds())
             queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
         decision = plan(queued, self._running_jobs(), snapshot, self._limits, self._plan_state)
-        if decision.overload != (self._last_plan.overload if self._last_plan else None):
+        before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
+        if decision.state.held & _OVERLOAD != before:
             if decision.overload:
                 log.warning("admission stopped: %s", decision.overload)
             else:
@@ -820,6 +822,9 @@ class Scheduler:
             return
         attempt = self._running[victim.id]
         why = decision.overload if decision is not None else None
+        # Measure afresh after acting: the next action needs two more readings, the
+        # second worse than the first, so the freed memory has time to show.
+        self._pressure_reading = None
         if action == "pause":
             attempt.paused = True
             attempt.handle.signal_tree(signal.SIGSTOP)
@@ -1046,7 +1051,8 @@ class Scheduler:
             return reason
         if self._stopping:
             return "the server is shutting down"
-        if job.id in self._head or self._last_plan is None:
+        # Not in a head that had room: it was submitted after the last tick read the queue.
+        if job.id in self._head or self._last_plan is None or len(self._head) < QUEUE_HEAD_SIZE:
             return "waiting for the scheduler's next tick"
         return f"in the queue behind the first {QUEUE_HEAD_SIZE} jobs"
 
@@ -1058,6 +1064,13 @@ class Scheduler:
             decision = plan([], self._running_jobs(), snapshot, self._limits, self._plan_state)
         s, limits = self._settings, self._limits
         sources = snapshot.sources
+        # Capacity under the current caps (a runtime change shows before the next tick).
+        cap_cpus = snapshot.cpu_capacity
+        if limits.max_cpus is not None:
+            cap_cpus = min(cap_cpus, limits.max_cpus)
+        cap_memory = snapshot.memory_capacity
+        if limits.max_memory is not None:
+            cap_memory = min(cap_memory, limits.max_memory)
 
         def capped(value: float, machine: float, cap: float | None, source: str) -> dict[str, Any]:
             if cap is not None and cap < machine:
@@ -1065,7 +1078,7 @@ class Scheduler:
             return {"value": value, "source": sources.get(source, "unknown")}
 
         return {
-            "capacity": {"cpus": decision.capacity.cpus, "memory": decision.capacity.memory},
+            "capacity": {"cpus": cap_cpus, "memory": cap_memory},
             "reserved": {"cpus": self._limits.reserve_cpus, "memory": self._limits.reserve_memory},
             "free": {"cpus": decision.headroom.cpus, "memory": decision.headroom.memory},
             "machine": {
@@ -1080,10 +1093,10 @@ class Scheduler:
             # Every reading admission uses, with where it came from.
             "signals": {
                 "cpu_capacity": capped(
-                    decision.capacity.cpus, snapshot.cpu_capacity, limits.max_cpus, "cpu_capacity"
+                    cap_cpus, snapshot.cpu_capacity, limits.max_cpus, "cpu_capacity"
                 ),
                 "memory_capacity": capped(
-                    decision.capacity.memory,
+                    cap_memory,
                     snapshot.memory_capacity,
                     limits.max_memory,
                     "memory_capacity",

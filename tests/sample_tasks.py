@@ -76,3 +76,15 @@ def wait_for_file(path: str, timeout: float = 60) -> str:
             raise TimeoutError(path)
         time.sleep(0.02)
     return Path(path).read_text()
+
+
+def hold_memory(mib: int, path: str = "", seconds: float = 60) -> int:
+    """Allocates and touches ``mib`` MiB, then holds it until ``path`` exists (or for
+    ``seconds``): a job whose real memory use the test controls."""
+    block = bytearray(mib * 1024 * 1024)
+    for offset in range(0, len(block), 4096):  # touch every page: resident, not just mapped
+        block[offset] = 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (path and Path(path).exists()):
+        time.sleep(0.02)
+    return len(block) // (1024 * 1024)
