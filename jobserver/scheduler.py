@@ -159,7 +159,8 @@ def plan(
     - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
       its task is under ``max_concurrency``, no exclusive job runs (and, for an
       exclusive job, nothing runs at all), and its request fits free for both CPUs and
-      memory (times 1 + ``hysteresis`` for a resource the previous plan was short of);
+      memory (and the live reading holds 1 + ``hysteresis`` times it for a resource
+      the previous plan was short of);
       then subtract its request from free and go on.  A job that does not fit does
       not block later, smaller jobs (skip ahead) ...
     - ... unless it has waited ``starvation_after`` or longer: then it reserves its
@@ -184,13 +185,11 @@ def plan(
     unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
 
-    free_cpus = (
-        min(capacity_cpus - claimed_cpus, snapshot.cpu_idle - unused_cpus) - limits.reserve_cpus
-    )
-    free_memory = (
-        min(capacity_memory - claimed_memory, snapshot.memory_available - unused_memory)
-        - limits.reserve_memory
-    )
+    # The live reading alone: what hysteresis margins apply to (it is what hovers).
+    live_cpus = snapshot.cpu_idle - unused_cpus - limits.reserve_cpus
+    live_memory = snapshot.memory_available - unused_memory - limits.reserve_memory
+    free_cpus = min(capacity_cpus - claimed_cpus - limits.reserve_cpus, live_cpus)
+    free_memory = min(capacity_memory - claimed_memory - limits.reserve_memory, live_memory)
 
     overloaded = _overload(snapshot, limits, state.held)
     overload = "; ".join(reason for _, reason in overloaded) or None
@@ -235,7 +234,9 @@ def plan(
         if reason is None and slots <= 0:
             reason = f"max_jobs limit {limits.max_jobs} reached"
         if reason is None:
-            reason, short = _shortfall(job.request, free_cpus, free_memory, state.held, margin)
+            reason, short = _shortfall(
+                job.request, free_cpus, free_memory, live_cpus, live_memory, state.held, margin
+            )
             held |= short
         if reason is None and holders:
             fits_after_holds = (
@@ -253,6 +254,8 @@ def plan(
             busy += 1
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
+            live_cpus -= job.request.cpus
+            live_memory -= job.request.memory
             per_task[job.task] = count + 1
             if rules.exclusive:
                 exclusive_name = f"{job.id} ({job.task})"
@@ -365,25 +368,28 @@ def _shortfall(
     request: Request,
     free_cpus: float,
     free_memory: int,
+    live_cpus: float,
+    live_memory: int,
     held: frozenset[str] = frozenset(),
     margin: float = 1.0,
 ) -> tuple[str | None, set[str]]:
     """Why ``request`` does not fit what is free now (None if it fits), and the resources
-    it is short of.  A resource in ``held`` needs ``margin`` times the request."""
+    it is short of.  For a resource in ``held`` the live reading must also hold ``margin``
+    times the request (declared accounting is exact; the live reading is what hovers)."""
     problems = []
     short: set[str] = set()
     memory_need = request.memory * margin if MEMORY in held else request.memory
-    if memory_need > free_memory:
+    if request.memory > free_memory or memory_need > live_memory:
         short.add(MEMORY)
         extra = ""
-        if memory_need > request.memory >= 0 and request.memory <= free_memory:
+        if request.memory <= free_memory:
             extra = f" (+{_format_size(int(memory_need) - request.memory)} hysteresis margin)"
         problems.append(
             f"waiting for memory: needs {_format_size(request.memory)}{extra}, "
             f"{_format_size(free_memory)} free after reserve"
         )
     cpu_need = request.cpus * margin if CPU in held else request.cpus
-    if cpu_need > free_cpus + _CPU_EPSILON:
+    if request.cpus > free_cpus + _CPU_EPSILON or cpu_need > live_cpus + _CPU_EPSILON:
         short.add(CPU)
         extra = ""
         if request.cpus <= free_cpus + _CPU_EPSILON:

@@ -131,7 +131,7 @@ async def test_memory_pressure_requeues_the_youngest_lowest_priority_job(
         assert victim["reason"].startswith("requeued: killed under memory pressure (memory floor: ")
         assert "pressure requeue 1 of 3, not counted as an attempt" in victim["reason"]
         assert victim["attempts"] == 0
-        assert victim["waiting_reason"].startswith("memory floor: ")
+        assert (await poll(lambda: _reason(h, low))).startswith("memory floor: ")
         # One at a time: the others still run.
         assert (await document(h, older))["state"] == "running"
         assert (await document(h, younger))["state"] == "running"
@@ -255,7 +255,8 @@ async def test_a_task_without_a_memory_request_learns_one(make_harness: Any) -> 
         }
         job_id = await submit(h, "hog", mib=100, seconds=1.0)
         done = await h.wait_for_state(job_id, "succeeded")
-        after = (await h.client.get("/api/v1/tasks")).json()["tasks"][0]
+        # The run is recorded just after the job's final state.
+        after = await poll(lambda: _learned(h))
         assert after["learned"]["runs"] == 1
         assert after["learned"]["peak_rss_max"] == done["peak_rss"] >= 100 * MiB
         assert after["learned"]["memory"] == int(done["peak_rss"] * 1.5)
@@ -269,13 +270,18 @@ async def test_runs_over_the_declared_request_raise_it(make_harness: Any) -> Non
     async with make_harness(tasks=tasks, scheduler={"learn_margin": 1.0}) as h:
         job_id = await submit(h, "hog", mib=100, seconds=0.5)
         done = await h.wait_for_state(job_id, "succeeded")
-        figures = (await h.client.get("/api/v1/tasks")).json()["tasks"][0]
+        figures = await poll(lambda: _learned(h))
         assert figures["declared"]["memory"] == 32 * MiB
         assert figures["scheduled_with"] == {
             "cpus": 0.1,
             "memory": done["peak_rss"],
             "source": "learned",
         }
+
+
+async def _learned(h: Any) -> dict[str, Any] | None:
+    task = dict((await h.client.get("/api/v1/tasks")).json()["tasks"][0])
+    return task if task["learned"]["runs"] else None
 
 
 # -- changes at run time ----------------------------------------------------------------------
