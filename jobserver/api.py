@@ -50,6 +50,8 @@ class SchedulerPort(Protocol):
 
     async def task_figures(self) -> dict[str, dict[str, Any]]: ...
 
+    def gpu_problem(self, task: Task) -> str | None: ...
+
 
 # Routes that change how the whole server behaves.  There is no authentication yet: these
 # must be guarded (admin scope) as soon as there is; until then bind to 127.0.0.1.
@@ -133,6 +135,9 @@ def create_app(
 
     async def submit(task: Task, args: Any, priority: int) -> Job:
         validated = task.validate(args)
+        problem = scheduler.gpu_problem(task)
+        if problem is not None:
+            raise ValidationError(problem, {"task": task.name, "gpus": task.settings.gpus})
         new = NewJob(task.name, validated, priority, task.settings.max_retries)
         job = await store.insert(new, new_job_id(), utcnow())
         scheduler.wake()

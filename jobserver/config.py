@@ -161,6 +161,7 @@ class SchedulerSettings:
     learn_margin: float = 1.2  # learned request = percentile x margin
     learn_window: int = 20  # recent finished runs per task that count
     job_cgroups: bool = True  # per-job cgroup for memory_limit where writable
+    gpu_may_appear: bool = False  # without NVML, GPU jobs wait instead of being rejected
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class TaskSettings:
     memory_limit: int | None = None  # the job is killed past this (kernel cgroup or sampling)
     max_concurrency: int | None = None  # at most this many of the task's jobs run at once
     exclusive: bool = False  # runs alone: nothing else starts while it runs
+    gpus: int = 0  # GPUs the job gets to itself (CUDA_VISIBLE_DEVICES)
+    gpu_memory: int | None = None  # free memory each of its GPUs needs; implies gpus >= 1
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ def _scheduling(table: _Table, default: SchedulerSettings) -> dict[str, Any]:
         "learn_margin": table.get("learn_margin", _between(1.0, 10.0), default.learn_margin),
         "learn_window": table.get("learn_window", _integer(1, 10_000), default.learn_window),
         "job_cgroups": table.get("job_cgroups", _boolean, default.job_cgroups),
+        "gpu_may_appear": table.get("gpu_may_appear", _boolean, default.gpu_may_appear),
     }
 
 
@@ -295,6 +299,8 @@ def _task_limits(table: _Table, default: TaskSettings) -> dict[str, Any]:
         "memory_limit": table.get("memory_limit", _positive(parse_size), default.memory_limit),
         "max_concurrency": table.get("max_concurrency", _integer(1), default.max_concurrency),
         "exclusive": table.get("exclusive", _boolean, default.exclusive),
+        "gpus": table.get("gpus", _integer(0, 64), default.gpus),
+        "gpu_memory": table.get("gpu_memory", _positive(parse_size), default.gpu_memory),
     }
 
 
@@ -349,6 +355,8 @@ RUNTIME_TASK_KEYS = (
     "exclusive",
     "timeout",
     "max_retries",
+    "gpus",
+    "gpu_memory",
 )
 # Keys whose "absent" value (None) a JSON change may ask for with null.
 _NULLABLE = frozenset(
@@ -362,6 +370,7 @@ _NULLABLE = frozenset(
         "memory_limit",
         "max_concurrency",
         "timeout",
+        "gpu_memory",
     }
 )
 

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class LaunchSpec:
     args: Mapping[str, Any]
     workdir: Path
     cgroup_procs: Path | None = None  # the child joins this cgroup before running the task
+    environment: Mapping[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
 
 
 class ProcessHandle:
@@ -110,6 +111,7 @@ class Runner:
         env[JOB_ID_ENV] = spec.job_id
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
+        env.update(spec.environment)
         if spec.cgroup_procs is not None:
             env["JOBSERVER_CGROUP_PROCS"] = str(spec.cgroup_procs)
         else:

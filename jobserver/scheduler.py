@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -24,7 +25,7 @@ from typing import Any
 from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import SchedulerSettings
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
-from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
+from jobserver.resources import Gpu, GpuProbe, Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner
 from jobserver.store import Finish, Store, TaskRun
 from jobserver.tasks import Registry, Task
@@ -41,6 +42,12 @@ class Request:
 
     cpus: float
     memory: int
+    gpus: int = 0  # devices it gets to itself
+    gpu_memory: int = 0  # free memory each of those devices needs
+
+    @property
+    def gpu_count(self) -> int:
+        return max(self.gpus, 1 if self.gpu_memory > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class RunningJob:
     cpus_used: float  # CPU rate over the last sampling window
     priority: int = 0
     started: float = 0.0  # start time on any monotonic scale: the youngest has the largest
+    gpu_devices: tuple[int, ...] = ()  # the GPU indices it was given
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class Plan:
     capacity: Headroom  # the snapshot's capacity after max_cpus / max_memory
     state: PlanState = PlanState()  # hand to the next plan()
     overload: str | None = None  # why nothing is admitted (memory floor, PSI), if so
+    devices: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # job id -> GPUs
 
 
 def plan(
@@ -134,6 +143,7 @@ def plan(
     snapshot: Snapshot,
     limits: Limits,
     state: PlanState = PlanState(),
+    gpus: Sequence[Gpu] | None = None,
 ) -> Plan:
     """Choose the queued jobs to start now.
 
@@ -166,6 +176,9 @@ def plan(
     - ... unless it has waited ``starvation_after`` or longer: then it reserves its
       request (and a job slot; an exclusive job reserves the whole machine) against
       every later job, which waits "held for job ...".
+    - A job that asks for GPUs also needs that many devices that no running or admitted
+      job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
+      so it waits); it gets the ones with the most free memory (``Plan.devices``).
     - Every job not admitted gets a reason with numbers.
 
     Because free only shrinks during the walk, a waiting job never fits the final
@@ -215,6 +228,9 @@ def plan(
     holders: list[str] = []  # "job 01J… (waiting 5m)"
     hold_everything = False  # a starving exclusive job: nothing behind it may start
 
+    taken_gpus = {index for runner in running for index in runner.gpu_devices}
+    devices: dict[str, tuple[int, ...]] = {}
+
     admit: list[str] = []
     waiting: dict[str, str] = {}
     for job in queue_head:
@@ -238,6 +254,9 @@ def plan(
                 job.request, free_cpus, free_memory, live_cpus, live_memory, state.held, margin
             )
             held |= short
+        picked: tuple[int, ...] = ()
+        if reason is None and job.request.gpu_count:
+            picked, reason = _pick_gpus(job.request, gpus, taken_gpus)
         if reason is None and holders:
             fits_after_holds = (
                 not hold_everything
@@ -257,6 +276,9 @@ def plan(
             live_cpus -= job.request.cpus
             live_memory -= job.request.memory
             per_task[job.task] = count + 1
+            if picked:
+                devices[job.id] = picked
+                taken_gpus.update(picked)
             if rules.exclusive:
                 exclusive_name = f"{job.id} ({job.task})"
             continue
@@ -285,7 +307,27 @@ def plan(
         capacity=Headroom(cpus=capacity_cpus, memory=capacity_memory),
         state=PlanState(frozenset(held)),
         overload=overload,
+        devices=devices,
     )
+
+
+def _pick_gpus(
+    request: Request, gpus: Sequence[Gpu] | None, taken: set[int]
+) -> tuple[tuple[int, ...], str | None]:
+    """The devices for a GPU job (most free memory first), or why it waits."""
+    count = request.gpu_count
+    if gpus is None:
+        return (), f"waiting for {count} GPU(s): NVML does not answer (no GPU driver yet)"
+    each = f" with {_format_size(request.gpu_memory)} free each" if request.gpu_memory else ""
+    if count > len(gpus):
+        return (), f"needs {count} GPU(s) but the machine has {len(gpus)}: it can never start"
+    fitting = sorted(
+        (gpu for gpu in gpus if gpu.index not in taken and gpu.memory_free >= request.gpu_memory),
+        key=lambda gpu: (-gpu.memory_free, gpu.index),
+    )
+    if len(fitting) < count:
+        return (), f"waiting for GPUs: needs {count}{each}, {len(fitting)} available"
+    return tuple(sorted(gpu.index for gpu in fitting[:count])), None
 
 
 def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[tuple[str, str]]:
@@ -507,6 +549,7 @@ class _Attempt:
     cgroup: JobCgroup | None = None  # the kernel enforces memory_limit; None: sampling
     paused: bool = False  # SIGSTOPped under pressure (pressure_action = "pause")
     stop_note: str | None = None  # why the scheduler stopped it, for the job's reason
+    gpu_devices: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -527,6 +570,7 @@ class Scheduler:
         jobs_dir: Path,
         clock: Callable[[], datetime] = utcnow,
         cgroups: JobCgroups | None = None,
+        gpu_probe: GpuProbe | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -536,6 +580,8 @@ class Scheduler:
         self._jobs_dir = jobs_dir
         self._clock = clock
         self._cgroups = cgroups
+        self._gpu_probe = gpu_probe
+        self._gpus: tuple[Gpu, ...] | None = None  # the last reading, when some job wanted one
         self._limits = self._make_limits()
         self._running: dict[str, _Attempt] = {}
         self._waiting: dict[str, str] = {}
@@ -718,7 +764,12 @@ class Scheduler:
             ready_since = max(job.created_at, job.run_after or job.created_at)
             waited = max(0.0, (now - ready_since).total_seconds())
             queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
-        decision = plan(queued, self._running_jobs(), snapshot, self._limits, self._plan_state)
+        if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
+            self._gpus = self._gpu_probe.gpus()
+        gpus = self._gpus if self._gpu_probe is not None else None
+        decision = plan(
+            queued, self._running_jobs(), snapshot, self._limits, self._plan_state, gpus
+        )
         before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
         if decision.state.held & _OVERLOAD != before:
             if decision.overload:
@@ -730,9 +781,11 @@ class Scheduler:
         self._waiting = dict(decision.waiting)
         self._head = [job.id for job in queued]
         for job_id in decision.admit:
-            await self._launch(job_id, now, monotonic)
+            await self._launch(job_id, now, monotonic, decision.devices.get(job_id, ()))
 
-    async def _launch(self, job_id: str, now: datetime, monotonic: float) -> None:
+    async def _launch(
+        self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
+    ) -> None:
         job = await self._store.claim(job_id, now)
         if job is None:  # cancelled between the read and the claim
             return
@@ -748,6 +801,11 @@ class Scheduler:
             job.args,
             self.job_dir(job.id),
             cgroup_procs=None if group is None else group.procs,
+            environment=(
+                {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in gpu_devices)}
+                if gpu_devices
+                else {}
+            ),
         )
         try:
             handle = self._runner.start(spec)
@@ -768,6 +826,7 @@ class Scheduler:
             monotonic,
             memory_limit=limit,
             cgroup=group,
+            gpu_devices=gpu_devices,
         )
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
@@ -868,6 +927,7 @@ class Scheduler:
 
     def _request(self, task: Task) -> Request:
         s = self._settings
+        gpu_memory = task.settings.gpu_memory or 0
         peaks = (self._peaks or {}).get(task.name, [])
         memory = effective_memory(
             task.settings.memory,
@@ -876,7 +936,9 @@ class Scheduler:
             s.learn_margin,
             s.default_memory,
         )
-        return Request(cpus=task.settings.cpus, memory=memory)
+        return Request(
+            cpus=task.settings.cpus, memory=memory, gpus=task.settings.gpus, gpu_memory=gpu_memory
+        )
 
     async def task_figures(self) -> dict[str, dict[str, Any]]:
         """Per task: declared requests and limits beside what its recent runs used."""
@@ -1143,6 +1205,9 @@ class Scheduler:
                 if self._cgroups is not None and s.job_cgroups
                 else "sampling (no writable per-job cgroup)"
             ),
+            "gpus": (
+                None if self._gpus is None else [dataclasses.asdict(gpu) for gpu in self._gpus]
+            ),
             "max_jobs": self._limits.max_jobs,
             "running": [
                 {
@@ -1156,6 +1221,7 @@ class Scheduler:
                     "memory_limit": a.memory_limit,
                     "cgroup": None if a.cgroup is None else str(a.cgroup.path),
                     "paused": a.paused,
+                    "gpu_devices": list(a.gpu_devices),
                 }
                 for a in self._running.values()
             ],
@@ -1175,9 +1241,29 @@ class Scheduler:
                 a.cpus_used,
                 priority=a.job.priority,
                 started=a.started,
+                gpu_devices=a.gpu_devices,
             )
             for a in self._running.values()
         ]
+
+    def gpu_problem(self, task: Task) -> str | None:
+        """Why a job of ``task`` cannot be accepted now (it needs GPUs and there is no
+        NVML, and the config does not say one may appear), or None."""
+        if not (task.settings.gpus or task.settings.gpu_memory):
+            return None
+        if self._settings.gpu_may_appear:
+            return None
+        if self._gpu_probe is not None:
+            if self._gpu_probe.gpus() is not None:
+                return None
+            why = getattr(self._gpu_probe, "problem", None) or "NVML does not answer"
+        else:
+            why = "GPU support is not set up"
+        return (
+            f"task {task.name!r} needs GPUs but this server cannot see any ({why}); install "
+            "an NVIDIA driver and jobserver[gpu], or set scheduler.gpu_may_appear = true to "
+            "let such jobs wait"
+        )
 
 
 def _percentile(values: Sequence[int], percentile: float) -> int | None:

@@ -26,7 +26,7 @@ from jobserver.config import Settings, apply_changes, load
 from jobserver.errors import ConfigError
 from jobserver.jobs import utcnow
 from jobserver.maintenance import rescue_interrupted
-from jobserver.resources import MachineProbe, Probe
+from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import Runner
 from jobserver.scheduler import Scheduler
 from jobserver.store import DatabaseLock, Store, migrate
@@ -121,7 +121,11 @@ def _differences(old: Settings, new: Settings) -> list[str]:
 
 
 def build(
-    settings: Settings, probe: Probe | None = None, *, handle_sighup: bool = False
+    settings: Settings,
+    probe: Probe | None = None,
+    *,
+    handle_sighup: bool = False,
+    gpu_probe: GpuProbe | None = None,
 ) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe).
 
@@ -137,6 +141,7 @@ def build(
         settings=settings.scheduler,
         jobs_dir=settings.server.jobs_dir,
         cgroups=JobCgroups.detect() if settings.scheduler.job_cgroups else None,
+        gpu_probe=gpu_probe or NvmlProbe(),
     )
     runtime = Runtime(settings, registry, scheduler)
 

@@ -88,3 +88,8 @@ def hold_memory(mib: int, path: str = "", seconds: float = 60) -> int:
     while time.monotonic() < deadline and not (path and Path(path).exists()):
         time.sleep(0.02)
     return len(block) // (1024 * 1024)
+
+
+def cuda_devices() -> str | None:
+    """The GPUs the scheduler gave this job."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

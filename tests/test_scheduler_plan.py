@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobserver.resources import Snapshot
+from jobserver.resources import Gpu, Snapshot
 from jobserver.scheduler import (
     CPU,
     CPU_PSI,
@@ -725,3 +725,29 @@ def test_no_flapping_inside_the_hysteresis_band(readings: list[int]) -> None:
         result = plan(queue, [], pressured(memory_available=reading), configured, state)
         assert result.admit == ()
         state = result.state
+
+
+def test_gpu_jobs_get_free_devices_with_enough_memory() -> None:
+    gpus = [
+        Gpu(0, "g", 80 * GiB, 10 * GiB),
+        Gpu(1, "g", 80 * GiB, 70 * GiB),
+        Gpu(2, "g", 80 * GiB, 40 * GiB),
+    ]
+    two = QueuedJob("q0001", "t", 0, Request(0.1, MiB, gpus=2, gpu_memory=20 * GiB))
+    one = QueuedJob("q0002", "t", 0, Request(0.1, MiB, gpus=1))
+    three = QueuedJob("q0003", "t", 0, Request(0.1, MiB, gpus=4))
+    result = plan([two, one, three], [], snapshot(), limits(), gpus=gpus)
+    assert result.admit == ("q0001", "q0002")
+    assert result.devices == {"q0001": (1, 2), "q0002": (0,)}
+    assert result.waiting["q0003"] == "needs 4 GPU(s) but the machine has 3: it can never start"
+    # Devices held by running jobs are not handed out again.
+    running = [replace(started(two), gpu_devices=(1, 2))]
+    again = plan([one, replace(two, id="q0004")], running, snapshot(), limits(), gpus=gpus)
+    assert again.devices == {"q0002": (0,)}
+    assert again.waiting["q0004"] == (
+        "waiting for GPUs: needs 2 with 20.0 GiB free each, 0 available"
+    )
+    # No NVML: GPU jobs wait, others do not.
+    blind = plan([one, job(5)], [], snapshot(), limits(), gpus=None)
+    assert blind.admit == ("q0005",)
+    assert "NVML does not answer" in blind.waiting["q0002"]

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from jobserver.cgroups import JobCgroups
-from jobserver.resources import Snapshot
+from jobserver.resources import Gpu, NvmlProbe, Snapshot
 from tests.conftest import FakeProbe, GiB
 
 pytestmark = pytest.mark.anyio
@@ -359,3 +359,83 @@ async def test_patch_system_needs_json(make_harness: Any) -> None:
         response = await h.client.patch("/api/v1/system", content=b"max_jobs=3")
         assert response.status_code == 415
         assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+# -- GPUs (a fake NVML probe: this machine has no GPU) ---------------------------------------
+
+
+class FakeGpus:
+    def __init__(self, *free_gib: float) -> None:
+        self.devices: tuple[Gpu, ...] | None = tuple(
+            Gpu(index=i, name="Fake H100", memory_total=80 * GiB, memory_free=int(free * GiB))
+            for i, free in enumerate(free_gib)
+        )
+        self.problem: str | None = None
+
+    def gpus(self) -> tuple[Gpu, ...] | None:
+        return self.devices
+
+
+CUDA = {"function": "sample_tasks:cuda_devices", "cpus": 0.1, "memory": "16MiB"}
+
+
+async def test_gpu_jobs_get_their_own_devices(make_harness: Any, tmp_path: Path) -> None:
+    tasks = {
+        "cuda": {**CUDA, "gpus": 1, "gpu_memory": "10GiB"},
+        "gated_gpu": {**GATED, "gpus": 1},
+    }
+    async with make_harness(gpu_probe=FakeGpus(5, 40, 60), tasks=tasks) as h:
+        # The device with the most free memory that fits.
+        job_id = await submit(h, "cuda")
+        assert (await h.wait_for_state(job_id, "succeeded"))["result"] == "2"
+        gate = str(tmp_path / "gate")
+        held = [await submit(h, "gated_gpu", path=gate) for _ in range(3)]
+        for job_id in held[:2]:
+            await h.wait_for_state(job_id, "running")
+        # Devices 2 and 1 are taken; device 0 has 5 GiB free, too little for "cuda".
+        waiting = await submit(h, "cuda")
+        assert await poll(lambda: _reason(h, waiting)) == (
+            "waiting for GPUs: needs 1 with 10.0 GiB free each, 0 available"
+        )
+        system = (await h.client.get("/api/v1/system")).json()
+        assert sorted(d for r in system["running"] for d in r["gpu_devices"]) == [0, 1, 2]
+        assert len(system["gpus"]) == 3
+        Path(gate).write_text("go")
+        assert (await h.wait_for_state(waiting, "succeeded"))["result"] in ("1", "2")
+
+
+async def test_gpu_task_without_nvml_is_rejected_at_submit(make_harness: Any) -> None:
+    probe = FakeGpus()
+    probe.devices, probe.problem = None, "the optional nvidia-ml-py package is not installed"
+    async with make_harness(gpu_probe=probe, tasks={"cuda": {**CUDA, "gpus": 2}}) as h:
+        response = await h.client.post("/api/v1/jobs", json={"task": "cuda", "args": {}})
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["code"] == "validation_error"
+        assert "needs GPUs but this server cannot see any" in error["message"]
+        assert "nvidia-ml-py" in error["message"]
+        assert (await h.client.get("/api/v1/jobs")).json()["jobs"] == []
+
+
+async def test_gpu_task_waits_when_a_gpu_may_appear(make_harness: Any) -> None:
+    probe = FakeGpus()
+    probe.devices = None
+    settings = {"gpu_may_appear": True}
+    tasks = {"cuda": {**CUDA, "gpus": 1}}
+    async with make_harness(gpu_probe=probe, tasks=tasks, scheduler=settings) as h:
+        job_id = await submit(h, "cuda")
+        assert await poll(lambda: _reason(h, job_id)) == (
+            "waiting for 1 GPU(s): NVML does not answer (no GPU driver yet)"
+        )
+        probe.devices = FakeGpus(80).devices
+        assert (await h.wait_for_state(job_id, "succeeded"))["result"] == "0"
+
+
+def test_nvml_probe_without_nvidia_ml_py_reports_why() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here")
+    probe = NvmlProbe()
+    assert probe.gpus() is None
+    assert probe.problem == "the optional nvidia-ml-py package is not installed"
