@@ -35,7 +35,14 @@ def test_sighup_applies_a_good_config_and_ignores_a_bad_one(
 ) -> None:
     path = write_config(tmp_path, scheduler={"max_jobs": 2}, tasks=TASKS)
     server = server_factory(path)
-    assert system(server)["max_jobs"] == 2
+    view = system(server)
+    assert view["max_jobs"] == 2
+    # The real probe: every reading names where it came from.
+    signals = view["signals"]
+    assert signals["memory_available"]["source"] in ("psutil", "cgroup v1", "cgroup v2")
+    assert signals["memory_pressure"]["source"] in ("psi", "absent")
+    assert signals["memory_pressure"]["limit"] == 20.0
+    assert signals["reserve_memory"] == {"value": 0, "source": "config"}
 
     write_config(
         tmp_path,
