@@ -36,6 +36,7 @@ from starlette.routing import Route
 from jobserver import __version__
 from jobserver.access import principal_of
 from jobserver.errors import (
+    ConfigError,
     Conflict,
     InvalidTransition,
     JobServerError,
@@ -87,6 +88,15 @@ class SchedulerPort(Protocol):
     def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
 
     def view(self) -> dict[str, Any]: ...
+
+    async def task_figures(self) -> dict[str, dict[str, Any]]: ...
+
+    def gpu_problem(self, task: Task) -> str | None: ...
+
+
+# Applies a runtime change ({"scheduler": {...}, "tasks": {...}}) and returns what changed;
+# raises ConfigError on a bad change, which then changes nothing.
+Reconfigure = Callable[[Any, str], list[str]]
 
 
 class ApiError(JobServerError):
@@ -149,6 +159,7 @@ def create_app(
     idempotency_window: float = 86400.0,
     limits: InputLimits | None = None,
     openapi: Mapping[str, Any] | None = None,
+    reconfigure: Reconfigure | None = None,
 ) -> Starlette:
     limits = limits or InputLimits()
 
@@ -212,6 +223,9 @@ def create_app(
         owner = principal_of(request.scope).name
         key = idempotency_key(request, body, owner)
         validated = task.validate(args)
+        problem = scheduler.gpu_problem(task)
+        if problem is not None:
+            raise ValidationError(problem, {"task": task.name, "gpus": task.settings.gpus})
         size = len(dump_json(validated).encode())
         if size > limits.max_args_size:
             raise ApiError(
@@ -384,7 +398,13 @@ def create_app(
         return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
 
     async def list_tasks(request: Request) -> Response:
-        return JSONDocument({"tasks": [task.describe() for task in registry]})
+        figures = await scheduler.task_figures()
+        described = []
+        for task in registry:
+            document = task.describe()
+            document.update(figures.get(task.name, {}))
+            described.append(document)
+        return JSONDocument({"tasks": described})
 
     async def system(request: Request) -> Response:
         view = scheduler.view()
@@ -493,6 +513,22 @@ def create_app(
         Route("/api/v1/jobs/{job_id}/logs", job_logs, methods=["GET"]),
         Route("/api/v1/jobs/{job_id}/artifacts/{name}", job_artifact, methods=["GET"]),
     ]
+    # Changes how the whole server behaves: the admin scope guards it (openapi.OPERATIONS).
+
+    async def change_system(request: Request) -> Response:
+        body = await read_json(request)
+        if reconfigure is None:
+            raise ApiError(405, "method_not_allowed", "this server cannot be changed at run time")
+        try:
+            changed = reconfigure(body, "PATCH /api/v1/system")
+        except ConfigError as exc:
+            raise ValidationError(exc.message, exc.details) from None
+        scheduler.wake()
+        view = scheduler.view()
+        view["jobs"] = await store.active_counts()
+        return JSONDocument({"changed": changed, "system": view})
+
+    routes.append(Route("/api/v1/system", change_system, methods=["PATCH"]))
     routes += [
         Route(path, tutorial_route(task), methods=["POST"])
         for path, task in registry.by_route().items()

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+# The cgroup.procs file of the job's own cgroup (a memory_limit the kernel enforces).
+CGROUP_ENV = "JOBSERVER_CGROUP_PROCS"
 
 
 def die_with_server() -> None:
@@ -79,6 +81,25 @@ def drop_privileges(user: str) -> None:
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
     os.environ.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
+
+
+def join_cgroup() -> None:
+    """Move this process into the job's cgroup before any task code runs, so that
+    everything the task starts is inside the limit.  If that fails the job must not run
+    unlimited: exit with an error the server reports."""
+    procs = os.environ.get(CGROUP_ENV)
+    if not procs:
+        return
+    try:
+        with open(procs, "w") as handle:
+            handle.write(str(os.getpid()))
+    except OSError as exc:
+        print(f"jobserver: cannot join the job's cgroup {procs}: {exc}", file=sys.stderr)
+        raise CgroupJoinFailed(f"could not join the job's cgroup {procs}: {exc}") from exc
+
+
+class CgroupJoinFailed(Exception):
+    pass
 
 
 def resolve(function: str) -> Any:
@@ -181,11 +202,18 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(_error("TypeError", "a parameter default is not JSON-serialisable")))
         sys.exit(0 if document["ok"] else 1)
     spec = json.loads(Path(argv[0]).read_text())
+    # Join the job's cgroup first: it needs the server's privileges, and everything the
+    # task starts must be inside the limit.  If that fails the job must not run unlimited.
+    failed = None
+    try:
+        join_cgroup()
+    except CgroupJoinFailed as exc:
+        failed = _error("CgroupJoinFailed", str(exc))
     apply_rlimits(spec.get("rlimits") or {})
     if spec.get("run_as"):
         drop_privileges(spec["run_as"])
     die_with_server()
-    code, document = run(spec)
+    code, document = (1, failed) if failed is not None else run(spec)
     sys.stdout.flush()
     sys.stderr.flush()
     write_atomically(Path(spec["result_path"]), document)

@@ -121,6 +121,7 @@ def format_size(n: int) -> str:
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 DURABILITY = ("full", "normal")
+PRESSURE_ACTIONS = ("requeue", "pause", "none")
 # Paths the API serves itself; a task's extra route may not shadow them.
 RESERVED_ROUTES = (
     "/api/v1/jobs",
@@ -187,6 +188,20 @@ class SchedulerSettings:
     reserve_memory: int = 512 * _MIB
     kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     max_rescues: int = 3  # requeues after the server died under a job, then it is "lost"
+    # -- resource-aware scheduling (docs/scheduling.md) --
+    default_memory: int = 256 * _MIB  # request of a task that declares none and has no history
+    memory_floor: int = 256 * _MIB  # below this much available memory: stop admitting, then act
+    memory_pressure_limit: float | None = 20.0  # PSI memory "some avg10" %, None: not watched
+    cpu_pressure_limit: float | None = None  # PSI cpu "some avg10" %, None: not watched
+    hysteresis: float = 0.1  # fraction: margin before a held resource is admitted again
+    starvation_after: float | None = 300.0  # a job waiting this long reserves what it needs
+    pressure_action: str = "requeue"  # requeue | pause | none
+    max_pressure_requeues: int = 3  # per job; past it the job fails instead
+    learn_percentile: float = 95.0  # of recent peak RSS per task
+    learn_margin: float = 1.2  # learned request = percentile x margin
+    learn_window: int = 20  # recent finished runs per task that count
+    job_cgroups: bool = True  # per-job cgroup for memory_limit where writable
+    gpu_may_appear: bool = False  # without NVML, GPU jobs wait instead of being rejected
 
 
 @dataclass(frozen=True)
@@ -194,7 +209,7 @@ class TaskSettings:
     name: str
     function: str  # "package.module:function"
     cpus: float = 1.0
-    memory: int = 256 * _MIB
+    memory: int | None = None  # None: learned from past runs, else scheduler.default_memory
     max_retries: int = 0
     timeout: float | None = None
     route: str | None = None  # extra submit path besides /api/v1/jobs
@@ -208,6 +223,12 @@ class TaskSettings:
     allow_leading_dash: tuple[str, ...] = ()  # command params whose value may start with "-"
 
     python: Path | None = None  # the task's own interpreter (a venv's bin/python); None: ours
+    # -- resource-aware scheduling (docs/scheduling.md) --
+    memory_limit: int | None = None  # the job is killed past this (kernel cgroup or sampling)
+    max_concurrency: int | None = None  # at most this many of the task's jobs run at once
+    exclusive: bool = False  # runs alone: nothing else starts while it runs
+    gpus: int = 0  # GPUs the job gets to itself (CUDA_VISIBLE_DEVICES)
+    gpu_memory: int | None = None  # free memory each of its GPUs needs; implies gpus >= 1
 
 
 @dataclass(frozen=True)
@@ -342,8 +363,8 @@ def _server(table: _Table, base: Path) -> ServerSettings:
     )
 
 
-def _scheduler(table: _Table) -> SchedulerSettings:
-    default = SchedulerSettings()
+def _scheduler(table: _Table, default: SchedulerSettings | None = None) -> SchedulerSettings:
+    default = default or SchedulerSettings()
     return SchedulerSettings(
         poll_interval=table.get("poll_interval", _positive(parse_duration), default.poll_interval),
         max_jobs=table.get("max_jobs", _integer(1), default.max_jobs),
@@ -353,7 +374,53 @@ def _scheduler(table: _Table) -> SchedulerSettings:
         reserve_memory=table.get("reserve_memory", parse_size, default.reserve_memory),
         kill_grace=table.get("kill_grace", parse_duration, default.kill_grace),
         max_rescues=table.get("max_rescues", _integer(0), default.max_rescues),
+        **_scheduling(table, default),
     )
+
+
+def _scheduling(table: _Table, default: SchedulerSettings) -> dict[str, Any]:
+    """The resource-aware scheduling keys of [scheduler]."""
+    percent = _between(0.0, 100.0)
+    return {
+        "default_memory": table.get(
+            "default_memory", _positive(parse_size), default.default_memory
+        ),
+        "memory_floor": table.get("memory_floor", parse_size, default.memory_floor),
+        "memory_pressure_limit": table.get(
+            "memory_pressure_limit", _or_off(percent), default.memory_pressure_limit
+        ),
+        "cpu_pressure_limit": table.get(
+            "cpu_pressure_limit", _or_off(percent), default.cpu_pressure_limit
+        ),
+        "hysteresis": table.get("hysteresis", _between(0.0, 1.0), default.hysteresis),
+        "starvation_after": table.get(
+            "starvation_after", _or_off(_positive(parse_duration)), default.starvation_after
+        ),
+        "pressure_action": table.get(
+            "pressure_action", _choice(PRESSURE_ACTIONS), default.pressure_action
+        ),
+        "max_pressure_requeues": table.get(
+            "max_pressure_requeues", _integer(0), default.max_pressure_requeues
+        ),
+        "learn_percentile": table.get(
+            "learn_percentile", _between(1.0, 100.0), default.learn_percentile
+        ),
+        "learn_margin": table.get("learn_margin", _between(1.0, 10.0), default.learn_margin),
+        "learn_window": table.get("learn_window", _integer(1, 10_000), default.learn_window),
+        "job_cgroups": table.get("job_cgroups", _boolean, default.job_cgroups),
+        "gpu_may_appear": table.get("gpu_may_appear", _boolean, default.gpu_may_appear),
+    }
+
+
+def _task_limits(table: _Table, default: TaskSettings) -> dict[str, Any]:
+    """The resource-aware scheduling keys of [tasks.NAME]."""
+    return {
+        "memory_limit": table.get("memory_limit", _positive(parse_size), default.memory_limit),
+        "max_concurrency": table.get("max_concurrency", _integer(1), default.max_concurrency),
+        "exclusive": table.get("exclusive", _boolean, default.exclusive),
+        "gpus": table.get("gpus", _integer(0, 64), default.gpus),
+        "gpu_memory": table.get("gpu_memory", _positive(parse_size), default.gpu_memory),
+    }
 
 
 def _tasks(source: _Source, value: object, base: Path) -> Mapping[str, TaskSettings]:
@@ -399,6 +466,7 @@ def _tasks(source: _Source, value: object, base: Path) -> Mapping[str, TaskSetti
             params=MappingProxyType(table.get("params", _command_params, {})),
             allow_leading_dash=tuple(table.get("allow_leading_dash", _name_list, [])),
             python=table.get("python", _path(base), default.python),
+            **_task_limits(table, default),
         )
         _check_command(source, key, task)
         if task.route is not None:
@@ -522,6 +590,118 @@ def _schedules(
     return MappingProxyType(schedules)
 
 
+# --- changes at run time (PATCH /api/v1/system, SIGHUP) -------------------------------
+
+# Per-task keys that may change while the server runs; the others (function, route)
+# shape the HTTP routes and imports, so they need a restart.
+RUNTIME_TASK_KEYS = (
+    "cpus",
+    "memory",
+    "memory_limit",
+    "max_concurrency",
+    "exclusive",
+    "timeout",
+    "max_retries",
+    "gpus",
+    "gpu_memory",
+)
+# Keys whose "absent" value (None) a JSON change may ask for with null.
+_NULLABLE = frozenset(
+    {
+        "max_cpus",
+        "max_memory",
+        "memory_pressure_limit",
+        "cpu_pressure_limit",
+        "starvation_after",
+        "memory",
+        "memory_limit",
+        "max_concurrency",
+        "timeout",
+        "gpu_memory",
+    }
+)
+
+
+def apply_changes(settings: Settings, changes: object, origin: str) -> Settings:
+    """``settings`` with ``changes`` applied: ``{"scheduler": {key: value},
+    "tasks": {NAME: {key: value}}}``, values written as in config.toml (``null`` for
+    "absent" where a key allows it).  Validated exactly like the file; a ``ConfigError``
+    names the key and ``origin`` (e.g. "PATCH /api/v1/system").  Nothing is half-applied:
+    the result is a new object, or an error."""
+    source = _Source(Path(origin), {})
+    if not isinstance(changes, dict):
+        raise ConfigError(
+            f'{origin}: expected an object like {{"scheduler": {{"max_jobs": 4}}, '
+            f'"tasks": {{"NAME": {{"memory": "1GiB"}}}}}}, got {_show(changes)}',
+            {"file": origin, "line": None, "key": None},
+        )
+    root = _Table(source, (), changes, ("scheduler", "tasks"))
+    scheduler = settings.scheduler
+    if "scheduler" in root.data:
+        table = _nullable_table(source, ("scheduler",), root.data["scheduler"], SchedulerSettings)
+        scheduler = _scheduler(table, settings.scheduler)
+        for name in table.nulls:
+            nulled: dict[str, Any] = {name: None}
+            scheduler = dataclasses.replace(scheduler, **nulled)
+    tasks = dict(settings.tasks)
+    raw_tasks = root.data.get("tasks", {})
+    if not isinstance(raw_tasks, dict):
+        raise source.error(("tasks",), f"tasks = {_show(raw_tasks)}: expected an object")
+    for name, raw in raw_tasks.items():
+        if name not in tasks:
+            known = ", ".join(sorted(tasks)) or "none"
+            raise source.error(
+                ("tasks", name),
+                f"no task named {name!r} (tasks: {known}); new tasks need config.toml and a "
+                "restart",
+            )
+        key = ("tasks", name)
+        table = _nullable_table(source, key, raw, None)
+        current = tasks[name]
+        task = dataclasses.replace(
+            current,
+            cpus=table.get("cpus", _number(0, above=True), current.cpus),
+            memory=table.get("memory", _positive(parse_size), current.memory),
+            max_retries=table.get("max_retries", _integer(0), current.max_retries),
+            timeout=table.get("timeout", _positive(parse_duration), current.timeout),
+            **_task_limits(table, current),
+        )
+        for field in table.nulls:
+            cleared: dict[str, Any] = {field: None}
+            task = dataclasses.replace(task, **cleared)
+        tasks[name] = task
+    return dataclasses.replace(settings, scheduler=scheduler, tasks=MappingProxyType(tasks))
+
+
+class _NullableTable:
+    """A ``_Table`` of changes: null values are set aside in ``nulls`` where allowed."""
+
+    def __init__(self, table: _Table, nulls: list[str]) -> None:
+        self.table = table
+        self.nulls = nulls
+
+    def get(self, name: str, parse: Parser[T], default: T) -> T:
+        return self.table.get(name, parse, default)
+
+
+def _nullable_table(
+    source: _Source, key: tuple[str, ...], value: object, cls: type[Any] | None
+) -> Any:
+    fields = _fields(cls) if cls is not None else list(RUNTIME_TASK_KEYS)
+    if isinstance(value, dict):
+        nulls = [name for name, item in value.items() if item is None and name in fields]
+        for name in nulls:
+            if name in fields and name not in _NULLABLE:
+                raise source.error(
+                    (*key, name), f"{_dotted((*key, name))} = null: this key needs a value"
+                )
+        value = {name: item for name, item in value.items() if name not in nulls}
+    else:
+        nulls = []
+    table = _Table(source, key, value, fields)
+    return _NullableTable(table, nulls)
+
+
 # --- reading one table ---------------------------------------------------------------
 
 
@@ -638,6 +818,34 @@ def _number(minimum: float, *, above: bool = False) -> Parser[float]:
         return number
 
     return parse
+
+
+def _between(minimum: float, maximum: float) -> Parser[float]:
+    def parse(value: object, key: str) -> float:
+        number = math.nan
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = _to_float(value)
+        if not minimum <= number <= maximum:
+            raise ValueError(
+                f"{key} = {_show(value)}: expected a number from {minimum:g} to {maximum:g}"
+            )
+        return number
+
+    return parse
+
+
+def _or_off(parse: Parser[T]) -> Parser[T | None]:
+    """A value, or the string "off" (TOML has no null) for a check that is switched off."""
+
+    def parse_or_off(value: object, key: str) -> T | None:
+        if value == "off":
+            return None
+        try:
+            return parse(value, key)
+        except ValueError as exc:
+            raise ValueError(f'{exc} (or "off")') from None
+
+    return parse_or_off
 
 
 def _positive(parse: Parser[_N]) -> Parser[_N]:

@@ -144,6 +144,8 @@ class Job:
 
     owner: str | None = None  # the token name that submitted it; None: anonymous
 
+    pressure_requeues: int = 0  # killed and requeued to protect the machine's memory
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -166,7 +168,8 @@ class Attempt:
     attempt: int
     started_at: datetime
     finished_at: datetime | None
-    outcome: str | None  # succeeded | failed | retrying | cancelled | interrupted | None (running)
+    outcome: str | None  # succeeded | failed | retrying | cancelled | interrupted | pressure
+    #   | None (still running)
     error_type: str | None
     error: str | None
     exit_code: int | None

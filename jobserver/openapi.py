@@ -180,6 +180,14 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
     },
     "System": {"type": "object"},
+    "SystemChange": {
+        "type": "object",
+        "required": ["changed", "system"],
+        "properties": {
+            "changed": {"type": "array", "items": _STRING},
+            "system": {"$ref": "#/components/schemas/System"},
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status", "version"],
@@ -355,6 +363,25 @@ OPERATIONS: tuple[Operation, ...] = (
         "admin",
         "The scheduler's view: capacity, free resources, running jobs, queue head",
         {200: "System"},
+        tags=("system",),
+    ),
+    Operation(
+        "PATCH",
+        "/api/v1/system",
+        "admin",
+        "Change scheduler caps, reserves and per-task limits without a restart",
+        {200: "SystemChange", **dict.fromkeys(_BODY_ERRORS)},
+        body={
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "scheduler": {"type": "object", "description": "[scheduler] keys"},
+                "tasks": {
+                    "type": "object",
+                    "description": "task name -> its run-time keys (cpus, memory, ...)",
+                },
+            },
+        },
         tags=("system",),
     ),
 )

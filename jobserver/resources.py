@@ -504,3 +504,80 @@ def find_tagged_processes(env_key: str, value: str) -> list[int]:
         except (*_GONE, OSError):
             continue
     return sorted(found)
+
+
+# -- GPUs (optional: NVML through the nvidia-ml-py package) -------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as NVML reports it now."""
+
+    index: int  # what CUDA_VISIBLE_DEVICES names
+    name: str
+    memory_total: int
+    memory_free: int
+
+
+class GpuProbe(Protocol):
+    def gpus(self) -> tuple[Gpu, ...] | None:
+        """The GPUs now, or None when NVML does not answer (no driver, no nvidia-ml-py)."""
+        ...
+
+
+_NVML_RETRY_S = 60.0
+
+
+class NvmlProbe:
+    """GPUs through NVML.  ``nvidia-ml-py`` is optional (``pip install jobserver[gpu]``);
+    without it, or without a driver, ``gpus()`` is None.  A failed start is retried at
+    most once a minute, so a driver that loads later is found (``gpu_may_appear``)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._nvml: Any = None
+        self._tried_at: float | None = None
+        self.problem: str | None = None
+
+    def _start(self) -> Any:
+        now = self._clock()
+        if self._nvml is not None:
+            return self._nvml
+        if self._tried_at is not None and now - self._tried_at < _NVML_RETRY_S:
+            return None
+        self._tried_at = now
+        try:
+            import pynvml  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            self.problem = "the optional nvidia-ml-py package is not installed"
+            return None
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:  # pynvml.NVMLError and friends: no driver, no device
+            self.problem = f"NVML did not start: {exc}"
+            return None
+        self._nvml, self.problem = pynvml, None
+        return pynvml
+
+    def gpus(self) -> tuple[Gpu, ...] | None:
+        nvml = self._start()
+        if nvml is None:
+            return None
+        try:
+            found = []
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                found.append(
+                    Gpu(
+                        index=index,
+                        name=name.decode() if isinstance(name, bytes) else str(name),
+                        memory_total=int(memory.total),
+                        memory_free=int(memory.free),
+                    )
+                )
+        except Exception as exc:
+            self.problem = f"NVML failed: {exc}"
+            return None
+        return tuple(found)

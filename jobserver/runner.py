@@ -61,6 +61,8 @@ class LaunchSpec:
     command: tuple[str, ...] | None = None  # argv of a command task, placeholders filled
     log_limit: int | None = None  # bytes kept in the job's log, all attempts together
     python: Path | None = None  # the task's own interpreter; None: the server's
+    cgroup_procs: Path | None = None  # the child joins this cgroup before running the task
+    environment: Mapping[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES
 
 
 # The child's end of the progress pipe: a fixed fd number, named in $JOBSERVER_PROGRESS_FD.
@@ -313,6 +315,13 @@ class Runner:
                 os.close(fd)
             log.close()
             raise
+        if spec.command is not None and spec.cgroup_procs is not None:
+            # A program cannot join a cgroup itself (child.py does it for Python tasks):
+            # move it in now; only what it starts in its first instant could escape.
+            try:
+                spec.cgroup_procs.write_text(str(pid))
+            except OSError as exc:
+                log.write(f"--- could not put the job in its cgroup: {exc}\n".encode())
         handle = ProcessHandle(pid, result_path)
         handle._log = log
         # The server keeps only the read ends.
@@ -363,6 +372,11 @@ class Runner:
         env["JOBSERVER_SERVER_PID"] = str(os.getpid())
         env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
         env.pop(FD_ENV, None)
+        env.update(spec.environment)
+        if spec.cgroup_procs is not None:
+            env["JOBSERVER_CGROUP_PROCS"] = str(spec.cgroup_procs)
+        else:
+            env.pop("JOBSERVER_CGROUP_PROCS", None)
         return env
 
     def describe(self, python: Path, function: str) -> dict[str, Any]:

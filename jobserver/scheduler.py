@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
-from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
+from jobserver.resources import Gpu, GpuProbe, Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
-from jobserver.store import Finish, Store
+from jobserver.store import Finish, Store, TaskRun
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.scheduler")
@@ -38,6 +42,12 @@ class Request:
 
     cpus: float
     memory: int
+    gpus: int = 0  # devices it gets to itself
+    gpu_memory: int = 0  # free memory each of those devices needs
+
+    @property
+    def gpu_count(self) -> int:
+        return max(self.gpus, 1 if self.gpu_memory > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class QueuedJob:
     task: str
     priority: int
     request: Request
+    waited: float = 0.0  # seconds it has been ready to run (the caller's clock, not ours)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,20 @@ class RunningJob:
     request: Request
     memory_used: int  # latest measured RSS of the process tree, bytes
     cpus_used: float  # CPU rate over the last sampling window
+    priority: int = 0
+    started: float = 0.0  # start time on any monotonic scale: the youngest has the largest
+    gpu_devices: tuple[int, ...] = ()  # the GPU indices it was given
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """Per-task rules: at most ``max_concurrency`` running, or ``exclusive`` (runs alone)."""
+
+    max_concurrency: int | None = None
+    exclusive: bool = False
+
+
+_NO_TASK_LIMITS = TaskLimits()
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,29 @@ class Limits:
     max_memory: int | None
     reserve_cpus: float
     reserve_memory: int
+    memory_floor: int = 0  # available memory below this stops admission
+    memory_pressure_limit: float | None = None  # PSI percent; None: not watched
+    cpu_pressure_limit: float | None = None
+    hysteresis: float = 0.0  # fraction: the margin a held resource must clear again
+    starvation_after: float | None = None  # seconds; None: no starvation guard
+    tasks: Mapping[str, TaskLimits] = field(default_factory=dict)
+
+
+# Names in PlanState.held.
+MEMORY, CPU, FLOOR, MEMORY_PSI, CPU_PSI = "memory", "cpu", "memory_floor", "memory_psi", "cpu_psi"
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """What the previous plan held back, handed to the next one (hysteresis).
+
+    ``held`` names the signals that stopped admission (``memory_floor``, ``memory_psi``,
+    ``cpu_psi``) and the resources some job waited for (``memory``, ``cpu``).  A held
+    signal is released only when it clears its threshold by the hysteresis margin; a
+    held resource admits a job only when free exceeds its need by that margin.
+    """
+
+    held: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -84,6 +132,9 @@ class Plan:
     waiting: Mapping[str, str]  # job id -> why it waits, for every queue-head job not admitted
     headroom: Headroom  # free after the admitted jobs; negative when over-committed
     capacity: Headroom  # the snapshot's capacity after max_cpus / max_memory
+    state: PlanState = PlanState()  # hand to the next plan()
+    overload: str | None = None  # why nothing is admitted (memory floor, PSI), if so
+    devices: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # job id -> GPUs
 
 
 def plan(
@@ -91,12 +142,15 @@ def plan(
     running: Sequence[RunningJob],
     snapshot: Snapshot,
     limits: Limits,
+    state: PlanState = PlanState(),
+    gpus: Sequence[Gpu] | None = None,
 ) -> Plan:
     """Choose the queued jobs to start now.
 
     Preconditions: ``queue_head`` is sorted by priority (highest first), then age (id,
     oldest first); ids are unique; ``running`` are the jobs this server runs; requests,
-    measured use and reserves are non-negative.
+    measured use, reserves and ``waited`` are non-negative; ``state`` is the previous
+    plan's ``state`` (or the empty state).
 
     The rule, per resource (CPUs and memory):
 
@@ -109,21 +163,32 @@ def plan(
     - live free = the snapshot's free now (``cpu_idle``, ``memory_available``)
       - sum of not-yet-used parts - reserve.
     - free = min(declared free, live free).
-    - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``
-      and its request fits free for both CPUs and memory; then subtract its request
-      from free (both) and go on.  A job that does not fit does not block later,
-      smaller jobs (skip ahead).
+    - Overload stops every admission: available memory below ``memory_floor``, or PSI
+      memory / cpu pressure above its limit.  Once tripped, a signal holds until it
+      clears the threshold by the ``hysteresis`` fraction (no flapping).
+    - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
+      its task is under ``max_concurrency``, no exclusive job runs (and, for an
+      exclusive job, nothing runs at all), and its request fits free for both CPUs and
+      memory (and the live reading holds 1 + ``hysteresis`` times it for a resource
+      the previous plan was short of);
+      then subtract its request from free and go on.  A job that does not fit does
+      not block later, smaller jobs (skip ahead) ...
+    - ... unless it has waited ``starvation_after`` or longer: then it reserves its
+      request (and a job slot; an exclusive job reserves the whole machine) against
+      every later job, which waits "held for job ...".
+    - A job that asks for GPUs also needs that many devices that no running or admitted
+      job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
+      so it waits); it gets the ones with the most free memory (``Plan.devices``).
     - CPU is compressible, memory is not: while this server runs none of its jobs, the
       live CPU reading does not hold back the first job (declared accounting alone
       decides), so programs outside jobserver that keep the CPUs busy slow jobs down
       but never stall the queue.
-    - Every job not admitted gets a reason with numbers: the resource it waits for,
-      the ``max_jobs`` limit, or that its request exceeds capacity minus reserve and so
-      it can never start.
+    - Every job not admitted gets a reason with numbers.
 
     Because free only shrinks during the walk, a waiting job never fits the final
-    headroom while a job slot is free: the machine is never left idle while a fitting
-    job waits.
+    headroom while a job slot is free, unless a reason above (a task limit, an
+    exclusive job, a starving job's reservation, a held resource's margin, overload)
+    says otherwise: the machine is never left idle without a stated reason.
     """
     capacity_cpus = snapshot.cpu_capacity
     if limits.max_cpus is not None:
@@ -137,40 +202,188 @@ def plan(
     unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
 
+    # The live reading alone: what hysteresis margins apply to (it is what hovers).
+    live_cpus = snapshot.cpu_idle - unused_cpus - limits.reserve_cpus
+    live_memory = snapshot.memory_available - unused_memory - limits.reserve_memory
     declared_cpus = capacity_cpus - claimed_cpus - limits.reserve_cpus
-    free_cpus = min(declared_cpus, snapshot.cpu_idle - unused_cpus - limits.reserve_cpus)
-    free_memory = (
-        min(capacity_memory - claimed_memory, snapshot.memory_available - unused_memory)
-        - limits.reserve_memory
-    )
+    free_cpus = min(declared_cpus, live_cpus)
+    free_memory = min(capacity_memory - claimed_memory - limits.reserve_memory, live_memory)
+
+    overloaded = _overload(snapshot, limits, state.held)
+    overload = "; ".join(reason for _, reason in overloaded) or None
+    held = {name for name, _ in overloaded}
+    margin = 1.0 + limits.hysteresis
 
     slots = limits.max_jobs - len(running)
+    per_task: dict[str, int] = {}
+    for runner in running:
+        per_task[runner.task] = per_task.get(runner.task, 0) + 1
+    exclusive_name = next(
+        (
+            f"{j.id} ({j.task})"
+            for j in running
+            if limits.tasks.get(j.task, _NO_TASK_LIMITS).exclusive
+        ),
+        None,
+    )
+    busy = len(running)  # jobs running or admitted so far
+
+    # Reservations made by starving jobs for the jobs behind them.
+    reserved_cpus, reserved_memory, reserved_slots = 0.0, 0, 0
+    holders: list[str] = []  # "job 01J… (waiting 5m)"
+    hold_everything = False  # a starving exclusive job: nothing behind it may start
+
+    taken_gpus = {index for runner in running for index in runner.gpu_devices}
+    devices: dict[str, tuple[int, ...]] = {}
+
     admit: list[str] = []
     waiting: dict[str, str] = {}
     for job in queue_head:
+        rules = limits.tasks.get(job.task, _NO_TASK_LIMITS)
         reason = _never_fits(job.request, capacity_cpus, capacity_memory, snapshot, limits)
+        blocked = reason is None  # waits for something that running jobs will free
+        if reason is None and overload is not None:
+            reason, blocked = overload, False
+        if reason is None and exclusive_name is not None:
+            reason = f"exclusive job {exclusive_name} is running; nothing else starts beside it"
+        count = per_task.get(job.task, 0)
+        if reason is None and rules.max_concurrency is not None and count >= rules.max_concurrency:
+            reason = f"task limit {rules.max_concurrency} reached: {count} {job.task} jobs running"
+            blocked = False
+        if reason is None and rules.exclusive and busy > 0:
+            reason = f"exclusive: waits for the {busy} running job(s) to finish"
         if reason is None and slots <= 0:
             reason = f"max_jobs limit {limits.max_jobs} reached"
         if reason is None:
             # CPU is compressible: with none of our jobs running, busy CPUs (other
             # programs) slow a job down but must not stall the queue for ever.
-            cpus = declared_cpus if not running and not admit else free_cpus
-            reason = _shortfall(job.request, cpus, free_memory)
+            idle_server = not running and not admit
+            reason, short = _shortfall(
+                job.request,
+                declared_cpus if idle_server else free_cpus,
+                free_memory,
+                math.inf if idle_server else live_cpus,
+                live_memory,
+                state.held,
+                margin,
+            )
+            held |= short
+        picked: tuple[int, ...] = ()
+        if reason is None and job.request.gpu_count:
+            picked, reason = _pick_gpus(job.request, gpus, taken_gpus)
+        if reason is None and holders:
+            fits_after_holds = (
+                not hold_everything
+                and slots - reserved_slots > 0
+                and job.request.cpus <= free_cpus - reserved_cpus + _CPU_EPSILON
+                and job.request.memory <= free_memory - reserved_memory
+            )
+            if not fits_after_holds:
+                more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
+                reason = f"held for {holders[0]}{more}: it waited past starvation_after"
         if reason is None:
             admit.append(job.id)
             slots -= 1
-            declared_cpus -= job.request.cpus
+            busy += 1
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
-        else:
-            waiting[job.id] = reason
+            live_cpus -= job.request.cpus
+            live_memory -= job.request.memory
+            per_task[job.task] = count + 1
+            if picked:
+                devices[job.id] = picked
+                taken_gpus.update(picked)
+            if rules.exclusive:
+                exclusive_name = f"{job.id} ({job.task})"
+            continue
+        starving = (
+            blocked
+            and limits.starvation_after is not None
+            and job.waited >= limits.starvation_after
+        )
+        if starving:
+            holders.append(f"job {job.id} (waiting {_format_duration(job.waited)})")
+            reserved_cpus += job.request.cpus
+            reserved_memory += job.request.memory
+            reserved_slots += 1
+            hold_everything = hold_everything or rules.exclusive
+            reason += (
+                f"; waiting {_format_duration(job.waited)}, past starvation_after "
+                f"{_format_duration(limits.starvation_after or 0.0)}: later jobs may not "
+                "take what it needs"
+            )
+        waiting[job.id] = reason
 
     return Plan(
         admit=tuple(admit),
         waiting=waiting,
         headroom=Headroom(cpus=free_cpus, memory=free_memory),
         capacity=Headroom(cpus=capacity_cpus, memory=capacity_memory),
+        state=PlanState(frozenset(held)),
+        overload=overload,
+        devices=devices,
     )
+
+
+def _pick_gpus(
+    request: Request, gpus: Sequence[Gpu] | None, taken: set[int]
+) -> tuple[tuple[int, ...], str | None]:
+    """The devices for a GPU job (most free memory first), or why it waits."""
+    count = request.gpu_count
+    if gpus is None:
+        return (), f"waiting for {count} GPU(s): NVML does not answer (no GPU driver yet)"
+    each = f" with {format_size(request.gpu_memory)} free each" if request.gpu_memory else ""
+    if count > len(gpus):
+        return (), f"needs {count} GPU(s) but the machine has {len(gpus)}: it can never start"
+    fitting = sorted(
+        (gpu for gpu in gpus if gpu.index not in taken and gpu.memory_free >= request.gpu_memory),
+        key=lambda gpu: (-gpu.memory_free, gpu.index),
+    )
+    if len(fitting) < count:
+        return (), f"waiting for GPUs: needs {count}{each}, {len(fitting)} available"
+    return tuple(sorted(gpu.index for gpu in fitting[:count])), None
+
+
+def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[tuple[str, str]]:
+    """The overload signals that stop admission now, each (name, reason).
+
+    A signal that stopped the previous plan holds until it clears its threshold by the
+    hysteresis fraction: available memory above floor x (1 + h), pressure below limit x
+    (1 - h).
+    """
+    found: list[tuple[str, str]] = []
+    h = limits.hysteresis
+    floor = limits.memory_floor
+    if floor > 0:
+        threshold = int(floor * (1 + h)) if FLOOR in held else floor
+        available = snapshot.memory_available
+        if available < threshold:
+            text = (
+                f"memory floor: {format_size(available)} available < memory_floor "
+                f"{format_size(floor)}"
+            )
+            if available >= floor:
+                text = (
+                    f"memory floor: {format_size(available)} available, held until above "
+                    f"{format_size(threshold)} (memory_floor {format_size(floor)} + hysteresis)"
+                )
+            found.append((FLOOR, text))
+    for name, kind, reading, limit in (
+        (MEMORY_PSI, "memory", snapshot.memory_pressure, limits.memory_pressure_limit),
+        (CPU_PSI, "cpu", snapshot.cpu_pressure, limits.cpu_pressure_limit),
+    ):
+        if reading is None or limit is None:
+            continue
+        psi_threshold = limit * (1 - h) if name in held else limit
+        if reading > psi_threshold:
+            text = f"PSI {kind} pressure {reading:.0f}% > {limit:.0f}%"
+            if reading <= limit:
+                text = (
+                    f"PSI {kind} pressure {reading:.0f}%, held until below {psi_threshold:.0f}% "
+                    f"(limit {limit:.0f}% - hysteresis)"
+                )
+            found.append((name, text))
+    return found
 
 
 def _never_fits(
@@ -207,20 +420,53 @@ def _never_fits(
     return "; ".join(problems) or None
 
 
-def _shortfall(request: Request, free_cpus: float, free_memory: int) -> str | None:
-    """Why ``request`` does not fit what is free now, or None if it fits."""
+def _shortfall(
+    request: Request,
+    free_cpus: float,
+    free_memory: int,
+    live_cpus: float,
+    live_memory: int,
+    held: frozenset[str] = frozenset(),
+    margin: float = 1.0,
+) -> tuple[str | None, set[str]]:
+    """Why ``request`` does not fit what is free now (None if it fits), and the resources
+    it is short of.  For a resource in ``held`` the live reading must also hold ``margin``
+    times the request (declared accounting is exact; the live reading is what hovers)."""
     problems = []
-    if request.memory > free_memory:
+    short: set[str] = set()
+    memory_need = request.memory * margin if MEMORY in held else request.memory
+    if request.memory > free_memory or memory_need > live_memory:
+        short.add(MEMORY)
+        extra = ""
+        if request.memory <= free_memory:
+            extra = f" (+{format_size(int(memory_need) - request.memory)} hysteresis margin)"
         problems.append(
-            f"waiting for memory: needs {format_size(request.memory)}, "
+            f"waiting for memory: needs {format_size(request.memory)}{extra}, "
             f"{format_size(max(0, free_memory))} free after reserve"
         )
-    if request.cpus > free_cpus + _CPU_EPSILON:
+    cpu_need = request.cpus * margin if CPU in held else request.cpus
+    if request.cpus > free_cpus + _CPU_EPSILON or cpu_need > live_cpus + _CPU_EPSILON:
+        short.add(CPU)
+        extra = ""
+        if request.cpus <= free_cpus + _CPU_EPSILON:
+            extra = f" (+{cpu_need - request.cpus:.2f} hysteresis margin)"
         problems.append(
-            f"waiting for CPU: needs {request.cpus:.2f} CPU, "
+            f"waiting for CPU: needs {request.cpus:.2f} CPU{extra}, "
             f"{_format_cpus(free_cpus)} free after reserve"
         )
-    return "; ".join(problems) or None
+    return "; ".join(problems) or None, short
+
+
+def _format_duration(seconds: float) -> str:
+    """ "45s", "5m", "5m30s", "2h05m"."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _format_cpus(cpus: float) -> str:
@@ -228,9 +474,49 @@ def _format_cpus(cpus: float) -> str:
     return f"{max(0.0, cpus):.2f}"
 
 
+def pressure_victim(running: Sequence[RunningJob]) -> RunningJob | None:
+    """The job to act on under memory pressure: the lowest priority, then the youngest
+    (latest started: it has the least work to lose)."""
+    if not running:
+        return None
+    return min(running, key=lambda job: (job.priority, -job.started, job.id))
+
+
+def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> int | None:
+    """``percentile`` (nearest rank) of the recent peak RSS values, times ``margin``; None
+    without history."""
+    if not peaks:
+        return None
+    ordered = sorted(peaks)
+    rank = max(1, math.ceil(percentile / 100 * len(ordered)))
+    return int(ordered[rank - 1] * margin)
+
+
+def effective_memory(
+    declared: int | None,
+    peaks: Sequence[int],
+    percentile: float,
+    margin: float,
+    fallback: int,
+) -> int:
+    """The memory request the scheduler uses for a task.
+
+    Its declared request, unless it declares none (then the ``percentile`` of its recent
+    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
+    used more than it declares (then the larger of the two).
+    """
+    learned = learned_memory(peaks, percentile, margin)
+    if declared is None:
+        return learned if learned is not None else fallback
+    if learned is not None and max(peaks) > declared:
+        return max(declared, learned)
+    return declared
+
+
 # -- The Scheduler service: applies plan() through the store and the runner ------------
 
 QUEUE_HEAD_SIZE = 200
+_OVERLOAD = frozenset({FLOOR, MEMORY_PSI, CPU_PSI})
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
@@ -264,10 +550,16 @@ class _Attempt:
     cpu_seconds: float = 0.0
     cpus_used: float = 0.0
     sampled: float = 0.0  # monotonic time of the last usage sample
-    stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown"
+    # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
+    stop_reason: str | None = None
     kill_at: float | None = None  # monotonic deadline for SIGKILL after SIGTERM
     progress_stored: int = 0  # the handle's progress_seq last written to the store
     progress_stored_at: float = float("-inf")  # monotonic
+    memory_limit: int | None = None
+    cgroup: JobCgroup | None = None  # the kernel enforces memory_limit; None: sampling
+    paused: bool = False  # SIGSTOPped under pressure (pressure_action = "pause")
+    stop_note: str | None = None  # why the scheduler stopped it, for the job's reason
+    gpu_devices: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -288,6 +580,8 @@ class Scheduler:
         jobs_dir: Path,
         clock: Callable[[], datetime] = utcnow,
         jobs_settings: JobsSettings | None = None,
+        cgroups: JobCgroups | None = None,
+        gpu_probe: GpuProbe | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -296,18 +590,20 @@ class Scheduler:
         self._settings = settings
         self._jobs_dir = jobs_dir
         self._clock = clock
-        self._limits = Limits(
-            max_jobs=settings.max_jobs,
-            max_cpus=settings.max_cpus,
-            max_memory=settings.max_memory,
-            reserve_cpus=settings.reserve_cpus,
-            reserve_memory=settings.reserve_memory,
-        )
+        self._cgroups = cgroups
+        self._gpu_probe = gpu_probe
+        self._gpus: tuple[Gpu, ...] | None = None  # the last reading, when some job wanted one
+        self._limits = self._make_limits()
         self._running: dict[str, _Attempt] = {}
         self._waiting: dict[str, str] = {}
         self._head: list[str] = []
         self._last_plan: Plan | None = None
         self._last_snapshot: Snapshot | None = None
+        self._plan_state = PlanState()
+        self._peaks: dict[str, list[int]] | None = None  # task -> recent peaks, newest first
+        self._pressure_ticks = 0  # consecutive ticks under memory pressure
+        self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
+        self._leftover_cgroups: list[JobCgroup] = []
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -315,6 +611,33 @@ class Scheduler:
         self._tick_lock = asyncio.Lock()
         self._jobs_settings = jobs_settings or JobsSettings()
         self._hurry = False
+
+    def _make_limits(self) -> Limits:
+        s = self._settings
+        return Limits(
+            max_jobs=s.max_jobs,
+            max_cpus=s.max_cpus,
+            max_memory=s.max_memory,
+            reserve_cpus=s.reserve_cpus,
+            reserve_memory=s.reserve_memory,
+            memory_floor=s.memory_floor,
+            memory_pressure_limit=s.memory_pressure_limit,
+            cpu_pressure_limit=s.cpu_pressure_limit,
+            hysteresis=s.hysteresis,
+            starvation_after=s.starvation_after,
+            tasks={
+                task.name: TaskLimits(task.settings.max_concurrency, task.settings.exclusive)
+                for task in self._registry
+            },
+        )
+
+    def reconfigure(self, settings: SchedulerSettings) -> None:
+        """Use new settings (and the registry's current task settings) from the next tick."""
+        if settings.learn_window != self._settings.learn_window:
+            self._peaks = None  # reread with the new window
+        self._settings = settings
+        self._limits = self._make_limits()
+        self.wake()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -345,6 +668,7 @@ class Scheduler:
                 attempt.handle.signal_tree(signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
+        self._remove_leftover_cgroups()
 
     async def drain(self, grace: float) -> None:
         """Graceful shutdown, first half: stop admitting, then wait up to ``grace`` seconds
@@ -397,8 +721,11 @@ class Scheduler:
             self._sample_usage(monotonic)
             await self._store_progress(monotonic)
             await self._enforce(monotonic)
+            self._remove_leftover_cgroups()
             if self._admitting:
-                await self._admit(now, monotonic)
+                snapshot = self._probe.snapshot()
+                await self._admit(now, monotonic, snapshot)
+                self._relieve_pressure(snapshot)
 
     def _sample_usage(self, monotonic: float) -> None:
         for attempt in self._running.values():
@@ -416,7 +743,8 @@ class Scheduler:
             attempt.sampled = monotonic
 
     async def _enforce(self, monotonic: float) -> None:
-        """Cancel requests, timeouts, and SIGKILL for trees that ignored SIGTERM."""
+        """Cancel requests, timeouts, sampled memory limits, and SIGKILL for trees that
+        ignored SIGTERM."""
         if not self._running:
             return
         for job_id in await self._store.cancel_requested():
@@ -431,6 +759,19 @@ class Scheduler:
                 and elapsed > attempt.timeout
             ):
                 self._terminate(attempt, "timeout")
+            if (
+                attempt.stop_reason is None
+                and attempt.memory_limit is not None
+                and attempt.cgroup is None
+                and attempt.peak_rss > attempt.memory_limit
+            ):
+                # No cgroup: the sampled tree RSS is the limit's only guard.  Kill at
+                # once: a job over its memory limit must not get a grace period to grow.
+                attempt.stop_note = (
+                    f"exceeded memory limit {format_size(attempt.memory_limit)} "
+                    f"(peak {format_size(attempt.peak_rss)})"
+                )
+                self._kill(attempt, "memory_limit")
             if attempt.kill_at is not None and monotonic >= attempt.kill_at:
                 attempt.handle.signal_tree(signal.SIGKILL)
 
@@ -438,10 +779,24 @@ class Scheduler:
         attempt.stop_reason = reason
         attempt.kill_at = time.monotonic() + self._settings.kill_grace
         attempt.handle.signal_tree(signal.SIGTERM)
+        if attempt.paused:  # a stopped process acts on SIGTERM only once continued
+            attempt.handle.signal_tree(signal.SIGCONT)
+            attempt.paused = False
         log.info("job %s: sent SIGTERM to its process group (%s)", attempt.job.id, reason)
 
-    async def _admit(self, now: datetime, monotonic: float) -> None:
+    def _kill(self, attempt: _Attempt, reason: str) -> None:
+        attempt.stop_reason = reason
+        attempt.handle.signal_tree(signal.SIGKILL)
+        log.warning(
+            "job %s (%s): killed its process group: %s",
+            attempt.job.id,
+            attempt.job.task,
+            attempt.stop_note or reason,
+        )
+
+    async def _admit(self, now: datetime, monotonic: float, snapshot: Snapshot) -> None:
         head = await self._store.queue_head(QUEUE_HEAD_SIZE, now)
+        await self._load_peaks()
         queued: list[QueuedJob] = []
         for job in head:
             if job.task not in self._registry:
@@ -451,21 +806,40 @@ class Scheduler:
                     now,
                 )
                 continue
-            request = _request(self._registry.get(job.task))
-            queued.append(QueuedJob(job.id, job.task, job.priority, request))
-        snapshot = self._probe.snapshot()
-        decision = plan(queued, self._running_jobs(), snapshot, self._limits)
+            request = self._request(self._registry.get(job.task))
+            ready_since = max(job.created_at, job.run_after or job.created_at)
+            waited = max(0.0, (now - ready_since).total_seconds())
+            queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
+        if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
+            self._gpus = self._gpu_probe.gpus()
+        gpus = self._gpus if self._gpu_probe is not None else None
+        decision = plan(
+            queued, self._running_jobs(), snapshot, self._limits, self._plan_state, gpus
+        )
+        before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
+        if decision.state.held & _OVERLOAD != before:
+            if decision.overload:
+                log.warning("admission stopped: %s", decision.overload)
+            else:
+                log.info("admission resumed: the overload signals cleared")
         self._last_snapshot, self._last_plan = snapshot, decision
+        self._plan_state = decision.state
         self._waiting = dict(decision.waiting)
         self._head = [job.id for job in queued]
         for job_id in decision.admit:
-            await self._launch(job_id, now, monotonic)
+            await self._launch(job_id, now, monotonic, decision.devices.get(job_id, ()))
 
-    async def _launch(self, job_id: str, now: datetime, monotonic: float) -> None:
+    async def _launch(
+        self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
+    ) -> None:
         job = await self._store.claim(job_id, now)
         if job is None:  # cancelled between the read and the claim
             return
         task = self._registry.get(job.task)
+        limit = task.settings.memory_limit
+        group = None
+        if limit is not None and self._cgroups is not None and self._settings.job_cgroups:
+            group = self._cgroups.create(job.id, limit)
         spec = LaunchSpec(
             job.id,
             job.attempts,
@@ -475,29 +849,181 @@ class Scheduler:
             command=None if task.settings.command is None else task.argv(job.args),
             log_limit=self._jobs_settings.max_log_size,
             python=task.settings.python,
+            cgroup_procs=None if group is None else group.procs,
+            environment=(
+                {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in gpu_devices)}
+                if gpu_devices
+                else {}
+            ),
         )
         try:
             handle = self._runner.start(spec)
         except (OSError, ValueError) as exc:
+            if group is not None:
+                group.remove()
             await self._store.finish(
                 job.id,
                 Finish(JobState.FAILED, error=JobError("SpawnFailed", f"could not start: {exc}")),
                 self._clock(),
             )
             return
-        timeout = job.timeout if job.timeout is not None else task.settings.timeout
-        attempt = _Attempt(job, handle, _request(task), timeout, monotonic)
+        attempt = _Attempt(
+            job,
+            handle,
+            self._request(task),
+            job.timeout if job.timeout is not None else task.settings.timeout,
+            monotonic,
+            memory_limit=limit,
+            cgroup=group,
+            gpu_devices=gpu_devices,
+        )
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
         log.info(
-            "job %s (%s): queued -> running, attempt %d, pid %d",
+            "job %s (%s): queued -> running, attempt %d, pid %d%s",
             job.id,
             job.task,
             job.attempts,
             handle.pid,
+            f", in cgroup {group.path}" if group is not None else "",
         )
         await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
+
+    # -- memory pressure ---------------------------------------------------------
+
+    def _relieve_pressure(self, snapshot: Snapshot) -> None:
+        """Under memory pressure (below memory_floor, or PSI memory over its limit) plan()
+        has stopped admitting.  If it persists and keeps getting worse, act on the
+        youngest lowest-priority running job, one at a time, per ``pressure_action``."""
+        decision = self._last_plan
+        held = decision.state.held if decision is not None else frozenset()
+        under = bool(held & {FLOOR, MEMORY_PSI})
+        if not under:
+            self._pressure_ticks, self._pressure_reading = 0, None
+            self._resume_paused()
+            return
+        previous = self._pressure_reading
+        self._pressure_ticks += 1
+        self._pressure_reading = snapshot
+        action = self._settings.pressure_action
+        if action == "none" or previous is None:
+            return
+        worse = snapshot.memory_available < previous.memory_available or (
+            snapshot.memory_pressure is not None
+            and previous.memory_pressure is not None
+            and snapshot.memory_pressure > previous.memory_pressure
+        )
+        if not worse:
+            return
+        if any(a.stop_reason == "pressure" for a in self._running.values()):
+            return  # the last one we acted on has not exited yet: let its memory go first
+        candidates = [
+            RunningJob(
+                a.job.id,
+                a.job.task,
+                a.request,
+                a.memory_used,
+                a.cpus_used,
+                priority=a.job.priority,
+                started=a.started,
+            )
+            for a in self._running.values()
+            if a.stop_reason is None and not a.paused
+        ]
+        victim = pressure_victim(candidates)
+        if victim is None:
+            return
+        attempt = self._running[victim.id]
+        why = decision.overload if decision is not None else None
+        # Measure afresh after acting: the next action needs two more readings, the
+        # second worse than the first, so the freed memory has time to show.
+        self._pressure_reading = None
+        if action == "pause":
+            attempt.paused = True
+            attempt.handle.signal_tree(signal.SIGSTOP)
+            log.warning(
+                "job %s (%s): paused (SIGSTOP) under memory pressure: %s; with no swap this "
+                "frees no memory, only CPU",
+                attempt.job.id,
+                attempt.job.task,
+                why,
+            )
+            return
+        attempt.stop_note = f"killed under memory pressure ({why})"
+        self._kill(attempt, "pressure")
+
+    def _resume_paused(self) -> None:
+        for attempt in self._running.values():
+            if attempt.paused:
+                attempt.paused = False
+                attempt.handle.signal_tree(signal.SIGCONT)
+                log.info("job %s: resumed (SIGCONT): memory pressure is over", attempt.job.id)
+
+    def _remove_leftover_cgroups(self) -> None:
+        self._leftover_cgroups = [g for g in self._leftover_cgroups if not g.remove()]
+
+    # -- learned requests --------------------------------------------------------
+
+    async def _load_peaks(self) -> None:
+        if self._peaks is not None:
+            return
+        window = self._settings.learn_window
+        self._peaks = {
+            task.name: [run.peak_rss for run in await self._store.recent_runs(task.name, window)]
+            for task in self._registry
+        }
+
+    def _request(self, task: Task) -> Request:
+        s = self._settings
+        gpu_memory = task.settings.gpu_memory or 0
+        peaks = (self._peaks or {}).get(task.name, [])
+        memory = effective_memory(
+            task.settings.memory,
+            peaks,
+            s.learn_percentile,
+            s.learn_margin,
+            s.default_memory,
+        )
+        return Request(
+            cpus=task.settings.cpus, memory=memory, gpus=task.settings.gpus, gpu_memory=gpu_memory
+        )
+
+    async def task_figures(self) -> dict[str, dict[str, Any]]:
+        """Per task: declared requests and limits beside what its recent runs used."""
+        s = self._settings
+        figures: dict[str, dict[str, Any]] = {}
+        for task in self._registry:
+            runs = await self._store.recent_runs(task.name, s.learn_window)
+            peaks = [run.peak_rss for run in runs]
+            declared = task.settings.memory
+            learned = learned_memory(peaks, s.learn_percentile, s.learn_margin)
+            used = effective_memory(
+                declared, peaks, s.learn_percentile, s.learn_margin, s.default_memory
+            )
+            if declared is None:
+                source = "learned" if learned is not None else "default_memory"
+            else:
+                source = "learned" if used != declared else "declared"
+            figures[task.name] = {
+                "declared": {
+                    "cpus": task.settings.cpus,
+                    "memory": declared,
+                    "memory_limit": task.settings.memory_limit,
+                    "max_concurrency": task.settings.max_concurrency,
+                    "exclusive": task.settings.exclusive,
+                },
+                "learned": {
+                    "runs": len(runs),
+                    "memory": learned,
+                    "peak_rss_max": max(peaks) if peaks else None,
+                    "peak_rss_percentile": _percentile(peaks, s.learn_percentile),
+                    "cpu_seconds_median": _median([run.cpu_seconds for run in runs]),
+                    "wall_seconds_median": _median([run.wall_seconds for run in runs]),
+                },
+                "scheduled_with": {"cpus": task.settings.cpus, "memory": used, "source": source},
+            }
+        return figures
 
     async def _watch(self, attempt: _Attempt) -> None:
         outcome = await attempt.handle.wait()
@@ -507,11 +1033,13 @@ class Scheduler:
             log.exception("job %s: could not record its outcome", attempt.job.id)
         finally:
             self._running.pop(attempt.job.id, None)
+            if attempt.cgroup is not None and not attempt.cgroup.remove():
+                self._leftover_cgroups.append(attempt.cgroup)
             self.wake()
 
     async def _record(self, attempt: _Attempt, outcome: Outcome) -> None:
-        """Store how the attempt ended: a terminal state, or back to the queue for a retry
-        or after a shutdown.  One log line per transition."""
+        """Store how the attempt ended: a terminal state, or back to the queue for a retry,
+        after a shutdown or under memory pressure.  One log line per transition."""
         await self._store_progress(time.monotonic(), attempt)
         artifacts = await asyncio.to_thread(list_artifacts, self.job_dir(attempt.job.id))
         job, now = attempt.job, self._clock()
@@ -533,6 +1061,24 @@ class Scheduler:
         error = outcome.error
         if attempt.stop_reason == "timeout" and attempt.timeout is not None:
             error = JobError("Timeout", f"timed out after {attempt.timeout:g} s")
+        oom_killed = (
+            error is not None
+            and attempt.cgroup is not None
+            and outcome.signal == signal.SIGKILL
+            and attempt.cgroup.oom_kills() > 0
+        )
+        if oom_killed and attempt.cgroup is not None and attempt.memory_limit is not None:
+            peak = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
+            attempt.peak_rss = peak
+            error = JobError(
+                "OOMKilled",
+                f"the kernel killed it at its memory limit "
+                f"{format_size(attempt.memory_limit)} (cgroup peak {format_size(peak)})",
+            )
+        if attempt.stop_reason == "memory_limit" and attempt.stop_note is not None:
+            error = JobError("MemoryLimitExceeded", attempt.stop_note)
+
+        requeues = job.pressure_requeues
         if error is None:
             target, reason = JobState.SUCCEEDED, None
             await self._store.finish(job.id, finish(target, result=outcome.result), now)
@@ -542,6 +1088,27 @@ class Scheduler:
         elif attempt.stop_reason == "cancel":
             target, reason = JobState.CANCELLED, "cancelled by request while running"
             await self._store.finish(job.id, finish(target, reason=reason), now)
+        elif attempt.stop_reason == "pressure" and requeues < self._settings.max_pressure_requeues:
+            target = JobState.QUEUED
+            reason = (
+                f"requeued: {attempt.stop_note}; pressure requeue {requeues + 1} of "
+                f"{self._settings.max_pressure_requeues}, not counted against max_retries"
+            )
+            await self._store.requeue(job.id, reason=reason, pressure=True)
+        elif attempt.stop_reason == "pressure":
+            target = JobState.FAILED
+            reason = (
+                f"{attempt.stop_note}; already requeued {requeues} times "
+                f"(max_pressure_requeues = {self._settings.max_pressure_requeues})"
+            )
+            failure = JobError("MemoryPressure", reason)
+            await self._store.finish(job.id, finish(target, error=failure, reason=reason), now)
+        elif oom_killed or attempt.stop_reason == "memory_limit":
+            # Over its own limit again and again: retrying would end the same way.
+            target = JobState.FAILED
+            reason = "oom_killed" if oom_killed else attempt.stop_note
+            await self._store.finish(job.id, finish(target, error=error, reason=reason), now)
+            reason = f"{reason}: {error.message}" if oom_killed else reason
         elif job.failures < job.max_retries and retry_allowed:
             base = self._jobs_settings.retry_base
             cap = self._jobs_settings.retry_cap
@@ -574,6 +1141,29 @@ class Scheduler:
             duration,
             f": {reason}" if reason else "",
         )
+        if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
+            await self._learn(attempt, target, duration, now)
+
+    async def _learn(
+        self, attempt: _Attempt, target: JobState, duration: float, now: datetime
+    ) -> None:
+        job = attempt.job
+        await self._store.record_run(
+            TaskRun(
+                task=job.task,
+                job_id=job.id,
+                attempt=job.attempts,
+                outcome="requeued" if target is JobState.QUEUED else target.value,
+                peak_rss=attempt.peak_rss,
+                cpu_seconds=attempt.cpu_seconds,
+                wall_seconds=duration,
+                finished_at=now,
+            )
+        )
+        if self._peaks is not None:
+            peaks = self._peaks.setdefault(job.task, [])
+            peaks.insert(0, attempt.peak_rss)
+            del peaks[self._settings.learn_window :]
 
     async def _store_progress(self, monotonic: float, only: _Attempt | None = None) -> None:
         """Write each running job's newest progress report, at most once per
@@ -608,7 +1198,8 @@ class Scheduler:
             return reason
         if not self._admitting:
             return "the server is shutting down"
-        if job.id in self._head or len(self._head) < QUEUE_HEAD_SIZE:
+        # Not in a head that had room: it was submitted after the last tick read the queue.
+        if job.id in self._head or self._last_plan is None or len(self._head) < QUEUE_HEAD_SIZE:
             return "waiting for the scheduler's next tick"
         return f"in the queue behind the first {QUEUE_HEAD_SIZE} jobs"
 
@@ -617,9 +1208,24 @@ class Scheduler:
         snapshot, decision = self._last_snapshot, self._last_plan
         if snapshot is None or decision is None:
             snapshot = self._probe.snapshot()
-            decision = plan([], self._running_jobs(), snapshot, self._limits)
+            decision = plan([], self._running_jobs(), snapshot, self._limits, self._plan_state)
+        s, limits = self._settings, self._limits
+        sources = snapshot.sources
+        # Capacity under the current caps (a runtime change shows before the next tick).
+        cap_cpus = snapshot.cpu_capacity
+        if limits.max_cpus is not None:
+            cap_cpus = min(cap_cpus, limits.max_cpus)
+        cap_memory = snapshot.memory_capacity
+        if limits.max_memory is not None:
+            cap_memory = min(cap_memory, limits.max_memory)
+
+        def capped(value: float, machine: float, cap: float | None, source: str) -> dict[str, Any]:
+            if cap is not None and cap < machine:
+                return {"value": value, "source": "config cap"}
+            return {"value": value, "source": sources.get(source, "unknown")}
+
         return {
-            "capacity": {"cpus": decision.capacity.cpus, "memory": decision.capacity.memory},
+            "capacity": {"cpus": cap_cpus, "memory": cap_memory},
             "reserved": {"cpus": self._limits.reserve_cpus, "memory": self._limits.reserve_memory},
             "free": {"cpus": decision.headroom.cpus, "memory": decision.headroom.memory},
             "machine": {
@@ -631,6 +1237,56 @@ class Scheduler:
                 "cpu_pressure": snapshot.cpu_pressure,
                 "sources": dict(snapshot.sources),
             },
+            # Every reading admission uses, with where it came from.
+            "signals": {
+                "cpu_capacity": capped(
+                    cap_cpus, snapshot.cpu_capacity, limits.max_cpus, "cpu_capacity"
+                ),
+                "memory_capacity": capped(
+                    cap_memory,
+                    snapshot.memory_capacity,
+                    limits.max_memory,
+                    "memory_capacity",
+                ),
+                "cpu_idle": {"value": snapshot.cpu_idle, "source": sources.get("cpu_idle")},
+                "memory_available": {
+                    "value": snapshot.memory_available,
+                    "source": sources.get("memory_available"),
+                },
+                "memory_pressure": {
+                    "value": snapshot.memory_pressure,
+                    "source": sources.get("memory_pressure"),
+                    "limit": s.memory_pressure_limit,
+                },
+                "cpu_pressure": {
+                    "value": snapshot.cpu_pressure,
+                    "source": sources.get("cpu_pressure"),
+                    "limit": s.cpu_pressure_limit,
+                },
+                "reserve_cpus": {"value": s.reserve_cpus, "source": "config"},
+                "reserve_memory": {"value": s.reserve_memory, "source": "config"},
+                "memory_floor": {"value": s.memory_floor, "source": "config"},
+            },
+            "overload": decision.overload,
+            "held": sorted(decision.state.held),
+            "settings": {
+                "starvation_after": s.starvation_after,
+                "hysteresis": s.hysteresis,
+                "pressure_action": s.pressure_action,
+                "max_pressure_requeues": s.max_pressure_requeues,
+                "learn_percentile": s.learn_percentile,
+                "learn_margin": s.learn_margin,
+                "learn_window": s.learn_window,
+                "default_memory": s.default_memory,
+            },
+            "memory_limits": (
+                self._cgroups.describe()
+                if self._cgroups is not None and s.job_cgroups
+                else "sampling (no writable per-job cgroup)"
+            ),
+            "gpus": (
+                None if self._gpus is None else [dataclasses.asdict(gpu) for gpu in self._gpus]
+            ),
             "max_jobs": self._limits.max_jobs,
             "running": [
                 {
@@ -638,7 +1294,13 @@ class Scheduler:
                     "task": a.job.task,
                     "pid": a.handle.pid,
                     "memory_used": a.memory_used,
+                    "peak_rss": a.peak_rss,
                     "cpus_used": round(a.cpus_used, 3),
+                    "request": {"cpus": a.request.cpus, "memory": a.request.memory},
+                    "memory_limit": a.memory_limit,
+                    "cgroup": None if a.cgroup is None else str(a.cgroup.path),
+                    "paused": a.paused,
+                    "gpu_devices": list(a.gpu_devices),
                 }
                 for a in self._running.values()
             ],
@@ -650,10 +1312,42 @@ class Scheduler:
 
     def _running_jobs(self) -> list[RunningJob]:
         return [
-            RunningJob(a.job.id, a.job.task, a.request, a.memory_used, a.cpus_used)
+            RunningJob(
+                a.job.id,
+                a.job.task,
+                a.request,
+                a.memory_used,
+                a.cpus_used,
+                priority=a.job.priority,
+                started=a.started,
+                gpu_devices=a.gpu_devices,
+            )
             for a in self._running.values()
         ]
 
+    def gpu_problem(self, task: Task) -> str | None:
+        """Why a job of ``task`` cannot be accepted now (it needs GPUs and there is no
+        NVML, and the config does not say one may appear), or None."""
+        if not (task.settings.gpus or task.settings.gpu_memory):
+            return None
+        if self._settings.gpu_may_appear:
+            return None
+        if self._gpu_probe is not None:
+            if self._gpu_probe.gpus() is not None:
+                return None
+            why = getattr(self._gpu_probe, "problem", None) or "NVML does not answer"
+        else:
+            why = "GPU support is not set up"
+        return (
+            f"task {task.name!r} needs GPUs but this server cannot see any ({why}); install "
+            "an NVIDIA driver and jobserver[gpu], or set scheduler.gpu_may_appear = true to "
+            "let such jobs wait"
+        )
 
-def _request(task: Task) -> Request:
-    return Request(cpus=task.settings.cpus, memory=task.settings.memory)
+
+def _percentile(values: Sequence[int], percentile: float) -> int | None:
+    return learned_memory(values, percentile, 1.0)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None

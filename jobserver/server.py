@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+from types import FrameType, MappingProxyType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -30,7 +32,8 @@ from jobserver.access import (
 )
 from jobserver.api import InputLimits, create_app
 from jobserver.backup import backup_before_upgrade
-from jobserver.config import ServerSettings, Settings
+from jobserver.cgroups import JobCgroups
+from jobserver.config import ServerSettings, Settings, apply_changes, load
 from jobserver.errors import ConfigError, ValidationError
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
@@ -40,7 +43,7 @@ from jobserver.maintenance import (
     WalCheckpointer,
     rescue_interrupted,
 )
-from jobserver.resources import MachineProbe, Probe
+from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
 from jobserver.scheduler import Scheduler
 from jobserver.store import DatabaseLock, Store, migrate, pending_migrations
@@ -57,6 +60,7 @@ class Application:
     pruner: Pruner | None = None
     cron: CronService | None = None
     checkpointer: WalCheckpointer | None = None
+    runtime: Runtime | None = None
 
 
 def make_runner(settings: Settings) -> Runner:
@@ -72,16 +76,99 @@ def load_tasks(settings: Settings) -> Registry:
     return Registry.load(settings.tasks, settings.task_paths, describe=describe)
 
 
+class Runtime:
+    """The settings that may change while the server runs (PATCH /api/v1/system, SIGHUP):
+    [scheduler] and the per-task resource keys.  The next scheduler tick uses them."""
+
+    def __init__(self, settings: Settings, registry: Registry, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self._registry = registry
+        self._scheduler = scheduler
+
+    def change(self, changes: Any, origin: str) -> list[str]:
+        """Apply a JSON change; ConfigError (nothing changed) if any value is bad."""
+        return self._use(apply_changes(self.settings, changes, origin), origin)
+
+    def reload(self) -> list[str]:
+        """Reread the config file (SIGHUP).  A bad file is logged and ignored: the running
+        settings stay.  Keys that need a restart are logged, not applied."""
+        origin = f"SIGHUP (reload of {self.settings.path})"
+        try:
+            fresh = load(self.settings.path)
+        except ConfigError as exc:
+            log.error("%s failed; keeping the running settings: %s", origin, exc.message)
+            return []
+        needs_restart = []
+        if fresh.server != self.settings.server or fresh.task_paths != self.settings.task_paths:
+            needs_restart.append("[server] / task_paths")
+        if fresh.jobs != self.settings.jobs or fresh.schedules != self.settings.schedules:
+            needs_restart.append("[jobs] / [schedules.*]")
+        if set(fresh.tasks) != set(self.settings.tasks):
+            needs_restart.append("the set of [tasks.*] tables")
+        for name, task in fresh.tasks.items():
+            old = self.settings.tasks.get(name)
+            if old is not None and (task.function, task.route) != (old.function, old.route):
+                needs_restart.append(f"tasks.{name}.function/route")
+        if needs_restart:
+            log.warning(
+                "%s: changes to %s need a restart; they are not applied",
+                origin,
+                ", ".join(needs_restart),
+            )
+        kept = {
+            name: dataclasses.replace(fresh.tasks[name], function=task.function, route=task.route)
+            for name, task in self.settings.tasks.items()
+            if name in fresh.tasks
+        }
+        merged = dataclasses.replace(
+            self.settings,
+            scheduler=fresh.scheduler,
+            tasks=MappingProxyType({**self.settings.tasks, **kept}),
+        )
+        return self._use(merged, origin)
+
+    def _use(self, new: Settings, origin: str) -> list[str]:
+        changed = _differences(self.settings, new)
+        self.settings = new
+        self._registry.update_settings(new.tasks)
+        self._scheduler.reconfigure(new.scheduler)
+        log.warning(
+            "configuration changed by %s: %s", origin, "; ".join(changed) or "nothing changed"
+        )
+        return changed
+
+
+def _differences(old: Settings, new: Settings) -> list[str]:
+    changed = []
+    for field in dataclasses.fields(old.scheduler):
+        before, after = getattr(old.scheduler, field.name), getattr(new.scheduler, field.name)
+        if before != after:
+            changed.append(f"scheduler.{field.name}: {before!r} -> {after!r}")
+    for name, task in new.tasks.items():
+        previous = old.tasks.get(name)
+        if previous is None:
+            continue
+        for field in dataclasses.fields(task):
+            before, after = getattr(previous, field.name), getattr(task, field.name)
+            if before != after:
+                changed.append(f"tasks.{name}.{field.name}: {before!r} -> {after!r}")
+    return changed
+
+
 def build(
     settings: Settings,
     probe: Probe | None = None,
     registry: Registry | None = None,
     *,
     host: str | None = None,
+    handle_sighup: bool = False,
+    gpu_probe: GpuProbe | None = None,
 ) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe).
     ``host`` is the address the server will bind (it decides whether an empty tokens file
-    means "open": only on loopback, or with ``allow_anonymous``)."""
+    means "open": only on loopback, or with ``allow_anonymous``).  ``handle_sighup``:
+    reload config.toml on SIGHUP (``serve`` sets it; in-process tests do not, so as not
+    to take over the test runner's signals)."""
     server_settings = settings.server
     runner = make_runner(settings)
     registry = registry or load_tasks(settings)
@@ -94,7 +181,10 @@ def build(
         settings=settings.scheduler,
         jobs_dir=server_settings.jobs_dir,
         jobs_settings=settings.jobs,
+        cgroups=JobCgroups.detect() if settings.scheduler.job_cgroups else None,
+        gpu_probe=gpu_probe or NvmlProbe(),
     )
+    runtime = Runtime(settings, registry, scheduler)
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake)
     checkpointer = WalCheckpointer(store, server_settings.wal_max_size)
@@ -108,9 +198,14 @@ def build(
         await pruner.start()
         await cron.start()
         await checkpointer.start()
+        loop = asyncio.get_running_loop()
+        if handle_sighup:
+            loop.add_signal_handler(signal.SIGHUP, runtime.reload)
         try:
             yield
         finally:
+            if handle_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
             await cron.stop()
             await scheduler.drain(server_settings.shutdown_grace)
             await scheduler.stop()
@@ -136,6 +231,7 @@ def build(
             max_queued=server_settings.max_queued,
         ),
         openapi=openapi.document(operations, __version__),
+        reconfigure=runtime.change,
     )
     bind = host or server_settings.host
     app.add_middleware(
@@ -149,7 +245,7 @@ def build(
             else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
         ),
     )
-    return Application(app, store, scheduler, pruner, cron, checkpointer)
+    return Application(app, store, scheduler, pruner, cron, checkpointer, runtime)
 
 
 def build_pruner(settings: Settings, store: Store) -> Pruner:
@@ -267,7 +363,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         # Import the tasks first: a broken task module must not touch the database.
         registry = load_tasks(settings)
         upgrade(settings.server.database)
-        application = build(settings, registry=registry, host=bind)
+        application = build(settings, registry=registry, host=bind, handle_sighup=True)
         config = uvicorn.Config(
             application.app,
             host=bind,

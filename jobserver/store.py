@@ -100,6 +100,8 @@ jobs = sa.Table(
     sa.Column("peak_rss", sa.Integer),
     sa.Column("cpu_seconds", sa.Float),
     sa.Column("owner", sa.Text),  # the token name that submitted it; NULL: anonymous
+    # Times the scheduler killed and requeued it under memory pressure (migration 0003).
+    sa.Column("pressure_requeues", sa.Integer, nullable=False, server_default="0"),
     sa.CheckConstraint(f"state IN ({_STATES})", name="ck_jobs_state"),
     sa.CheckConstraint(
         f"(state IN ({_TERMINAL})) = (finished_at IS NOT NULL)", name="ck_jobs_finished_at"
@@ -171,6 +173,23 @@ idempotency_keys = sa.Table(
 )
 sa.Index("ix_idempotency_keys_created_at", idempotency_keys.c.created_at)
 
+# One row per finished attempt that was measured: what each task really uses, read by the
+# scheduler to learn memory requests and by admins in the sqlite3 shell (migration 0003).
+task_runs = sa.Table(
+    "task_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),  # the state it went to, or "requeued"
+    sa.Column("peak_rss", sa.Integer, nullable=False),  # bytes, the tree's sampled peak
+    sa.Column("cpu_seconds", sa.Float, nullable=False),
+    sa.Column("wall_seconds", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Text, nullable=False),
+)
+sa.Index("ix_task_runs_task_id", task_runs.c.task, task_runs.c.id)
+
 MAX_PAGE = 1000
 
 
@@ -213,6 +232,20 @@ class Finish:
     peak_rss: int | None = None
     cpu_seconds: float | None = None
     artifacts: tuple[Artifact, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One measured attempt of a task (a row of ``task_runs``)."""
+
+    task: str
+    job_id: str
+    attempt: int
+    outcome: str
+    peak_rss: int
+    cpu_seconds: float
+    wall_seconds: float
+    finished_at: datetime
 
 
 class Store:
@@ -408,6 +441,7 @@ class Store:
         rescued: bool = False,
         now: datetime | None = None,
         exit_code: int | None = None,
+        pressure: bool = False,
     ) -> Job | None:
         """running → queued: a retry after the task failed (``failed`` counts toward
         ``max_retries``), a rescue after the server died (``rescued`` counts toward
@@ -425,10 +459,12 @@ class Store:
             values["rescues"] = jobs.c.rescues + 1
         if failed:
             values["failures"] = jobs.c.failures + 1
+        if pressure:  # killed to protect the machine: not a failure of the task
+            values["pressure_requeues"] = jobs.c.pressure_requeues + 1
         async with self._write() as conn:
             job = await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
             if job is not None:
-                outcome = "retrying" if failed else "interrupted"
+                outcome = "retrying" if failed else "pressure" if pressure else "interrupted"
                 await _close_attempt(conn, job, outcome, error, now or utcnow(), exit_code)
             return job
 
@@ -767,6 +803,47 @@ class Store:
             rows = (await conn.exec_driver_sql("PRAGMA integrity_check")).all()
         return [str(row[0]) for row in rows]
 
+    # -- task runs (resource-aware scheduling) ----------------------------------------
+
+    async def record_run(self, run: TaskRun) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                task_runs.insert().values(
+                    task=run.task,
+                    job_id=run.job_id,
+                    attempt=run.attempt,
+                    outcome=run.outcome,
+                    peak_rss=run.peak_rss,
+                    cpu_seconds=run.cpu_seconds,
+                    wall_seconds=run.wall_seconds,
+                    finished_at=format_timestamp(run.finished_at),
+                )
+            )
+
+    async def recent_runs(self, task: str, limit: int) -> list[TaskRun]:
+        """The task's last ``limit`` measured runs, newest first (through its index)."""
+        query = (
+            sa.select(task_runs)
+            .where(task_runs.c.task == task)
+            .order_by(task_runs.c.id.desc())
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            TaskRun(
+                task=row.task,
+                job_id=row.job_id,
+                attempt=row.attempt,
+                outcome=row.outcome,
+                peak_rss=row.peak_rss,
+                cpu_seconds=row.cpu_seconds,
+                wall_seconds=row.wall_seconds,
+                finished_at=parse_timestamp(row.finished_at),
+            )
+            for row in rows
+        ]
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -1012,6 +1089,7 @@ def _job_from_row(row: Row[Any]) -> Job:
         ),
         artifacts=tuple(Artifact(**item) for item in json.loads(m["artifacts"] or "[]")),
         owner=m["owner"],
+        pressure_requeues=m["pressure_requeues"],
     )
 
 

@@ -26,7 +26,7 @@ import re
 import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -203,6 +203,15 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks
+
+    def update_settings(self, settings: Mapping[str, TaskSettings]) -> None:
+        """New resource settings for known tasks (a runtime change: PATCH, SIGHUP).  The
+        function and route are not replaced: they shaped the imports and HTTP routes."""
+        for name, new in settings.items():
+            task = self._tasks.get(name)
+            if task is not None:
+                kept = replace(new, function=task.settings.function, route=task.settings.route)
+                self._tasks[name] = replace(task, settings=kept)
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -218,11 +218,13 @@ def make_harness(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Ha
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def factory(probe: FakeProbe | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+    async def factory(
+        probe: FakeProbe | None = None, gpu_probe: Any = None, **overrides: Any
+    ) -> AsyncIterator[Harness]:
         settings = config.load(write_config(tmp_path, **overrides))
         migrate(settings.server.database)
         fake = probe or FakeProbe()
-        application = build(settings, probe=fake)
+        application = build(settings, probe=fake, gpu_probe=gpu_probe)
         transport = httpx.ASGITransport(app=application.app)
         async with (
             application.app.router.lifespan_context(application.app),

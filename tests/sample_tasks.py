@@ -142,3 +142,20 @@ def spawn_escaped(pid_file: str, seconds: float = 60) -> None:
     )
     Path(pid_file).write_text(str(child.pid))
     time.sleep(seconds)
+
+
+def hold_memory(mib: int, path: str = "", seconds: float = 60) -> int:
+    """Allocates and touches ``mib`` MiB, then holds it until ``path`` exists (or for
+    ``seconds``): a job whose real memory use the test controls."""
+    block = bytearray(mib * 1024 * 1024)
+    for offset in range(0, len(block), 4096):  # touch every page: resident, not just mapped
+        block[offset] = 1
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (path and Path(path).exists()):
+        time.sleep(0.02)
+    return len(block) // (1024 * 1024)
+
+
+def cuda_devices() -> str | None:
+    """The GPUs the scheduler gave this job."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -19,9 +19,19 @@ ALLOWED = {
     "resources": {"errors", "jobs"},
     "runner": {"errors", "jobs", "reporting"},
     "backup": {"errors"},
+    "cgroups": set(),
     "child": set(),
     "demo": set(),
-    "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
+    "scheduler": {
+        "errors",
+        "jobs",
+        "config",
+        "tasks",
+        "store",
+        "resources",
+        "runner",
+        "cgroups",
+    },
     "maintenance": {"errors", "jobs", "store", "resources", "runner"},
     "api": {"errors", "jobs", "store", "tasks", "access", "__init__"},
     "access": {"errors"},
@@ -34,6 +44,7 @@ ALLOWED = {
         "store",
         "resources",
         "runner",
+        "cgroups",
         "scheduler",
         "maintenance",
         "api",
@@ -63,6 +74,7 @@ FORBIDDEN = {
     "backup": {"sqlalchemy", "starlette", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
     "openapi": {"sqlalchemy", "starlette", "subprocess"},
+    "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
 }
 
 

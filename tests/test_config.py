@@ -157,7 +157,10 @@ def test_empty_tables_give_defaults(tmp_path: Path) -> None:
 def test_defaults() -> None:
     assert ServerSettings().max_body_size == MiB
     assert SchedulerSettings().reserve_memory == 512 * MiB
-    assert TaskSettings(name="t", function="m:f").memory == 256 * MiB
+    # A task without a memory request is scheduled with what its runs used (learned), or
+    # scheduler.default_memory before it has any history.
+    assert TaskSettings(name="t", function="m:f").memory is None
+    assert SchedulerSettings().default_memory == 256 * MiB
 
 
 def test_shipped_config_loads() -> None:

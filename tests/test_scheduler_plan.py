@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobserver.resources import Snapshot
-from jobserver.scheduler import Limits, Plan, QueuedJob, Request, RunningJob, plan
+from jobserver.resources import Gpu, Snapshot
+from jobserver.scheduler import (
+    CPU,
+    CPU_PSI,
+    FLOOR,
+    MEMORY,
+    MEMORY_PSI,
+    Limits,
+    Plan,
+    PlanState,
+    QueuedJob,
+    Request,
+    RunningJob,
+    TaskLimits,
+    effective_memory,
+    learned_memory,
+    plan,
+    pressure_victim,
+)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -427,3 +446,336 @@ def test_a_burst_admits_what_fits_then_nothing_until_usage_is_measured(
     running = [started(job) for job in queue[: len(first.admit)]]
     second = plan(queue[len(first.admit) :], running, machine, limits())
     assert second.admit == ()
+
+
+# -- resource-aware rules: overload, hysteresis, starvation, task limits -----------------
+
+
+def pressured(
+    memory_available: int = 16 * GiB,
+    memory_pressure: float | None = None,
+    cpu_pressure: float | None = None,
+) -> Snapshot:
+    return Snapshot(
+        cpu_capacity=4.0,
+        memory_capacity=16 * GiB,
+        cpu_idle=4.0,
+        memory_available=memory_available,
+        memory_pressure=memory_pressure,
+        cpu_pressure=cpu_pressure,
+        sources={},
+    )
+
+
+def rules(**tasks: TaskLimits) -> dict[str, TaskLimits]:
+    return dict(tasks)
+
+
+def job(n: int, task: str = "t", memory: int = GiB, cpus: float = 0.5, **kw: Any) -> QueuedJob:
+    return QueuedJob(id=f"q{n:04d}", task=task, priority=0, request=Request(cpus, memory), **kw)
+
+
+def test_memory_floor_stops_admission_and_holds_with_hysteresis() -> None:
+    configured = replace(limits(), memory_floor=2 * GiB, hysteresis=0.25)
+    queue = [job(1, memory=MiB)]
+
+    low = plan(queue, [], pressured(memory_available=GiB), configured)
+    assert low.admit == ()
+    assert low.overload == "memory floor: 1.0 GiB available < memory_floor 2.0 GiB"
+    assert low.waiting["q0001"] == low.overload
+
+    # Back above the floor, but inside the hysteresis band: still held.
+    band = plan(queue, [], pressured(memory_available=2 * GiB + 100 * MiB), configured, low.state)
+    assert band.admit == ()
+    assert band.waiting["q0001"].startswith("memory floor: 2.1 GiB available, held until above 2.5")
+
+    # Clear of the band: admitted again; and the same reading without history admits.
+    clear = plan(queue, [], pressured(memory_available=3 * GiB), configured, band.state)
+    assert clear.admit == ("q0001",)
+    assert plan(queue, [], pressured(memory_available=2 * GiB + 100 * MiB), configured).admit
+
+
+def test_psi_limits_stop_admission_with_hysteresis() -> None:
+    configured = replace(
+        limits(), memory_pressure_limit=20.0, cpu_pressure_limit=50.0, hysteresis=0.25
+    )
+    queue = [job(1)]
+    high = plan(queue, [], pressured(memory_pressure=34.0), configured)
+    assert high.admit == ()
+    assert high.waiting["q0001"] == "PSI memory pressure 34% > 20%"
+    assert FLOOR not in high.state.held and MEMORY_PSI in high.state.held
+    held = plan(queue, [], pressured(memory_pressure=18.0), configured, high.state)
+    assert held.admit == ()
+    assert "held until below 15%" in held.waiting["q0001"]
+    assert plan(queue, [], pressured(memory_pressure=14.0), configured, held.state).admit
+    cpu = plan(queue, [], pressured(cpu_pressure=80.0), configured)
+    assert cpu.waiting["q0001"] == "PSI cpu pressure 80% > 50%"
+    # No PSI on this machine (None): nothing to hold on.
+    assert plan(queue, [], pressured(), configured).admit == ("q0001",)
+
+
+def test_a_resource_once_short_needs_a_margin() -> None:
+    configured = replace(limits(), hysteresis=0.1)
+    machine = snapshot(cpus=4.0, memory=4 * GiB)
+    busy = [started(job(0, memory=2 * GiB), memory_used=2 * GiB)]
+    short = plan([job(1, memory=3 * GiB)], busy, machine, configured)
+    assert short.admit == () and MEMORY in short.state.held
+    # 4 GiB free; a 3.8 GiB job fits exactly but not with the 10% margin.
+    edge = plan([job(2, memory=3800 * MiB)], [], machine, configured, short.state)
+    assert edge.admit == ()
+    assert "hysteresis margin" in edge.waiting["q0002"]
+    # Without the held state (no recent shortage) it would start.
+    assert plan([job(2, memory=3800 * MiB)], [], machine, configured).admit == ("q0002",)
+
+
+def test_starving_job_reserves_what_it_needs() -> None:
+    machine = snapshot(cpus=8.0, memory=8 * GiB)
+    running = [started(job(0, memory=6 * GiB), memory_used=6 * GiB)]
+    big = job(1, memory=4 * GiB, waited=600.0)
+    small = job(2, memory=GiB)
+    configured = replace(limits(), starvation_after=300.0)
+
+    guarded = plan([big, small], running, machine, configured)
+    assert guarded.admit == ()
+    assert guarded.waiting["q0001"].startswith("waiting for memory: needs 4.0 GiB, 2.0 GiB free")
+    assert "past starvation_after 5m" in guarded.waiting["q0001"]
+    assert guarded.waiting["q0002"].startswith("held for job q0001 (waiting 10m)")
+
+    # Not yet starving: the small job passes the big one (skip ahead).
+    young = plan([replace(big, waited=60.0), small], running, machine, configured)
+    assert young.admit == ("q0002",)
+    # Higher-priority jobs ahead of it are not held back by it.
+    urgent = QueuedJob("q0000", "t", 5, Request(0.5, GiB))
+    assert plan([urgent, big, small], running, machine, configured).admit == ("q0000",)
+
+
+def test_starving_job_waiting_for_a_slot_reserves_it() -> None:
+    running = [started(job(0, memory=MiB), memory_used=MiB)]
+    configured = replace(limits(max_jobs=2), starvation_after=60.0)
+    head = job(1, memory=20 * GiB, waited=120.0)  # never fits: reserves nothing
+    waiting = job(2, task="limited", waited=120.0)
+    later = job(3)
+    limited = replace(configured, tasks={"limited": TaskLimits(max_concurrency=1)})
+    blocked = [started(job(9, task="limited", memory=MiB), memory_used=MiB)]
+    result = plan([head, waiting, later], blocked, snapshot(), limited)
+    # A task-limit wait and a never-fits job reserve nothing: the later job starts.
+    assert result.admit == ("q0003",)
+    assert result.waiting["q0002"] == "task limit 1 reached: 1 limited jobs running"
+    assert "it can never start" in result.waiting["q0001"]
+    # A starving job waiting for the last slot keeps it.
+    full = plan(
+        [job(4, memory=20 * GiB), job(5, waited=100.0), job(6)], running, snapshot(), configured
+    )
+    assert full.admit == ("q0005",)
+
+
+def test_max_concurrency_per_task() -> None:
+    configured = replace(limits(), tasks={"render": TaskLimits(max_concurrency=2)})
+    running = [started(job(0, task="render"))]
+    queue = [job(1, task="render"), job(2, task="render"), job(3, task="other")]
+    result = plan(queue, running, snapshot(), configured)
+    assert result.admit == ("q0001", "q0003")
+    assert result.waiting == {"q0002": "task limit 2 reached: 2 render jobs running"}
+
+
+def test_exclusive_task_runs_alone() -> None:
+    configured = replace(limits(), tasks={"migrate": TaskLimits(exclusive=True)})
+    alone = job(1, task="migrate")
+    others = [job(2), job(3)]
+    # Nothing running: the exclusive job starts and nothing beside it.
+    first = plan([alone, *others], [], snapshot(), configured)
+    assert first.admit == ("q0001",)
+    assert (
+        first.waiting["q0002"]
+        == "exclusive job q0001 (migrate) is running; nothing else starts beside it"
+    )
+    # Something runs: it waits; the others start.
+    busy = [started(job(0))]
+    second = plan([alone, *others], busy, snapshot(), configured)
+    assert second.admit == ("q0002", "q0003")
+    assert second.waiting["q0001"] == "exclusive: waits for the 1 running job(s) to finish"
+    # It runs: nothing else starts.
+    third = plan(others, [started(alone)], snapshot(), configured)
+    assert third.admit == ()
+    # Starving: it holds the whole machine so the running jobs drain.
+    starving = plan(
+        [replace(alone, waited=900.0), *others],
+        busy,
+        snapshot(),
+        replace(configured, starvation_after=300.0),
+    )
+    assert starving.admit == ()
+    assert starving.waiting["q0002"].startswith("held for job q0001 (waiting 15m)")
+
+
+def test_pressure_victim_is_the_youngest_of_the_lowest_priority() -> None:
+    def runner(n: int, priority: int, started_at: float) -> RunningJob:
+        return replace(started(job(n)), priority=priority, started=started_at)
+
+    assert pressure_victim([]) is None
+    jobs = [runner(1, 0, 10.0), runner(2, 0, 20.0), runner(3, -1, 5.0), runner(4, 5, 30.0)]
+    victim = pressure_victim(jobs)
+    assert victim is not None and victim.id == "q0003"
+    victim = pressure_victim([j for j in jobs if j.id != "q0003"])
+    assert victim is not None and victim.id == "q0002"
+
+
+def test_learned_memory_and_effective_request() -> None:
+    assert learned_memory([], 95, 1.2) is None
+    peaks = [100 * MiB] * 19 + [1000 * MiB]
+    assert learned_memory(peaks, 95, 1.0) == 100 * MiB  # the 19th of 20
+    assert learned_memory(peaks, 100, 1.5) == 1500 * MiB
+    # No declaration: learned, else the fallback.
+    assert effective_memory(None, [], 95, 1.2, 256 * MiB) == 256 * MiB
+    assert effective_memory(None, [100 * MiB], 95, 1.2, 256 * MiB) == 120 * MiB
+    # Declared and never exceeded: the declaration stands.
+    assert effective_memory(512 * MiB, [400 * MiB], 95, 1.5, 256 * MiB) == 512 * MiB
+    # Runs used more than declared: the learned figure.
+    assert effective_memory(512 * MiB, [600 * MiB], 95, 1.2, 256 * MiB) == 720 * MiB
+
+
+# -- properties of the full rule set -------------------------------------------------------
+
+TASKS = ("a", "b", "c")
+
+
+@st.composite
+def rich_scenarios(
+    draw: st.DrawFn,
+) -> tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState]:
+    queue, running, machine, configured = draw(scenarios())
+    queue = [
+        replace(
+            job,
+            task=draw(st.sampled_from(TASKS)),
+            waited=draw(st.sampled_from([0.0, 10.0, 400.0, 4000.0])),
+        )
+        for job in queue
+    ]
+    running = [replace(job, task=draw(st.sampled_from(TASKS))) for job in running]
+    task_rules = {
+        name: TaskLimits(
+            max_concurrency=draw(st.sampled_from([None, None, 1, 2])),
+            exclusive=draw(st.sampled_from([False, False, False, True])),
+        )
+        for name in TASKS
+    }
+    configured = replace(
+        configured,
+        tasks=task_rules,
+        starvation_after=draw(st.sampled_from([None, 300.0])),
+        hysteresis=draw(st.sampled_from([0.0, 0.1, 0.5])),
+        memory_floor=draw(st.sampled_from([0, 0, GiB])),
+        memory_pressure_limit=draw(st.sampled_from([None, 20.0])),
+    )
+    machine = replace(machine, memory_pressure=draw(st.sampled_from([None, 0.0, 19.0, 35.0])))
+    state = PlanState(
+        frozenset(draw(st.sets(st.sampled_from([MEMORY, CPU, FLOOR, MEMORY_PSI, CPU_PSI]))))
+    )
+    return queue, running, machine, configured, state
+
+
+Rich = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState]
+
+
+@settings(max_examples=600, deadline=None)
+@given(rich_scenarios())
+def test_full_rules_never_overcommit_and_always_say_why(scenario: Rich) -> None:
+    queue, running, machine, configured, state = scenario
+    result = plan(queue, running, machine, configured, state)
+    admitted = _admitted(queue, result)
+    assert set(result.admit) | set(result.waiting) == {job.id for job in queue}
+    assert all(re.search(r"\d", reason) for reason in result.waiting.values())
+    assert len(running) + len(admitted) <= max(configured.max_jobs, len(running))
+    capacity_memory = machine.memory_capacity
+    if configured.max_memory is not None:
+        capacity_memory = min(capacity_memory, configured.max_memory)
+    claimed = sum(max(job.request.memory, job.memory_used) for job in running)
+    if admitted:
+        assert sum(j.request.memory for j in admitted) + claimed <= (
+            capacity_memory - configured.reserve_memory
+        )
+        assert result.overload is None
+    # max_concurrency
+    for name, task_rules in configured.tasks.items():
+        if task_rules.max_concurrency is not None:
+            before = sum(1 for job in running if job.task == name)
+            added = sum(1 for job in admitted if job.task == name)
+            assert added == 0 or before + added <= task_rules.max_concurrency
+    # exclusive: alone, and nothing beside a running one
+    exclusive = {name for name, r in configured.tasks.items() if r.exclusive}
+    if any(job.task in exclusive for job in running):
+        assert admitted == []
+    if any(job.task in exclusive for job in admitted):
+        assert running == [] and len(admitted) == 1
+    # Nothing fitting waits unexplained: a waiting job that fits the headroom with a slot
+    # free names the rule that holds it.
+    slot_free = len(running) + len(admitted) < configured.max_jobs
+    for job in queue:
+        reason = result.waiting.get(job.id)
+        if reason is None or not slot_free:
+            continue
+        if job.request.cpus <= result.headroom.cpus + 1e-9 and (
+            job.request.memory <= result.headroom.memory
+        ):
+            assert re.match(
+                r"(task limit|exclusive|held for|memory floor|PSI|.*hysteresis margin)", reason
+            ), (job, reason)
+
+
+@settings(max_examples=600, deadline=None)
+@given(rich_scenarios())
+def test_starvation_guard_holds(scenario: Rich) -> None:
+    queue, running, machine, configured, _ = scenario
+    configured = replace(configured, starvation_after=300.0)
+    result = plan(queue, running, machine, configured)  # no held state: no margins
+    starving = [
+        i
+        for i, job in enumerate(queue)
+        if job.id in result.waiting and "past starvation_after" in result.waiting[job.id]
+    ]
+    if starving:
+        first = starving[0]
+        # Nothing behind the first starving job took resources or a slot from it.
+        behind = {job.id for job in queue[first + 1 :]}
+        assert not behind & set(result.admit), (queue[first], result)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    readings=st.lists(st.integers(min_value=2 * GiB, max_value=2 * GiB + 200 * MiB), max_size=20),
+)
+def test_no_flapping_inside_the_hysteresis_band(readings: list[int]) -> None:
+    configured = replace(limits(), memory_floor=2 * GiB, hysteresis=0.1)
+    queue = [job(1, memory=MiB)]
+    state = plan(queue, [], pressured(memory_available=GiB), configured).state
+    for reading in readings:
+        result = plan(queue, [], pressured(memory_available=reading), configured, state)
+        assert result.admit == ()
+        state = result.state
+
+
+def test_gpu_jobs_get_free_devices_with_enough_memory() -> None:
+    gpus = [
+        Gpu(0, "g", 80 * GiB, 10 * GiB),
+        Gpu(1, "g", 80 * GiB, 70 * GiB),
+        Gpu(2, "g", 80 * GiB, 40 * GiB),
+    ]
+    two = QueuedJob("q0001", "t", 0, Request(0.1, MiB, gpus=2, gpu_memory=20 * GiB))
+    one = QueuedJob("q0002", "t", 0, Request(0.1, MiB, gpus=1))
+    three = QueuedJob("q0003", "t", 0, Request(0.1, MiB, gpus=4))
+    result = plan([two, one, three], [], snapshot(), limits(), gpus=gpus)
+    assert result.admit == ("q0001", "q0002")
+    assert result.devices == {"q0001": (1, 2), "q0002": (0,)}
+    assert result.waiting["q0003"] == "needs 4 GPU(s) but the machine has 3: it can never start"
+    # Devices held by running jobs are not handed out again.
+    running = [replace(started(two), gpu_devices=(1, 2))]
+    again = plan([one, replace(two, id="q0004")], running, snapshot(), limits(), gpus=gpus)
+    assert again.devices == {"q0002": (0,)}
+    assert again.waiting["q0004"] == (
+        "waiting for GPUs: needs 2 with 20.0 GiB free each, 0 available"
+    )
+    # No NVML: GPU jobs wait, others do not.
+    blind = plan([one, job(5)], [], snapshot(), limits(), gpus=None)
+    assert blind.admit == ("q0005",)
+    assert "NVML does not answer" in blind.waiting["q0002"]

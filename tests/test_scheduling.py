@@ -1,0 +1,443 @@
+"""Resource-aware scheduling in the running service: memory limits (kernel cgroup and
+sampling), pressure actions, learned requests, task limits and runtime changes.  Real
+child processes; a fake probe sets the machine where the test must control it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from jobserver.cgroups import JobCgroups
+from jobserver.resources import Gpu, NvmlProbe, Snapshot
+from tests.conftest import FakeProbe, GiB
+
+pytestmark = pytest.mark.anyio
+MiB = 2**20
+
+GATED = {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "16MiB"}
+HOG = {"function": "sample_tasks:hold_memory", "cpus": 0.1, "memory": "16MiB"}
+
+
+class FallingProbe(FakeProbe):
+    """A fake machine whose available memory can be made to keep falling, 1 MiB a read,
+    for ``falls`` reads (then it stays flat)."""
+
+    def __init__(self) -> None:
+        super().__init__(cpus=8, memory=16 * GiB)
+        self.falling = False
+        self.falls = 1_000_000
+
+    def set_available(self, available: int) -> None:
+        self.snapshot_value = dataclasses.replace(self.snapshot_value, memory_available=available)
+
+    def snapshot(self) -> Snapshot:
+        if self.falling and self.falls > 0:
+            self.falls -= 1
+            self.set_available(self.snapshot_value.memory_available - MiB)
+        return self.snapshot_value
+
+
+async def poll(check: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await anyio.sleep(0.02)
+
+
+async def submit(h: Any, task: str, **args: Any) -> str:
+    body: dict[str, Any] = {"task": task, "args": args}
+    if "priority" in args:
+        body["priority"] = args.pop("priority")
+    response = await h.client.post("/api/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def document(h: Any, job_id: str) -> dict[str, Any]:
+    return dict((await h.client.get(f"/api/v1/jobs/{job_id}")).json())
+
+
+# -- memory limits ------------------------------------------------------------------------
+
+
+async def test_memory_limit_in_a_cgroup_ends_in_an_oom_kill(make_harness: Any) -> None:
+    if JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    tasks = {"hog": {**HOG, "memory_limit": "64MiB"}, "add": {"function": "sample_tasks:add"}}
+    async with make_harness(tasks=tasks) as h:
+        view = (await h.client.get("/api/v1/system")).json()
+        assert view["memory_limits"].startswith("cgroup v")
+        job_id = await submit(h, "hog", mib=300, seconds=30)
+        done = await h.wait_for_state(job_id, "failed", timeout=60)
+        assert done["reason"] == "oom_killed"
+        assert done["error"]["type"] == "OOMKilled"
+        assert "memory limit 64.0 MiB" in done["error"]["message"]
+        # The server survived and the job's cgroup is gone.
+        ok = await submit(h, "add", a=1)
+        assert (await h.wait_for_state(ok, "succeeded"))["result"] == 1
+        cgroups = JobCgroups.detect()
+        assert cgroups is not None
+        await poll(lambda: _async(not (cgroups.parent / job_id).exists()))
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_memory_limit_without_cgroups_is_sampled(make_harness: Any) -> None:
+    tasks = {"hog": {**HOG, "memory_limit": "64MiB"}}
+    async with make_harness(tasks=tasks, scheduler={"job_cgroups": False}) as h:
+        view = (await h.client.get("/api/v1/system")).json()
+        assert view["memory_limits"].startswith("sampling")
+        job_id = await submit(h, "hog", mib=200, seconds=60)
+        done = await h.wait_for_state(job_id, "failed", timeout=60)
+        assert done["reason"].startswith("exceeded memory limit 64.0 MiB (peak ")
+        assert done["error"]["type"] == "MemoryLimitExceeded"
+        assert done["peak_rss"] > 64 * MiB
+
+
+# -- pressure ---------------------------------------------------------------------------
+
+
+async def test_memory_pressure_requeues_the_youngest_lowest_priority_job(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    probe = FallingProbe()
+    gate = str(tmp_path / "gate")
+    async with make_harness(
+        probe=probe, tasks={"gated": GATED}, scheduler={"memory_floor": "1GiB"}
+    ) as h:
+        older = await submit(h, "gated", path=gate)
+        low = await submit(h, "gated", path=gate, priority=-1)
+        younger = await submit(h, "gated", path=gate)
+        for job_id in (older, low, younger):
+            await h.wait_for_state(job_id, "running")
+
+        # Two readings under the floor, the second lower: one job is acted on; after
+        # that the reading stays flat, so nothing else is.
+        probe.falls = 2
+        probe.set_available(512 * MiB)
+        probe.falling = True
+        victim = await poll(lambda: _queued(h, low))
+        probe.falling = False
+        assert victim["reason"].startswith("requeued: killed under memory pressure (memory floor: ")
+        # attempts counts starts; the retry budget (failures) is untouched.
+        assert "pressure requeue 1 of 3, not counted against max_retries" in victim["reason"]
+        assert victim["attempts"] == 1
+        assert victim["history"][-1]["outcome"] == "pressure"
+        assert (await poll(lambda: _reason(h, low))).startswith("memory floor: ")
+        # One at a time: the others still run.
+        assert (await document(h, older))["state"] == "running"
+        assert (await document(h, younger))["state"] == "running"
+
+        probe.set_available(16 * GiB)
+        again = await h.wait_for_state(low, "running")
+        assert again["attempts"] == 2
+        Path(gate).write_text("go")
+        for job_id in (older, low, younger):
+            await h.wait_for_state(job_id, "succeeded")
+
+
+async def _queued(h: Any, job_id: str) -> dict[str, Any] | None:
+    found = await document(h, job_id)
+    return found if found["state"] == "queued" else None
+
+
+async def test_a_job_requeued_too_often_fails(make_harness: Any, tmp_path: Path) -> None:
+    probe = FallingProbe()
+    settings = {"memory_floor": "1GiB", "max_pressure_requeues": 0}
+    async with make_harness(probe=probe, tasks={"gated": GATED}, scheduler=settings) as h:
+        job_id = await submit(h, "gated", path=str(tmp_path / "never"))
+        await h.wait_for_state(job_id, "running")
+        probe.set_available(512 * MiB)
+        probe.falling = True
+        done = await h.wait_for_state(job_id, "failed")
+        assert done["error"]["type"] == "MemoryPressure"
+        assert "max_pressure_requeues = 0" in done["reason"]
+
+
+async def test_pause_stops_the_tree_and_continues_it(make_harness: Any, tmp_path: Path) -> None:
+    probe = FallingProbe()
+    settings = {"memory_floor": "1GiB", "pressure_action": "pause"}
+    gate = tmp_path / "gate"
+    async with make_harness(probe=probe, tasks={"gated": GATED}, scheduler=settings) as h:
+        job_id = await submit(h, "gated", path=str(gate))
+        await h.wait_for_state(job_id, "running")
+        pid = (await h.client.get("/api/v1/system")).json()["running"][0]["pid"]
+        probe.set_available(512 * MiB)
+        probe.falling = True
+        await poll(lambda: _async(_process_state(pid) == "T"))
+        view = (await h.client.get("/api/v1/system")).json()
+        assert view["running"][0]["paused"] is True
+        probe.falling = False
+        probe.set_available(16 * GiB)
+        await poll(lambda: _async(_process_state(pid) != "T"))
+        gate.write_text("go")
+        await h.wait_for_state(job_id, "succeeded")
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+async def test_psi_pressure_stops_admission(make_harness: Any) -> None:
+    probe = FakeProbe()
+    probe.snapshot_value = dataclasses.replace(probe.snapshot_value, memory_pressure=34.0)
+    async with make_harness(probe=probe, tasks={"add": {"function": "sample_tasks:add"}}) as h:
+        job_id = await submit(h, "add", a=1)
+        waiting = await poll(lambda: _reason(h, job_id))
+        assert waiting == "PSI memory pressure 34% > 20%"
+        system = (await h.client.get("/api/v1/system")).json()
+        assert system["queue_head"][0]["waiting_reason"] == waiting
+        assert system["signals"]["memory_pressure"] == {
+            "value": 34.0,
+            "source": None,
+            "limit": 20.0,
+        }
+        probe.snapshot_value = dataclasses.replace(probe.snapshot_value, memory_pressure=1.0)
+        await h.wait_for_state(job_id, "succeeded")
+
+
+async def _reason(h: Any, job_id: str) -> str | None:
+    found = await document(h, job_id)
+    reason = found.get("waiting_reason")
+    return reason if reason and "next tick" not in reason else None
+
+
+# -- task limits and reasons ----------------------------------------------------------------
+
+
+async def test_task_limit_and_exclusive_reasons(make_harness: Any, tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    tasks = {
+        "limited": {**GATED, "max_concurrency": 1},
+        "alone": {**GATED, "exclusive": True},
+    }
+    async with make_harness(tasks=tasks) as h:
+        first = await submit(h, "limited", path=gate)
+        second = await submit(h, "limited", path=gate)
+        alone = await submit(h, "alone", path=gate)
+        await h.wait_for_state(first, "running")
+        assert await poll(lambda: _reason(h, second)) == (
+            "task limit 1 reached: 1 limited jobs running"
+        )
+        assert await poll(lambda: _reason(h, alone)) == (
+            "exclusive: waits for the 1 running job(s) to finish"
+        )
+        Path(gate).write_text("go")
+        for job_id in (first, second, alone):
+            await h.wait_for_state(job_id, "succeeded")
+
+
+# -- learned requests ------------------------------------------------------------------------
+
+
+async def test_a_task_without_a_memory_request_learns_one(make_harness: Any) -> None:
+    tasks = {"hog": {"function": "sample_tasks:hold_memory", "cpus": 0.1}}
+    settings = {"learn_margin": 1.5, "learn_percentile": 100}
+    async with make_harness(tasks=tasks, scheduler=settings) as h:
+        before = (await h.client.get("/api/v1/tasks")).json()["tasks"][0]
+        assert before["declared"]["memory"] is None
+        assert before["learned"]["runs"] == 0
+        assert before["scheduled_with"] == {
+            "cpus": 0.1,
+            "memory": 256 * MiB,
+            "source": "default_memory",
+        }
+        job_id = await submit(h, "hog", mib=100, seconds=1.0)
+        done = await h.wait_for_state(job_id, "succeeded")
+        # The run is recorded just after the job's final state.
+        after = await poll(lambda: _learned(h))
+        assert after["learned"]["runs"] == 1
+        assert after["learned"]["peak_rss_max"] == done["peak_rss"] >= 100 * MiB
+        assert after["learned"]["memory"] == int(done["peak_rss"] * 1.5)
+        assert after["scheduled_with"]["memory"] == int(done["peak_rss"] * 1.5)
+        assert after["scheduled_with"]["source"] == "learned"
+        assert after["learned"]["wall_seconds_median"] >= 1.0
+
+
+async def test_runs_over_the_declared_request_raise_it(make_harness: Any) -> None:
+    tasks = {"hog": {**HOG, "memory": "32MiB"}}
+    async with make_harness(tasks=tasks, scheduler={"learn_margin": 1.0}) as h:
+        job_id = await submit(h, "hog", mib=100, seconds=0.5)
+        done = await h.wait_for_state(job_id, "succeeded")
+        figures = await poll(lambda: _learned(h))
+        assert figures["declared"]["memory"] == 32 * MiB
+        assert figures["scheduled_with"] == {
+            "cpus": 0.1,
+            "memory": done["peak_rss"],
+            "source": "learned",
+        }
+
+
+async def _learned(h: Any) -> dict[str, Any] | None:
+    task = dict((await h.client.get("/api/v1/tasks")).json()["tasks"][0])
+    return task if task["learned"]["runs"] else None
+
+
+# -- changes at run time ----------------------------------------------------------------------
+
+
+async def test_patch_system_changes_limits_for_the_next_tick(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    gate = str(tmp_path / "gate")
+    async with make_harness(tasks={"gated": GATED}, scheduler={"max_jobs": 1}) as h:
+        ids = [await submit(h, "gated", path=gate) for _ in range(3)]
+        await h.wait_for_state(ids[0], "running")
+        assert await poll(lambda: _reason(h, ids[1])) == "max_jobs limit 1 reached"
+
+        response = await h.client.patch(
+            "/api/v1/system",
+            json={
+                "scheduler": {"max_jobs": 3, "max_memory": "8GiB", "starvation_after": None},
+                "tasks": {"gated": {"max_concurrency": 2, "memory": None}},
+            },
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert "scheduler.max_jobs: 1 -> 3" in body["changed"]
+        assert "tasks.gated.max_concurrency: None -> 2" in body["changed"]
+        assert body["system"]["max_jobs"] == 3
+        assert body["system"]["signals"]["memory_capacity"] == {
+            "value": 8 * GiB,
+            "source": "config cap",
+        }
+        await h.wait_for_state(ids[1], "running")
+        assert await poll(lambda: _reason(h, ids[2])) == (
+            "task limit 2 reached: 2 gated jobs running"
+        )
+        tasks = (await h.client.get("/api/v1/tasks")).json()["tasks"]
+        assert tasks[0]["declared"]["max_concurrency"] == 2
+        assert tasks[0]["declared"]["memory"] is None
+        Path(gate).write_text("go")
+        for job_id in ids:
+            await h.wait_for_state(job_id, "succeeded")
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        ({"scheduler": {"max_jobs": 0}}, "scheduler.max_jobs", "expected an integer >= 1"),
+        ({"scheduler": {"max_jobs": None}}, "scheduler.max_jobs", "needs a value"),
+        ({"scheduler": {"pressure_action": "kill"}}, "scheduler.pressure_action", "one of"),
+        ({"scheduler": {"max_memroy": "1GiB"}}, "scheduler.max_memroy", "did you mean"),
+        ({"tasks": {"nope": {"cpus": 1}}}, "tasks.nope", "no task named 'nope'"),
+        ({"tasks": {"gated": {"function": "a:b"}}}, "tasks.gated.function", "unknown key"),
+        ({"tasks": {"gated": {"memory": "lots"}}}, "tasks.gated.memory", "expected a size"),
+        ({"server": {"port": 1}}, "server", "unknown key server"),
+        ([1, 2], None, "expected an object like"),
+    ],
+)
+async def test_patch_system_rejects_bad_changes_and_changes_nothing(
+    make_harness: Any, body: Any, key: str | None, message: str
+) -> None:
+    async with make_harness(tasks={"gated": GATED}, scheduler={"max_jobs": 2}) as h:
+        before = (await h.client.get("/api/v1/system")).json()
+        response = await h.client.patch("/api/v1/system", json=body)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "validation_error"
+        assert message in error["message"]
+        assert error["details"]["key"] == key
+        after = (await h.client.get("/api/v1/system")).json()
+        assert after["max_jobs"] == before["max_jobs"] == 2
+        assert after["settings"] == before["settings"]
+
+
+async def test_patch_system_needs_json(make_harness: Any) -> None:
+    async with make_harness(tasks={"gated": GATED}) as h:
+        response = await h.client.patch("/api/v1/system", content=b"max_jobs=3")
+        assert response.status_code == 415
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+# -- GPUs (a fake NVML probe: this machine has no GPU) ---------------------------------------
+
+
+class FakeGpus:
+    def __init__(self, *free_gib: float) -> None:
+        self.devices: tuple[Gpu, ...] | None = tuple(
+            Gpu(index=i, name="Fake H100", memory_total=80 * GiB, memory_free=int(free * GiB))
+            for i, free in enumerate(free_gib)
+        )
+        self.problem: str | None = None
+
+    def gpus(self) -> tuple[Gpu, ...] | None:
+        return self.devices
+
+
+CUDA = {"function": "sample_tasks:cuda_devices", "cpus": 0.1, "memory": "16MiB"}
+
+
+async def test_gpu_jobs_get_their_own_devices(make_harness: Any, tmp_path: Path) -> None:
+    tasks = {
+        "cuda": {**CUDA, "gpus": 1, "gpu_memory": "10GiB"},
+        "gated_gpu": {**GATED, "gpus": 1},
+    }
+    async with make_harness(gpu_probe=FakeGpus(5, 40, 60), tasks=tasks) as h:
+        # The device with the most free memory that fits.
+        job_id = await submit(h, "cuda")
+        assert (await h.wait_for_state(job_id, "succeeded"))["result"] == "2"
+        gate = str(tmp_path / "gate")
+        held = [await submit(h, "gated_gpu", path=gate) for _ in range(3)]
+        for job_id in held[:2]:
+            await h.wait_for_state(job_id, "running")
+        # Devices 2 and 1 are taken; device 0 has 5 GiB free, too little for "cuda".
+        waiting = await submit(h, "cuda")
+        assert await poll(lambda: _reason(h, waiting)) == (
+            "waiting for GPUs: needs 1 with 10.0 GiB free each, 0 available"
+        )
+        system = (await h.client.get("/api/v1/system")).json()
+        assert sorted(d for r in system["running"] for d in r["gpu_devices"]) == [0, 1, 2]
+        assert len(system["gpus"]) == 3
+        Path(gate).write_text("go")
+        assert (await h.wait_for_state(waiting, "succeeded"))["result"] in ("1", "2")
+
+
+async def test_gpu_task_without_nvml_is_rejected_at_submit(make_harness: Any) -> None:
+    probe = FakeGpus()
+    probe.devices, probe.problem = None, "the optional nvidia-ml-py package is not installed"
+    async with make_harness(gpu_probe=probe, tasks={"cuda": {**CUDA, "gpus": 2}}) as h:
+        response = await h.client.post("/api/v1/jobs", json={"task": "cuda", "args": {}})
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["code"] == "validation_error"
+        assert "needs GPUs but this server cannot see any" in error["message"]
+        assert "nvidia-ml-py" in error["message"]
+        assert (await h.client.get("/api/v1/jobs")).json()["jobs"] == []
+
+
+async def test_gpu_task_waits_when_a_gpu_may_appear(make_harness: Any) -> None:
+    probe = FakeGpus()
+    probe.devices = None
+    settings = {"gpu_may_appear": True}
+    tasks = {"cuda": {**CUDA, "gpus": 1}}
+    async with make_harness(gpu_probe=probe, tasks=tasks, scheduler=settings) as h:
+        job_id = await submit(h, "cuda")
+        assert await poll(lambda: _reason(h, job_id)) == (
+            "waiting for 1 GPU(s): NVML does not answer (no GPU driver yet)"
+        )
+        probe.devices = FakeGpus(80).devices
+        assert (await h.wait_for_state(job_id, "succeeded"))["result"] == "0"
+
+
+def test_nvml_probe_without_nvidia_ml_py_reports_why() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here")
+    probe = NvmlProbe()
+    assert probe.gpus() is None
+    assert probe.problem == "the optional nvidia-ml-py package is not installed"
