@@ -7,8 +7,11 @@ process (the scheduler does, from the stored state).  Every error, on every rout
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -17,10 +20,10 @@ from typing import Any, Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
-from jobserver import __version__
+from jobserver import __version__, dashboard
 from jobserver.errors import (
     InvalidTransition,
     JobServerError,
@@ -28,13 +31,18 @@ from jobserver.errors import (
     StorageUnavailable,
     ValidationError,
 )
+from jobserver.events import Events
 from jobserver.jobs import CELERY_STATUS, Job, JobState, format_timestamp, new_job_id, utcnow
-from jobserver.store import MAX_PAGE, NewJob, Store
+from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from jobserver.metrics import Metrics
+from jobserver.store import MAX_PAGE, NewJob, Store, TaskStats
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
 
 MAX_PRIORITY = 1000
+MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
+SSE_KEEPALIVE_SECONDS = 15
 SUBMIT_FIELDS = ("task", "args", "priority")
 
 
@@ -82,7 +90,11 @@ def create_app(
     scheduler: SchedulerPort,
     max_body_size: int,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    events: Events | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
+    events = events or Events()
+
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
 
@@ -123,7 +135,7 @@ def create_app(
         new = NewJob(task.name, validated, priority, task.settings.max_retries)
         job = await store.insert(new, new_job_id(), utcnow())
         scheduler.wake()
-        log.info("job %s (%s): submitted -> queued", job.id, job.task)
+        events.transition(job, None)
         return job
 
     async def submit_job(request: Request) -> Response:
@@ -172,8 +184,31 @@ def create_app(
         return start
 
     async def get_job(request: Request) -> Response:
-        job = await store.get(request.path_params["job_id"])
-        return JSONDocument(document(job))
+        job_id = request.path_params["job_id"]
+        wait = _wait_seconds(request)
+        if wait is None:
+            job = await store.get(job_id)
+        else:
+            job = await long_poll(job_id, request.headers.get("if-none-match"), wait)
+        return JSONDocument(document(job), headers=_poll_headers(job))
+
+    async def long_poll(job_id: str, baseline: str | None, wait: float) -> Job:
+        """The job as soon as its version differs from ``baseline`` (the client's
+        If-None-Match, else the version when the request came), when it is finished, or
+        after ``wait`` seconds.  Reads the row only when the job's events say it changed."""
+        deadline = time.monotonic() + wait
+        while True:
+            with events.subscription(job_id) as changed:
+                job = await store.get(job_id)  # after subscribing: no change is missed
+                tag = job_version(job)
+                baseline = baseline or tag
+                remaining = deadline - time.monotonic()
+                if tag != baseline or job.state.terminal or remaining <= 0:
+                    return job
+                try:
+                    await asyncio.wait_for(changed, remaining)
+                except TimeoutError:
+                    return job
 
     async def list_jobs(request: Request) -> Response:
         params = request.query_params
@@ -210,12 +245,68 @@ def create_app(
     async def cancel_job(request: Request) -> Response:
         job = await store.request_cancel(request.path_params["job_id"], utcnow())
         scheduler.wake()
-        log.info("job %s: cancel requested (%s)", job.id, job.state.value)
-        return JSONDocument(document(job), status_code=200 if job.state.terminal else 202)
+        if job.state is JobState.CANCELLED:
+            events.transition(job, JobState.QUEUED, reason=job.reason)
+        else:
+            events.changed(job.id)
+            log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
+        return JSONDocument(
+            document(job),
+            status_code=200 if job.state.terminal else 202,
+            headers=_poll_headers(job),
+        )
 
     async def task_status(request: Request) -> Response:
         job = await store.get(request.path_params["task_id"])
-        return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
+        return JSONDocument(
+            celery_document(job, scheduler.waiting_reason(job, utcnow())),
+            headers=_poll_headers(job),
+        )
+
+    async def job_events(request: Request) -> Response:
+        """Server-Sent Events: the job document now and at every change, then ``end``."""
+        job_id = request.path_params["job_id"]
+        await store.get(job_id)  # a 404 before the stream starts
+
+        async def stream() -> Any:
+            yield "retry: 2000\n\n"
+            sent = None
+            while True:
+                with events.subscription(job_id) as changed:
+                    try:
+                        job = await store.get(job_id)
+                    except NotFound:
+                        return
+                    tag = job_version(job)
+                    if tag != sent:
+                        sent = tag
+                        data = json.dumps(document(job), ensure_ascii=False)
+                        yield f"event: job\nid: {tag}\ndata: {data}\n\n"
+                    if job.state.terminal:
+                        yield "event: end\ndata: {}\n\n"
+                        return
+                    try:
+                        await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def stats(request: Request) -> Response:
+        found = {entry.task: entry for entry in await store.task_stats()}
+        names = sorted(set(found) | {task.name for task in registry})
+        return JSONDocument(
+            {"tasks": [stats_document(name, found.get(name), registry) for name in names]}
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        assert metrics is not None
+        body = metrics.render(scheduler.view(), await store.state_counts())
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     async def list_tasks(request: Request) -> Response:
         return JSONDocument({"tasks": [task.describe() for task in registry]})
@@ -229,7 +320,7 @@ def create_app(
         await store.active_counts()
         return JSONDocument({"status": "ok", "version": __version__})
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/jobs", submit_job, methods=["POST"]),
         Route("/api/v1/jobs", list_jobs, methods=["GET"]),
@@ -239,6 +330,14 @@ def create_app(
         Route("/api/v1/tasks", list_tasks, methods=["GET"]),
         Route("/api/v1/system", system, methods=["GET"]),
     ]
+    # Issue 7: long polling's stream twin, statistics, metrics and the web page.
+    routes += [
+        Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/api/v1/stats", stats, methods=["GET"]),
+    ]
+    if metrics is not None:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    routes += dashboard.routes()
     routes += [
         Route(path, tutorial_route(task), methods=["POST"])
         for path, task in registry.by_route().items()
@@ -275,6 +374,70 @@ def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
         "exit_code": job.exit_code,
         "peak_rss": job.peak_rss,
         "cpu_seconds": job.cpu_seconds,
+    }
+
+
+def job_version(job: Job) -> str:
+    """A short tag that changes whenever the job document does (state, progress, flags,
+    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event.
+    Sent as the ETag; a long-polling client sends it back in If-None-Match."""
+    fields = job_document(job, None)
+    digest = hashlib.blake2b(
+        json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8
+    ).hexdigest()
+    return f'"{digest}"'
+
+
+def _poll_headers(job: Job) -> dict[str, str]:
+    """ETag always; Retry-After (seconds) while the job is not finished: when a queued
+    retry is due, else 1."""
+    headers = {"ETag": job_version(job)}
+    if not job.state.terminal:
+        delay = 1
+        if job.run_after is not None:
+            due = (job.run_after - utcnow()).total_seconds()
+            delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
+        headers["Retry-After"] = str(delay)
+    return headers
+
+
+def _wait_seconds(request: Request) -> float | None:
+    text = request.query_params.get("wait")
+    if text is None:
+        return None
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_SECONDS:  # also rejects nan
+        raise ValidationError(
+            "invalid query",
+            [
+                {
+                    "field": "wait",
+                    "message": f"expected a number of seconds from 0 to {MAX_WAIT_SECONDS}",
+                }
+            ],
+        )
+    return wait
+
+
+def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> dict[str, Any]:
+    """One task's entry in ``GET /api/v1/stats``."""
+    task = registry.get(name) if name in registry else None
+    return {
+        "task": name,
+        "registered": task is not None,
+        "count": stats.count if stats else 0,
+        "states": stats.states if stats else {state.value: 0 for state in JobState},
+        "success_rate": stats.success_rate if stats else None,
+        "duration_p50": stats.duration_p50 if stats else None,
+        "duration_p95": stats.duration_p95 if stats else None,
+        "peak_rss_p95": stats.peak_rss_p95 if stats else None,
+        "peak_rss_max": stats.peak_rss_max if stats else None,
+        "samples": stats.samples if stats else 0,
+        "memory_request": task.settings.memory if task else None,
+        "cpus_request": task.settings.cpus if task else None,
     }
 
 

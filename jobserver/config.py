@@ -115,6 +115,7 @@ def format_size(n: int) -> str:
 # --- the settings ----------------------------------------------------------------------
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS = ("text", "json")
 # Paths the API serves itself; a task's extra route may not shadow them.
 RESERVED_ROUTES = (
     "/api/v1/jobs",
@@ -122,6 +123,10 @@ RESERVED_ROUTES = (
     "/api/v1/system",
     "/api/v1/task-status",
     "/healthz",
+    "/",  # the web page
+    "/static",  # the web page's files
+    "/metrics",
+    "/api/v1/stats",
 )
 _TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
@@ -135,6 +140,7 @@ class ServerSettings:
     max_body_size: int = 1 * _MIB
     access_log: bool = True
     log_level: str = "info"
+    log_format: str = "text"  # "text" (human-readable lines) or "json" (one object per line)
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,7 @@ def _server(table: _Table, base: Path) -> ServerSettings:
         max_body_size=table.get("max_body_size", _positive(parse_size), default.max_body_size),
         access_log=table.get("access_log", _boolean, default.access_log),
         log_level=table.get("log_level", _choice(LOG_LEVELS), default.log_level),
+        log_format=table.get("log_format", _choice(LOG_FORMATS), default.log_format),
     )
 
 

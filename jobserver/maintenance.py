@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
@@ -23,8 +24,11 @@ from jobserver.store import Finish, Store
 log = logging.getLogger("jobserver.maintenance")
 
 
-async def rescue_interrupted(store: Store, max_rescues: int, now: datetime) -> list[Job]:
+async def rescue_interrupted(
+    store: Store, max_rescues: int, now: datetime, events: Events | None = None
+) -> list[Job]:
     """Requeue (or fail as lost) every job a dead server left running; returns them."""
+    events = events or Events()
     rescued = []
     for job in await store.in_state(JobState.RUNNING):
         kill_leftovers(job)
@@ -37,16 +41,15 @@ async def rescue_interrupted(store: Store, max_rescues: int, now: datetime) -> l
             updated = await store.finish(
                 job.id, Finish(JobState.FAILED, error=error, reason="lost"), now
             )
-            log.warning("job %s: running -> failed (lost after %d rescues)", job.id, job.rescues)
+            reason = f"lost after {job.rescues} rescues"
         else:
-            updated = await store.requeue(
-                job.id,
-                reason=f"requeued after the server stopped while it ran "
-                f"(rescue {job.rescues + 1} of {max_rescues})",
-                rescued=True,
+            reason = (
+                f"requeued after the server stopped while it ran "
+                f"(rescue {job.rescues + 1} of {max_rescues})"
             )
-            log.warning("job %s: running -> queued (rescued after a server crash)", job.id)
+            updated = await store.requeue(job.id, reason=reason, rescued=True)
         if updated is not None:
+            events.transition(updated, JobState.RUNNING, reason=reason)
             rescued.append(updated)
     return rescued
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jobserver.config import SchedulerSettings
+from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner
@@ -239,6 +240,8 @@ QUEUE_HEAD_SIZE = 200
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
+# PSI "some avg10" (percent) at or above which the machine counts as under pressure.
+PRESSURE_THRESHOLD = 10.0
 
 
 def retry_delay(failures: int, jitter: float) -> float:
@@ -284,6 +287,7 @@ class Scheduler:
         settings: SchedulerSettings,
         jobs_dir: Path,
         clock: Callable[[], datetime] = utcnow,
+        events: Events | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -308,6 +312,8 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._tick_lock = asyncio.Lock()
+        self._events = events or Events()
+        self._under_pressure: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -405,16 +411,17 @@ class Scheduler:
         queued: list[QueuedJob] = []
         for job in head:
             if job.task not in self._registry:
-                await self._store.fail_unstarted(
-                    job.id,
-                    JobError("UnknownTask", f"task {job.task!r} is no longer in the config"),
-                    now,
-                )
+                error = JobError("UnknownTask", f"task {job.task!r} is no longer in the config")
+                failed = await self._store.fail_unstarted(job.id, error, now)
+                if failed is not None:
+                    self._events.transition(failed, JobState.QUEUED, reason=error.message)
                 continue
             request = _request(self._registry.get(job.task))
             queued.append(QueuedJob(job.id, job.task, job.priority, request))
         snapshot = self._probe.snapshot()
         decision = plan(queued, self._running_jobs(), snapshot, self._limits)
+        self._record_pressure(snapshot)
+        self._record_holds(decision.waiting)
         self._last_snapshot, self._last_plan = snapshot, decision
         self._waiting = dict(decision.waiting)
         self._head = [job.id for job in queued]
@@ -425,6 +432,14 @@ class Scheduler:
         job = await self._store.claim(job_id, now)
         if job is None:  # cancelled between the read and the claim
             return
+        queued_since = max(job.created_at, job.run_after or job.created_at)
+        self._events.transition(
+            job,
+            JobState.QUEUED,
+            reason=f"attempt {job.attempts}",
+            duration=(now - queued_since).total_seconds(),
+        )
+        self._events.recorder.admission(job.task)
         task = self._registry.get(job.task)
         spec = LaunchSpec(
             job.id, job.attempts, task.settings.function, job.args, self.job_dir(job.id)
@@ -432,23 +447,17 @@ class Scheduler:
         try:
             handle = self._runner.start(spec)
         except OSError as exc:
-            await self._store.finish(
-                job.id,
-                Finish(JobState.FAILED, error=JobError("SpawnFailed", f"could not start: {exc}")),
-                self._clock(),
+            error = JobError("SpawnFailed", f"could not start: {exc}")
+            failed = await self._store.finish(
+                job.id, Finish(JobState.FAILED, error=error, reason=error.type), self._clock()
             )
+            if failed is not None:
+                self._events.transition(failed, JobState.RUNNING, reason=error.message)
             return
         attempt = _Attempt(job, handle, _request(task), task.settings.timeout, monotonic)
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
-        log.info(
-            "job %s (%s): queued -> running, attempt %d, pid %d",
-            job.id,
-            job.task,
-            job.attempts,
-            handle.pid,
-        )
         await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
 
     async def _watch(self, attempt: _Attempt) -> None:
@@ -479,23 +488,27 @@ class Scheduler:
         error = outcome.error
         if attempt.stop_reason == "timeout" and attempt.timeout is not None:
             error = JobError("Timeout", f"timed out after {attempt.timeout:g} s")
+        updated: Job | None
         if error is None:
-            target, reason = JobState.SUCCEEDED, None
-            await self._store.finish(job.id, finish(target, result=outcome.result), now)
+            reason = None
+            updated = await self._store.finish(
+                job.id, finish(JobState.SUCCEEDED, result=outcome.result), now
+            )
         elif attempt.stop_reason == "shutdown":
-            target, reason = JobState.QUEUED, "requeued: the server shut down while it ran"
-            await self._store.requeue(job.id, reason=reason)
+            reason = "requeued: the server shut down while it ran"
+            updated = await self._store.requeue(job.id, reason=reason)
         elif attempt.stop_reason == "cancel":
-            target, reason = JobState.CANCELLED, "cancelled by request while running"
-            await self._store.finish(job.id, finish(target, reason=reason), now)
+            reason = "cancelled by request while running"
+            updated = await self._store.finish(
+                job.id, finish(JobState.CANCELLED, reason=reason), now
+            )
         elif job.failures < job.max_retries:
             delay = retry_delay(job.failures + 1, random.random())
-            target = JobState.QUEUED
             reason = (
                 f"attempt {job.attempts} failed ({error.message}); "
                 f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s"
             )
-            await self._store.requeue(
+            updated = await self._store.requeue(
                 job.id,
                 reason=reason,
                 run_after=now + timedelta(seconds=delay),
@@ -503,16 +516,30 @@ class Scheduler:
                 failed=True,
             )
         else:
-            target, reason = JobState.FAILED, error.message
-            await self._store.finish(job.id, finish(target, error=error, reason=error.type), now)
-        log.info(
-            "job %s (%s): running -> %s after %.3f s%s",
-            job.id,
-            job.task,
-            target.value,
-            duration,
-            f": {reason}" if reason else "",
-        )
+            reason = error.message
+            updated = await self._store.finish(
+                job.id, finish(JobState.FAILED, error=error, reason=error.type), now
+            )
+        if updated is not None:
+            self._events.transition(updated, JobState.RUNNING, reason=reason, duration=duration)
+
+    def _record_holds(self, waiting: Mapping[str, str]) -> None:
+        """Count each queued job once per new hold kind (not once per tick)."""
+        for job_id, reason in waiting.items():
+            kind = hold_kind(reason)
+            previous = self._waiting.get(job_id)
+            if previous is None or hold_kind(previous) != kind:
+                self._events.recorder.hold(kind)
+
+    def _record_pressure(self, snapshot: Snapshot) -> None:
+        """Count each time memory or CPU pressure rises to ``PRESSURE_THRESHOLD``."""
+        readings = (("memory", snapshot.memory_pressure), ("cpu", snapshot.cpu_pressure))
+        for resource, value in readings:
+            if value is None or value < PRESSURE_THRESHOLD:
+                self._under_pressure.discard(resource)
+            elif resource not in self._under_pressure:
+                self._under_pressure.add(resource)
+                self._events.recorder.pressure_event(resource)
 
     # -- what the API shows ------------------------------------------------------
 
@@ -575,6 +602,20 @@ class Scheduler:
             RunningJob(a.job.id, a.job.task, a.request, a.memory_used, a.cpus_used)
             for a in self._running.values()
         ]
+
+
+def hold_kind(reason: str) -> str:
+    """A waiting reason's kind, for metric labels: never_fits, max_jobs, memory or cpu
+    (the first that applies, in that order)."""
+    if "can never start" in reason:
+        return "never_fits"
+    if reason.startswith("max_jobs limit"):
+        return "max_jobs"
+    if reason.startswith("waiting for memory"):
+        return "memory"
+    if reason.startswith("waiting for CPU"):
+        return "cpu"
+    return "other"
 
 
 def _request(task: Task) -> Request:

@@ -19,8 +19,10 @@ from starlette.applications import Starlette
 
 from jobserver.api import create_app
 from jobserver.config import Settings
+from jobserver.events import Events, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import rescue_interrupted
+from jobserver.metrics import Metrics
 from jobserver.resources import MachineProbe, Probe
 from jobserver.runner import Runner
 from jobserver.scheduler import Scheduler
@@ -35,12 +37,16 @@ class Application:
     app: Starlette
     store: Store
     scheduler: Scheduler
+    events: Events
+    metrics: Metrics
 
 
 def build(settings: Settings, probe: Probe | None = None) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe)."""
     registry = Registry.load(settings.tasks, settings.task_paths)
     store = Store.open(settings.server.database)
+    metrics = Metrics()
+    events = Events(metrics)
     scheduler = Scheduler(
         store=store,
         runner=Runner(settings.task_paths, os.environ),
@@ -48,11 +54,12 @@ def build(settings: Settings, probe: Probe | None = None) -> Application:
         registry=registry,
         settings=settings.scheduler,
         jobs_dir=settings.server.jobs_dir,
+        events=events,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow())
+        rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow(), events)
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
         await scheduler.start()
@@ -68,16 +75,15 @@ def build(settings: Settings, probe: Probe | None = None) -> Application:
         scheduler=scheduler,
         max_body_size=settings.server.max_body_size,
         lifespan=lifespan,
+        events=events,
+        metrics=metrics,
     )
-    return Application(app, store, scheduler)
+    return Application(app, store, scheduler, events, metrics)
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     lock = DatabaseLock(settings.server.database)
     lock.acquire()
     try:
@@ -89,6 +95,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             port=settings.server.port if port is None else port,
             access_log=settings.server.access_log,
             log_level=settings.server.log_level,
+            # JSON logs: uvicorn's records go through our root handler instead of its own.
+            log_config=None
+            if settings.server.log_format == "json"
+            else uvicorn.config.LOGGING_CONFIG,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )

@@ -20,9 +20,13 @@ ALLOWED = {
     "runner": {"errors", "jobs"},
     "child": set(),
     "demo": set(),
-    "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner"},
-    "maintenance": {"errors", "jobs", "store", "resources", "runner"},
-    "api": {"errors", "jobs", "store", "tasks", "__init__"},
+    "events": {"jobs"},
+    "metrics": {"events", "jobs"},
+    "dashboard": set(),
+    "client": {"errors"},
+    "scheduler": {"errors", "jobs", "config", "tasks", "store", "resources", "runner", "events"},
+    "maintenance": {"errors", "jobs", "store", "resources", "runner", "events"},
+    "api": {"errors", "jobs", "store", "tasks", "__init__", "events", "metrics", "dashboard"},
     "server": {
         "errors",
         "jobs",
@@ -34,8 +38,10 @@ ALLOWED = {
         "scheduler",
         "maintenance",
         "api",
+        "events",
+        "metrics",
     },
-    "cli": {"errors", "config", "server", "store", "__init__"},
+    "cli": {"errors", "config", "server", "store", "__init__", "client"},
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -48,6 +54,10 @@ FORBIDDEN = {
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
+    "events": {"sqlalchemy", "starlette", "psutil", "subprocess"},
+    "metrics": {"sqlalchemy", "starlette", "psutil", "subprocess"},
+    "dashboard": {"sqlalchemy", "psutil", "subprocess"},
+    "client": {"sqlalchemy", "starlette", "psutil", "subprocess", "uvicorn"},
 }
 
 
