@@ -346,7 +346,9 @@ class Scheduler:
         self._wakeup.set()
 
     async def _loop(self) -> None:
-        while True:
+        # Not `while True`: on Python 3.11 asyncio.wait_for swallows a cancel that arrives
+        # as the wake-up event fires (CPython gh-86296), and stop() would wait forever.
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval)
             self._wakeup.clear()
