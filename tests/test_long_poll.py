@@ -17,6 +17,7 @@ from sqlalchemy import event
 from tests.conftest import Harness, ServerProcess, write_config
 from tests.test_api import assert_error
 
+
 async def submit(h: Harness, task: str, **args: Any) -> dict[str, Any]:
     response = await h.client.post("/api/v1/jobs", json={"task": task, "args": args})
     assert response.status_code == 202, response.text
