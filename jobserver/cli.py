@@ -395,7 +395,7 @@ def _show_job(args: argparse.Namespace) -> int:
         extra["progress"] = ProgressBar.describe(progress)
     for name, value in extra.items():
         if value not in (None, "-"):
-            print(f"{name + ':':<16} {value}")
+            print(f"{name + ':':<15} {value}")
     error = job.get("error") or {}
     if error.get("traceback"):
         print("traceback:")

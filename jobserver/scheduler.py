@@ -559,8 +559,8 @@ class Scheduler:
             return reason
         if self._stopping:
             return "the server is shutting down"
-        if job.id in self._head or self._last_plan is None:
-            return "waiting for the scheduler's next tick"
+        if job.id in self._head or self._last_plan is None or len(self._head) < QUEUE_HEAD_SIZE:
+            return "waiting for the scheduler's next tick"  # submitted since the last tick
         return f"in the queue behind the first {QUEUE_HEAD_SIZE} jobs"
 
     def view(self) -> dict[str, Any]:

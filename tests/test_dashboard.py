@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from jobserver import dashboard
-from tests.conftest import ServerProcess, write_config
+from tests.conftest import ARTIFACTS, ServerProcess, write_config
 
 STATIC = Path(dashboard.__file__).parent / dashboard.STATIC_DIR
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -240,6 +240,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     for path in (laptop, cancelled, phone):
         assert path.stat().st_size > 10_000
         print(f"screenshot: {path}")
+        ARTIFACTS.append(path)
 
 
 @pytest.mark.integration
