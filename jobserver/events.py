@@ -138,14 +138,6 @@ class Events:
                     del self._waiters[job_id]
             waiter.cancel()
 
-    def close(self) -> None:
-        """Wake every waiting reader (the server is stopping)."""
-        for job_id in list(self._waiters):
-            self.changed(job_id)
-
-    def waiting_readers(self) -> int:
-        return sum(len(waiters) for waiters in self._waiters.values())
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and for a job transition

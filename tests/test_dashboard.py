@@ -8,6 +8,7 @@ installed (``.ci/run`` installs both).  It saves screenshots under ``$JOBSERVER_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -245,7 +246,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
 
 @pytest.mark.integration
 @pytest.mark.browser
-def test_the_page_sends_the_token_from_session_storage(
+def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
     browser: Any, make_server_with_recorder: Any
 ) -> None:
     """The token typed once is kept in sessionStorage and sent as a Bearer header."""
@@ -253,6 +254,24 @@ def test_the_page_sends_the_token_from_session_storage(
 
     url, seen = make_server_with_recorder
     browser.get(url + "/")
+    httpx.post(f"{url}/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 60}})
+    # A job that reports progress gets a bar, in the running list and in its detail.
+    label = _until(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#running .progress .label").text,
+        what="a progress bar in the running list",
+    )
+    assert label == "42% · step 42 of 100"
+    fill = browser.find_element(By.CSS_SELECTOR, "#running .progress .fill")
+    assert fill.get_attribute("style") == "width: 42%;"
+    browser.find_element(By.CSS_SELECTOR, "#running tbody tr").click()
+    _until(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, "#detail-progress .label").text
+            == "42% · step 42 of 100"
+        ),
+        what="the progress bar in the job's detail",
+    )
+    browser.find_element(By.ID, "detail-close").click()
     field = browser.find_element(By.ID, "token")
     field.send_keys("s3cret-token")
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
@@ -270,11 +289,25 @@ def test_the_page_sends_the_token_from_session_storage(
     assert "token" in banner
 
 
+PROGRESS = {"fraction": 0.42, "message": "step 42 of 100", "updated_at": "2026-11-26T00:00:00Z"}
+
+
+def _with_progress(body: bytes) -> bytes:
+    """Add ``PROGRESS`` to every running job in a job document or job list, as a server
+    with job progress reports it (``progress`` {fraction, message, updated_at})."""
+    document = json.loads(body)
+    for job in document.get("jobs", [document]):
+        if isinstance(job, dict) and job.get("state") == "running":
+            job["progress"] = PROGRESS
+    return json.dumps(document).encode()
+
+
 @pytest.fixture
 def make_server_with_recorder(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     """The real app in a real uvicorn server, behind a tiny ASGI gate that records each
     Authorization header and answers 401 to a wrong token, as an authenticating server
-    would (the server's own authentication is another piece of work)."""
+    would (the server's own authentication is another piece of work).  Job documents
+    for running jobs get a ``progress`` field, as a server with job progress sends."""
     import asyncio
     import threading
 
@@ -306,7 +339,26 @@ def make_server_with_recorder(tmp_path: Path) -> Iterator[tuple[str, list[str]]]
                 )
                 await send({"type": "http.response.body", "body": body})
                 return
-        await application.app(scope, receive, send)
+        if scope["type"] != "http" or not scope["path"].startswith("/api/v1/jobs"):
+            await application.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def buffer(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            rewritten = _with_progress(bytes(body)) if start["status"] < 300 else bytes(body)
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(rewritten)).encode()))
+            await send(start | {"headers": headers})
+            await send({"type": "http.response.body", "body": rewritten})
+
+        await application.app(scope, receive, buffer)
 
     port = free_port()
     server = uvicorn.Server(
