@@ -170,7 +170,9 @@ def create_app(
             raise ValidationError("invalid job submission", problems)
         assert isinstance(name, str)
         job = await submit(registry.get(name), body.get("args", {}), priority)
-        return JSONDocument(document(job), status_code=202, headers=_location(job))
+        return JSONDocument(
+            document(job), status_code=202, headers=_location(job) | _poll_headers(job)
+        )
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
@@ -178,7 +180,7 @@ def create_app(
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
                 status_code=202,
-                headers=_location(job),
+                headers=_location(job) | {"Retry-After": _poll_headers(job)["Retry-After"]},
             )
 
         return start

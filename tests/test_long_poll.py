@@ -148,6 +148,12 @@ async def test_unfinished_jobs_carry_retry_after(make_harness: Any, tmp_path: Pa
         ):
             response = await h.client.get(path)
             assert response.headers["retry-after"] == "1", path
+        submitted = await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 1}})
+        assert submitted.headers["retry-after"] == "1" and submitted.headers["etag"]
+        tutorial = await h.client.post(
+            "/api/v1/start-analysis", json={"dataset_id": "x", "complexity": 0}
+        )
+        assert tutorial.status_code == 202 and tutorial.headers["retry-after"] == "1"
         cancelled = await h.client.post(f"/api/v1/jobs/{first['id']}/cancel")
         assert cancelled.status_code == 202 and cancelled.headers["retry-after"] == "1"
 
