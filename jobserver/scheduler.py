@@ -435,12 +435,7 @@ class Scheduler:
         if job is None:  # cancelled between the read and the claim
             return
         queued_since = max(job.created_at, job.run_after or job.created_at)
-        self._events.transition(
-            job,
-            JobState.QUEUED,
-            reason=f"attempt {job.attempts}",
-            duration=(now - queued_since).total_seconds(),
-        )
+        waited = (now - queued_since).total_seconds()
         self._events.recorder.admission(job.task)
         task = self._registry.get(job.task)
         spec = LaunchSpec(
@@ -449,6 +444,9 @@ class Scheduler:
         try:
             handle = self._runner.start(spec)
         except OSError as exc:
+            self._events.transition(
+                job, JobState.QUEUED, reason=f"attempt {job.attempts}", duration=waited
+            )
             error = JobError("SpawnFailed", f"could not start: {exc}")
             failed = await self._store.finish(
                 job.id, Finish(JobState.FAILED, error=error, reason=error.type), self._clock()
@@ -460,6 +458,12 @@ class Scheduler:
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
+        self._events.transition(
+            job,
+            JobState.QUEUED,
+            reason=f"attempt {job.attempts}, pid {handle.pid}",
+            duration=waited,
+        )
         await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
 
     async def _watch(self, attempt: _Attempt) -> None:
