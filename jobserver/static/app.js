@@ -291,13 +291,29 @@ function renderDetail(job) {
     $("#detail-error").textContent = `${job.error.type}: ${job.error.message}` +
       (job.error.traceback ? `\n\n${job.error.traceback}` : "");
   }
-  const artifacts = Array.isArray(job.artifacts) ? job.artifacts : [];
+  if (Array.isArray(job.artifacts)) renderArtifacts(job.artifacts);
+  else if (TERMINAL.has(job.state)) loadArtifacts(job.id);
+  else renderArtifacts([]);
+}
+
+function renderArtifacts(artifacts) {
   $("#detail-artifacts-block").hidden = artifacts.length === 0;
   $("#detail-artifacts").replaceChildren(...artifacts.map((artifact) => {
     const name = typeof artifact === "string" ? artifact : artifact.name || artifact.path || "artifact";
     const link = artifact.url ? el("a", { href: artifact.url }, name) : name;
     return el("li", {}, link, artifact.size !== undefined ? ` (${size(artifact.size)})` : "");
   }));
+}
+
+async function loadArtifacts(jobId) {
+  // Servers that list artifacts apart from the job document: a list, or {"artifacts": [...]}.
+  try {
+    const { body } = await api(`/api/v1/jobs/${jobId}/artifacts`);
+    if (view.selected !== jobId) return;
+    renderArtifacts(Array.isArray(body) ? body : (body && body.artifacts) || []);
+  } catch (error) {
+    if (view.selected === jobId) renderArtifacts([]);
+  }
 }
 
 async function loadLog(jobId) {
