@@ -146,6 +146,7 @@ def _state(server: ServerProcess, job_id: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.browser
+@pytest.mark.timeout(300)
 def test_an_operator_cancels_a_running_job_from_the_page(
     browser: Any, server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -154,11 +155,12 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     server = server_factory(write_config(tmp_path, scheduler={"max_jobs": 2}))
     finished = _submit(server, "add", a=2, b=3)
     broken = _submit(server, "fail", message="disk on fire")
-    _until(lambda: _state(server, broken) == "failed", what="the failing job to fail")
+    # A real server measures this machine: on a busy one jobs may wait for CPU a while.
+    _until(lambda: _state(server, broken) == "failed", 120, "the failing job to fail")
     running = _submit(server, "sleep", seconds=60)
     _submit(server, "sleep", seconds=60)
     waiting = _submit(server, "sleep", seconds=60)  # max_jobs 2: it waits, with a reason
-    _until(lambda: _state(server, running) == "running", what="the job to run")
+    _until(lambda: _state(server, running) == "running", 120, "the job to run")
 
     browser.get(server.url + "/")
     row = f'#running tr[data-job-id="{running}"]'
@@ -175,6 +177,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     assert re.search(r"max_jobs|waiting for (CPU|memory)", reason), reason
     _until(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-job-id="{finished}"]'),
+        timeout=120,
         what="the finished job in the recent list",
     )
     gauge = browser.find_element(By.CSS_SELECTOR, "#gauge-memory .gauge-numbers").text

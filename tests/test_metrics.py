@@ -149,7 +149,7 @@ def test_a_server_with_log_format_json_logs_one_object_per_line(
     def finished() -> bool:
         return '"target": "succeeded"' in server.log()
 
-    wait_until(finished)
+    wait_until(finished, timeout=120)  # a real probe: a busy machine may delay the start
     server.stop()
     lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
     moves = [(d["source"], d["target"]) for d in lines if d.get("job_id") == job["id"]]
