@@ -205,7 +205,7 @@ def create_app(
                 tag = job_version(job)
                 baseline = baseline or tag
                 remaining = deadline - time.monotonic()
-                if tag != baseline or job.state.terminal or remaining <= 0:
+                if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
                     return job
                 try:
                     await asyncio.wait_for(changed, remaining)
@@ -286,6 +286,8 @@ def create_app(
                         yield f"event: job\nid: {tag}\ndata: {data}\n\n"
                     if job.state.terminal:
                         yield "event: end\ndata: {}\n\n"
+                        return
+                    if events.closing:  # the server stops; EventSource reconnects
                         return
                     try:
                         await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)

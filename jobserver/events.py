@@ -97,7 +97,9 @@ class Events:
 
     def __init__(self, recorder: Recorder | None = None) -> None:
         self.recorder: Recorder = recorder or NullRecorder()
+        self.closing = False  # the server is stopping: readers answer now, none waits
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def transition(
         self,
@@ -126,7 +128,8 @@ class Events:
     def subscription(self, job_id: str) -> Iterator[asyncio.Future[None]]:
         """A future resolved by the job's next change.  Subscribe *before* reading the job,
         so that a change between the read and the wait is not missed."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiters.setdefault(job_id, set()).add(waiter)
         try:
             yield waiter
@@ -137,6 +140,18 @@ class Events:
                 if not waiters:
                     del self._waiters[job_id]
             waiter.cancel()
+
+    def close(self) -> None:
+        """The server is stopping: wake every waiting reader now (they answer with the job
+        as it is) and let none wait from now on.  Safe in a signal handler."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for job_id in list(self._waiters):
+            self.changed(job_id)
 
 
 class JsonFormatter(logging.Formatter):

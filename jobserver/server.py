@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -81,6 +82,19 @@ def build(settings: Settings, probe: Probe | None = None) -> Application:
     return Application(app, store, scheduler, events, metrics)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling waiting readers (long polls, event streams) to answer at
+    once when a stop signal comes, so shutdown does not wait for them."""
+
+    def __init__(self, config: uvicorn.Config, events: Events) -> None:
+        super().__init__(config)
+        self._events = events
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._events.close()
+        super().handle_exit(sig, frame)
+
+
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     configure_logging(settings.server.log_level, settings.server.log_format)
@@ -102,7 +116,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        server = uvicorn.Server(config)
+        server = _Server(config, application.events)
         # uvicorn re-raises the signal that stopped it once it has shut down; our own
         # no-op handlers make that a clean exit 0 instead of a death by signal.
         for signum in (signal.SIGINT, signal.SIGTERM):

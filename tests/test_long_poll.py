@@ -210,3 +210,44 @@ def test_server_sent_events_follow_a_job_to_its_end(
     assert states[-1] == "succeeded"
     assert "running" in states
     assert names[-1] == "end"
+
+
+@pytest.mark.integration
+def test_stopping_the_server_answers_waiting_readers_at_once(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    import threading
+
+    server = server_factory(write_config(tmp_path))
+    job = httpx.post(
+        f"{server.url}/api/v1/jobs",
+        json={"task": "wait_for_file", "args": {"path": str(tmp_path / "never")}},
+        timeout=10,
+    ).json()
+    answers: list[tuple[int, str]] = []
+    streams: list[str] = []
+
+    def poll() -> None:
+        response = httpx.get(f"{server.url}/api/v1/jobs/{job['id']}?wait=60", timeout=70)
+        answers.append((response.status_code, response.json()["state"]))
+
+    def stream() -> None:
+        url = f"{server.url}/api/v1/jobs/{job['id']}/events"
+        with httpx.stream("GET", url, timeout=70) as response:
+            streams.extend(response.iter_lines())
+
+    readers = [threading.Thread(target=poll), threading.Thread(target=stream)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 10
+    while not any(line.startswith("event: job") for line in streams):
+        assert time.monotonic() < deadline, "the event stream never started"
+        time.sleep(0.05)
+    time.sleep(0.3)  # the long poll is waiting too
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 4  # not uvicorn's 5 s grace for open requests
+    for reader in readers:
+        reader.join(timeout=10)
+    assert answers and answers[0][0] == 200 and answers[0][1] in ("queued", "running")
+    assert "Traceback" not in server.log()
