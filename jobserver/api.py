@@ -20,6 +20,7 @@ import math
 import mimetypes
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from jobserver import __version__
+from jobserver import __version__, dashboard
 from jobserver.access import principal_of
 from jobserver.errors import (
     ConfigError,
@@ -44,6 +45,7 @@ from jobserver.errors import (
     StorageUnavailable,
     ValidationError,
 )
+from jobserver.events import Events
 from jobserver.jobs import (
     ARTIFACTS_DIR_NAME,
     CELERY_STATUS,
@@ -54,7 +56,9 @@ from jobserver.jobs import (
     new_job_id,
     utcnow,
 )
-from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, dump_json
+from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from jobserver.metrics import Metrics
+from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, TaskStats, dump_json
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
@@ -78,6 +82,8 @@ MAX_TAIL = 100_000
 IDEMPOTENCY_HEADER = "idempotency-key"
 ANONYMOUS_SCOPE = "anonymous"  # the client scope of Idempotency-Keys until auth exists
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
+MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
+SSE_KEEPALIVE_SECONDS = 15
 
 
 class SchedulerPort(Protocol):
@@ -160,8 +166,11 @@ def create_app(
     limits: InputLimits | None = None,
     openapi: Mapping[str, Any] | None = None,
     reconfigure: Reconfigure | None = None,
+    events: Events | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
     limits = limits or InputLimits()
+    events = events or Events()
 
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
@@ -265,7 +274,7 @@ def create_app(
         job, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
         if created:
             scheduler.wake()
-            log.info("job %s (%s): submitted -> %s", job.id, job.task, job.state.value)
+            events.transition(job, None)
         return job, created
 
     def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
@@ -329,7 +338,9 @@ def create_app(
             request, registry.get(name), body.get("args", {}), priority, options, body
         )
         return JSONDocument(
-            document(job), status_code=202 if created else 200, headers=_location(job)
+            document(job),
+            status_code=202 if created else 200,
+            headers=_location(job) | _poll_headers(job),
         )
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
@@ -339,14 +350,40 @@ def create_app(
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
                 status_code=202 if created else 200,
-                headers=_location(job),
+                headers=_location(job) | {"Retry-After": _poll_headers(job)["Retry-After"]},
             )
 
         return start
 
     async def get_job(request: Request) -> Response:
-        job = await store.get(request.path_params["job_id"], owner=_owner(request))
-        return JSONDocument(document(job))
+        job_id = request.path_params["job_id"]
+        wait = _wait_seconds(request)
+        if wait is None:
+            job = await store.get(job_id, owner=_owner(request))
+        else:
+            job = await long_poll(
+                job_id, request.headers.get("if-none-match"), wait, _owner(request)
+            )
+        return JSONDocument(document(job), headers=_poll_headers(job))
+
+    async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
+        """The job as soon as its version differs from ``baseline`` (the client's
+        If-None-Match, else the version when the request came), when it is finished, or
+        after ``wait`` seconds.  Reads the row only when the job's events say it changed."""
+        deadline = time.monotonic() + wait
+        while True:
+            with events.subscription(job_id) as changed:
+                # After subscribing: no change is missed.
+                job = await store.get(job_id, owner=owner)
+                tag = job_version(job)
+                baseline = baseline or tag
+                remaining = deadline - time.monotonic()
+                if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
+                    return job
+                try:
+                    await asyncio.wait_for(changed, remaining)
+                except TimeoutError:
+                    return job
 
     async def list_jobs(request: Request) -> Response:
         params = request.query_params
@@ -389,13 +426,72 @@ def create_app(
             request.path_params["job_id"], utcnow(), owner=_owner(request)
         )
         scheduler.wake()
-        log.info("job %s: cancel requested (%s)", job.id, job.state.value)
+        if job.state is JobState.CANCELLED:
+            events.transition(job, JobState.QUEUED, reason=job.reason)
+        else:
+            events.changed(job.id)
+            log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
         job = await store.get(job.id)  # with its history and dependencies
-        return JSONDocument(document(job), status_code=200 if job.state.terminal else 202)
+        return JSONDocument(
+            document(job),
+            status_code=200 if job.state.terminal else 202,
+            headers=_poll_headers(job),
+        )
 
     async def task_status(request: Request) -> Response:
         job = await store.get(request.path_params["task_id"], owner=_owner(request))
-        return JSONDocument(celery_document(job, scheduler.waiting_reason(job, utcnow())))
+        return JSONDocument(
+            celery_document(job, scheduler.waiting_reason(job, utcnow())),
+            headers=_poll_headers(job),
+        )
+
+    async def job_events(request: Request) -> Response:
+        """Server-Sent Events: the job document now and at every change, then ``end``."""
+        job_id = request.path_params["job_id"]
+        owner = _owner(request)
+        await store.get(job_id, owner=owner)  # a 404 before the stream starts
+
+        async def stream() -> Any:
+            yield "retry: 2000\n\n"
+            sent = None
+            while True:
+                with events.subscription(job_id) as changed:
+                    try:
+                        job = await store.get(job_id, owner=owner)
+                    except NotFound:
+                        return
+                    tag = job_version(job)
+                    if tag != sent:
+                        sent = tag
+                        data = json.dumps(document(job), ensure_ascii=False)
+                        yield f"event: job\nid: {tag}\ndata: {data}\n\n"
+                    if job.state.terminal:
+                        yield "event: end\ndata: {}\n\n"
+                        return
+                    if events.closing:  # the server stops; EventSource reconnects
+                        return
+                    try:
+                        await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def stats(request: Request) -> Response:
+        found = {entry.task: entry for entry in await store.task_stats()}
+        names = sorted(set(found) | {task.name for task in registry})
+        return JSONDocument(
+            {"tasks": [stats_document(name, found.get(name), registry) for name in names]}
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        assert metrics is not None
+        body = metrics.render(scheduler.view(), await store.state_counts())
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     async def list_tasks(request: Request) -> Response:
         figures = await scheduler.task_figures()
@@ -423,9 +519,11 @@ def create_app(
         return jobs_dir.joinpath(job_id, *parts)
 
     async def retry_job(request: Request) -> Response:
-        job = await store.retry(request.path_params["job_id"], utcnow(), owner=_owner(request))
+        job_id, owner = request.path_params["job_id"], _owner(request)
+        before = await store.get(job_id, owner=owner)
+        job = await store.retry(job_id, utcnow(), owner=owner)
         scheduler.wake()
-        log.info("job %s: retried by request -> queued", job.id)
+        events.transition(job, before.state, reason=job.reason)
         return JSONDocument(document(job), status_code=202, headers=_location(job))
 
     async def job_logs(request: Request) -> Response:
@@ -499,7 +597,7 @@ def create_app(
             },
         )
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/jobs", submit_job, methods=["POST"]),
         Route("/api/v1/jobs", list_jobs, methods=["GET"]),
@@ -529,6 +627,14 @@ def create_app(
         return JSONDocument({"changed": changed, "system": view})
 
     routes.append(Route("/api/v1/system", change_system, methods=["PATCH"]))
+    # Issue 7: long polling's stream twin, statistics, metrics and the web page.
+    routes += [
+        Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/api/v1/stats", stats, methods=["GET"]),
+    ]
+    if metrics is not None:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    routes += dashboard.routes()
     routes += [
         Route(path, tutorial_route(task), methods=["POST"])
         for path, task in registry.by_route().items()
@@ -727,6 +833,70 @@ async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         os.close(fd)
+
+
+def job_version(job: Job) -> str:
+    """A short tag that changes whenever the job document does (state, progress, flags,
+    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event.
+    Sent as the ETag; a long-polling client sends it back in If-None-Match."""
+    fields = job_document(job, None)
+    digest = hashlib.blake2b(
+        json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8
+    ).hexdigest()
+    return f'"{digest}"'
+
+
+def _poll_headers(job: Job) -> dict[str, str]:
+    """ETag always; Retry-After (seconds) while the job is not finished: when a queued
+    retry is due, else 1."""
+    headers = {"ETag": job_version(job)}
+    if not job.state.terminal:
+        delay = 1
+        if job.run_after is not None:
+            due = (job.run_after - utcnow()).total_seconds()
+            delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
+        headers["Retry-After"] = str(delay)
+    return headers
+
+
+def _wait_seconds(request: Request) -> float | None:
+    text = request.query_params.get("wait")
+    if text is None:
+        return None
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_SECONDS:  # also rejects nan
+        raise ValidationError(
+            "invalid query",
+            [
+                {
+                    "field": "wait",
+                    "message": f"expected a number of seconds from 0 to {MAX_WAIT_SECONDS}",
+                }
+            ],
+        )
+    return wait
+
+
+def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> dict[str, Any]:
+    """One task's entry in ``GET /api/v1/stats``."""
+    task = registry.get(name) if name in registry else None
+    return {
+        "task": name,
+        "registered": task is not None,
+        "count": stats.count if stats else 0,
+        "states": stats.states if stats else {state.value: 0 for state in JobState},
+        "success_rate": stats.success_rate if stats else None,
+        "duration_p50": stats.duration_p50 if stats else None,
+        "duration_p95": stats.duration_p95 if stats else None,
+        "peak_rss_p95": stats.peak_rss_p95 if stats else None,
+        "peak_rss_max": stats.peak_rss_max if stats else None,
+        "samples": stats.samples if stats else 0,
+        "memory_request": task.settings.memory if task else None,
+        "cpus_request": task.settings.cpus if task else None,
+    }
 
 
 def celery_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The ``jobserver`` command.
 
-``serve``, ``migrate``, ``prune`` and ``backup`` work on the local config and database,
-``init`` writes a starter config; the client commands (``submit``, ``status``, ``retry``,
-``logs``) speak HTTP to a running server like any other client.
+``serve``, ``migrate``, ``prune``, ``backup`` and ``token`` work on the local config and
+database, ``init`` writes a starter config; the client commands (``submit``, ``status``,
+``jobs``, ``show``, ``cancel``, ``retry``, ``logs``, ``stats``) speak HTTP to a running
+server like any other client, and never open the database.  They print tables for people
+and, with ``--json``, the server's JSON documents for scripts.
 
 Exit codes: 0 done (for ``--wait``: the job succeeded); 1 the job failed or was
 cancelled; 2 bad usage, bad config or a request the server rejected; 3 the server could
@@ -17,7 +19,6 @@ import os
 import platform
 import sqlite3
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 
 from jobserver import __version__
+from jobserver.client import Client, ClientError, Job, JobFailed
 from jobserver.errors import JobServerError
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -45,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CommandFailed as failure:
         print(f"jobserver: {failure}", file=sys.stderr)
         code = failure.exit_code
+    except ClientError as error:
+        print(f"jobserver: {_client_error_text(error)}", file=sys.stderr)
+        code = _client_error_exit(error)
     except JobServerError as error:
         print(f"jobserver: {error.message}", file=sys.stderr)
         code = EXIT_USAGE
@@ -171,6 +176,30 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(prune)
     prune.add_argument("--dry-run", action="store_true", help="only list what would go")
     prune.set_defaults(run=_prune)
+
+    # Issue 7: commands for admins and scripts.
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", help="only jobs in this state (queued, running, succeeded…)")
+    jobs.add_argument("--task", help="only jobs of this task")
+    jobs.add_argument("--limit", type=int, default=20, help="how many (1-1000, default 20)")
+    _client_options(jobs)
+    jobs.set_defaults(run=_jobs)
+
+    show = commands.add_parser("show", help="show one job in full (error traceback included)")
+    show.add_argument("job_id")
+    _client_options(show)
+    show.set_defaults(run=_show_job)
+
+    cancel = commands.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    _client_options(cancel)
+    cancel.set_defaults(run=_cancel)
+
+    stats = commands.add_parser(
+        "stats", help="per task: jobs, success rate, p50/p95 duration, peak memory"
+    )
+    _client_options(stats)
+    stats.set_defaults(run=_stats)
     return parser
 
 
@@ -390,13 +419,17 @@ def _submit(args: argparse.Namespace) -> int:
         _show(job, args.json)
         return EXIT_OK
     print(f"submitted {job['id']}; waiting…", file=sys.stderr)
-    last_state = job["state"]
-    while job["state"] not in TERMINAL:
-        time.sleep(0.5)
-        job = _request("GET", f"{base}/api/v1/jobs/{job['id']}")
-        if job["state"] != last_state:
-            last_state = job["state"]
-            print(f"{job['id']}: {last_state}", file=sys.stderr)
+    bar = ProgressBar(sys.stderr)
+    with _client(args) as client:
+        waiting = Job.from_document(client, job)
+        bar.update(waiting)
+        try:
+            waiting.wait(on_change=bar.update)
+        except JobFailed:
+            pass  # reported below, like a success, from the final document
+        finally:
+            bar.close()
+        job = waiting.document
     if args.json:
         print(json.dumps(job, indent=2, ensure_ascii=False))
     elif job["state"] == "succeeded":
@@ -534,6 +567,230 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
             f"{'attempt ' + str(entry['attempt']) + ':':<{width}} {entry['started_at']} "
             f"{entry.get('outcome') or 'running'}{detail}"
         )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    # The token variable is read here so that these commands work against a server that
+    # requires one; the CLI's token options belong to the authentication work.
+    return Client(args.url, token=os.environ.get("JOBSERVER_TOKEN") or None)
+
+
+def _client_error_text(error: ClientError) -> str:
+    message = error.message
+    if isinstance(error.details, list):
+        for problem in error.details:
+            if isinstance(problem, dict):
+                message += f"\n  {problem.get('field')}: {problem.get('message')}"
+    return message
+
+
+def _client_error_exit(error: ClientError) -> int:
+    if error.status == 404:
+        return EXIT_NOT_FOUND
+    if error.status is not None and 400 <= error.status < 500:
+        return EXIT_USAGE
+    return EXIT_SERVER
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, secs = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _size(value: int | None) -> str:
+    from jobserver.config import format_size
+
+    return "-" if value is None else format_size(value)
+
+
+def _elapsed(start: str | None, end: str | None) -> float | None:
+    from datetime import UTC, datetime
+
+    if start is None:
+        return None
+    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    finish = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else datetime.now(UTC)
+    return max(0.0, (finish - begin).total_seconds())
+
+
+def _shorten(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 1000:
+        raise CommandFailed(f"--limit {args.limit}: expected 1 to 1000", EXIT_USAGE)
+    with _client(args) as client:
+        found = client.jobs(state=args.state, task=args.task, limit=args.limit)
+    if args.json:
+        _print_json([job.document for job in found])
+        return EXIT_OK
+    if not found:
+        print("no jobs", file=sys.stderr)
+        return EXIT_OK
+    rows = []
+    for job in found:
+        d = job.document
+        took = _elapsed(d["started_at"], d["finished_at"])
+        note = d.get("waiting_reason") or (d["error"] or {}).get("message") or d.get("reason")
+        rows.append(
+            [
+                d["id"],
+                d["task"],
+                d["state"],
+                d["created_at"][:19].replace("T", " "),
+                format_seconds(took),
+                str(d["attempts"]),
+                _shorten(note),
+            ]
+        )
+    print(table(["ID", "TASK", "STATE", "CREATED (UTC)", "DURATION", "TRIES", "NOTE"], rows))
+    return EXIT_OK
+
+
+def _show_job(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id).document
+    if args.json:
+        _print_json(job)
+        return EXIT_OK
+    _show(job, False)
+    extra = {
+        "duration": format_seconds(_elapsed(job["started_at"], job["finished_at"])),
+        "peak memory": _size(job.get("peak_rss")),
+        "cpu time": format_seconds(job.get("cpu_seconds")),
+        "exit code": job.get("exit_code"),
+    }
+    progress = job.get("progress")
+    if progress:
+        extra["progress"] = ProgressBar.describe(progress)
+    for name, value in extra.items():
+        if value not in (None, "-"):
+            print(f"{name + ':':<15} {value}")
+    error = job.get("error") or {}
+    if error.get("traceback"):
+        print("traceback:")
+        print(error["traceback"].rstrip())
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id).cancel()
+    if args.json:
+        _print_json(job.document)
+    elif job.state == "cancelled":
+        print(f"{job.id}: cancelled")
+    else:
+        print(f"{job.id}: cancel requested; its process is being stopped")
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tasks = client.stats()
+    if args.json:
+        _print_json({"tasks": tasks})
+        return EXIT_OK
+    learned = any(entry.get("learned_memory") is not None for entry in tasks)
+    headers = ["TASK", "JOBS", "RUNNING", "QUEUED", "SUCCESS", "P50", "P95", "PEAK MEM p95"]
+    headers += ["LEARNED MEM"] if learned else []
+    headers += ["REQUEST"]
+    rows = []
+    for entry in tasks:
+        rate = entry["success_rate"]
+        row = [
+            entry["task"],
+            str(entry["count"]),
+            str(entry["states"]["running"]),
+            str(entry["states"]["queued"]),
+            "-" if rate is None else f"{rate * 100:.1f}%",
+            format_seconds(entry["duration_p50"]),
+            format_seconds(entry["duration_p95"]),
+            _size(entry["peak_rss_p95"]),
+        ]
+        row += [_size(entry.get("learned_memory"))] if learned else []
+        row += [_size(entry.get("memory_request"))]
+        rows.append(row)
+    print(table(headers, rows))
+    return EXIT_OK
+
+
+class ProgressBar:
+    """A live line on a terminal (redrawn in place), one line per change elsewhere."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._live = bool(getattr(stream, "isatty", lambda: False)())
+        self._last = ""
+
+    @staticmethod
+    def describe(progress: dict[str, Any]) -> str:
+        fraction = progress.get("fraction")
+        text = "" if fraction is None else f"{fraction * 100:3.0f}%"
+        if progress.get("message"):
+            text += f" {progress['message']}"
+        return text.strip()
+
+    def render(self, job: Job) -> str:
+        progress = job.progress
+        fraction = progress.get("fraction") if progress else None
+        if fraction is None and job.state == "succeeded":
+            fraction = 1.0
+        if fraction is None:
+            bar = "[" + " " * self.WIDTH + "]"
+        else:
+            filled = round(max(0.0, min(1.0, float(fraction))) * self.WIDTH)
+            bar = "[" + "#" * filled + "-" * (self.WIDTH - filled) + "]"
+        text = f"{job.id} {job.state:<9} {bar}"
+        if progress:
+            text += f" {self.describe(progress)}"
+        elif job.document.get("waiting_reason"):
+            text += f" {job.document['waiting_reason']}"
+        return text
+
+    def update(self, job: Job) -> None:
+        line = self.render(job)
+        if line == self._last:
+            return
+        self._last = line
+        if self._live:
+            self._stream.write("\r\x1b[2K" + line)
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._live and self._last:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def _path(text: str) -> Path:

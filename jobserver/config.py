@@ -122,6 +122,7 @@ def format_size(n: int) -> str:
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 DURABILITY = ("full", "normal")
 PRESSURE_ACTIONS = ("requeue", "pause", "none")
+LOG_FORMATS = ("text", "json")
 # Paths the API serves itself; a task's extra route may not shadow them.
 RESERVED_ROUTES = (
     "/api/v1/jobs",
@@ -130,6 +131,10 @@ RESERVED_ROUTES = (
     "/api/v1/task-status",
     "/healthz",
     "/openapi.json",
+    "/",  # the web page
+    "/static",  # the web page's files
+    "/metrics",
+    "/api/v1/stats",
 )
 # Types a command task's params may declare (see TaskSettings.params).
 COMMAND_PARAM_TYPES = ("str", "int", "float", "bool")
@@ -176,6 +181,7 @@ class ServerSettings:
     rlimit_nofile: int | None = None  # open files per job process
     rlimit_nproc: int | None = None  # processes for the job's user
     rlimit_core: int | None = None  # core dump size, bytes (0: no core dumps)
+    log_format: str = "text"  # "text" (human-readable lines) or "json" (one object per line)
 
 
 @dataclass(frozen=True)
@@ -360,6 +366,7 @@ def _server(table: _Table, base: Path) -> ServerSettings:
         rlimit_nofile=table.get("rlimit_nofile", _integer(0), default.rlimit_nofile),
         rlimit_nproc=table.get("rlimit_nproc", _integer(0), default.rlimit_nproc),
         rlimit_core=table.get("rlimit_core", parse_size, default.rlimit_core),
+        log_format=table.get("log_format", _choice(LOG_FORMATS), default.log_format),
     )
 
 

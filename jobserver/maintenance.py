@@ -28,6 +28,7 @@ from typing import Any
 
 from croniter import croniter
 
+from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
@@ -36,8 +37,11 @@ from jobserver.store import Checkpoint, Finish, NewJob, Store
 log = logging.getLogger("jobserver.maintenance")
 
 
-async def rescue_interrupted(store: Store, max_rescues: int, now: datetime) -> list[Job]:
+async def rescue_interrupted(
+    store: Store, max_rescues: int, now: datetime, events: Events | None = None
+) -> list[Job]:
     """Requeue (or fail as lost) every job a dead server left running; returns them."""
+    events = events or Events()
     rescued = []
     for job in await store.in_state(JobState.RUNNING):
         kill_leftovers(job)
@@ -50,16 +54,15 @@ async def rescue_interrupted(store: Store, max_rescues: int, now: datetime) -> l
             updated = await store.finish(
                 job.id, Finish(JobState.FAILED, error=error, reason="lost"), now
             )
-            log.warning("job %s: running -> failed (lost after %d rescues)", job.id, job.rescues)
+            reason = f"lost after {job.rescues} rescues"
         else:
-            updated = await store.requeue(
-                job.id,
-                reason=f"requeued after the server stopped while it ran "
-                f"(rescue {job.rescues + 1} of {max_rescues})",
-                rescued=True,
+            reason = (
+                f"requeued after the server stopped while it ran "
+                f"(rescue {job.rescues + 1} of {max_rescues})"
             )
-            log.warning("job %s: running -> queued (rescued after a server crash)", job.id)
+            updated = await store.requeue(job.id, reason=reason, rescued=True)
         if updated is not None:
+            events.transition(updated, JobState.RUNNING, reason=reason)
             rescued.append(updated)
     return rescued
 
@@ -230,12 +233,14 @@ class CronService(_Periodic):
         *,
         interval: float = 1.0,
         clock: Callable[[], datetime] = utcnow,
+        events: Events | None = None,
     ) -> None:
         super().__init__(clock)
         self._store = store
         self._schedules = dict(schedules)
         self._wake = wake
         self.interval = interval
+        self._events = events or Events()
 
     async def tick(self, now: datetime) -> list[Job]:
         """Fire what is due at ``now``; returns the jobs submitted."""
@@ -247,6 +252,7 @@ class CronService(_Periodic):
             job = await self._fire(schedule, slots.get(schedule.name), now)
             if job is not None:
                 fired.append(job)
+                self._events.transition(job, None, reason=f"schedule {schedule.name}")
         if fired:
             self._wake()
         return fired

@@ -180,6 +180,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
     },
     "System": {"type": "object"},
+    "Stats": {
+        "type": "object",
+        "required": ["tasks"],
+        "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
+    },
     "SystemChange": {
         "type": "object",
         "required": ["changed", "system"],
@@ -211,6 +216,8 @@ _BODY_ERRORS = (400, 413, 415, 422)
 # Responses that are not JSON: their media type stands where a schema name would.
 TEXT = "text/plain"
 BINARY = "application/octet-stream"
+HTML = "text/html"
+EVENTS = "text/event-stream"
 _GUARDED_ERRORS = (401, 403, 429, 503)
 
 
@@ -297,8 +304,31 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/api/v1/jobs/{job_id}",
         "read",
-        "Read one job",
-        {200: "Job", 404: None},
+        "Read one job; with ?wait=N, answer as soon as it changes (long polling)",
+        {200: "Job", 404: None, 422: None},
+        parameters=(
+            _JOB_ID,
+            {
+                "name": "wait",
+                "in": "query",
+                "description": "seconds to wait for a change (state, progress) before answering",
+                "schema": {"type": "number", "minimum": 0, "maximum": 60},
+            },
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "description": "the ETag of the document the client has: wait for another",
+                "schema": {"type": "string"},
+            },
+        ),
+        description="Carries an ETag, and Retry-After while the job is not finished.",
+    ),
+    Operation(
+        "GET",
+        "/api/v1/jobs/{job_id}/events",
+        "read",
+        "The job as Server-Sent Events: the document now and at every change, then 'end'",
+        {200: EVENTS, 404: None},
         parameters=(_JOB_ID,),
     ),
     Operation(
@@ -348,6 +378,31 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: "TaskStatus", 404: None},
         parameters=({**_JOB_ID, "name": "task_id"},),
         tags=("tutorial",),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/stats",
+        "read",
+        "Per task: jobs by state, success rate, p50/p95 duration, peak memory",
+        {200: "Stats"},
+        tags=("system",),
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        "read",
+        "Prometheus metrics (text exposition format), all named jobserver_*",
+        {200: TEXT},
+        tags=("system",),
+    ),
+    Operation(
+        "GET",
+        "/",
+        None,
+        "The web page: machine, queue, running and finished jobs (it asks for a token "
+        "when the server has some)",
+        {200: HTML},
+        tags=("system",),
     ),
     Operation(
         "GET",
@@ -439,7 +494,7 @@ def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
             if status == 202:
                 description = "accepted"
             content: dict[str, Any]
-            if ref in (TEXT, BINARY):
+            if ref in (TEXT, BINARY, HTML, EVENTS):
                 content = {ref: {"schema": {"type": "string", "format": "binary"}}}
             else:
                 content = {

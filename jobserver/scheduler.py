@@ -24,6 +24,7 @@ from typing import Any
 
 from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
+from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import Gpu, GpuProbe, Probe, Snapshot, process_start_time, tree_usage
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
@@ -520,6 +521,8 @@ _OVERLOAD = frozenset({FLOOR, MEMORY_PSI, CPU_PSI})
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
+# PSI "some avg10" (percent) at or above which the machine counts as under pressure.
+PRESSURE_THRESHOLD = 10.0
 
 
 def retry_delay(
@@ -582,6 +585,7 @@ class Scheduler:
         jobs_settings: JobsSettings | None = None,
         cgroups: JobCgroups | None = None,
         gpu_probe: GpuProbe | None = None,
+        events: Events | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -611,6 +615,8 @@ class Scheduler:
         self._tick_lock = asyncio.Lock()
         self._jobs_settings = jobs_settings or JobsSettings()
         self._hurry = False
+        self._events = events or Events()
+        self._under_pressure: set[str] = set()
 
     def _make_limits(self) -> Limits:
         s = self._settings
@@ -699,8 +705,9 @@ class Scheduler:
         self._wakeup.set()
 
     async def _loop(self) -> None:
+        # Not `while True`: on Python 3.11 asyncio.wait_for swallows a cancel that arrives
+        # as the wake-up event fires (CPython gh-86296), and stop() would wait forever.
         while not self._stopping:
-            # asyncio.timeout rather than wait_for: 3.11's wait_for can swallow a cancel.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.poll_interval):
                     await self._wakeup.wait()
@@ -800,11 +807,10 @@ class Scheduler:
         queued: list[QueuedJob] = []
         for job in head:
             if job.task not in self._registry:
-                await self._store.fail_unstarted(
-                    job.id,
-                    JobError("UnknownTask", f"task {job.task!r} is no longer in the config"),
-                    now,
-                )
+                error = JobError("UnknownTask", f"task {job.task!r} is no longer in the config")
+                failed = await self._store.fail_unstarted(job.id, error, now)
+                if failed is not None:
+                    self._events.transition(failed, JobState.QUEUED, reason=error.message)
                 continue
             request = self._request(self._registry.get(job.task))
             ready_since = max(job.created_at, job.run_after or job.created_at)
@@ -822,6 +828,8 @@ class Scheduler:
                 log.warning("admission stopped: %s", decision.overload)
             else:
                 log.info("admission resumed: the overload signals cleared")
+        self._record_pressure(snapshot)
+        self._record_holds(decision.waiting)
         self._last_snapshot, self._last_plan = snapshot, decision
         self._plan_state = decision.state
         self._waiting = dict(decision.waiting)
@@ -835,6 +843,9 @@ class Scheduler:
         job = await self._store.claim(job_id, now)
         if job is None:  # cancelled between the read and the claim
             return
+        queued_since = max(job.created_at, job.run_after or job.created_at)
+        waited = (now - queued_since).total_seconds()
+        self._events.recorder.admission(job.task)
         task = self._registry.get(job.task)
         limit = task.settings.memory_limit
         group = None
@@ -861,11 +872,15 @@ class Scheduler:
         except (OSError, ValueError) as exc:
             if group is not None:
                 group.remove()
-            await self._store.finish(
-                job.id,
-                Finish(JobState.FAILED, error=JobError("SpawnFailed", f"could not start: {exc}")),
-                self._clock(),
+            self._events.transition(
+                job, JobState.QUEUED, reason=f"attempt {job.attempts}", duration=waited
             )
+            error = JobError("SpawnFailed", f"could not start: {exc}")
+            failed = await self._store.finish(
+                job.id, Finish(JobState.FAILED, error=error, reason=error.type), self._clock()
+            )
+            if failed is not None:
+                self._events.transition(failed, JobState.RUNNING, reason=error.message)
             return
         attempt = _Attempt(
             job,
@@ -880,13 +895,12 @@ class Scheduler:
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
-        log.info(
-            "job %s (%s): queued -> running, attempt %d, pid %d%s",
-            job.id,
-            job.task,
-            job.attempts,
-            handle.pid,
-            f", in cgroup {group.path}" if group is not None else "",
+        self._events.transition(
+            job,
+            JobState.QUEUED,
+            reason=f"attempt {job.attempts}, pid {handle.pid}"
+            + (f", in cgroup {group.path}" if group is not None else ""),
+            duration=waited,
         )
         await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
 
@@ -1079,22 +1093,25 @@ class Scheduler:
             error = JobError("MemoryLimitExceeded", attempt.stop_note)
 
         requeues = job.pressure_requeues
+        updated: Job | None
         if error is None:
             target, reason = JobState.SUCCEEDED, None
-            await self._store.finish(job.id, finish(target, result=outcome.result), now)
+            updated = await self._store.finish(job.id, finish(target, result=outcome.result), now)
         elif attempt.stop_reason == "shutdown":
             target, reason = JobState.QUEUED, "requeued: the server shut down while it ran"
-            await self._store.requeue(job.id, reason=reason, now=now, exit_code=outcome.exit_code)
+            updated = await self._store.requeue(
+                job.id, reason=reason, now=now, exit_code=outcome.exit_code
+            )
         elif attempt.stop_reason == "cancel":
             target, reason = JobState.CANCELLED, "cancelled by request while running"
-            await self._store.finish(job.id, finish(target, reason=reason), now)
+            updated = await self._store.finish(job.id, finish(target, reason=reason), now)
         elif attempt.stop_reason == "pressure" and requeues < self._settings.max_pressure_requeues:
             target = JobState.QUEUED
             reason = (
                 f"requeued: {attempt.stop_note}; pressure requeue {requeues + 1} of "
                 f"{self._settings.max_pressure_requeues}, not counted against max_retries"
             )
-            await self._store.requeue(job.id, reason=reason, pressure=True)
+            updated = await self._store.requeue(job.id, reason=reason, pressure=True)
         elif attempt.stop_reason == "pressure":
             target = JobState.FAILED
             reason = (
@@ -1102,12 +1119,16 @@ class Scheduler:
                 f"(max_pressure_requeues = {self._settings.max_pressure_requeues})"
             )
             failure = JobError("MemoryPressure", reason)
-            await self._store.finish(job.id, finish(target, error=failure, reason=reason), now)
+            updated = await self._store.finish(
+                job.id, finish(target, error=failure, reason=reason), now
+            )
         elif oom_killed or attempt.stop_reason == "memory_limit":
             # Over its own limit again and again: retrying would end the same way.
             target = JobState.FAILED
             reason = "oom_killed" if oom_killed else attempt.stop_note
-            await self._store.finish(job.id, finish(target, error=error, reason=reason), now)
+            updated = await self._store.finish(
+                job.id, finish(target, error=error, reason=reason), now
+            )
             reason = f"{reason}: {error.message}" if oom_killed else reason
         elif job.failures < job.max_retries and retry_allowed:
             base = self._jobs_settings.retry_base
@@ -1121,7 +1142,7 @@ class Scheduler:
                 f"attempt {job.attempts} failed ({error.message}); "
                 f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s"
             )
-            await self._store.requeue(
+            updated = await self._store.requeue(
                 job.id,
                 reason=reason,
                 run_after=now + timedelta(seconds=delay),
@@ -1132,15 +1153,11 @@ class Scheduler:
             )
         else:
             target, reason = JobState.FAILED, error.message
-            await self._store.finish(job.id, finish(target, error=error, reason=error.type), now)
-        log.info(
-            "job %s (%s): running -> %s after %.3f s%s",
-            job.id,
-            job.task,
-            target.value,
-            duration,
-            f": {reason}" if reason else "",
-        )
+            updated = await self._store.finish(
+                job.id, finish(target, error=error, reason=error.type), now
+            )
+        if updated is not None:
+            self._events.transition(updated, JobState.RUNNING, reason=reason, duration=duration)
         if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
             await self._learn(attempt, target, duration, now)
 
@@ -1177,7 +1194,26 @@ class Scheduler:
                 continue
             fraction, message = handle.progress
             attempt.progress_stored, attempt.progress_stored_at = handle.progress_seq, monotonic
-            await self._store.set_progress(attempt.job.id, fraction, message, self._clock())
+            if await self._store.set_progress(attempt.job.id, fraction, message, self._clock()):
+                self._events.changed(attempt.job.id)
+
+    def _record_holds(self, waiting: Mapping[str, str]) -> None:
+        """Count each queued job once per new hold kind (not once per tick)."""
+        for job_id, reason in waiting.items():
+            kind = hold_kind(reason)
+            previous = self._waiting.get(job_id)
+            if previous is None or hold_kind(previous) != kind:
+                self._events.recorder.hold(kind)
+
+    def _record_pressure(self, snapshot: Snapshot) -> None:
+        """Count each time memory or CPU pressure rises to ``PRESSURE_THRESHOLD``."""
+        readings = (("memory", snapshot.memory_pressure), ("cpu", snapshot.cpu_pressure))
+        for resource, value in readings:
+            if value is None or value < PRESSURE_THRESHOLD:
+                self._under_pressure.discard(resource)
+            elif resource not in self._under_pressure:
+                self._under_pressure.add(resource)
+                self._events.recorder.pressure_event(resource)
 
     # -- what the API shows ------------------------------------------------------
 
@@ -1351,3 +1387,17 @@ def _percentile(values: Sequence[int], percentile: float) -> int | None:
 
 def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def hold_kind(reason: str) -> str:
+    """A waiting reason's kind, for metric labels: never_fits, max_jobs, memory or cpu
+    (the first that applies, in that order)."""
+    if "can never start" in reason:
+        return "never_fits"
+    if reason.startswith("max_jobs limit"):
+        return "max_jobs"
+    if reason.startswith("waiting for memory"):
+        return "memory"
+    if reason.startswith("waiting for CPU"):
+        return "cpu"
+    return "other"

@@ -35,6 +35,7 @@ from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, load
 from jobserver.errors import ConfigError, ValidationError
+from jobserver.events import Events, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
     CronJob,
@@ -43,6 +44,7 @@ from jobserver.maintenance import (
     WalCheckpointer,
     rescue_interrupted,
 )
+from jobserver.metrics import Metrics
 from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
 from jobserver.scheduler import Scheduler
@@ -57,6 +59,8 @@ class Application:
     app: Starlette
     store: Store
     scheduler: Scheduler
+    events: Events
+    metrics: Metrics
     pruner: Pruner | None = None
     cron: CronService | None = None
     checkpointer: WalCheckpointer | None = None
@@ -173,6 +177,8 @@ def build(
     runner = make_runner(settings)
     registry = registry or load_tasks(settings)
     store = Store.open(server_settings.database, synchronous=server_settings.durability.upper())
+    metrics = Metrics()
+    events = Events(metrics)
     scheduler = Scheduler(
         store=store,
         runner=runner,
@@ -183,15 +189,16 @@ def build(
         jobs_settings=settings.jobs,
         cgroups=JobCgroups.detect() if settings.scheduler.job_cgroups else None,
         gpu_probe=gpu_probe or NvmlProbe(),
+        events=events,
     )
     runtime = Runtime(settings, registry, scheduler)
     pruner = build_pruner(settings, store)
-    cron = CronService(store, cron_jobs(settings, registry), scheduler.wake)
+    cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
     checkpointer = WalCheckpointer(store, server_settings.wal_max_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow())
+        rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow(), events)
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
         await scheduler.start()
@@ -232,20 +239,23 @@ def build(
         ),
         openapi=openapi.document(operations, __version__),
         reconfigure=runtime.change,
+        events=events,
+        metrics=metrics,
     )
     bind = host or server_settings.host
     app.add_middleware(
         AccessMiddleware,
         policy=Policy(
             tokens=TokenFile(server_settings.tokens_file),
-            rules=rules_for(openapi.access_rules(operations)),
+            # The page's own files are as open as the page (its API calls carry the token).
+            rules=rules_for([*openapi.access_rules(operations), ("GET", "/static/{file}", None)]),
             open_without_tokens=is_loopback(bind) or server_settings.allow_anonymous,
             limiter=None
             if server_settings.rate_limit is None
             else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
         ),
     )
-    return Application(app, store, scheduler, pruner, cron, checkpointer, runtime)
+    return Application(app, store, scheduler, events, metrics, pruner, cron, checkpointer, runtime)
 
 
 def build_pruner(settings: Settings, store: Store) -> Pruner:
@@ -333,13 +343,16 @@ def check_exposure(settings: ServerSettings, host: str) -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server, with our answer to a second SIGTERM/SIGINT: shorten the wait for
     running jobs (uvicorn's own answer, "force exit", would skip the lifespan shutdown
-    that requeues them)."""
+    that requeues them), and that tells waiting readers (long polls, event streams) to
+    answer at once, so shutdown does not wait for them."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler) -> None:
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, events: Events) -> None:
         super().__init__(config)
         self._scheduler = scheduler
+        self._events = events
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._events.close()
         self._captured_signals.append(sig)
         # Stop starting jobs now, not once uvicorn has finished closing connections.
         self._scheduler.stop_admitting()
@@ -351,10 +364,7 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     bind = host or settings.server.host
     check_exposure(settings.server, bind)
     lock = DatabaseLock(settings.server.database)
@@ -370,10 +380,14 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             port=settings.server.port if port is None else port,
             access_log=settings.server.access_log,
             log_level=settings.server.log_level,
+            # JSON logs: uvicorn's records go through our root handler instead of its own.
+            log_config=None
+            if settings.server.log_format == "json"
+            else uvicorn.config.LOGGING_CONFIG,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        server = _Server(config, application.scheduler)
+        server = _Server(config, application.scheduler, application.events)
         # uvicorn re-raises the signal that stopped it once it has shut down; our own
         # no-op handlers make that a clean exit 0 instead of a death by signal.
         for signum in (signal.SIGINT, signal.SIGTERM):

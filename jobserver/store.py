@@ -248,6 +248,34 @@ class TaskRun:
     finished_at: datetime
 
 
+STATS_RECENT = 1000
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """One task's numbers for ``GET /api/v1/stats``; percentiles over ``samples`` recent
+    succeeded jobs (None when there are none)."""
+
+    task: str
+    count: int
+    states: dict[str, int]
+    success_rate: float | None  # succeeded / (succeeded + failed), all time
+    duration_p50: float | None  # seconds
+    duration_p95: float | None
+    peak_rss_p95: int | None  # bytes
+    peak_rss_max: int | None
+    samples: int
+
+
+def _percentile(ordered: list[float] | list[int], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list (no interpolation: a value that was
+    really observed)."""
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * q // 100))
+    return float(ordered[int(rank) - 1])
+
+
 class Store:
     """The jobs table, behind async methods that each run one short transaction."""
 
@@ -518,6 +546,71 @@ class Store:
                 )
             ).one()
             return _job_from_row(row)
+
+    # -- what operators read: counts and per-task statistics --------------------------
+
+    async def state_counts(self) -> dict[str, int]:
+        """How many jobs are stored in each state (every state present, 0 if none)."""
+        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        async with self._read() as conn:
+            found: dict[str, int] = {state: n for state, n in (await conn.execute(query)).all()}
+        return {state.value: found.get(state.value, 0) for state in JobState}
+
+    async def task_stats(self, recent: int = STATS_RECENT) -> list[TaskStats]:
+        """Per task: jobs by state (all time), and duration and peak-memory percentiles of
+        its ``recent`` most recently created succeeded jobs."""
+        counts = sa.select(jobs.c.task, jobs.c.state, sa.func.count()).group_by(
+            jobs.c.task, jobs.c.state
+        )
+        ranked = (
+            sa.select(
+                jobs.c.task,
+                (
+                    (sa.func.julianday(jobs.c.finished_at) - sa.func.julianday(jobs.c.started_at))
+                    * 86400.0
+                ).label("seconds"),
+                jobs.c.peak_rss,
+                sa.func.row_number()
+                .over(partition_by=jobs.c.task, order_by=jobs.c.id.desc())
+                .label("n"),
+            )
+            .where(jobs.c.state == JobState.SUCCEEDED.value, jobs.c.started_at.is_not(None))
+            .subquery()
+        )
+        samples = sa.select(ranked.c.task, ranked.c.seconds, ranked.c.peak_rss).where(
+            ranked.c.n <= recent
+        )
+        async with self._read() as conn:
+            count_rows = (await conn.execute(counts)).all()
+            sample_rows = (await conn.execute(samples)).all()
+        by_task: dict[str, dict[str, int]] = {}
+        for task, state, n in count_rows:
+            by_task.setdefault(task, {s.value: 0 for s in JobState})[state] = n
+        durations: dict[str, list[float]] = {}
+        memory: dict[str, list[int]] = {}
+        for task, seconds, peak_rss in sample_rows:
+            durations.setdefault(task, []).append(max(0.0, float(seconds)))
+            if peak_rss is not None:
+                memory.setdefault(task, []).append(int(peak_rss))
+        stats = []
+        for task, states in sorted(by_task.items()):
+            ended = states["succeeded"] + states["failed"]
+            taken = sorted(durations.get(task, []))
+            used = sorted(memory.get(task, []))
+            stats.append(
+                TaskStats(
+                    task=task,
+                    count=sum(states.values()),
+                    states=states,
+                    success_rate=None if ended == 0 else states["succeeded"] / ended,
+                    duration_p50=_percentile(taken, 50),
+                    duration_p95=_percentile(taken, 95),
+                    peak_rss_p95=None if not used else int(_percentile(used, 95) or 0),
+                    peak_rss_max=None if not used else used[-1],
+                    samples=len(taken),
+                )
+            )
+        return stats
 
     async def _locked_get(self, conn: AsyncConnection, job_id: str) -> Job:
         row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()

@@ -311,3 +311,13 @@ def server_factory() -> Iterator[Callable[..., ServerProcess]]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(timeout=10)
+
+
+# -- CI artifacts (issue 7): files a test keeps, listed at the end of the run ----------
+
+ARTIFACTS: list[Path] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for path in ARTIFACTS:
+        terminalreporter.write_line(f"artifact: {path}")

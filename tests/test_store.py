@@ -63,8 +63,8 @@ def test_migrate_is_idempotent_and_uses_wal(database: Path) -> None:
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         heads = ScriptDirectory(str(migrations_dir())).get_heads()
+        assert len(heads) == 1  # one chain of migrations
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(heads[0],)]
-        assert len(heads) == 1
 
 
 def test_queue_head_reads_through_its_index_in_order(database: Path) -> None:

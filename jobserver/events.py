@@ -1,0 +1,188 @@
+"""What happens to jobs, told once: the transition log line, the change notifier, the recorder.
+
+    Events                    the one entry point: ``transition()`` when a job changes state,
+    │                         ``changed()`` when it changes otherwise (cancel requested,
+    │                         progress); both wake the long-polling readers of that job
+    ├── Transition            one state change: job id, task, from, to, reason, duration
+    ├── Recorder (Protocol)   what the scheduler and the API report for metrics; the
+    │                         ``metrics`` module implements it, ``NullRecorder`` ignores it
+    └── JsonFormatter         ``log_format = "json"``: every log record as one JSON object
+
+Every job transition is logged here and nowhere else: one line with job id, task, from,
+to, reason and duration, human-readable by default and JSON with ``log_format = "json"``.
+
+Waiting readers (``GET /api/v1/jobs/{id}?wait=N``, Server-Sent Events) subscribe to one
+job's changes: a future per reader, resolved by the next ``transition``/``changed`` of that
+job, so a waiting request costs no database reads until something happens.  Whoever
+changes a job's stored row (the scheduler, the API, the rescuer, a progress writer) calls
+one of the two methods right after the write commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from jobserver.jobs import Job, JobState
+
+log = logging.getLogger("jobserver.jobs")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One job state change; ``source`` is None for a submission (nothing -> queued).
+
+    ``duration`` is the seconds spent in ``source`` when the caller knows it (a finished
+    attempt's running time, a claimed job's wait in the queue), else None."""
+
+    job_id: str
+    task: str
+    source: JobState | None
+    target: JobState
+    reason: str | None = None
+    duration: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields["source"] = None if self.source is None else self.source.value
+        fields["target"] = self.target.value
+        return fields
+
+    def describe(self) -> str:
+        """The human-readable line: ``job ID (task): running -> failed after 1.200 s: why``."""
+        source = "submitted" if self.source is None else self.source.value
+        text = f"job {self.job_id} ({self.task}): {source} -> {self.target.value}"
+        if self.duration is not None:
+            text += f" after {self.duration:.3f} s"
+        if self.reason:
+            text += f": {self.reason}"
+        return text
+
+
+class Recorder(Protocol):
+    """What the server reports for metrics.  Label values must come from small fixed sets
+    (task names from the config, states, reason *kinds*), never from free text."""
+
+    def transition(self, transition: Transition) -> None: ...
+
+    def admission(self, task: str) -> None: ...
+
+    def hold(self, kind: str) -> None: ...
+
+    def pressure_event(self, resource: str) -> None: ...
+
+
+class NullRecorder:
+    def transition(self, transition: Transition) -> None:
+        pass
+
+    def admission(self, task: str) -> None:
+        pass
+
+    def hold(self, kind: str) -> None:
+        pass
+
+    def pressure_event(self, resource: str) -> None:
+        pass
+
+
+class Events:
+    """Logs transitions, feeds the recorder and wakes readers waiting on a job."""
+
+    def __init__(self, recorder: Recorder | None = None) -> None:
+        self.recorder: Recorder = recorder or NullRecorder()
+        self.closing = False  # the server is stopping: readers answer now, none waits
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def transition(
+        self,
+        job: Job,
+        source: JobState | None,
+        *,
+        reason: str | None = None,
+        duration: float | None = None,
+        target: JobState | None = None,
+    ) -> Transition:
+        """Record that ``job`` (as stored after the change) moved from ``source``."""
+        event = Transition(job.id, job.task, source, target or job.state, reason, duration)
+        level = logging.WARNING if event.target is JobState.FAILED else logging.INFO
+        log.log(level, event.describe(), extra={"transition": event.to_dict()})
+        self.recorder.transition(event)
+        self.changed(job.id)
+        return event
+
+    def changed(self, job_id: str) -> None:
+        """Wake every reader waiting on ``job_id`` (state, progress or flags changed)."""
+        for waiter in self._waiters.pop(job_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @contextlib.contextmanager
+    def subscription(self, job_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future resolved by the job's next change.  Subscribe *before* reading the job,
+        so that a change between the read and the wait is not missed."""
+        self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.setdefault(job_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[job_id]
+            waiter.cancel()
+
+    def close(self) -> None:
+        """The server is stopping: wake every waiting reader now (they answer with the job
+        as it is) and let none wait from now on.  Safe in a signal handler."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for job_id in list(self._waiters):
+            self.changed(job_id)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and for a job transition
+    its fields (``job_id``, ``task``, ``source``, ``target``, ``reason``, ``duration``)."""
+
+    converter = staticmethod(time.gmtime)
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        transition = getattr(record, "transition", None)
+        if isinstance(transition, dict):
+            document["event"] = "transition"
+            document.update(transition)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The root handler for ``jobserver serve``: plain lines, or JSON objects."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,80 @@
+"""The events hub: one log line per transition, and the per-job change notifier."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pytest
+
+from jobserver.cli import ProgressBar
+from jobserver.client import Job as ClientJob
+from jobserver.events import Events, Transition
+from jobserver.jobs import Job, JobState, utcnow
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.seen: list[Transition] = []
+
+    def transition(self, transition: Transition) -> None:
+        self.seen.append(transition)
+
+    def admission(self, task: str) -> None: ...
+
+    def hold(self, kind: str) -> None: ...
+
+    def pressure_event(self, resource: str) -> None: ...
+
+
+def test_describe_reads_as_one_line() -> None:
+    submitted = Transition("01A", "add", None, JobState.QUEUED)
+    assert submitted.describe() == "job 01A (add): submitted -> queued"
+    failed = Transition("01A", "add", JobState.RUNNING, JobState.FAILED, "it broke", 2.0)
+    assert failed.describe() == "job 01A (add): running -> failed after 2.000 s: it broke"
+
+
+@pytest.mark.anyio
+async def test_a_change_wakes_only_that_jobs_readers_and_leaves_nothing_behind() -> None:
+    events = Events()
+    with events.subscription("a") as a, events.subscription("b") as b:
+        events.changed("a")
+        await asyncio.wait_for(a, 1)
+        assert not b.done()
+    assert events._waiters == {}  # no per-job state outlives its readers
+
+
+@pytest.mark.anyio
+async def test_transition_feeds_the_recorder_and_wakes_readers() -> None:
+    recorder = Recording()
+    events = Events(recorder)
+    job = Job(
+        id="01A", task="add", args={}, state=JobState.QUEUED, priority=0,
+        created_at=utcnow(), started_at=None, finished_at=None, attempts=0, max_retries=0,
+        failures=0, rescues=0, result=None, error=None, reason=None, cancel_requested=False,
+        run_after=None, pid=None, pid_started_at=None, exit_code=None, peak_rss=None,
+        cpu_seconds=None,
+    )  # fmt: skip
+    with events.subscription(job.id) as changed:
+        event = events.transition(job, None)
+        await asyncio.wait_for(changed, 1)
+    assert recorder.seen == [event]
+    assert event.source is None and event.target is JobState.QUEUED
+
+
+def test_cli_progress_bar_uses_the_jobs_progress() -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    document: dict[str, Any] = {"id": "01A", "task": "t", "state": "running"}
+    job = ClientJob.from_document(None, document)  # type: ignore[arg-type]
+    bar.update(job)
+    job.document = document | {"progress": {"fraction": 0.5, "message": "half way"}}
+    bar.update(job)
+    bar.update(job)  # unchanged: not printed again
+    job.document = document | {"state": "succeeded"}
+    bar.update(job)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[1] == "01A running   [############------------] 50% half way"
+    assert lines[2].endswith("[########################]")
