@@ -14,8 +14,9 @@ import httpx
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from jobserver.errors import NotFound
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.store import IdempotencyKey, NewJob, Store, migrate
+from jobserver.store import Finish, IdempotencyKey, NewJob, Store, migrate
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
@@ -139,3 +140,28 @@ def test_every_202_survives_a_sigkill(tmp_path: Path, server_factory: Any) -> No
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=10)
     assert set(ids) <= stored_ids(database)
+
+
+async def test_get_reads_the_same_job_as_a_page(store: Store) -> None:
+    """``get`` (one statement on the event loop) and ``page`` (the pooled path with its
+    extra queries) agree on a job with attempts and dependencies."""
+    now = utcnow()
+    parent = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    other = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    child, _ = await store.submit(
+        NewJob("t", {"a": [1, "x"]}, 5, 2, depends_on=(parent.id, other.id)), new_job_id(), now
+    )
+    assert await store.claim(parent.id, now) is not None
+    await store.finish(parent.id, Finish(JobState.SUCCEEDED, result={"r": 1}), now)
+    for job_id in (parent.id, other.id, child.id):
+        (paged,) = [job for job in await store.page(limit=10) if job.id == job_id]
+        assert await store.get(job_id) == paged
+    got = await store.get(child.id)
+    assert got.depends_on == tuple(sorted((parent.id, other.id)))
+    assert got.waiting_on == ((other.id, "queued"),)
+    assert [a.outcome for a in (await store.get(parent.id)).history] == ["succeeded"]
+
+
+async def test_get_of_an_unknown_id_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.get("no-such-job")
