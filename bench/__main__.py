@@ -417,6 +417,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ratios[f"{name}_prefilled_vs_empty"] = (
                 figures[f"prefilled_{name}_rps"]["median"] / figures[f"{name}_rps"]["median"]
             )
+    # Paired ratios: jobserver / baseline within each round (both ran minutes apart at
+    # most), which cancels much of a shared machine's drift between rounds.
+    paired: dict[str, dict[str, float]] = {}
+    for name, base in (
+        ("submit", "baseline_submit_rps"),
+        ("poll", "baseline_poll_rps"),
+        ("task_status", "baseline_poll_rps"),
+        ("unknown", "baseline_poll_rps"),
+    ):
+        pairs = [a / b for a, b in zip(samples[f"{name}_rps"], samples[base], strict=True)]
+        paired[f"{name}_vs_bare"] = summary(pairs)
     ratios["e2e_vs_celery"] = figures["e2e_tasks_per_s"]["median"] / CELERY["e2e_tasks_per_s"]
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -440,6 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if dispatch
         else None,
         "ratios": ratios,
+        "paired_ratios": paired,
         "celery_reference": CELERY,
         "raw": raw,
     }
@@ -456,6 +468,9 @@ def print_report(report: dict[str, Any]) -> None:
     if report["dispatch_all_samples_ms"]:
         d = report["dispatch_all_samples_ms"]
         print(f"dispatch, all {d['count']} samples: p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms")
+    print("per-round ratios to the bare app (median, min-max):")
+    for name, found in report["paired_ratios"].items():
+        print(f"  {name:30} {found['median']:6.2f}  ({found['min']:.2f}-{found['max']:.2f})")
     print("ratios (medians):")
     for name, value in report["ratios"].items():
         print(f"  {name:30} {value:6.2f}")
