@@ -763,6 +763,12 @@ class Store:
                 del self._queued[:GROUP_COMMIT_MAX]
                 try:
                     found = await self._commit_batch([values for values, _ in batch])
+                except StorageUnavailable as exc:
+                    # The file cannot be written at all (locked past the busy timeout,
+                    # disk full): retrying row by row would only wait that long again.
+                    for _, future in batch:
+                        _answer(future, exc)
+                    continue
                 except Exception as exc:
                     if len(batch) == 1:
                         _answer(batch[0][1], exc)

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from jobserver.errors import NotFound
+from jobserver.errors import NotFound, StorageUnavailable
 from jobserver.jobs import JobState, new_job_id, utcnow
 from jobserver.store import Finish, IdempotencyKey, NewJob, Store, migrate
 from tests.conftest import write_config
@@ -165,3 +166,26 @@ async def test_get_reads_the_same_job_as_a_page(store: Store) -> None:
 async def test_get_of_an_unknown_id_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.get("no-such-job")
+
+
+async def test_an_unwritable_database_fails_every_row_of_the_batch(database: Path) -> None:
+    url = f"sqlite+aiosqlite:///{database}"
+    # pysqlite's own short busy timeout, so the locked file fails fast.
+    writer = create_async_engine(url, connect_args={"timeout": 0.1})
+    reader = create_async_engine(url)
+    store = Store(writer, reader)
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        results = await asyncio.gather(
+            *(store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow()) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StorageUnavailable) for r in results), results
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert stored_ids(database) == set()
+    job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
+    assert stored_ids(database) == {job.id}
+    await store.close()
