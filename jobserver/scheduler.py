@@ -21,7 +21,13 @@ from typing import Any
 
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
-from jobserver.resources import Probe, Snapshot, process_start_time, tree_usage
+from jobserver.resources import (
+    Probe,
+    Snapshot,
+    children_map,
+    process_start_time,
+    tree_usage,
+)
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
 from jobserver.store import Finish, Store
 from jobserver.tasks import Registry, Task
@@ -372,10 +378,13 @@ class Scheduler:
                 await self._admit(now, monotonic)
 
     def _sample_usage(self, monotonic: float) -> None:
+        children: dict[int, list[int]] | None = None
         for attempt in self._running.values():
             if monotonic - attempt.sampled < self._settings.poll_interval / 2:
                 continue
-            usage = tree_usage(attempt.handle.pid)
+            if children is None:  # one scan of all processes serves every job (issue 6)
+                children = children_map()
+            usage = tree_usage(attempt.handle.pid, children)
             if usage is None:
                 continue
             window = monotonic - attempt.sampled if attempt.sampled else 0.0
