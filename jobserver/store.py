@@ -239,8 +239,10 @@ class Store:
         return store
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            await self._flusher  # rows already queued are committed and answered
+        if self._flusher is not None and not self._flusher.done():
+            # Rows already queued are committed and answered (wait() never raises the
+            # task's own outcome).
+            await asyncio.wait([self._flusher])
         if self._fast is not None:
             self._fast.close()
             self._fast = None

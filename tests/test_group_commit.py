@@ -189,3 +189,15 @@ async def test_an_unwritable_database_fails_every_row_of_the_batch(database: Pat
     job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
     assert stored_ids(database) == {job.id}
     await store.close()
+
+
+async def test_close_commits_and_answers_what_is_queued(database: Path) -> None:
+    store = Store.open(database)
+    tasks = [
+        asyncio.create_task(store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow()))
+        for _ in range(5)
+    ]
+    await asyncio.sleep(0)  # queued, the flusher started
+    await store.close()
+    jobs = await asyncio.gather(*tasks)
+    assert stored_ids(database) == {job.id for job in jobs}
