@@ -831,7 +831,7 @@ class Store:
                 if self._database is None:
                     return None
                 self._fast = _open_fast_reader(self._database)
-            row = self._fast.execute(_FAST_GET, (job_id,)).fetchone()
+            row = self._fast.execute(GET_JOB_SQL, (job_id,)).fetchone()
         except sqlite3.Error:
             return None
         if row is None:
@@ -860,7 +860,7 @@ class Store:
 
 
 # The row of ``get``, with what ``_with_extras`` adds, in one statement.
-_FAST_GET = """
+GET_JOB_SQL = """
 SELECT jobs.*,
   (SELECT json_group_array(json_array(a.attempt, a.started_at, a.finished_at, a.outcome,
                                       a.error_type, a.error, a.exit_code))

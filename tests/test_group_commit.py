@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.store import Finish, IdempotencyKey, NewJob, Store, migrate
+from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store, migrate
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
@@ -201,3 +201,15 @@ async def test_close_commits_and_answers_what_is_queued(database: Path) -> None:
     await store.close()
     jobs = await asyncio.gather(*tasks)
     assert stored_ids(database) == {job.id for job in jobs}
+
+
+def test_get_reads_by_primary_keys_only(database: Path) -> None:
+    """Polling one job stays O(log n): the row, its attempts and its dependencies are all
+    primary-key searches, never a scan."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute(f"EXPLAIN QUERY PLAN {GET_JOB_SQL}", ("x",)).fetchall()
+    details = [row[-1] for row in rows]
+    assert not [d for d in details if d.startswith("SCAN")], details
+    assert any("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)" in d for d in details)
+    assert any(d.startswith("SEARCH a USING") and "(job_id=?)" in d for d in details)
+    assert any(d.startswith("SEARCH d USING") and "(job_id=?)" in d for d in details)
