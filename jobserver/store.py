@@ -302,7 +302,9 @@ class Store:
     async def queue_head(self, limit: int, now: datetime) -> list[Job]:
         """Queued jobs that may start now, highest priority first, then oldest."""
         async with self._read() as conn:
-            rows = (await conn.execute(queue_head_query(limit, now))).all()
+            rows = (
+                await conn.execute(QUEUE_HEAD, {"limit": limit, "now": format_timestamp(now)})
+            ).all()
         return [_job_from_row(row) for row in rows]
 
     async def in_state(self, state: JobState) -> list[Job]:
@@ -1055,6 +1057,12 @@ async def _cascade_new(conn: AsyncConnection, job: Job, now: datetime) -> None:
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
     """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
+    return QUEUE_HEAD.params(limit=limit, now=format_timestamp(now))
+
+
+def _queue_head_statement() -> sa.Select[Any]:
+    # Built once (issue 6): the scheduler reads the queue head on every wake, and building
+    # this aliased query cost more than running it.  ``limit`` and ``now`` are bound.
     parent = jobs.alias("parent")
     unfinished_dependency = (
         sa.select(dependencies.c.job_id)
@@ -1065,12 +1073,15 @@ def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
     return (
         sa.select(jobs)
         .where(jobs.c.state == JobState.QUEUED.value)
-        .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= format_timestamp(now)))
+        .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= sa.bindparam("now")))
         # A job waits until every job it depends on has succeeded.
         .where(~unfinished_dependency.exists())
         .order_by(jobs.c.priority.desc(), jobs.c.id)
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
     )
+
+
+QUEUE_HEAD = _queue_head_statement()
 
 
 def _unavailable(exc: OperationalError) -> StorageUnavailable:
