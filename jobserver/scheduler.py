@@ -26,7 +26,15 @@ from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
 from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
-from jobserver.resources import Gpu, GpuProbe, Probe, Snapshot, process_start_time, tree_usage
+from jobserver.resources import (
+    Gpu,
+    GpuProbe,
+    Probe,
+    Snapshot,
+    children_map,
+    process_start_time,
+    tree_usage,
+)
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
 from jobserver.store import Finish, Store, TaskRun
 from jobserver.tasks import Registry, Task
@@ -735,10 +743,13 @@ class Scheduler:
                 self._relieve_pressure(snapshot)
 
     def _sample_usage(self, monotonic: float) -> None:
+        children: dict[int, list[int]] | None = None
         for attempt in self._running.values():
             if monotonic - attempt.sampled < self._settings.poll_interval / 2:
                 continue
-            usage = tree_usage(attempt.handle.pid)
+            if children is None:  # one scan of all processes serves every job (issue 6)
+                children = children_map()
+            usage = tree_usage(attempt.handle.pid, children)
             if usage is None:
                 continue
             window = monotonic - attempt.sampled if attempt.sampled else 0.0

@@ -558,8 +558,15 @@ async def test_a_command_task_is_cancelled_with_its_tree(make_harness: Any) -> N
     async with make_harness() as h:
         job = await submitted(h, {"task": "cmd_sleep", "args": {"s": 60}})
         running = await h.wait_for_state(job["id"], "running")
-        system = (await h.client.get("/api/v1/system")).json()
-        pid = next(r["pid"] for r in system["running"] if r["id"] == job["id"])
+        # The row says running from the claim on; the process appears just after it.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            system = (await h.client.get("/api/v1/system")).json()
+            pids = [r["pid"] for r in system["running"] if r["id"] == job["id"] and r["pid"]]
+            if pids or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        pid = pids[0]
         # Under setpriv (when installed) the leader execs the program: same pid.
         assert "time.sleep" in Path(f"/proc/{pid}/cmdline").read_text()
         await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")

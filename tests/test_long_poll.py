@@ -34,6 +34,15 @@ def job_reads(h: Harness) -> list[str]:
             seen.append(statement)
 
     event.listen(h.application.store._reader.sync_engine, "before_cursor_execute", record)
+    # The store's fast path reads one job on a plain sqlite3 connection: count those too.
+    fast = h.application.store._fast
+    assert fast is not None, "the fast reader opens on the first read"
+
+    def trace(statement: str) -> None:  # sqlite3 passes it with the parameters filled in
+        if "WHERE jobs.id = " in statement and statement.lstrip().startswith("SELECT"):
+            seen.append(statement)
+
+    fast.set_trace_callback(trace)
     return seen
 
 

@@ -19,6 +19,7 @@ from jobserver.resources import (
     MachineProbe,
     Snapshot,
     Usage,
+    children_map,
     find_tagged_processes,
     is_same_process,
     process_start_time,
@@ -335,3 +336,28 @@ def test_find_tagged_processes_finds_children_that_escaped_the_group(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(grandchild, signal.SIGKILL)
+
+
+def test_tree_usage_from_one_shared_scan_finds_the_same_tree(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The scheduler samples every job's tree from one ``children_map()`` per pass; it
+    must find the same members as psutil's per-tree walk."""
+    child = spawn(HOLD_MEMORY)
+    children.append(child)
+
+    def holds_80_mib() -> bool:
+        usage = tree_usage(child.pid)
+        return usage is not None and usage.rss >= 80 * MiB
+
+    wait_for(holds_80_mib)
+    shared = children_map()
+    grandchild = psutil.Process(child.pid).children(recursive=True)[0].pid
+    assert shared[child.pid] == [grandchild]
+    by_scan = tree_usage(child.pid, shared)
+    by_walk = tree_usage(child.pid)
+    assert by_scan is not None and by_walk is not None
+    assert by_scan.rss >= 80 * MiB and by_walk.rss >= 80 * MiB
+    # The same two processes: RSS agrees to within what they allocate between two reads.
+    assert abs(by_scan.rss - by_walk.rss) < 8 * MiB
+    assert tree_usage(child.pid + 10**7, shared) is None

@@ -1,0 +1,215 @@
+"""Group commit in the store: concurrent submits share one transaction, each answered only
+after the commit that holds its row; a bad row never fails the others."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from jobserver.errors import NotFound, StorageUnavailable
+from jobserver.jobs import JobState, new_job_id, utcnow
+from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store, migrate
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs.db"
+    migrate(path)
+    return path
+
+
+@pytest.fixture
+async def store(database: Path) -> AsyncIterator[Store]:
+    opened = Store.open(database)
+    yield opened
+    await opened.close()
+
+
+def stored_ids(database: Path) -> set[str]:
+    """What another connection sees: only committed rows."""
+    with sqlite3.connect(database) as db:
+        return {row[0] for row in db.execute("SELECT id FROM jobs")}
+
+
+async def test_concurrent_inserts_share_one_commit_and_answer_after_it(
+    store: Store, database: Path
+) -> None:
+    seen_committed: list[bool] = []
+
+    async def insert(n: int) -> str:
+        job = await store.insert(NewJob("t", {"n": n}, n % 3, 1), new_job_id(), utcnow())
+        # The moment the caller has its answer, the row is already in the file.
+        seen_committed.append(job.id in stored_ids(database))
+        return job.id
+
+    ids = await asyncio.gather(*(insert(n) for n in range(20)))
+    assert seen_committed == [True] * 20
+    assert stored_ids(database) == set(ids)
+    assert store.group_commits.transactions == 1
+    assert store.group_commits.rows == 20
+    for n, job_id in enumerate(ids):
+        job = await store.get(job_id)
+        assert (job.state, job.args, job.priority, job.max_retries) == (
+            JobState.QUEUED,
+            {"n": n},
+            n % 3,
+            1,
+        )
+
+
+async def test_answers_are_each_callers_own_job(store: Store) -> None:
+    ids = [new_job_id() for _ in range(10)]
+    jobs = await asyncio.gather(
+        *(store.insert(NewJob(f"task{n}", {}, 0, 0), ids[n], utcnow()) for n in range(10))
+    )
+    assert [(job.id, job.task) for job in jobs] == [(ids[n], f"task{n}") for n in range(10)]
+    assert all(job.history == () and job.depends_on == () for job in jobs)
+
+
+async def test_a_failing_row_does_not_fail_the_others(store: Store, database: Path) -> None:
+    taken = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
+    results = await asyncio.gather(
+        store.insert(NewJob("t", {"n": 1}, 0, 0), new_job_id(), utcnow()),
+        store.insert(NewJob("t", {"n": 2}, 0, 0), taken, utcnow()),  # duplicate primary key
+        store.insert(NewJob("t", {"n": 3}, 0, 0), new_job_id(), utcnow()),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], IntegrityError)
+    good = [r for r in results if not isinstance(r, BaseException)]
+    assert [job.args for job in good] == [{"n": 1}, {"n": 3}]
+    assert stored_ids(database) == {taken, *(job.id for job in good)}
+    assert (await store.get(taken)).args == {}  # the original row is untouched
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_others(
+    store: Store, database: Path
+) -> None:
+    ids = [new_job_id() for _ in range(5)]
+    tasks = [
+        asyncio.create_task(store.insert(NewJob("t", {}, 0, 0), job_id, utcnow())) for job_id in ids
+    ]
+    await asyncio.sleep(0)  # every insert is queued
+    tasks[2].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[2], asyncio.CancelledError)
+    assert [job.id for job in done if not isinstance(job, BaseException)] == (ids[:2] + ids[3:])
+    # Cancelling the wait does not un-commit the row: like a crash after the commit, the
+    # client never saw the id, but the job exists.
+    assert stored_ids(database) >= set(ids[:2] + ids[3:])
+
+
+async def test_submits_that_read_first_keep_their_own_transaction(store: Store) -> None:
+    key = IdempotencyKey("anonymous", "k1", "hash", 3600.0)
+    first, created = await store.submit(
+        NewJob("t", {}, 0, 0, idempotency=key), new_job_id(), utcnow()
+    )
+    again, created_again = await store.submit(
+        NewJob("t", {}, 0, 0, idempotency=key), new_job_id(), utcnow()
+    )
+    assert (created, created_again, again.id) == (True, False, first.id)
+    assert store.group_commits.transactions == 0
+
+
+def test_every_202_survives_a_sigkill(tmp_path: Path, server_factory: Any) -> None:
+    """Many concurrent submits (group committed), the server SIGKILLed right after the
+    last 202: every id a client was given is in the file."""
+    server = server_factory(write_config(tmp_path))
+    database = tmp_path / "data" / "jobserver.db"
+
+    async def submit_all() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            body = {"task": "add", "args": {"a": 1, "b": 2}, "delay": 3600}
+            responses = await asyncio.gather(
+                *(client.post("/api/v1/jobs", json=body) for _ in range(60))
+            )
+        assert {r.status_code for r in responses} == {202}
+        return [r.json()["id"] for r in responses]
+
+    ids = asyncio.run(submit_all())
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=10)
+    assert set(ids) <= stored_ids(database)
+
+
+async def test_get_reads_the_same_job_as_a_page(store: Store) -> None:
+    """``get`` (one statement on the event loop) and ``page`` (the pooled path with its
+    extra queries) agree on a job with attempts and dependencies."""
+    now = utcnow()
+    parent = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    other = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    child, _ = await store.submit(
+        NewJob("t", {"a": [1, "x"]}, 5, 2, depends_on=(parent.id, other.id)), new_job_id(), now
+    )
+    assert await store.claim(parent.id, now) is not None
+    await store.finish(parent.id, Finish(JobState.SUCCEEDED, result={"r": 1}), now)
+    for job_id in (parent.id, other.id, child.id):
+        (paged,) = [job for job in await store.page(limit=10) if job.id == job_id]
+        assert await store.get(job_id) == paged
+    got = await store.get(child.id)
+    assert got.depends_on == tuple(sorted((parent.id, other.id)))
+    assert got.waiting_on == ((other.id, "queued"),)
+    assert [a.outcome for a in (await store.get(parent.id)).history] == ["succeeded"]
+
+
+async def test_get_of_an_unknown_id_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.get("no-such-job")
+
+
+async def test_an_unwritable_database_fails_every_row_of_the_batch(database: Path) -> None:
+    url = f"sqlite+aiosqlite:///{database}"
+    # pysqlite's own short busy timeout, so the locked file fails fast.
+    writer = create_async_engine(url, connect_args={"timeout": 0.1})
+    reader = create_async_engine(url)
+    store = Store(writer, reader, database)
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        results = await asyncio.gather(
+            *(store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow()) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StorageUnavailable) for r in results), results
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert stored_ids(database) == set()
+    job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
+    assert stored_ids(database) == {job.id}
+    await store.close()
+
+
+async def test_close_commits_and_answers_what_is_queued(database: Path) -> None:
+    store = Store.open(database)
+    tasks = [
+        asyncio.create_task(store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow()))
+        for _ in range(5)
+    ]
+    await asyncio.sleep(0)  # queued, the flusher started
+    await store.close()
+    jobs = await asyncio.gather(*tasks)
+    assert stored_ids(database) == {job.id for job in jobs}
+
+
+def test_get_reads_by_primary_keys_only(database: Path) -> None:
+    """Polling one job stays O(log n): the row, its attempts and its dependencies are all
+    primary-key searches, never a scan."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute(f"EXPLAIN QUERY PLAN {GET_JOB_SQL}", ("x",)).fetchall()
+    details = [row[-1] for row in rows]
+    assert not [d for d in details if d.startswith("SCAN")], details
+    assert any("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)" in d for d in details)
+    assert any(d.startswith("SEARCH a USING") and "(job_id=?)" in d for d in details)
+    assert any(d.startswith("SEARCH d USING") and "(job_id=?)" in d for d in details)
