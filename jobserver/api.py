@@ -80,7 +80,7 @@ MAX_TIMEOUT = 366 * 86400.0
 MAX_DEPENDENCIES = 100
 MAX_TAIL = 100_000
 IDEMPOTENCY_HEADER = "idempotency-key"
-ANONYMOUS_SCOPE = "anonymous"  # the client scope of Idempotency-Keys until auth exists
+ANONYMOUS_SCOPE = "anonymous"  # the Idempotency-Key scope of requests without a token
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
 SSE_KEEPALIVE_SECONDS = 15

@@ -54,7 +54,7 @@ class Metrics:
         self.requeued = Counter(
             "jobserver_jobs_requeued_total",
             "Running jobs put back in the queue (a retry after a failure, a shutdown, "
-            "a rescue), by task.",
+            "a rescue, memory pressure), by task.",
             ["task"],
             registry=r,
         )

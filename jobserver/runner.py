@@ -363,7 +363,10 @@ class Runner:
         return wrappers
 
     def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
-        env = dict(self._environment)
+        # The binary's own loader variables always pass the env_allow filter: the child
+        # reuses this process's unpacked files through them (host_environment drops them
+        # again for other interpreters and programs).
+        env = {**loader_environment(os.environ), **self._environment}
         inherited = env.get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join(self._python_path + ([inherited] if inherited else []))
         env["PYTHONUNBUFFERED"] = "1"
@@ -421,6 +424,22 @@ def child_source() -> str:
     return resources.files("jobserver").joinpath("child.py").read_text(encoding="utf-8")
 
 
+def _is_loader_variable(key: str) -> bool:
+    return key.startswith("_PYI_") or key in _LOADER_VARIABLES
+
+
+_LOADER_VARIABLES = frozenset(
+    {"_MEIPASS2", "PYINSTALLER_RESET_ENVIRONMENT", "LD_LIBRARY_PATH", "LD_LIBRARY_PATH_ORIG"}
+)
+
+
+def loader_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """What the single-file binary's loader put in ``environment`` (nothing outside it)."""
+    if not _frozen():
+        return {}
+    return {key: value for key, value in environment.items() if _is_loader_variable(key)}
+
+
 def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
     """``environment`` without what the single-file binary's loader added, so another
     interpreter finds its own shared libraries and does not take itself for a copy of
@@ -428,14 +447,12 @@ def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
     env = dict(environment)
     if not _frozen():
         return env
+    original = env.get("LD_LIBRARY_PATH_ORIG")
     for key in list(env):
-        if key.startswith("_PYI_") or key in ("_MEIPASS2", "PYINSTALLER_RESET_ENVIRONMENT"):
+        if _is_loader_variable(key):
             del env[key]
-    original = env.pop("LD_LIBRARY_PATH_ORIG", None)
     if original is not None:
         env["LD_LIBRARY_PATH"] = original
-    else:
-        env.pop("LD_LIBRARY_PATH", None)
     return env
 
 
