@@ -148,26 +148,16 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(revoke)
     revoke.set_defaults(run=_token_revoke)
 
-    status = commands.add_parser("status", help="show a job")
-    status.add_argument("job_id")
-    _client_options(status)
-    status.set_defaults(run=_status)
+    _job_command(commands, "status", "show a job", _status)
 
     # --- lifecycle (issue 4) ---
-    retry = commands.add_parser("retry", help="run a failed or cancelled job again")
-    retry.add_argument("job_id")
-    _client_options(retry)
-    retry.set_defaults(run=_retry)
+    _job_command(commands, "retry", "run a failed or cancelled job again", _retry)
 
     logs = commands.add_parser("logs", help="print a job's log (stdout and stderr)")
     logs.add_argument("job_id")
     logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
-    logs.add_argument(
-        "--url",
-        default=os.environ.get("JOBSERVER_URL", DEFAULT_URL),
-        help=f"server URL (default: $JOBSERVER_URL, else {DEFAULT_URL})",
-    )
+    _url_option(logs)
     logs.set_defaults(run=_logs)
 
     prune = commands.add_parser(
@@ -185,15 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(jobs)
     jobs.set_defaults(run=_jobs)
 
-    show = commands.add_parser("show", help="show one job in full (error traceback included)")
-    show.add_argument("job_id")
-    _client_options(show)
-    show.set_defaults(run=_show_job)
-
-    cancel = commands.add_parser("cancel", help="cancel a queued or running job")
-    cancel.add_argument("job_id")
-    _client_options(cancel)
-    cancel.set_defaults(run=_cancel)
+    _job_command(commands, "show", "show one job in full (error traceback included)", _show_job)
+    _job_command(commands, "cancel", "cancel a queued or running job", _cancel)
 
     stats = commands.add_parser(
         "stats", help="per task: jobs, success rate, p50/p95 duration, peak memory"
@@ -211,12 +194,25 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         default=os.environ.get("JOBSERVER_URL", DEFAULT_URL),
         help=f"server URL (default: $JOBSERVER_URL, else {DEFAULT_URL})",
     )
+
+
+def _job_command(commands: Any, name: str, help: str, run: Any) -> argparse.ArgumentParser:
+    """A client command that takes one job id."""
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help)
+    parser.add_argument("job_id")
+    _client_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    _url_option(parser)
     parser.add_argument("--json", action="store_true", help="print the raw JSON document")
 
 

@@ -572,6 +572,19 @@ class _Attempt:
     stop_note: str | None = None  # why the scheduler stopped it, for the job's reason
     gpu_devices: tuple[int, ...] = ()
 
+    def as_running_job(self) -> RunningJob:
+        """What plan() and the pressure rule see of this attempt."""
+        return RunningJob(
+            self.job.id,
+            self.job.task,
+            self.request,
+            self.memory_used,
+            self.cpus_used,
+            priority=self.job.priority,
+            started=self.started,
+            gpu_devices=self.gpu_devices,
+        )
+
 
 class Scheduler:
     """Turns queued rows into processes and finished processes into rows.
@@ -944,15 +957,7 @@ class Scheduler:
         if any(a.stop_reason == "pressure" for a in self._running.values()):
             return  # the last one we acted on has not exited yet: let its memory go first
         candidates = [
-            RunningJob(
-                a.job.id,
-                a.job.task,
-                a.request,
-                a.memory_used,
-                a.cpus_used,
-                priority=a.job.priority,
-                started=a.started,
-            )
+            a.as_running_job()
             for a in self._running.values()
             if a.stop_reason is None and not a.paused
         ]
@@ -1358,19 +1363,7 @@ class Scheduler:
         }
 
     def _running_jobs(self) -> list[RunningJob]:
-        return [
-            RunningJob(
-                a.job.id,
-                a.job.task,
-                a.request,
-                a.memory_used,
-                a.cpus_used,
-                priority=a.job.priority,
-                started=a.started,
-                gpu_devices=a.gpu_devices,
-            )
-            for a in self._running.values()
-        ]
+        return [a.as_running_job() for a in self._running.values()]
 
     def gpu_problem(self, task: Task) -> str | None:
         """Why a job of ``task`` cannot be accepted now (it needs GPUs and there is no
