@@ -326,3 +326,60 @@ def test_cli_uses_jobserver_token(tmp_path: Path, server_factory: Any) -> None:
     )
     assert refused.returncode == 2
     assert "jobserver token create" in refused.stderr
+
+
+async def test_lifecycle_routes_keep_clients_apart(make_harness: Any, tmp_path: Path) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        alice, bob = bearer(tokens["alice"]), bearer(tokens["bob"])
+        made = await h.client.post(
+            "/api/v1/jobs",
+            json={"task": "make_files", "args": {"names": ["out.txt"]}},
+            headers={**alice, "Idempotency-Key": "same-key"},
+        )
+        assert made.status_code == 202
+        job = await wait_as(h.client, made.json()["id"], alice, "succeeded")
+        assert [a["name"] for a in job["artifacts"]] == ["out.txt"]
+        failed = await h.client.post(
+            "/api/v1/jobs", json={"task": "fail", "args": {}}, headers=alice
+        )
+        await wait_as(h.client, failed.json()["id"], alice, "failed")
+
+        for method, path in [
+            ("GET", f"/api/v1/jobs/{job['id']}?wait=1"),
+            ("GET", f"/api/v1/jobs/{job['id']}/logs"),
+            ("GET", f"/api/v1/jobs/{job['id']}/artifacts/out.txt"),
+            ("GET", f"/api/v1/jobs/{job['id']}/events"),
+            ("POST", f"/api/v1/jobs/{failed.json()['id']}/retry"),
+        ]:
+            response = await h.client.request(method, path, headers=bob)
+            assert response.status_code == 404, (method, path, response.text)
+        # Alice reaches all of them.
+        assert (await h.client.get(f"/api/v1/jobs/{job['id']}/logs", headers=alice)).is_success
+        artifact = await h.client.get(f"/api/v1/jobs/{job['id']}/artifacts/out.txt", headers=alice)
+        assert artifact.text == "content of out.txt"
+
+        # Another client's job is no dependency of bob's: unknown, and nothing is stored.
+        before = (await h.client.get("/api/v1/jobs", headers=bearer(tokens["admin"]))).json()
+        depending = await h.client.post(
+            "/api/v1/jobs",
+            json={"task": "add", "args": {"a": 1}, "depends_on": [job["id"]]},
+            headers=bob,
+        )
+        assert depending.status_code == 422, depending.text
+        after = (await h.client.get("/api/v1/jobs", headers=bearer(tokens["admin"]))).json()
+        assert len(after["jobs"]) == len(before["jobs"])
+
+        # Idempotency keys are per client: bob's "same-key" is a new job, not alice's.
+        bobs = await h.client.post(
+            "/api/v1/jobs",
+            json={"task": "make_files", "args": {"names": ["out.txt"]}},
+            headers={**bob, "Idempotency-Key": "same-key"},
+        )
+        assert bobs.status_code == 202 and bobs.json()["id"] != job["id"]
+        again = await h.client.post(
+            "/api/v1/jobs",
+            json={"task": "make_files", "args": {"names": ["out.txt"]}},
+            headers={**alice, "Idempotency-Key": "same-key"},
+        )
+        assert again.status_code == 200 and again.json()["id"] == job["id"]
