@@ -74,9 +74,9 @@ def make_runner(settings: Settings) -> Runner:
     return Runner(settings.task_paths, environment, _child_settings(server))
 
 
-def load_tasks(settings: Settings) -> Registry:
+def load_tasks(settings: Settings, runner: Runner | None = None) -> Registry:
     """Import every task (or ask a task's own interpreter about it) before serving."""
-    describe = make_runner(settings).describe
+    describe = (runner or make_runner(settings)).describe
     return Registry.load(settings.tasks, settings.task_paths, describe=describe)
 
 
@@ -175,7 +175,7 @@ def build(
     to take over the test runner's signals)."""
     server_settings = settings.server
     runner = make_runner(settings)
-    registry = registry or load_tasks(settings)
+    registry = registry or load_tasks(settings, runner)
     store = Store.open(server_settings.database, synchronous=server_settings.durability.upper())
     metrics = Metrics()
     events = Events(metrics)

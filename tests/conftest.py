@@ -21,7 +21,7 @@ import pytest
 from jobserver import config
 from jobserver.resources import Snapshot
 from jobserver.server import Application, build
-from jobserver.store import migrate
+from jobserver.store import Store, migrate
 
 TESTS_DIR = Path(__file__).resolve().parent
 GiB = 2**30
@@ -204,6 +204,21 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} never reached {states}: {document}")
         await anyio.sleep(0.02)
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    """A migrated SQLite file in the test's temp dir."""
+    path = tmp_path / "jobs.db"
+    migrate(path)
+    return path
+
+
+@pytest.fixture
+async def store(database: Path) -> AsyncIterator[Store]:
+    opened = Store.open(database)
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store, migrate
+from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def database(tmp_path: Path) -> Path:
-    path = tmp_path / "jobs.db"
-    migrate(path)
-    return path
-
-
-@pytest.fixture
-async def store(database: Path) -> AsyncIterator[Store]:
-    opened = Store.open(database)
-    yield opened
-    await opened.close()
 
 
 def stored_ids(database: Path) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 import zoneinfo
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,6 @@ from tests.conftest import FakeProbe, write_config
 pytestmark = pytest.mark.anyio
 
 T0 = datetime(2026, 1, 10, 2, 30, tzinfo=UTC)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    migrate(tmp_path / "jobs.db")
-    opened = Store.open(tmp_path / "jobs.db")
-    yield opened
-    await opened.close()
 
 
 def nightly(**overrides: Any) -> CronJob:

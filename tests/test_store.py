@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,20 +29,6 @@ from jobserver.store import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def database(tmp_path: Path) -> Path:
-    path = tmp_path / "jobs.db"
-    migrate(path)
-    return path
-
-
-@pytest.fixture
-async def store(database: Path) -> AsyncIterator[Store]:
-    opened = Store.open(database)
-    yield opened
-    await opened.close()
 
 
 async def insert(store: Store, task: str = "t", priority: int = 0) -> str:
