@@ -91,6 +91,8 @@ class SchedulerPort(Protocol):
 
     def wake(self) -> None: ...
 
+    def cancel_requested(self) -> None: ...
+
     def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
 
     def view(self) -> dict[str, Any]: ...
@@ -425,7 +427,7 @@ def create_app(
         job = await store.request_cancel(
             request.path_params["job_id"], utcnow(), owner=_owner(request)
         )
-        scheduler.wake()
+        scheduler.cancel_requested()
         if job.state is JobState.CANCELLED:
             events.transition(job, JobState.QUEUED, reason=job.reason)
         else:

@@ -550,6 +550,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+def has_artifacts(workdir: Path) -> bool:
+    """Whether the attempt left anything in its output directory (cheap: one directory
+    read, no hashing)."""
+    try:
+        with os.scandir(workdir / ARTIFACTS_DIR_NAME) as entries:
+            return any(True for _ in entries)
+    except FileNotFoundError:
+        return False
+
+
 def list_artifacts(workdir: Path) -> tuple[Artifact, ...]:
     """The regular files an attempt left in its output directory (top level only;
     symlinks and directories are not artifacts), with size and sha256.  Blocking: call

@@ -35,7 +35,7 @@ from jobserver.resources import (
     process_start_time,
     tree_usage,
 )
-from jobserver.runner import LaunchSpec, ProcessHandle, Runner, list_artifacts
+from jobserver.runner import LaunchSpec, ProcessHandle, Runner, has_artifacts, list_artifacts
 from jobserver.store import Finish, Store, TaskRun
 from jobserver.tasks import Registry, Task
 
@@ -638,6 +638,11 @@ class Scheduler:
         self._hurry = False
         self._events = events or Events()
         self._under_pressure: set[str] = set()
+        # Cancel requests are read from the store on a cancel_requested() hint, else at
+        # most twice per poll_interval (an admin may set the flag with sqlite3), not on
+        # every tick: under load there is a tick per finishing job (issue 6).
+        self._cancels_read_at = float("-inf")
+        self._cancel_hint = False
 
     def _make_limits(self) -> Limits:
         s = self._settings
@@ -725,6 +730,11 @@ class Scheduler:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def cancel_requested(self) -> None:
+        """A client asked to cancel a running job: look at the cancel flags on the next tick."""
+        self._cancel_hint = True
+        self.wake()
+
     async def _loop(self) -> None:
         # Not `while True`: on Python 3.11 asyncio.wait_for swallows a cancel that arrives
         # as the wake-up event fires (CPython gh-86296), and stop() would wait forever.
@@ -778,10 +788,15 @@ class Scheduler:
         ignored SIGTERM."""
         if not self._running:
             return
-        for job_id in await self._store.cancel_requested():
-            attempt = self._running.get(job_id)
-            if attempt is not None and attempt.stop_reason is None:
-                self._terminate(attempt, "cancel")
+        if (
+            self._cancel_hint
+            or monotonic - self._cancels_read_at >= self._settings.poll_interval / 2
+        ):
+            self._cancel_hint, self._cancels_read_at = False, monotonic
+            for job_id in await self._store.cancel_requested():
+                attempt = self._running.get(job_id)
+                if attempt is not None and attempt.stop_reason is None:
+                    self._terminate(attempt, "cancel")
         for attempt in list(self._running.values()):
             elapsed = monotonic - attempt.started
             if (
@@ -858,8 +873,16 @@ class Scheduler:
         self._plan_state = decision.state
         self._waiting = dict(decision.waiting)
         self._head = [job.id for job in queued]
-        for job_id in decision.admit:
-            await self._launch(job_id, now, monotonic, decision.devices.get(job_id, ()))
+        # Together, so that their claims and recorded pids share transactions (issue 6).
+        launches = [
+            self._launch(job_id, now, monotonic, decision.devices.get(job_id, ()))
+            for job_id in decision.admit
+        ]
+        for job_id, failure in zip(
+            decision.admit, await asyncio.gather(*launches, return_exceptions=True), strict=True
+        ):
+            if isinstance(failure, Exception):
+                log.error("job %s: could not be launched", job_id, exc_info=failure)
 
     async def _launch(
         self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
@@ -915,6 +938,9 @@ class Scheduler:
             memory_limit=limit,
             cgroup=group,
             gpu_devices=gpu_devices,
+            # First sample after poll_interval / 2, like every later one: a job that ends
+            # sooner is not worth a scan of every process (issue 6).
+            sampled=monotonic,
         )
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
@@ -1071,7 +1097,11 @@ class Scheduler:
         """Store how the attempt ended: a terminal state, or back to the queue for a retry,
         after a shutdown or under memory pressure.  One log line per transition."""
         await self._store_progress(time.monotonic(), attempt)
-        artifacts = await asyncio.to_thread(list_artifacts, self.job_dir(attempt.job.id))
+        workdir = self.job_dir(attempt.job.id)
+        # Most jobs leave no artifacts: hashing them needs a thread, looking does not.
+        artifacts = (
+            await asyncio.to_thread(list_artifacts, workdir) if has_artifacts(workdir) else ()
+        )
         job, now = attempt.job, self._clock()
         duration = time.monotonic() - attempt.started
         task = self._registry.get(job.task) if job.task in self._registry else None

@@ -25,16 +25,18 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -66,6 +68,8 @@ from jobserver.jobs import (
 )
 
 log = logging.getLogger("jobserver.store")
+T = TypeVar("T")
+Operation = Callable[[AsyncConnection], Awaitable[T]]
 
 metadata = sa.MetaData()
 
@@ -289,6 +293,8 @@ class Store:
         self.group_commits = GroupCommitStats()
         # --- fast reads (issue 6) ---
         self._fast: sqlite3.Connection | None = None
+        # --- the scheduler's writes, several per transaction (issue 6) ---
+        self._shared = _SharedTransactions(self._write)
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
@@ -305,6 +311,7 @@ class Store:
             # Rows already queued are committed and answered (wait() never raises the
             # task's own outcome).
             await asyncio.wait([self._flusher])
+        await self._shared.drain()
         if self._fast is not None:
             self._fast.close()
             self._fast = None
@@ -414,14 +421,15 @@ class Store:
     async def claim(self, job_id: str, now: datetime) -> Job | None:
         """queued → running, counting an attempt (and opening its ``attempts`` row); None if
         the job is no longer queued."""
-        async with self._write() as conn:
+
+        async def claim(conn: AsyncConnection) -> Job | None:
             job = await self._set_state(
                 conn,
                 job_id,
                 JobState.QUEUED,
                 JobState.RUNNING,
                 started_at=format_timestamp(now),
-                attempts=jobs.c.attempts + 1,
+                increments={"attempts": 1},
                 pid=None,
                 pid_started_at=None,
                 reason=None,
@@ -434,19 +442,25 @@ class Store:
             )
             if job is not None:
                 await conn.execute(
-                    attempts.insert().values(
-                        job_id=job_id, attempt=job.attempts, started_at=format_timestamp(now)
-                    )
+                    OPEN_ATTEMPT,
+                    {
+                        "job_id": job_id,
+                        "attempt": job.attempts,
+                        "started_at": format_timestamp(now),
+                    },
                 )
             return job
 
+        return await self._shared.run(claim)
+
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:
-        async with self._write() as conn:
+        async def record(conn: AsyncConnection) -> None:
             await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
-                .values(pid=pid, pid_started_at=pid_started_at)
+                RECORD_PROCESS,
+                {"job_id": job_id, "v_pid": pid, "v_pid_started_at": pid_started_at},
             )
+
+        await self._shared.run(record)
 
     async def finish(self, job_id: str, finish: Finish, now: datetime) -> Job | None:
         """running → a terminal state; None if the job was not running.  The attempt's row
@@ -454,7 +468,8 @@ class Store:
         extra: dict[str, Any] = {}
         if finish.artifacts is not None:
             extra["artifacts"] = dump_json([a.__dict__ for a in finish.artifacts])
-        async with self._write() as conn:
+
+        async def record(conn: AsyncConnection) -> Job | None:
             job = await self._set_state(
                 conn,
                 job_id,
@@ -469,7 +484,7 @@ class Store:
                 exit_code=finish.exit_code,
                 peak_rss=finish.peak_rss,
                 cpu_seconds=finish.cpu_seconds,
-                failures=jobs.c.failures + (1 if finish.state is JobState.FAILED else 0),
+                increments={"failures": 1 if finish.state is JobState.FAILED else 0},
                 pid=None,
                 **extra,
             )
@@ -477,6 +492,8 @@ class Store:
                 await _close_attempt(conn, job, finish.state.value, finish.error, now)
                 await _cascade(conn, job, now)
             return job
+
+        return await self._shared.run(record)
 
     async def requeue(
         self,
@@ -503,18 +520,23 @@ class Store:
         }
         if error is not None:
             values.update(error_type=error.type, error=error.message, traceback=error.traceback)
-        if rescued:
-            values["rescues"] = jobs.c.rescues + 1
-        if failed:
-            values["failures"] = jobs.c.failures + 1
-        if pressure:  # killed to protect the machine: not a failure of the task
-            values["pressure_requeues"] = jobs.c.pressure_requeues + 1
-        async with self._write() as conn:
-            job = await self._set_state(conn, job_id, JobState.RUNNING, JobState.QUEUED, **values)
+        increments = {
+            "rescues": int(rescued),
+            "failures": int(failed),
+            # killed to protect the machine: not a failure of the task
+            "pressure_requeues": int(pressure),
+        }
+
+        async def record(conn: AsyncConnection) -> Job | None:
+            job = await self._set_state(
+                conn, job_id, JobState.RUNNING, JobState.QUEUED, increments=increments, **values
+            )
             if job is not None:
                 outcome = "retrying" if failed else "pressure" if pressure else "interrupted"
                 await _close_attempt(conn, job, outcome, error, now or utcnow(), exit_code)
             return job
+
+        return await self._shared.run(record)
 
     async def fail_unstarted(self, job_id: str, error: JobError, now: datetime) -> Job | None:
         """queued → failed without running (e.g. a job rescued too often: ``lost``)."""
@@ -644,17 +666,17 @@ class Store:
         job_id: str,
         source: JobState,
         target: JobState,
+        increments: dict[str, int] | None = None,
         **values: Any,
     ) -> Job | None:
+        """source → target, setting ``values`` and adding ``increments`` to counters."""
         check_transition(source, target, job_id)
-        row = (
-            await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == source.value)
-                .values(state=target.value, **values)
-                .returning(jobs)
-            )
-        ).first()
+        increments = increments or {}
+        statement = _set_state_statement(source, target, tuple(values), tuple(increments))
+        parameters: dict[str, Any] = {"job_id": job_id}
+        parameters.update({f"v_{name}": value for name, value in values.items()})
+        parameters.update({f"add_{name}": value for name, value in increments.items()})
+        row = (await conn.execute(statement, parameters)).first()
         return None if row is None else _job_from_row(row)
 
     # -- lifecycle (issue 4) -------------------------------------------------------
@@ -789,17 +811,20 @@ class Store:
     ) -> bool:
         """Record a running job's latest progress (the one place progress is stored, so
         notifications can hook here).  False if the job is not running any more."""
-        async with self._write() as conn:
+
+        async def record(conn: AsyncConnection) -> bool:
             result = await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
-                .values(
-                    progress_fraction=fraction,
-                    progress_message=message,
-                    progress_updated_at=format_timestamp(now),
-                )
+                SET_PROGRESS,
+                {
+                    "job_id": job_id,
+                    "v_progress_fraction": fraction,
+                    "v_progress_message": message,
+                    "v_progress_updated_at": format_timestamp(now),
+                },
             )
-        return bool(result.rowcount)
+            return bool(result.rowcount)
+
+        return await self._shared.run(record)
 
     async def prunable(
         self, now: datetime, default: float, per_task: dict[str, float], limit: int = 500
@@ -922,19 +947,22 @@ class Store:
     # -- task runs (resource-aware scheduling) ----------------------------------------
 
     async def record_run(self, run: TaskRun) -> None:
-        async with self._write() as conn:
+        async def record(conn: AsyncConnection) -> None:
             await conn.execute(
-                task_runs.insert().values(
-                    task=run.task,
-                    job_id=run.job_id,
-                    attempt=run.attempt,
-                    outcome=run.outcome,
-                    peak_rss=run.peak_rss,
-                    cpu_seconds=run.cpu_seconds,
-                    wall_seconds=run.wall_seconds,
-                    finished_at=format_timestamp(run.finished_at),
-                )
+                task_runs.insert(),
+                {
+                    "task": run.task,
+                    "job_id": run.job_id,
+                    "attempt": run.attempt,
+                    "outcome": run.outcome,
+                    "peak_rss": run.peak_rss,
+                    "cpu_seconds": run.cpu_seconds,
+                    "wall_seconds": run.wall_seconds,
+                    "finished_at": format_timestamp(run.finished_at),
+                },
             )
+
+        await self._shared.run(record)
 
     async def recent_runs(self, task: str, limit: int) -> list[TaskRun]:
         """The task's last ``limit`` measured runs, newest first (through its index)."""
@@ -1133,7 +1161,77 @@ class GroupCommitStats:
     rows: int = 0
 
 
-def _answer(future: asyncio.Future[Job], outcome: Job | Exception) -> None:
+class _SharedTransactions:
+    """Runs the scheduler's writes several to a transaction (issue 6).
+
+    Claims, recorded pids, outcomes, progress and run records come in bursts: many jobs
+    start and end within a millisecond.  In a transaction each, every one would pay a
+    commit (an fsync with synchronous=FULL) and a round of thread hops.  Instead, the
+    operations that arrive while one transaction commits all go into the next.  Each
+    caller is answered after the commit that holds its operation.  An operation is only
+    statements on the connection it is given, so a batch that fails is rolled back and
+    its operations rerun one transaction each: one failing operation never fails the
+    others.
+    """
+
+    def __init__(self, write: Callable[[], AbstractAsyncContextManager[AsyncConnection]]) -> None:
+        self._write = write
+        self._queued: list[tuple[Operation[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats = GroupCommitStats()
+
+    async def run(self, operation: Operation[T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((operation, future))
+        if self._flusher is None or self._flusher.done():
+            # A task of its own: a caller that is cancelled never cancels the others' commit.
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def drain(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Operation[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[:SHARED_MAX], self._queued[SHARED_MAX:]
+                try:
+                    results = await self._commit([operation for operation, _ in batch])
+                except StorageUnavailable as exc:
+                    # The file cannot be written at all: one by one would only wait again.
+                    for _, future in batch:
+                        _answer(future, exc)
+                    continue
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _answer(batch[0][1], exc)
+                        continue
+                    for operation, future in batch:
+                        try:
+                            (result,) = await self._commit([operation])
+                        except Exception as one:
+                            _answer(future, one)
+                        else:
+                            _answer(future, result)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    _answer(future, result)
+        finally:
+            for _, future in batch + self._queued:
+                if not future.done():
+                    future.cancel()
+
+    async def _commit(self, operations: list[Operation[Any]]) -> list[Any]:
+        async with self._write() as conn:
+            results = [await operation(conn) for operation in operations]
+        self.stats.transactions += 1
+        self.stats.rows += len(operations)
+        return results
+
+
+def _answer(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # its caller went away; the row is committed all the same
         return
     if isinstance(outcome, Exception):
@@ -1143,6 +1241,7 @@ def _answer(future: asyncio.Future[Job], outcome: Job | Exception) -> None:
 
 
 GROUP_COMMIT_MAX = 500  # rows per transaction, well under SQLite's bound-parameter limit
+SHARED_MAX = 200  # scheduler writes per shared transaction: bounds how long one holds the lock
 
 
 def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
@@ -1219,19 +1318,16 @@ async def _close_attempt(
     exit_code: int | None = None,
 ) -> None:
     await conn.execute(
-        attempts.update()
-        .where(
-            attempts.c.job_id == job.id,
-            attempts.c.attempt == job.attempts,
-            attempts.c.finished_at.is_(None),
-        )
-        .values(
-            finished_at=format_timestamp(now),
-            outcome=outcome,
-            error_type=error.type if error else None,
-            error=error.message if error else None,
-            exit_code=job.exit_code if exit_code is None else exit_code,
-        )
+        CLOSE_ATTEMPT,
+        {
+            "w_job_id": job.id,
+            "w_attempt": job.attempts,
+            "v_finished_at": format_timestamp(now),
+            "v_outcome": outcome,
+            "v_error_type": error.type if error else None,
+            "v_error": error.message if error else None,
+            "v_exit_code": job.exit_code if exit_code is None else exit_code,
+        },
     )
 
 
@@ -1298,6 +1394,60 @@ async def _cascade_new(conn: AsyncConnection, job: Job, now: datetime) -> None:
                 error=reason,
             )
         )
+
+
+# -- statements built once (issue 6) ---------------------------------------------------
+# Building a SQLAlchemy statement and its cache key costs more than SQLite takes to run
+# it; the scheduler's writes run per job, so their statements are built once and bound.
+# (Bound names differ from column names: SQLAlchemy reserves those in SET clauses.)
+
+
+@functools.cache
+def _set_state_statement(
+    source: JobState, target: JobState, names: tuple[str, ...], counters: tuple[str, ...]
+) -> sa.Update:
+    values: dict[str, Any] = {
+        name: sa.bindparam(f"v_{name}", type_=jobs.c[name].type) for name in names
+    }
+    values.update({name: jobs.c[name] + sa.bindparam(f"add_{name}") for name in counters})
+    return (
+        jobs.update()
+        .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.state == source.value)
+        .values(state=target.value, **values)
+        .returning(jobs)
+    )
+
+
+OPEN_ATTEMPT = attempts.insert()  # bound by column name
+RECORD_PROCESS = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.state == JobState.RUNNING.value)
+    .values(pid=sa.bindparam("v_pid"), pid_started_at=sa.bindparam("v_pid_started_at"))
+)
+CLOSE_ATTEMPT = (
+    attempts.update()
+    .where(
+        attempts.c.job_id == sa.bindparam("w_job_id"),
+        attempts.c.attempt == sa.bindparam("w_attempt"),
+        attempts.c.finished_at.is_(None),
+    )
+    .values(
+        {
+            name: sa.bindparam(f"v_{name}")
+            for name in ("finished_at", "outcome", "error_type", "error", "exit_code")
+        }
+    )
+)
+SET_PROGRESS = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.state == JobState.RUNNING.value)
+    .values(
+        {
+            name: sa.bindparam(f"v_{name}")
+            for name in ("progress_fraction", "progress_message", "progress_updated_at")
+        }
+    )
+)
 
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
