@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -295,6 +296,7 @@ class Store:
         self._fast: sqlite3.Connection | None = None
         # --- the scheduler's writes, several per transaction (issue 6) ---
         self._shared = _SharedTransactions(self._write)
+        self.shared_commits = self._shared.stats
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
@@ -324,7 +326,7 @@ class Store:
         try:
             async with self._writer.begin() as conn:
                 yield conn
-        except OperationalError as exc:
+        except (OperationalError, sqlite3.OperationalError) as exc:
             raise _unavailable(exc) from exc
 
     @contextlib.asynccontextmanager
@@ -441,12 +443,13 @@ class Store:
                 progress_updated_at=None,
             )
             if job is not None:
-                await conn.execute(
+                await _execute(
+                    conn,
                     OPEN_ATTEMPT,
                     {
-                        "job_id": job_id,
-                        "attempt": job.attempts,
-                        "started_at": format_timestamp(now),
+                        "v_job_id": job_id,
+                        "v_attempt": job.attempts,
+                        "v_started_at": format_timestamp(now),
                     },
                 )
             return job
@@ -455,7 +458,8 @@ class Store:
 
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:
         async def record(conn: AsyncConnection) -> None:
-            await conn.execute(
+            await _execute(
+                conn,
                 RECORD_PROCESS,
                 {"job_id": job_id, "v_pid": pid, "v_pid_started_at": pid_started_at},
             )
@@ -676,8 +680,8 @@ class Store:
         parameters: dict[str, Any] = {"job_id": job_id}
         parameters.update({f"v_{name}": value for name, value in values.items()})
         parameters.update({f"add_{name}": value for name, value in increments.items()})
-        row = (await conn.execute(statement, parameters)).first()
-        return None if row is None else _job_from_row(row)
+        rows = await _execute(conn, statement, parameters)
+        return _job_from_values(rows[0]) if rows else None
 
     # -- lifecycle (issue 4) -------------------------------------------------------
 
@@ -813,7 +817,8 @@ class Store:
         notifications can hook here).  False if the job is not running any more."""
 
         async def record(conn: AsyncConnection) -> bool:
-            result = await conn.execute(
+            found = await _execute(
+                conn,
                 SET_PROGRESS,
                 {
                     "job_id": job_id,
@@ -822,7 +827,7 @@ class Store:
                     "v_progress_updated_at": format_timestamp(now),
                 },
             )
-            return bool(result.rowcount)
+            return bool(found)
 
         return await self._shared.run(record)
 
@@ -948,17 +953,18 @@ class Store:
 
     async def record_run(self, run: TaskRun) -> None:
         async def record(conn: AsyncConnection) -> None:
-            await conn.execute(
-                task_runs.insert(),
+            await _execute(
+                conn,
+                RECORD_RUN,
                 {
-                    "task": run.task,
-                    "job_id": run.job_id,
-                    "attempt": run.attempt,
-                    "outcome": run.outcome,
-                    "peak_rss": run.peak_rss,
-                    "cpu_seconds": run.cpu_seconds,
-                    "wall_seconds": run.wall_seconds,
-                    "finished_at": format_timestamp(run.finished_at),
+                    "v_task": run.task,
+                    "v_job_id": run.job_id,
+                    "v_attempt": run.attempt,
+                    "v_outcome": run.outcome,
+                    "v_peak_rss": run.peak_rss,
+                    "v_cpu_seconds": run.cpu_seconds,
+                    "v_wall_seconds": run.wall_seconds,
+                    "v_finished_at": format_timestamp(run.finished_at),
                 },
             )
 
@@ -1317,7 +1323,8 @@ async def _close_attempt(
     now: datetime,
     exit_code: int | None = None,
 ) -> None:
-    await conn.execute(
+    await _execute(
+        conn,
         CLOSE_ATTEMPT,
         {
             "w_job_id": job.id,
@@ -1418,7 +1425,24 @@ def _set_state_statement(
     )
 
 
-OPEN_ATTEMPT = attempts.insert()  # bound by column name
+def _insert_statement(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
+    return table.insert().values({name: sa.bindparam(f"v_{name}") for name in names})
+
+
+OPEN_ATTEMPT = _insert_statement(attempts, ("job_id", "attempt", "started_at"))
+RECORD_RUN = _insert_statement(
+    task_runs,
+    (
+        "task",
+        "job_id",
+        "attempt",
+        "outcome",
+        "peak_rss",
+        "cpu_seconds",
+        "wall_seconds",
+        "finished_at",
+    ),
+)
 RECORD_PROCESS = (
     jobs.update()
     .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.state == JobState.RUNNING.value)
@@ -1447,7 +1471,32 @@ SET_PROGRESS = (
             for name in ("progress_fraction", "progress_message", "progress_updated_at")
         }
     )
+    .returning(jobs.c.id)
 )
+JOB_COLUMNS = tuple(column.name for column in jobs.c)
+_DIALECT = sqlite_dialect(paramstyle="named")
+
+
+@functools.cache
+def _compiled(statement: sa.ClauseElement) -> tuple[str, dict[str, Any]]:
+    """The SQL text of a statement built once, and the values of its literal parameters."""
+    compiled = statement.compile(dialect=_DIALECT)
+    return str(compiled), dict(compiled.params)
+
+
+async def _execute(
+    conn: AsyncConnection, statement: sa.ClauseElement, parameters: dict[str, Any]
+) -> list[Any]:
+    """Run a prebuilt statement in the connection's transaction in one hop to the database
+    thread (through SQLAlchemy's adapter a statement takes four: cursor, execute, fetch,
+    close).  Returns the rows, as tuples (of ``JOB_COLUMNS`` for ``RETURNING jobs``)."""
+    sql, literals = _compiled(statement)
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    return list(await driver.execute_fetchall(sql, {**literals, **parameters}))
+
+
+def _job_from_values(values: Any) -> Job:
+    return _job_from_mapping(dict(zip(JOB_COLUMNS, values, strict=True)))
 
 
 def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
@@ -1479,11 +1528,11 @@ def _queue_head_statement() -> sa.Select[Any]:
 QUEUE_HEAD = _queue_head_statement()
 
 
-def _unavailable(exc: OperationalError) -> StorageUnavailable:
+def _unavailable(exc: OperationalError | sqlite3.OperationalError) -> StorageUnavailable:
     return StorageUnavailable(
         "the job database cannot be used right now (disk full, read-only or locked); "
         "nothing was changed; retry later",
-        str(exc.orig),
+        str(exc.orig if isinstance(exc, OperationalError) else exc),
     )
 
 

@@ -4,6 +4,7 @@ after the commit that holds its row; a bad row never fails the others."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sqlite3
 from pathlib import Path
@@ -198,3 +199,76 @@ def test_get_reads_by_primary_keys_only(database: Path) -> None:
     assert any("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)" in d for d in details)
     assert any(d.startswith("SEARCH a USING") and "(job_id=?)" in d for d in details)
     assert any(d.startswith("SEARCH d USING") and "(job_id=?)" in d for d in details)
+
+
+# -- the scheduler's writes share transactions (issue 6) ----------------------------------
+
+
+async def test_concurrent_claims_and_outcomes_share_commits_and_answer_after_them(
+    store: Store, database: Path
+) -> None:
+    ids = [
+        (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id for _ in range(12)
+    ]
+    before = dataclasses.replace(store.shared_commits)
+
+    def states() -> dict[str, str]:
+        with sqlite3.connect(database) as db:
+            return dict(db.execute("SELECT id, state FROM jobs").fetchall())
+
+    async def run_one(job_id: str) -> tuple[str, str]:
+        claimed = await store.claim(job_id, utcnow())
+        assert claimed is not None and claimed.attempts == 1
+        seen_running = states()[job_id]  # committed by the time the caller hears of it
+        finished = await store.finish(job_id, Finish(JobState.SUCCEEDED, result=job_id), utcnow())
+        assert finished is not None and finished.result == job_id
+        return seen_running, states()[job_id]
+
+    seen = await asyncio.gather(*(run_one(job_id) for job_id in ids))
+    assert seen == [("running", "succeeded")] * 12
+    # 12 claims and 12 outcomes: far fewer transactions than operations.
+    assert store.shared_commits.rows - before.rows == 24
+    assert store.shared_commits.transactions - before.transactions <= 4
+    for job_id in ids:
+        job = await store.get(job_id)
+        assert [(a.attempt, a.outcome) for a in job.history] == [(1, "succeeded")]
+
+
+async def test_a_failing_write_in_a_shared_transaction_fails_only_its_caller(
+    store: Store, database: Path
+) -> None:
+    good = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
+    await store.insert(NewJob("t", {}, 0, 0), "dup", utcnow())
+
+    async def insert_duplicate(conn: Any) -> None:
+        from jobserver.store import jobs
+
+        await conn.execute(
+            jobs.insert().values(
+                id="dup",
+                task="t",
+                args="{}",
+                state="queued",
+                priority=0,
+                created_at="x",
+                max_retries=0,
+            )
+        )
+
+    results = await asyncio.gather(
+        store.claim(good, utcnow()),
+        store._shared.run(insert_duplicate),
+        return_exceptions=True,
+    )
+    claimed, failure = results
+    assert isinstance(failure, IntegrityError)
+    assert not isinstance(claimed, BaseException) and claimed is not None
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT state FROM jobs WHERE id = ?", (good,)).fetchone() == ("running",)
+
+
+def test_returning_statements_list_the_columns_job_rows_are_decoded_with() -> None:
+    from jobserver.store import JOB_COLUMNS, _compiled, _set_state_statement
+
+    sql, _ = _compiled(_set_state_statement(JobState.QUEUED, JobState.RUNNING, ("pid",), ()))
+    assert sql.endswith("RETURNING " + ", ".join(JOB_COLUMNS))
