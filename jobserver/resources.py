@@ -22,7 +22,9 @@ before any window exists, idle is estimated from the 1-minute load average
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -512,11 +514,31 @@ def _descendants(pid: int, children: Mapping[int, list[int]]) -> list[psutil.Pro
 
 
 def process_start_time(pid: int) -> float | None:
-    """``pid``'s creation time (seconds since the epoch), None if there is no such process."""
+    """``pid``'s creation time (seconds since the epoch), None if there is no such process.
+
+    Read once per started job: on Linux straight from /proc (what psutil computes, at a
+    fifth of the cost of building a ``psutil.Process``)."""
+    if sys.platform != "linux":
+        try:
+            return float(psutil.Process(pid).create_time())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
     try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
         return None
+    # Field 22 (starttime, in clock ticks since boot); the name before it may hold spaces.
+    ticks = int(data[data.rfind(b")") + 2 :].split()[19])
+    return _boot_time() + ticks / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@functools.cache
+def _boot_time() -> float:
+    return float(psutil.boot_time())
 
 
 def is_same_process(pid: int, start_time: float) -> bool:

@@ -312,6 +312,18 @@ def test_is_same_process_checks_the_start_time() -> None:
     assert not is_same_process(os.getpid(), started + 0.5)
 
 
+def test_process_start_time_is_what_psutil_reports() -> None:
+    # Read from /proc directly (issue 6); the rescuer compares it with stored values.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = process_start_time(child.pid)
+        assert started is not None
+        assert abs(started - psutil.Process(child.pid).create_time()) < 0.01
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_find_tagged_processes_finds_children_that_escaped_the_group(
     children: list[subprocess.Popen[bytes]],
 ) -> None:
