@@ -344,6 +344,13 @@ def _pick_gpus(
     each = f" with {format_size(request.gpu_memory)} free each" if request.gpu_memory else ""
     if count > len(gpus):
         return (), f"needs {count} GPU(s) but the machine has {len(gpus)}: it can never start"
+    big_enough = [gpu for gpu in gpus if gpu.memory_total >= request.gpu_memory]
+    if len(big_enough) < count:
+        largest = max(gpu.memory_total for gpu in gpus)
+        return (), (
+            f"needs {count} GPU(s){each} but {len(big_enough)} of the machine's GPUs have "
+            f"that much memory at all (largest {format_size(largest)}): it can never start"
+        )
     fitting = sorted(
         (gpu for gpu in gpus if gpu.index not in taken and gpu.memory_free >= request.gpu_memory),
         key=lambda gpu: (-gpu.memory_free, gpu.index),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def add(a: int, b: int = 0) -> int:
@@ -159,3 +160,18 @@ def hold_memory(mib: int, path: str = "", seconds: float = 60) -> int:
 def cuda_devices() -> str | None:
     """The GPUs the scheduler gave this job."""
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def cuda_report() -> dict[str, Any]:
+    """What a GPU job sees: its CUDA_VISIBLE_DEVICES and, where PyTorch is installed, the
+    devices CUDA shows it and a product of two 256 x 256 matrices of ones computed on it
+    (each entry 256, so the sum is 256 ** 3)."""
+    report: dict[str, Any] = {"visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import torch  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return report
+    ones = torch.ones(256, 256, device="cuda")
+    report["device_count"] = torch.cuda.device_count()
+    report["sum"] = float((ones @ ones).sum().item())
+    return report

@@ -775,6 +775,12 @@ def test_gpu_jobs_get_free_devices_with_enough_memory() -> None:
     assert again.waiting["q0004"] == (
         "waiting for GPUs: needs 2 with 20.0 GiB free each, 0 available"
     )
+    # More memory per GPU than any of them has at all: a reason that says so, not "waiting".
+    huge = QueuedJob("q0006", "t", 0, Request(0.1, MiB, gpus=1, gpu_memory=100 * GiB))
+    assert plan([huge], [], snapshot(), limits(), gpus=gpus).waiting["q0006"] == (
+        "needs 1 GPU(s) with 100.0 GiB free each but 0 of the machine's GPUs have that much "
+        "memory at all (largest 80.0 GiB): it can never start"
+    )
     # No NVML: GPU jobs wait, others do not.
     blind = plan([one, job(5)], [], snapshot(), limits(), gpus=None)
     assert blind.admit == ("q0005",)
