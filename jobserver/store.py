@@ -382,6 +382,11 @@ class Store:
 
     async def queue_head(self, limit: int, now: datetime) -> list[Job]:
         """Queued jobs that may start now, highest priority first, then oldest."""
+        # Read on every scheduler wake: on the event loop, like a poll (issue 6).
+        sql, literals = _compiled(QUEUE_HEAD)
+        found = self._fast_rows(sql, {**literals, "limit": limit, "now": format_timestamp(now)})
+        if found is not None:
+            return [_job_from_mapping(row) for row in found]
         async with self._read() as conn:
             rows = (
                 await conn.execute(QUEUE_HEAD, {"limit": limit, "now": format_timestamp(now)})
@@ -1080,18 +1085,26 @@ class Store:
     # BUSY (or anything else goes wrong) the read falls back to the pooled async path,
     # which waits and maps errors as before.
 
-    def _fast_get(self, job_id: str) -> Job | None:
-        """The job (NotFound if there is none), or None when the fast path cannot say."""
+    def _fast_rows(self, sql: str, parameters: Any) -> list[sqlite3.Row] | None:
+        """The rows of a read run on the event loop, or None when the fast path cannot
+        answer (the file is busy, or anything else failed): the caller reads the slow way."""
         try:
             if self._fast is None:
                 if self._database is None:
                     return None
                 self._fast = _open_fast_reader(self._database)
-            row = self._fast.execute(GET_JOB_SQL, (job_id,)).fetchone()
+            return self._fast.execute(sql, parameters).fetchall()
         except sqlite3.Error:
             return None
-        if row is None:
+
+    def _fast_get(self, job_id: str) -> Job | None:
+        """The job (NotFound if there is none), or None when the fast path cannot say."""
+        rows = self._fast_rows(GET_JOB_SQL, (job_id,))
+        if rows is None:
+            return None
+        if not rows:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
+        row = rows[0]
         history = sorted(json.loads(row["x_history"]))
         deps = sorted(json.loads(row["x_deps"]))
         return dataclasses.replace(

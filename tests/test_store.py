@@ -192,3 +192,20 @@ def test_one_server_per_database(tmp_path: Path) -> None:
     again = DatabaseLock(tmp_path / "x.db")
     again.acquire()
     again.release()
+
+
+async def test_queue_head_is_the_same_on_the_event_loop_and_the_pooled_path(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scheduler reads the head on the event loop's own connection (issue 6); when
+    # that connection cannot answer, the pooled path must give the same jobs.
+    now = utcnow()
+    parent = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    ids = [await insert(store, priority=p) for p in (0, 5, 5, 1)]
+    delayed = NewJob("t", {"later": True}, 9, 0, run_after=now + timedelta(hours=1))
+    await store.insert(delayed, new_job_id(), now)
+    child, _ = await store.submit(NewJob("t", {}, 9, 0, depends_on=(parent.id,)), new_job_id(), now)
+    fast = await store.queue_head(10, utcnow())
+    assert [job.id for job in fast] == [ids[1], ids[2], ids[3], parent.id, ids[0]]
+    monkeypatch.setattr(store, "_fast_rows", lambda sql, parameters: None)
+    assert await store.queue_head(10, utcnow()) == fast
