@@ -97,6 +97,8 @@ class SchedulerPort(Protocol):
 
     def view(self) -> dict[str, Any]: ...
 
+    async def starts_settled(self) -> None: ...
+
     async def task_figures(self) -> dict[str, dict[str, Any]]: ...
 
     def gpu_problem(self, task: Task) -> str | None: ...
@@ -505,6 +507,7 @@ def create_app(
         return JSONDocument({"tasks": described})
 
     async def system(request: Request) -> Response:
+        await scheduler.starts_settled()  # a job shown running in the store is in the view
         view = scheduler.view()
         view["jobs"] = await store.active_counts()
         return JSONDocument(view)
@@ -624,6 +627,7 @@ def create_app(
         except ConfigError as exc:
             raise ValidationError(exc.message, exc.details) from None
         scheduler.wake()
+        await scheduler.starts_settled()
         view = scheduler.view()
         view["jobs"] = await store.active_counts()
         return JSONDocument({"changed": changed, "system": view})

@@ -15,9 +15,10 @@ cannot import itself because it needs packages only that task's interpreter has.
 Stdlib only: this file also runs under interpreters that have nothing else installed.
 
 Before any task code is imported, the process applies the spec's resource limits, switches
-to the ``run_as`` user if one is set, and asks to die with the server (in that order:
+to the ``run_as`` user if one is set, and asks to die with its parent (in that order:
 changing credentials clears the parent-death signal).  A result larger than the spec's
-``max_result_size`` is replaced by a ``ResultTooLarge`` error.
+``max_result_size`` is replaced by a ``ResultTooLarge`` error.  ``run_job`` is that whole
+sequence; the fork server (forkserver.py) calls it too, in the processes it forks.
 """
 
 from __future__ import annotations
@@ -38,16 +39,35 @@ PR_SET_PDEATHSIG = 1
 CGROUP_ENV = "JOBSERVER_CGROUP_PROCS"
 
 
-def die_with_server() -> None:
-    """Ask the kernel to SIGKILL us when the server dies, then check it has not already died
-    (the request only covers a parent alive at the time of the call)."""
+SERVER_PID_ENV = "JOBSERVER_SERVER_PID"
+
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    """The C library, loaded once (the fork server loads it before forking)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def die_with_parent(expected: int | None) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies, then check that the parent is
+    still ``expected`` (the request only covers a parent alive at the time of the call).
+    The parent is the server, or the fork server for a process it forked."""
     if sys.platform != "linux":
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    expected = os.environ.get("JOBSERVER_SERVER_PID")
-    if expected is not None and os.getppid() != int(expected):
+    libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if expected is not None and os.getppid() != expected:
         os._exit(137)
+
+
+def server_pid() -> int | None:
+    """The server's pid, as the runner put it in our environment."""
+    value = os.environ.get(SERVER_PID_ENV)
+    return int(value) if value else None
 
 
 RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "core": "RLIMIT_CORE"}
@@ -72,7 +92,7 @@ def drop_privileges(user: str) -> None:
     Done here rather than with ``posix_spawn`` (which cannot change users) or
     ``preexec_fn`` (unsafe in the threaded server): this process has one thread and no
     task code has run yet.  Changing credentials clears the parent-death signal, so
-    ``die_with_server`` is called after this.
+    ``die_with_parent`` is called after this.
     """
     import pwd
 
@@ -172,7 +192,7 @@ def describe(function: str) -> dict[str, Any]:
     return {"ok": True, "params": params}
 
 
-def _frozen_setup() -> None:
+def frozen_setup() -> None:
     """In the single-file binary: add task_paths by hand (its interpreter ignores
     PYTHONPATH, where the runner puts them) and give programs the task starts the
     library path they would have had, not the binary's bundled libraries (this process
@@ -190,7 +210,7 @@ def _frozen_setup() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    _frozen_setup()
+    frozen_setup()
     if argv[:1] == ["--describe"]:
         try:
             document = describe(argv[1])
@@ -201,7 +221,20 @@ def main(argv: list[str] | None = None) -> None:
         except (TypeError, ValueError):  # a default that JSON cannot carry
             print(json.dumps(_error("TypeError", "a parameter default is not JSON-serialisable")))
         sys.exit(0 if document["ok"] else 1)
-    spec = json.loads(Path(argv[0]).read_text())
+    sys.exit(run_job(read_spec(argv[0]), server_pid()))
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    with open(path, "rb") as file:
+        spec: dict[str, Any] = json.loads(file.read())
+    return spec
+
+
+def run_job(spec: dict[str, Any], parent: int | None) -> int:
+    """Everything a job process does once it has its spec; returns its exit code.
+
+    ``parent`` is the pid this process must die with (the server, or the fork server that
+    forked it)."""
     # Join the job's cgroup first: it needs the server's privileges, and everything the
     # task starts must be inside the limit.  If that fails the job must not run unlimited.
     failed = None
@@ -212,12 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     apply_rlimits(spec.get("rlimits") or {})
     if spec.get("run_as"):
         drop_privileges(spec["run_as"])
-    die_with_server()
+    die_with_parent(parent)
     code, document = (1, failed) if failed is not None else run(spec)
     sys.stdout.flush()
     sys.stderr.flush()
     write_atomically(Path(spec["result_path"]), document)
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ class ServerSettings:
     rlimit_nproc: int | None = None  # processes for the job's user
     rlimit_core: int | None = None  # core dump size, bytes (0: no core dumps)
     log_format: str = "text"  # "text" (human-readable lines) or "json" (one object per line)
+    fork_server: bool = True  # fork Python jobs from a warm process instead of spawning each
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,7 @@ def _server(table: _Table, base: Path) -> ServerSettings:
         rlimit_nproc=table.get("rlimit_nproc", _integer(0), default.rlimit_nproc),
         rlimit_core=table.get("rlimit_core", parse_size, default.rlimit_core),
         log_format=table.get("log_format", _choice(LOG_FORMATS), default.log_format),
+        fork_server=table.get("fork_server", _boolean, default.fork_server),
     )
 
 

@@ -8,20 +8,31 @@ line by line for progress reports and its result.  A Python task also gets a pro
 pipe (``reporting``).  The runner never touches the database and never decides which job
 runs; callers get a ``ProcessHandle`` and, at the end, an ``Outcome``, whatever way the
 process was started.
+
+A Python task run by the server's own interpreter is forked by the fork server
+(forkserver.py, started once, with the task modules imported) instead of spawned as
+``python -m jobserver.child``: same process layout, without an interpreter start per job.
+The job is then the fork server's child, so its exit status comes from the fork server,
+which keeps the exited process unreaped until this side says it will not signal its group
+again.  Commands, tasks with their own ``python`` and ``fork_server = false`` spawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -29,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jobserver.forkserver as forkserver
 from jobserver.errors import ConfigError
 from jobserver.jobs import (
     ARTIFACTS_DIR_NAME,
@@ -42,12 +54,16 @@ from jobserver.jobs import (
 )
 from jobserver.reporting import FD_ENV, OUTPUT_DIR_ENV, parse_line
 
+log = logging.getLogger("jobserver")
+
 LOG_NAME = JOB_LOG_NAME
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
 CHILD_NAME = "child.py"  # a copy of jobserver/child.py, for tasks with their own interpreter
 # Every process of a job inherits this variable: a dead server's leftovers are found by it.
-JOB_ID_ENV = "JOBSERVER_JOB_ID"
+JOB_ID_ENV = forkserver.JOB_ID_ENV
+SERVER_PID_ENV = "JOBSERVER_SERVER_PID"  # child.SERVER_PID_ENV
+CGROUP_ENV = "JOBSERVER_CGROUP_PROCS"  # child.CGROUP_ENV
 
 
 @dataclass(frozen=True)
@@ -159,10 +175,11 @@ class ProcessHandle:
     ``progress`` is the latest report (fraction, message) and ``progress_seq`` counts
     reports, so the scheduler can tell a new one from the one it stored."""
 
-    def __init__(self, pid: int, result_path: Path) -> None:
+    def __init__(self, pid: int, result_path: Path, forked_by: _ForkServer | None = None) -> None:
         self.pid = pid
         self._result_path = result_path
         self._reaped = False
+        self._forked_by = forked_by  # None: our own child, spawned
         self.progress: tuple[float | None, str] | None = None
         self.progress_seq = 0
         self._pipes: list[_Pipe] = []
@@ -184,14 +201,23 @@ class ProcessHandle:
     def signal_tree(self, signum: int) -> None:
         if self._reaped:
             return
+        if self._forked_by is not None:
+            self._forked_by.signal_group(self.pid, signum)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
 
     async def wait(self) -> Outcome:
         try:
-            status = await _wait_for_exit(self.pid, self._on_exit)
+            if self._forked_by is None:
+                exit_code = os.waitstatus_to_exitcode(await _wait_for_exit(self.pid, self._on_exit))
+            else:
+                # The fork server killed what the job left in its group, as _on_exit does.
+                answer = await self._forked_by.exit_code(self.pid)
         finally:
             self._reaped = True
+            if self._forked_by is not None:
+                self._forked_by.release(self.pid)
             # Whatever is left in the pipes was written before the exit: read it, then
             # close (a grandchild that escaped the group must not hold the log open).
             for pipe in self._pipes:
@@ -199,7 +225,10 @@ class ProcessHandle:
                 pipe.close()
             if self._log is not None:
                 self._log.close()
-        exit_code = os.waitstatus_to_exitcode(status)
+        if self._forked_by is not None:
+            if isinstance(answer, str):
+                return Outcome(error=JobError("Killed", answer))
+            exit_code = answer
         if self._command:
             return _command_outcome(exit_code, self._last_stdout_line)
         return _outcome(exit_code, self._result_path)
@@ -208,6 +237,273 @@ class ProcessHandle:
         # The leader is a zombie now, not yet reaped: anything it left in its group
         # (daemons, stray children) is killed before the group id can be recycled.
         self.signal_tree(signal.SIGKILL)
+
+
+class _ForkServer:
+    """Our end of one fork server (forkserver.py): asks it for job processes and hears
+    their exits.  Use it from the event-loop thread, which also spawns it (the fork
+    server's parent-death signal is tied to the spawning thread)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], reply_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reply_timeout = reply_timeout
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd = theirs.fileno()
+        if fd == forkserver.SOCKET_FD:
+            # dup2 onto itself would keep close-on-exec: move it out of the way first.
+            fd = os.dup(fd)
+        file_actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, fd, forkserver.SOCKET_FD),
+        ]
+        try:
+            self.pid = os.posix_spawn(argv[0], argv, env, file_actions=file_actions, setsid=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            if fd != theirs.fileno():
+                os.close(fd)
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self.alive = True  # False once it died or was closed: no more requests
+        # True once it has imported the task modules: until then jobs are spawned, so that
+        # a slow (or hanging) import in a task module never holds the scheduler up.
+        self.ready = False
+        self._became_ready = asyncio.Event()
+        self._retired = False  # True: no more requests; closed once its jobs are released
+        self._requests = 0
+        self._starts: dict[int, asyncio.Future[int]] = {}
+        # Per job pid, until released: its exit code, or (str) why it will never come.
+        self._exits: dict[int, asyncio.Future[int | str]] = {}
+        self._abandoned: set[int] = set()  # started for a start() that was cancelled
+        self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        self._writing = False
+        self._why = ""  # "died" or "was stopped", once not alive
+        self._buried: asyncio.Task[None] | None = None  # reaps it, once not alive
+        self._closing: asyncio.Task[None] | None = None  # close() once retired and idle
+        self._loop.add_reader(ours.fileno(), self._read)
+
+    async def fork(self, message: dict[str, Any], fds: list[int]) -> int:
+        """The pid of a new job process.  ``fds`` (its output and progress pipes) are
+        ours from now on and closed once sent.  OSError if it could not be started."""
+        if not self.alive:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EPIPE, "the fork server is gone")
+        self._requests += 1
+        started: asyncio.Future[int] = self._loop.create_future()
+        self._starts[self._requests] = started
+        self._send({**message, "op": forkserver.START, "id": self._requests}, fds)
+        try:
+            # Cancelled, it stays done: _answer then kills the job nobody waits for.
+            async with asyncio.timeout(self._reply_timeout):
+                return await started
+        except TimeoutError:
+            # A fork takes milliseconds: this one is stuck (stopped?).  Our child,
+            # unreaped: killing it is safe; its jobs die with it, and the next start
+            # launches a new one.
+            os.kill(self.pid, signal.SIGKILL)
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"the fork server (pid {self.pid}) did not answer in "
+                f"{self._reply_timeout:g} s; it was killed",
+            ) from None
+
+    async def wait_ready(self) -> None:
+        await self._became_ready.wait()
+
+    @property
+    def gone(self) -> bool:
+        """Closed or dead, and reaped."""
+        return self._buried is not None and self._buried.done()
+
+    def holds(self, pid: int) -> bool:
+        """Whether ``pid`` is one of its job processes, not yet reaped: only then may its
+        group be signalled (the id cannot have been recycled)."""
+        return self.alive and pid in self._exits
+
+    def signal_group(self, pid: int, signum: int) -> None:
+        if not self.holds(pid):
+            return
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            # Not yet its own group leader (setsid is its first step after the fork): it
+            # has started nothing yet, so the process alone is the whole tree.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    async def exit_code(self, pid: int) -> int | str:
+        return await self._exits[pid]
+
+    def release(self, pid: int) -> None:
+        """We will never signal ``pid``'s group again: the fork server may reap it."""
+        self._exits.pop(pid, None)
+        self._abandoned.discard(pid)
+        if self.alive:
+            self._send({"op": forkserver.RELEASE, "pid": pid})
+            self._close_if_idle()
+
+    def retire(self) -> None:
+        """Start no more jobs here; close once the running ones are released (SIGHUP)."""
+        self._retired = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._retired and self.alive and not self._exits and not self._starts:
+            self._closing = self._loop.create_task(self.close())
+
+    async def close(self, timeout: float = 10) -> None:
+        """Close the socket: the fork server kills what still runs, reaps it and exits."""
+        if self.alive:
+            self._disconnect("was stopped")
+            self._buried = self._loop.create_task(self._bury(expected=True))
+        if self._buried is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._buried), timeout)
+            except TimeoutError:
+                os.kill(self.pid, signal.SIGKILL)  # our child, not yet reaped
+                await self._buried
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        self._outbox.append((forkserver.encode(message), list(fds)))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._outbox and self.alive:
+            data, fds = self._outbox[0]
+            try:
+                if fds:
+                    socket.send_fds(self._sock, [data], fds)
+                else:
+                    self._sock.send(data)
+            except BlockingIOError:
+                if not self._writing:
+                    self._loop.add_writer(self._sock.fileno(), self._flush)
+                    self._writing = True
+                return
+            except OSError:
+                self._died()
+                return
+            self._outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        if self._writing and not self._outbox:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+
+    def _read(self) -> None:
+        while self.alive:
+            try:
+                data = self._sock.recv(forkserver.MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._died()
+                return
+            self._answer(forkserver.decode(data))
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == forkserver.READY:
+            self.ready = True
+            self._became_ready.set()
+            log.info(
+                "fork server (pid %d) ready: imported %d task module(s) in %.2f s",
+                self.pid,
+                len(message["preloaded"]),
+                message["seconds"],
+            )
+        elif op == forkserver.STARTED:
+            pid = int(message["pid"])
+            started = self._starts.pop(message["id"])
+            self._exits[pid] = self._loop.create_future()
+            if started.done():  # its start() was cancelled: nobody will wait for it
+                self._abandoned.add(pid)
+                self.signal_group(pid, signal.SIGKILL)
+            else:
+                started.set_result(pid)
+        elif op == forkserver.FAILED:
+            started = self._starts.pop(message["id"])
+            if not started.done():
+                started.set_exception(OSError(message["errno"] or None, message["error"]))
+        elif op == forkserver.EXITED:
+            pid = int(message["pid"])
+            exited = self._exits.get(pid)
+            if exited is not None and not exited.done():
+                exited.set_result(int(message["code"]))
+            if pid in self._abandoned:
+                self.release(pid)
+
+    def _died(self) -> None:
+        """The socket ended without our asking: the fork server died, and its jobs with it
+        (their parent-death signal).  What they left in their groups is killed now (the
+        fork server did it for those whose exit it reported): a group id stays taken
+        while anything is in the group, so it can only have been recycled if the group
+        emptied and the pid numbers wrapped around since, in the instant since the fork
+        server died."""
+        if not self.alive:
+            return
+        for pid, exited in self._exits.items():
+            if not exited.done():
+                _kill_group(pid)
+        self._disconnect("died")
+        # It may only have closed the socket: make sure it is gone (our child, unreaped).
+        os.kill(self.pid, signal.SIGKILL)
+        self._buried = self._loop.create_task(self._bury(expected=False))
+
+    def _disconnect(self, why: str) -> None:
+        self.alive = False
+        self.ready = False
+        self._why = why
+        self._loop.remove_reader(self._sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+        for _data, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
+        self._outbox.clear()
+        self._sock.close()
+        for started in self._starts.values():
+            if not started.done():
+                message = f"the fork server {why} before the job started"
+                started.set_exception(OSError(errno.EPIPE, message))
+        self._starts.clear()
+
+    async def _bury(self, expected: bool) -> None:
+        """Reap the fork server; then every job it still had ends with an error saying so."""
+        status = await _wait_for_exit(self.pid, lambda: None)
+        how = _describe_exit(os.waitstatus_to_exitcode(status))
+        waiting = [exited for exited in self._exits.values() if not exited.done()]
+        for exited in waiting:
+            exited.set_result(
+                f"the fork server (pid {self.pid}) {self._why} while the job ran ({how}); "
+                "the job's processes were killed with it"
+            )
+        if not expected:
+            log.error(
+                "the fork server (pid %d) died (%s); %d running job(s) failed with it; "
+                "the next job starts a new one",
+                self.pid,
+                how,
+                len(waiting),
+            )
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {-code} ({signal_name(-code)})"
+    return f"exit code {code}"
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -226,7 +522,15 @@ class Runner:
         python_path: Sequence[Path],
         environment: Mapping[str, str],
         child: ChildSettings | None = None,
+        *,
+        fork_server: bool = False,
+        preload: Sequence[str] = (),
+        fork_reply_timeout: float = 30.0,
     ) -> None:
+        """``fork_server``: fork Python tasks of our own interpreter from a fork server that
+        has imported the modules in ``preload``, instead of spawning each one.  A ready
+        fork server that does not answer a start in ``fork_reply_timeout`` seconds (a fork
+        takes milliseconds) is killed and the start fails."""
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
         # A program cannot ask for a parent-death signal itself: setpriv does it, then
@@ -239,10 +543,80 @@ class Runner:
 
             entry = pwd.getpwnam(self._child.run_as)  # KeyError: checked by the caller
             self._owner = (entry.pw_uid, entry.pw_gid)
+        self._forking = fork_server and fork_server_supported()
+        if fork_server and not self._forking:
+            log.warning(
+                "server.fork_server is on, but this system has no pidfds (Linux 5.3+): "
+                "every job process is spawned"
+            )
+        self._preload = list(dict.fromkeys(preload))
+        self._fork_reply_timeout = fork_reply_timeout
+        self._fork_server: _ForkServer | None = None
+        self._old_fork_servers: list[_ForkServer] = []  # retired or dead, not yet closed
 
-    def start(self, spec: LaunchSpec) -> ProcessHandle:
-        """Spawn the attempt; call from the event-loop thread (the parent-death signal is
-        tied to the thread that spawned the child, and the pipes are read by its loop)."""
+    def open(self) -> None:
+        """Start the fork server now, so the first job does not wait for its imports (call
+        from the event-loop thread; otherwise the first start does it)."""
+        if not self._forking:
+            return
+        try:
+            self._current_fork_server()
+        except OSError as exc:
+            log.error("could not start the fork server: %s; the next job tries again", exc)
+
+    def restart_fork_server(self) -> None:
+        """A new fork server for the next jobs, importing the task modules afresh (SIGHUP);
+        the old one stays until its running jobs have ended."""
+        if self._fork_server is not None:
+            self._fork_server.retire()
+            self._old_fork_servers.append(self._fork_server)
+            self._fork_server = None
+            self.open()
+
+    async def close(self) -> None:
+        """Stop the fork servers (after the scheduler has stopped: no job runs any more)."""
+        servers = [*self._old_fork_servers, *filter(None, [self._fork_server])]
+        self._fork_server, self._old_fork_servers = None, []
+        await asyncio.gather(*(server.close() for server in servers))
+
+    async def fork_server_ready(self, timeout: float = 60) -> bool:
+        """Wait until a fork server has imported the task modules (starting one if none
+        runs); False if fork_server is off or it was not ready in ``timeout`` seconds."""
+        if not self._forking:
+            return False
+        server = self._current_fork_server()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await server.wait_ready()
+        return server.ready
+
+    def fork_server_state(self) -> dict[str, Any] | None:
+        """For the system view: None when jobs are always spawned."""
+        if not self._forking:
+            return None
+        server = self._fork_server
+        alive = server is not None and server.alive
+        return {
+            "pid": server.pid if server is not None and alive else None,
+            "ready": server is not None and server.ready,
+        }
+
+    def _current_fork_server(self) -> _ForkServer:
+        server = self._fork_server
+        if server is None or not server.alive:
+            self._old_fork_servers = [old for old in self._old_fork_servers if not old.gone]
+            if server is not None:
+                self._old_fork_servers.append(server)  # dead: close() awaits its reaping
+            env = {**self._job_environment(), JOB_ID_ENV: forkserver.JOB_ID_ROOM}
+            argv = [*forkserver_command(), *self._preload]
+            server = _ForkServer(argv, env, self._fork_reply_timeout)
+            self._fork_server = server
+        return server
+
+    async def start(self, spec: LaunchSpec) -> ProcessHandle:
+        """Start the attempt; call from the event-loop thread (the parent-death signal is
+        tied to the thread that spawned the child, and the pipes are read by its loop).
+        Other coroutines run while the fork server forks."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
         (spec.workdir / ARTIFACTS_DIR_NAME).mkdir(exist_ok=True)
         if self._owner is not None:
@@ -266,6 +640,15 @@ class Runner:
                     }
                 )
             )
+            if spec.python is None and self._forking and self._current_fork_server().ready:
+                request: dict[str, Any] = {
+                    "spec": str(spec_path),
+                    "env": {**env, FD_ENV: str(PROGRESS_FD)},
+                    "progress_fd": PROGRESS_FD,
+                }
+                # A huge environment would not fit in one message: spawn that job instead.
+                if len(forkserver.encode(request)) < forkserver.MAX_MESSAGE - 1024:
+                    return await self._fork(spec, request, result_path)
             if spec.python is not None:
                 # The child module alone, run by path: the task's interpreter has no jobserver.
                 script = spec.workdir / CHILD_NAME
@@ -283,8 +666,7 @@ class Runner:
                 raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
             argv = [*self._command_wrappers(), found, *spec.command[1:]]
             program = argv[0]
-        log = _Log(spec.workdir / LOG_NAME, spec.log_limit)
-        log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
+        job_log = _start_log(spec)
         # Pipes are created close-on-exec; dup2 into the child's 1, 2 and 3 clears the flag
         # on those copies only, so nothing else leaks into the job.
         out_read, out_write = os.pipe2(os.O_CLOEXEC)
@@ -313,7 +695,7 @@ class Runner:
         except BaseException:
             for fd in fds:
                 os.close(fd)
-            log.close()
+            job_log.close()
             raise
         if spec.command is not None and spec.cgroup_procs is not None:
             # A program cannot join a cgroup itself (child.py does it for Python tasks):
@@ -321,24 +703,44 @@ class Runner:
             try:
                 spec.cgroup_procs.write_text(str(pid))
             except OSError as exc:
-                log.write(f"--- could not put the job in its cgroup: {exc}\n".encode())
+                job_log.write(f"--- could not put the job in its cgroup: {exc}\n".encode())
         handle = ProcessHandle(pid, result_path)
-        handle._log = log
+        handle._log = job_log
         # The server keeps only the read ends.
         os.close(out_write)
         if spec.command is None:
             os.close(progress_write)
             handle._pipes = [
-                _Pipe(out_read, log.write),
+                _Pipe(out_read, job_log.write),
                 _Pipe(progress_read, None, handle._report),
             ]
         else:
             os.close(err_write)
             handle._command = True
             handle._pipes = [
-                _Pipe(out_read, log.write, handle._stdout_line),
-                _Pipe(err_read, log.write),
+                _Pipe(out_read, job_log.write, handle._stdout_line),
+                _Pipe(err_read, job_log.write),
             ]
+        return handle
+
+    async def _fork(
+        self, spec: LaunchSpec, request: dict[str, Any], result_path: Path
+    ) -> ProcessHandle:
+        server = self._current_fork_server()
+        job_log = _start_log(spec)
+        out_read, out_write = os.pipe2(os.O_CLOEXEC)
+        progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The write ends go to the fork server, which passes them to the job.
+            pid = await server.fork(request, [out_write, progress_write])
+        except BaseException:
+            os.close(out_read)
+            os.close(progress_read)
+            job_log.close()
+            raise
+        handle = ProcessHandle(pid, result_path, forked_by=server)
+        handle._log = job_log
+        handle._pipes = [_Pipe(out_read, job_log.write), _Pipe(progress_read, None, handle._report)]
         return handle
 
     def _command_wrappers(self) -> list[str]:
@@ -362,7 +764,10 @@ class Runner:
             raise FileNotFoundError("run_as is set but setpriv (util-linux) is not installed")
         return wrappers
 
-    def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
+    def _job_environment(self) -> dict[str, str]:
+        """What every job's environment holds, and nothing about one job: the fork server
+        runs with it (plus room for each job's id, see forkserver.JOB_ID_ENV), so that its
+        interpreter starts as a job's would."""
         # The binary's own loader variables always pass the env_allow filter: the child
         # reuses this process's unpacked files through them (host_environment drops them
         # again for other interpreters and programs).
@@ -370,16 +775,19 @@ class Runner:
         inherited = env.get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join(self._python_path + ([inherited] if inherited else []))
         env["PYTHONUNBUFFERED"] = "1"
+        env[SERVER_PID_ENV] = str(os.getpid())
+        for name in (JOB_ID_ENV, "JOBSERVER_ATTEMPT", OUTPUT_DIR_ENV, FD_ENV, CGROUP_ENV):
+            env.pop(name, None)
+        return env
+
+    def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
+        env = self._job_environment()
         env[JOB_ID_ENV] = spec.job_id
         env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
-        env["JOBSERVER_SERVER_PID"] = str(os.getpid())
         env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
-        env.pop(FD_ENV, None)
         env.update(spec.environment)
         if spec.cgroup_procs is not None:
-            env["JOBSERVER_CGROUP_PROCS"] = str(spec.cgroup_procs)
-        else:
-            env.pop("JOBSERVER_CGROUP_PROCS", None)
+            env[CGROUP_ENV] = str(spec.cgroup_procs)
         return env
 
     def describe(self, python: Path, function: str) -> dict[str, Any]:
@@ -408,6 +816,25 @@ class Runner:
 
 def _frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
+
+
+def forkserver_command() -> list[str]:
+    """How to run the fork server under the server's own Python (see ``child_command``)."""
+    if _frozen():
+        return [sys.executable, "_forkserver"]
+    return [sys.executable, "-m", "jobserver.forkserver"]
+
+
+@cache
+def fork_server_supported() -> bool:
+    """The fork server watches its children through pidfds (Linux 5.3+)."""
+    if sys.platform != "linux" or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 def child_command() -> list[str]:
@@ -454,6 +881,12 @@ def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
     if original is not None:
         env["LD_LIBRARY_PATH"] = original
     return env
+
+
+def _start_log(spec: LaunchSpec) -> _Log:
+    job_log = _Log(spec.workdir / LOG_NAME, spec.log_limit)
+    job_log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
+    return job_log
 
 
 def kill_group(pid: int) -> None:

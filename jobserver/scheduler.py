@@ -16,7 +16,7 @@ import random
 import signal
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -637,6 +637,10 @@ class Scheduler:
         self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
         self._leftover_cgroups: list[JobCgroup] = []
         self._wakeup = asyncio.Event()
+        # Claimed jobs whose process is being started (the runner awaits the fork server).
+        self._starting = 0
+        self._none_starting = asyncio.Event()
+        self._none_starting.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._admitting = True
@@ -741,6 +745,25 @@ class Scheduler:
         """A client asked to cancel a running job: look at the cancel flags on the next tick."""
         self._cancel_hint = True
         self.wake()
+
+    async def starts_settled(self, timeout: float = 1.0) -> None:
+        """Return once no claimed job's process is still being started (or after
+        ``timeout``): every job the store shows as running is then in ``view()``, unless
+        its start failed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._none_starting.wait()
+
+    @contextlib.contextmanager
+    def _start_in_flight(self) -> Iterator[None]:
+        self._starting += 1
+        self._none_starting.clear()
+        try:
+            yield
+        finally:
+            self._starting -= 1
+            if not self._starting:
+                self._none_starting.set()
 
     async def _loop(self) -> None:
         # Not `while True`: on Python 3.11 asyncio.wait_for swallows a cancel that arrives
@@ -894,9 +917,30 @@ class Scheduler:
     async def _launch(
         self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
     ) -> None:
+        # From the claim until the attempt is in _running, view() waits for it.
+        with self._start_in_flight():
+            started = await self._claim_and_start(job_id, now, monotonic, gpu_devices)
+        if started is None:
+            return
+        attempt, waited = started
+        handle, group = attempt.handle, attempt.cgroup
+        self._events.transition(
+            attempt.job,
+            JobState.QUEUED,
+            reason=f"attempt {attempt.job.attempts}, pid {handle.pid}"
+            + (f", in cgroup {group.path}" if group is not None else ""),
+            duration=waited,
+        )
+        await self._store.record_process(attempt.job.id, handle.pid, process_start_time(handle.pid))
+
+    async def _claim_and_start(
+        self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...]
+    ) -> tuple[_Attempt, float] | None:
+        """Claim the job and start its process: the attempt (in _running) and how long the
+        job waited, or None if it was not claimed or could not start."""
         job = await self._store.claim(job_id, now)
         if job is None:  # cancelled between the read and the claim
-            return
+            return None
         queued_since = max(job.created_at, job.run_after or job.created_at)
         waited = (now - queued_since).total_seconds()
         self._events.recorder.admission(job.task)
@@ -922,7 +966,7 @@ class Scheduler:
             ),
         )
         try:
-            handle = self._runner.start(spec)
+            handle = await self._runner.start(spec)
         except (OSError, ValueError) as exc:
             if group is not None:
                 group.remove()
@@ -935,7 +979,7 @@ class Scheduler:
             )
             if failed is not None:
                 self._events.transition(failed, JobState.RUNNING, reason=error.message)
-            return
+            return None
         attempt = _Attempt(
             job,
             handle,
@@ -952,14 +996,7 @@ class Scheduler:
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
-        self._events.transition(
-            job,
-            JobState.QUEUED,
-            reason=f"attempt {job.attempts}, pid {handle.pid}"
-            + (f", in cgroup {group.path}" if group is not None else ""),
-            duration=waited,
-        )
-        await self._store.record_process(job.id, handle.pid, process_start_time(handle.pid))
+        return attempt, waited
 
     # -- memory pressure ---------------------------------------------------------
 
@@ -1377,6 +1414,7 @@ class Scheduler:
                 None if self._gpus is None else [dataclasses.asdict(gpu) for gpu in self._gpus]
             ),
             "max_jobs": self._limits.max_jobs,
+            "fork_server": self._runner.fork_server_state(),
             "running": [
                 {
                     "id": a.job.id,

@@ -65,13 +65,26 @@ class Application:
     cron: CronService | None = None
     checkpointer: WalCheckpointer | None = None
     runtime: Runtime | None = None
+    runner: Runner | None = None
 
 
 def make_runner(settings: Settings) -> Runner:
-    """The runner: jobs get only the allowed part of our environment (it may hold secrets)."""
+    """The runner: jobs get only the allowed part of our environment (it may hold secrets).
+    Its fork server preloads the modules of the Python tasks our own interpreter runs."""
     server = settings.server
     environment = allowed_environment(os.environ, server.env_allow)
-    return Runner(settings.task_paths, environment, _child_settings(server))
+    preload = [
+        task.function.partition(":")[0]
+        for task in settings.tasks.values()
+        if task.command is None and task.python is None
+    ]
+    return Runner(
+        settings.task_paths,
+        environment,
+        _child_settings(server),
+        fork_server=server.fork_server,
+        preload=preload,
+    )
 
 
 def load_tasks(settings: Settings, runner: Runner | None = None) -> Registry:
@@ -82,12 +95,21 @@ def load_tasks(settings: Settings, runner: Runner | None = None) -> Registry:
 
 class Runtime:
     """The settings that may change while the server runs (PATCH /api/v1/system, SIGHUP):
-    [scheduler] and the per-task resource keys.  The next scheduler tick uses them."""
+    [scheduler] and the per-task resource keys.  The next scheduler tick uses them.
+    SIGHUP also restarts the fork server, so the next jobs run the task code as it is
+    now on disk."""
 
-    def __init__(self, settings: Settings, registry: Registry, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        scheduler: Scheduler,
+        runner: Runner | None = None,
+    ) -> None:
         self.settings = settings
         self._registry = registry
         self._scheduler = scheduler
+        self._runner = runner
 
     def change(self, changes: Any, origin: str) -> list[str]:
         """Apply a JSON change; ConfigError (nothing changed) if any value is bad."""
@@ -97,6 +119,9 @@ class Runtime:
         """Reread the config file (SIGHUP).  A bad file is logged and ignored: the running
         settings stay.  Keys that need a restart are logged, not applied."""
         origin = f"SIGHUP (reload of {self.settings.path})"
+        if self._runner is not None:
+            # Task code is imported once per fork server: a new one imports it afresh.
+            self._runner.restart_fork_server()
         try:
             fresh = load(self.settings.path)
         except ConfigError as exc:
@@ -191,7 +216,7 @@ def build(
         gpu_probe=gpu_probe or NvmlProbe(),
         events=events,
     )
-    runtime = Runtime(settings, registry, scheduler)
+    runtime = Runtime(settings, registry, scheduler, runner)
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
     checkpointer = WalCheckpointer(store, server_settings.wal_max_size)
@@ -201,6 +226,7 @@ def build(
         rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow(), events)
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
+        runner.open()  # the fork server imports the task modules while we start
         await scheduler.start()
         await pruner.start()
         await cron.start()
@@ -216,6 +242,7 @@ def build(
             await cron.stop()
             await scheduler.drain(server_settings.shutdown_grace)
             await scheduler.stop()
+            await runner.close()
             await pruner.stop()
             await checkpointer.stop()
             await store.close()
@@ -255,7 +282,9 @@ def build(
             else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
         ),
     )
-    return Application(app, store, scheduler, events, metrics, pruner, cron, checkpointer, runtime)
+    return Application(
+        app, store, scheduler, events, metrics, pruner, cron, checkpointer, runtime, runner
+    )
 
 
 def build_pruner(settings: Settings, store: Store) -> Pruner:

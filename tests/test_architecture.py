@@ -17,10 +17,12 @@ ALLOWED = {
     "tasks": {"errors", "config"},
     "store": {"errors", "jobs"},
     "resources": {"errors", "jobs"},
-    "runner": {"errors", "jobs", "reporting"},
+    "runner": {"errors", "jobs", "reporting", "forkserver"},
     "backup": {"errors"},
     "cgroups": set(),
     "child": set(),
+    # Runs in the fork server and in every job it forks: the child module only.
+    "forkserver": {"__init__", "child"},
     "demo": set(),
     "scheduler": {
         "errors",
@@ -71,7 +73,7 @@ ALLOWED = {
         "metrics",
     },
     "cli": {"errors", "config", "server", "store", "backup", "access", "__init__", "client"},
-    "__main__": {"cli", "child"},
+    "__main__": {"cli", "child", "forkserver"},
     "build": {"store"},
     "__init__": {"reporting"},
     # What a running task tells the server (progress): imported by every child through
@@ -87,6 +89,7 @@ FORBIDDEN = {
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
     "child": {"sqlalchemy", "starlette", "psutil"},
+    "forkserver": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx", "subprocess"},
     "reporting": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx"},
     "backup": {"sqlalchemy", "starlette", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},

@@ -111,11 +111,14 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
         "def pool(n: int) -> list:\n"
         "    import multiprocessing\n"
         "    with multiprocessing.get_context('spawn').Pool(2) as workers:\n"
-        "        return workers.map(square, range(n))\n"
+        "        return workers.map(square, range(n))\n\n"
+        "def parent() -> int:\n"
+        "    return os.getppid()\n"
     )
     text += (
         '\n[tasks.rows]\nfunction = "mytasks:rows"\ncpus = 0.1\nmemory = "16MiB"\n'
         '\n[tasks.pool]\nfunction = "mytasks:pool"\ncpus = 0.1\nmemory = "16MiB"\n'
+        '\n[tasks.parent]\nfunction = "mytasks:parent"\ncpus = 0.1\nmemory = "16MiB"\n'
         f'\n[tasks.interpreter]\nfunction = "mytasks:interpreter"\npython = "{sys.executable}"\n'
         'cpus = 0.1\nmemory = "16MiB"\n'
     )
@@ -137,6 +140,17 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
             "/healthz",
             60,
         )
+        # Python tasks are forked by the fork server (`jobserver _forkserver`) once it has
+        # imported them.
+        fork_server = wait_until(
+            lambda: (
+                (state := httpx.get(f"{url}/api/v1/system", timeout=5).json()["fork_server"])
+                and state["ready"]
+                and state["pid"]
+            ),
+            "the fork server",
+            60,
+        )
         submitted = [
             httpx.post(f"{url}/api/v1/jobs", json=body, timeout=10).json()["id"]
             for body in (
@@ -144,6 +158,7 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
                 {"task": "rows", "args": {"text": "a,b\n1,2\n"}},
                 {"task": "interpreter", "args": {}},
                 {"task": "pool", "args": {"n": 5}},
+                {"task": "parent", "args": {}},
             )
         ]
         jobs = [
@@ -158,12 +173,13 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
             )
             for job_id in submitted
         ]
-        assert [job["state"] for job in jobs] == ["succeeded"] * 4, jobs
+        assert [job["state"] for job in jobs] == ["succeeded"] * 5, jobs
         assert jobs[0]["result"]["dataset_id"] == "smoke"
         # A program the task starts sees the box's libraries, not the binary's bundled ones.
         assert jobs[1]["result"] == {"rows": [["a", "b"], ["1", "2"]], "LD_LIBRARY_PATH": None}
         assert jobs[2]["result"] == sys.executable
         assert jobs[3]["result"] == [0, 1, 4, 9, 16]  # multiprocessing "spawn" workers
+        assert jobs[4]["result"] == fork_server
         # Job processes reused the server's unpacked files instead of unpacking again.
         assert len(list(unpack.glob("_MEI*"))) == 1
         assert (box / "data" / "jobserver.db").is_file()  # beside the config, not the cwd

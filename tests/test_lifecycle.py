@@ -567,8 +567,12 @@ async def test_a_command_task_is_cancelled_with_its_tree(make_harness: Any) -> N
                 break
             await asyncio.sleep(0.02)
         pid = pids[0]
-        # Under setpriv (when installed) the leader execs the program: same pid.
-        assert "time.sleep" in Path(f"/proc/{pid}/cmdline").read_text()
+        # Under setpriv (when installed) the leader execs the program: same pid.  While
+        # that exec is under way the kernel shows an empty cmdline: wait for it to end.
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        while not cmdline.read_text() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert "time.sleep" in cmdline.read_text()
         await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
         done = await h.wait_for_state(job["id"], "cancelled")
         assert done["history"][0]["outcome"] == "cancelled"

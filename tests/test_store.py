@@ -204,7 +204,8 @@ async def test_queue_head_is_the_same_on_the_event_loop_and_the_pooled_path(
     ids = [await insert(store, priority=p) for p in (0, 5, 5, 1)]
     delayed = NewJob("t", {"later": True}, 9, 0, run_after=now + timedelta(hours=1))
     await store.insert(delayed, new_job_id(), now)
-    child, _ = await store.submit(NewJob("t", {}, 9, 0, depends_on=(parent.id,)), new_job_id(), now)
+    dependent = NewJob("t", {}, 9, 0, depends_on=(parent.id,))
+    await store.submit(dependent, new_job_id(), now)  # waits for parent: not in the head
     fast = await store.queue_head(10, utcnow())
     assert [job.id for job in fast] == [ids[1], ids[2], ids[3], parent.id, ids[0]]
     monkeypatch.setattr(store, "_fast_rows", lambda sql, parameters: None)

@@ -1,0 +1,352 @@
+"""The fork server: a warm process that forks one fresh job process per request.
+
+Starting ``python -m jobserver.child`` costs an interpreter start and the imports, tens of
+milliseconds of CPU per job.  The runner instead starts this module once (``python -m
+jobserver.forkserver MODULE...``; in the single-file binary ``jobserver _forkserver
+MODULE...``) in a session of its own, with stdin from /dev/null and the server's stdout
+and stderr.  It imports ``jobserver.child`` and preloads the task modules named on its
+command line (one that fails to import is reported on stderr and skipped: the job
+imports it again and fails with the usual error), then serves the runner over a
+``SOCK_SEQPACKET`` socket at fd ``SOCKET_FD``.  One datagram is one JSON message:
+
+runner → fork server
+    ``{"op": "start", "id": N, "spec": PATH, "env": {...}, "progress_fd": 3}`` with the
+    job's output pipe and progress pipe attached (``SCM_RIGHTS``);
+    ``{"op": "release", "pid": P}``: the runner will never signal P's group again.
+fork server → runner
+    ``{"op": "ready", "preloaded": [...], "seconds": S}`` once, when the task modules are
+    imported (until then the runner spawns jobs instead of waiting);
+    ``{"op": "started", "id": N, "pid": P}`` or ``{"op": "failed", "id": N, "errno": E,
+    "error": TEXT}``; ``{"op": "exited", "pid": P, "code": C}`` (C as
+    ``os.waitstatus_to_exitcode`` gives it: negative for a signal).
+
+Each forked process leaves the fork server's fds and session behind, takes the pipes as
+its fds 1, 2 and the progress fd, the job's environment and fresh stdio objects, and then
+runs ``child.run_job`` like a spawned job process.  When one exits, the fork server kills
+what it left in its process group and reports the exit, but keeps the zombie until the
+runner answers ``release``: until then the pid, and so the group id, cannot be reused
+while the server may still signal that group.
+
+The fork server asks for SIGKILL when the server dies, and every job it forks asks for
+SIGKILL when the fork server dies.  When the runner closes the socket it kills the groups
+of whatever still runs, reaps them and exits.
+
+Stdlib only (and ``jobserver.child``): this is what every forked job process starts from.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import gc
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, NoReturn
+
+from jobserver import child
+
+SOCKET_FD = 3  # where the runner puts the fork server's end of the socket
+# The variable a dead server's leftover processes are found by, in /proc/PID/environ
+# (runner.JOB_ID_ENV).  That file shows a process's original environment block, not
+# os.environ: the runner starts the fork server with this placeholder value, which each
+# job process overwrites in place with its own id (and what it forks inherits).
+JOB_ID_ENV = "JOBSERVER_JOB_ID"
+JOB_ID_ROOM = "-" * 64
+MAX_MESSAGE = 128 * 1024  # bytes in one datagram; a larger request is spawned instead
+READY, STARTED, FAILED, EXITED = "ready", "started", "failed", "exited"
+START, RELEASE = "start", "release"
+# Signal dispositions the fork server changes for itself; each job process gets back what
+# it had before.  A stray SIGINT would raise KeyboardInterrupt anywhere in the loop
+# (between a fork and its reply), so the fork server ignores it.
+_SIGNALS_CHANGED = (signal.SIGINT,)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(data)
+    return message
+
+
+def exit_code(info: os.waitid_result) -> int:
+    """``os.waitid``'s answer as ``os.waitstatus_to_exitcode`` would give it."""
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    modules = sys.argv[1:] if argv is None else argv
+    _open_standard_fds()
+    child.frozen_setup()
+    child.die_with_parent(child.server_pid())
+    os.set_inheritable(SOCKET_FD, False)  # not into what a preloaded module may start
+    job_id_at = _job_id_address()
+    os.environ.pop(JOB_ID_ENV, None)  # the placeholder is no job's id
+    began = time.monotonic()
+    preloaded = preload(modules)
+    # A job process then touches (and so copies) fewer of the pages it shares with us:
+    # our garbage collector stays off, and each fork freezes what exists (CPython's
+    # advice for fork without exec); the job's collector is on, as in any interpreter.
+    gc.collect()
+    gc.disable()
+    server = ForkServer(socket.socket(fileno=SOCKET_FD), job_id_at)
+    server.send({"op": READY, "preloaded": preloaded, "seconds": time.monotonic() - began})
+    server.serve()
+
+
+def _open_standard_fds() -> None:
+    """Make sure fds 0-2 are open (a server started with one closed): with them and the
+    socket in place, received fds are never 0-3 and dup2 onto those cannot clobber one."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: ``fd``
+
+
+def preload(modules: list[str]) -> list[str]:
+    """Import the task modules once, here, so that no job imports them again; returns
+    those that imported."""
+    import importlib
+
+    done = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except BaseException as exc:  # SystemExit too: a module's problem, not ours
+            print(
+                f"jobserver fork server: could not preload {name}: "
+                f"{type(exc).__name__}: {exc}; its jobs will import it themselves",
+                file=sys.stderr,
+                flush=True,
+            )
+    return done
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket, job_id_at: int | None) -> None:
+        self._sock = sock
+        self._pid = os.getpid()
+        self._job_id_at = job_id_at
+        self._selector = selectors.EpollSelector()  # Linux only, as pidfds are
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        self._pidfds: dict[int, int] = {}  # running child -> its pidfd
+        self._unreleased: set[int] = set()  # exited, zombie kept until "release"
+        self._released_early: set[int] = set()  # released while running: reap at exit
+        self._saved_signals = {signum: signal.getsignal(signum) for signum in _SIGNALS_CHANGED}
+        for signum in _SIGNALS_CHANGED:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def serve(self) -> None:
+        """Answer requests until the runner closes its end of the socket."""
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    if not self._request():
+                        self._shut_down()
+                        return
+                else:
+                    self._exited(key.data)
+
+    def _request(self) -> bool:
+        try:
+            data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE, 2)
+        except ConnectionError:
+            return False
+        if not data:
+            return False
+        message = decode(data)
+        if message["op"] == START:
+            self._start(message, fds)
+        elif message["op"] == RELEASE:
+            self._release(int(message["pid"]))
+        return True
+
+    def _start(self, message: dict[str, Any], fds: list[int]) -> None:
+        request = message["id"]
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            self.send({"op": FAILED, "id": request, "errno": 0, "error": "pipes not received"})
+            return
+        # Nothing buffered here may be copied into the job's log.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._become_job(message, fds)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                # It cannot be watched, so it must not run (it is our child, unreaped).
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+            self.send({"op": FAILED, "id": request, "errno": exc.errno or 0, "error": error})
+            return
+        finally:
+            for fd in fds:  # the job has its copies (a job process never gets here)
+                os.close(fd)
+        self._pidfds[pid] = pidfd
+        self._selector.register(pidfd, selectors.EVENT_READ, pid)
+        self.send({"op": STARTED, "id": request, "pid": pid})
+
+    def _exited(self, pid: int) -> None:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is None:
+            return
+        pidfd = self._pidfds.pop(pid)
+        self._selector.unregister(pidfd)
+        os.close(pidfd)
+        # The leader is a zombie now, not yet reaped: anything it left in its group
+        # (daemons, stray children) is killed before the group id can be recycled.
+        _kill_group(pid)
+        if pid in self._released_early:
+            self._released_early.discard(pid)
+            os.waitpid(pid, 0)
+            return
+        self._unreleased.add(pid)
+        self.send({"op": EXITED, "pid": pid, "code": exit_code(info)})
+
+    def _release(self, pid: int) -> None:
+        if pid in self._unreleased:
+            self._unreleased.discard(pid)
+            os.waitpid(pid, 0)
+        elif pid in self._pidfds:
+            self._released_early.add(pid)
+
+    def send(self, message: dict[str, Any]) -> None:
+        # Failing, the runner is gone: the next read sees the end of the socket.
+        with contextlib.suppress(OSError):
+            self._sock.send(encode(message))
+
+    def _shut_down(self) -> None:
+        """The runner is done with us: nothing may outlive the fork server unwatched."""
+        for pid in list(self._pidfds):
+            _kill_group(pid)
+            os.kill(pid, signal.SIGKILL)
+        for pid in [*self._pidfds, *self._unreleased]:
+            os.waitpid(pid, 0)
+
+    # -- in the forked job process --------------------------------------------------
+
+    def _become_job(self, message: dict[str, Any], fds: list[int]) -> NoReturn:
+        code = 1
+        try:
+            os.setsid()
+            for fd in [self._sock.fileno(), self._selector.fileno(), *self._pidfds.values()]:
+                os.close(fd)
+            out, progress = fds
+            for target in (1, 2):
+                os.dup2(out, target)
+            os.dup2(progress, int(message["progress_fd"]))
+            os.close(out)
+            os.close(progress)
+            for signum, handler in self._saved_signals.items():
+                signal.signal(signum, handler)
+            gc.enable()
+            _use_environment(message["env"])
+            _show_job_id(self._job_id_at, os.environ.get(JOB_ID_ENV, ""))
+            child.frozen_setup()
+            _fresh_stdio()
+            sys.argv = [child.__file__, message["spec"]]
+            code = child.run_job(child.read_spec(message["spec"]), self._pid)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = -signal.SIGINT
+        except BaseException:
+            traceback.print_exc()
+        _exit(code)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _use_environment(env: dict[str, str]) -> None:
+    """Make os.environ ``env``.  Ours differs from a job's by a few job-specific keys, so
+    only those are changed: every putenv touches memory shared with the fork server."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _job_id_address() -> int | None:
+    """Where the placeholder value of JOB_ID_ENV is in our original environment block
+    (the same address in every process we fork); None if it is not there."""
+    with open("/proc/self/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+    placeholder = f"{JOB_ID_ENV}={JOB_ID_ROOM}".encode()
+    at = ctypes.string_at(start, end - start).find(placeholder)
+    return None if at < 0 else start + at + len(JOB_ID_ENV) + 1
+
+
+def _show_job_id(address: int | None, job_id: str) -> None:
+    """Write ``job_id`` over the placeholder in our original environment block."""
+    value = job_id.encode()
+    if address is None or not value or len(value) >= len(JOB_ID_ROOM):
+        return
+    # The rest of the placeholder becomes an entry without "=", which readers skip.
+    ctypes.memmove(address, value + b"\0", len(value) + 1)
+
+
+def _fresh_stdio() -> None:
+    """sys.stdout and sys.stderr over the job's fds 1 and 2, unbuffered as
+    PYTHONUNBUFFERED=1 makes them in a spawned job process."""
+    for name in ("stdout", "stderr"):
+        old = getattr(sys, name)
+        stream = io.TextIOWrapper(
+            io.FileIO(1 if name == "stdout" else 2, "w", closefd=False),
+            encoding=getattr(old, "encoding", None) or "utf-8",
+            errors=getattr(old, "errors", None) or "backslashreplace",
+            write_through=True,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _exit(code: int) -> NoReturn:
+    """End like an interpreter that ran the job as its main program: join the non-daemon
+    threads, run the atexit handlers, flush stdio; then ``os._exit``, skipping the module
+    teardown that a full finalisation does (measured: ~12 ms of CPU per job, as it
+    touches, and so copies, every page shared with the fork server; ~1 ms this way).
+    ``-SIGINT``: die of SIGINT, as CPython does after an uncaught KeyboardInterrupt."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        child.libc().fflush(None)  # C-level stdio, which exit() would flush
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+        code = code or 1
+    if code == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code if code >= 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
