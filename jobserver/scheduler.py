@@ -882,8 +882,7 @@ class Scheduler:
                     self._events.transition(failed, JobState.QUEUED, reason=error.message)
                 continue
             request = self._request(self._registry.get(job.task))
-            ready_since = max(job.created_at, job.run_after or job.created_at)
-            waited = max(0.0, (now - ready_since).total_seconds())
+            waited = max(0.0, (now - job.ready_since).total_seconds())
             queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
         if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
             self._gpus = self._gpu_probe.gpus()
