@@ -37,6 +37,7 @@ from typing import Any
 PR_SET_PDEATHSIG = 1
 # The cgroup.procs file of the job's own cgroup (a memory_limit the kernel enforces).
 CGROUP_ENV = "JOBSERVER_CGROUP_PROCS"
+OUTPUT_DIR_ENV = "JOBSERVER_OUTPUT_DIR"  # reporting.OUTPUT_DIR_ENV (this file is stdlib only)
 
 
 SERVER_PID_ENV = "JOBSERVER_SERVER_PID"
@@ -246,6 +247,13 @@ def run_job(spec: dict[str, Any], parent: int | None) -> int:
     if spec.get("run_as"):
         drop_privileges(spec["run_as"])
     die_with_parent(parent)
+    output = os.environ.get(OUTPUT_DIR_ENV)
+    if output and failed is None:
+        # Made here, as the job's user, rather than by the server (issue 6).
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as exc:
+            failed = _error("OutputDirFailed", f"could not create {output}: {exc}")
     code, document = (1, failed) if failed is not None else run(spec)
     sys.stdout.flush()
     sys.stderr.flush()

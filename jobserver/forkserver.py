@@ -10,7 +10,8 @@ imports it again and fails with the usual error), then serves the runner over a
 ``SOCK_SEQPACKET`` socket at fd ``SOCKET_FD``.  One datagram is one JSON message:
 
 runner → fork server
-    ``{"op": "start", "id": N, "spec": PATH, "env": {...}, "progress_fd": 3}`` with the
+    ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3}`` (SPEC: the
+    job's spec document, or the path of its file) with the
     job's output pipe and progress pipe attached (``SCM_RIGHTS``);
     ``{"op": "release", "pid": P}``: the runner will never signal P's group again.
 fork server → runner
@@ -266,8 +267,11 @@ class ForkServer:
             _show_job_id(self._job_id_at, os.environ.get(JOB_ID_ENV, ""))
             child.frozen_setup()
             _fresh_stdio()
-            sys.argv = [child.__file__, message["spec"]]
-            code = child.run_job(child.read_spec(message["spec"]), self._pid)
+            spec = message["spec"]  # the document itself, or the path of its file
+            sys.argv = [child.__file__] + ([spec] if isinstance(spec, str) else [])
+            code = child.run_job(
+                spec if isinstance(spec, dict) else child.read_spec(spec), self._pid
+            )
         except KeyboardInterrupt:
             traceback.print_exc()
             code = -signal.SIGINT

@@ -137,6 +137,27 @@ async def test_results_errors_exit_codes_and_signals(
     assert (await (await start("fork_tasks:interrupted")).wait()).signal == signal.SIGINT
 
 
+async def test_the_job_directory_and_its_spec(
+    runner: Runner, start: Callable[..., Awaitable[ProcessHandle]], tmp_path: Path
+) -> None:
+    forked = await runner.fork_server_ready()
+    small = await start("sample_tasks:add", job="small", a=2, b=3)
+    assert (await small.wait()).result == 5
+    # A forked job's spec travels in the request, not in a file; either way the job makes
+    # its own output directory (issue 6: every file the server creates costs).
+    names = sorted(os.listdir(tmp_path / "jobs" / "small"))
+    expected = ["artifacts", "output.log", "result.json"]
+    assert names == (expected if forked else sorted([*expected, "spec.json"]))
+    # Args too large for one message go through spec.json, and the job is still forked.
+    text = "x" * 200_000
+    large = await start("fork_tasks:length_and_parent", job="large", text=text)
+    outcome = await large.wait()
+    assert outcome.error is None, outcome.error
+    assert outcome.result["length"] == len(text)
+    assert (outcome.result["ppid"] != os.getpid()) is forked
+    assert (tmp_path / "jobs" / "large" / "spec.json").exists()
+
+
 async def test_stdout_and_stderr_reach_the_log_while_the_job_runs(
     start: Callable[..., Awaitable[ProcessHandle]], tmp_path: Path
 ) -> None:

@@ -646,10 +646,13 @@ async def test_bad_dependencies_store_nothing(make_harness: Any, depends_on: Any
 
 async def test_job_directory_holds_only_what_the_runner_wrote(make_harness: Any) -> None:
     async with make_harness() as h:
+        assert h.application.runner is not None
+        assert await h.application.runner.fork_server_ready()
         job = await submitted(h, {"task": "echo", "args": {"text": "x"}})
         await h.wait_for_state(job["id"], "succeeded")
         names = sorted(os.listdir(h.settings.server.jobs_dir / job["id"]))
-        assert names == ["artifacts", "output.log", "result.json", "spec.json"]
+        # Forked (the default): the spec travelled in the fork request, not in a file.
+        assert names == ["artifacts", "output.log", "result.json"]
 
 
 def test_progress_never_blocks_on_a_full_pipe() -> None:
