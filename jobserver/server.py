@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -388,6 +389,13 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             timeout_graceful_shutdown=5,
         )
         server = _Server(config, application.scheduler, application.events)
+        config.load()  # uvicorn's protocol modules: imported now, so frozen below
+        # Everything built so far lives as long as the server: move it out of the cyclic
+        # garbage collector's sight.  Without this every full collection walks the whole
+        # start-up heap (SQLAlchemy, alembic, the app): about 50 ms each, one every 0.6 s
+        # under a submit load, 8% of the event loop's time (issue 6).
+        gc.collect()
+        gc.freeze()
         # uvicorn re-raises the signal that stopped it once it has shut down; our own
         # no-op handlers make that a clean exit 0 instead of a death by signal.
         for signum in (signal.SIGINT, signal.SIGTERM):
