@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, load
 from jobserver.errors import ConfigError, ValidationError
-from jobserver.events import Events, configure_logging
+from jobserver.events import AccessFormatter, Events, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
     CronJob,
@@ -382,9 +384,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             access_log=settings.server.access_log,
             log_level=settings.server.log_level,
             # JSON logs: uvicorn's records go through our root handler instead of its own.
-            log_config=None
-            if settings.server.log_format == "json"
-            else uvicorn.config.LOGGING_CONFIG,
+            log_config=None if settings.server.log_format == "json" else _uvicorn_logging(),
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
@@ -404,6 +404,15 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         return 0 if server.started else 1
     finally:
         lock.release()
+
+
+def _uvicorn_logging() -> dict[str, Any]:
+    """uvicorn's logging config for text logs; its access lines written by our cheaper
+    formatter (the same text) unless they go to a terminal, which keeps uvicorn's colours."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if not sys.stdout.isatty():
+        config["formatters"]["access"] = {"()": AccessFormatter}
+    return config
 
 
 def upgrade(database: Path) -> Path | None:
