@@ -273,7 +273,10 @@ def create_app(
         )
         job, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
         if created:
-            scheduler.wake()
+            # A job not due yet needs no tick now: the queue head leaves it out until
+            # run_after, and the scheduler's poll_interval tick picks it up from then.
+            if run_after is None or run_after <= now:
+                scheduler.wake()
             events.transition(job, None)
         return job, created
 
