@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,22 @@ async def test_answers_are_each_callers_own_job(store: Store) -> None:
     )
     assert [(job.id, job.task) for job in jobs] == [(ids[n], f"task{n}") for n in range(10)]
     assert all(job.history == () and job.depends_on == () for job in jobs)
+
+
+async def test_answers_are_the_jobs_as_stored(store: Store) -> None:
+    # The batch builds its answers from the values and column defaults, not by reading
+    # the rows back: they must equal what a read of the stored row gives.
+    now = utcnow()
+    news = [
+        NewJob("t", {"n": 1, "text": "é", "list": [1, 2.5, None]}, -3, 2),
+        NewJob("t", {}, 0, 0, timeout=5, run_after=now + timedelta(hours=1), owner="alice"),
+        NewJob("u", {"nested": {"b": 1, "a": True}}, 7, 0, timeout=0.25),
+    ]
+    answers = await asyncio.gather(*(store.insert(new, new_job_id(), now) for new in news))
+    assert store.group_commits.transactions == 1
+    for job in answers:
+        assert job == await store.get(job.id)
+        assert repr(job) == repr(await store.get(job.id))  # 5.0 and 5 compare equal
 
 
 async def test_a_failing_row_does_not_fail_the_others(store: Store, database: Path) -> None:
