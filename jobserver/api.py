@@ -142,9 +142,15 @@ STATUS: dict[type[JobServerError], int] = {
 }
 
 
+# Built once: json.dumps/loads with any option build a new encoder/decoder per call, which
+# the issue 6 profiles showed on every request.
+_RENDER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_VERSION = json.JSONEncoder(sort_keys=True, default=str)
+
+
 class JSONDocument(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+        return _RENDER.encode(content).encode()
 
 
 def error_response(
@@ -194,7 +200,7 @@ def create_app(
             if len(body) > max_body_size:
                 raise _too_large(max_body_size)
         try:
-            value = json.loads(body, parse_constant=_reject_constant)
+            value = _PARSE.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
         except RecursionError:
             # Too deep for the parser itself (and so far past max_json_depth).
             raise ApiError(
@@ -340,10 +346,11 @@ def create_app(
         job, created = await submit(
             request, registry.get(name), body.get("args", {}), priority, options, body
         )
+        fields = document(job)
         return JSONDocument(
-            document(job),
+            fields,
             status_code=202 if created else 200,
-            headers=_location(job) | _poll_headers(job),
+            headers=_location(job) | _poll_headers(job, fields),
         )
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
@@ -367,7 +374,8 @@ def create_app(
             job = await long_poll(
                 job_id, request.headers.get("if-none-match"), wait, _owner(request)
             )
-        return JSONDocument(document(job), headers=_poll_headers(job))
+        fields = document(job)
+        return JSONDocument(fields, headers=_poll_headers(job, fields))
 
     async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
         """The job as soon as its version differs from ``baseline`` (the client's
@@ -838,21 +846,23 @@ async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
         os.close(fd)
 
 
-def job_version(job: Job) -> str:
+def job_version(job: Job, fields: dict[str, Any] | None = None) -> str:
     """A short tag that changes whenever the job document does (state, progress, flags,
     attempts…), except ``waiting_reason``, which the scheduler rewrites without an event.
-    Sent as the ETag; a long-polling client sends it back in If-None-Match."""
-    fields = job_document(job, None)
-    digest = hashlib.blake2b(
-        json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8
-    ).hexdigest()
+    Sent as the ETag; a long-polling client sends it back in If-None-Match.  ``fields``:
+    the job's document, when the caller has already built it (saves building another)."""
+    if fields is None:
+        fields = job_document(job, None)
+    elif fields["waiting_reason"] is not None:
+        fields = fields | {"waiting_reason": None}
+    digest = hashlib.blake2b(_VERSION.encode(fields).encode(), digest_size=8).hexdigest()
     return f'"{digest}"'
 
 
-def _poll_headers(job: Job) -> dict[str, str]:
+def _poll_headers(job: Job, fields: dict[str, Any] | None = None) -> dict[str, str]:
     """ETag always; Retry-After (seconds) while the job is not finished: when a queued
-    retry is due, else 1."""
-    headers = {"ETag": job_version(job)}
+    retry is due, else 1.  ``fields``: the job's document, if already built."""
+    headers = {"ETag": job_version(job, fields)}
     if not job.state.terminal:
         delay = 1
         if job.run_after is not None:
@@ -980,6 +990,10 @@ def _json_type(value: Any) -> str:
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN and Infinity; JSON (and the stored JSON columns) do not.
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
+# What json.loads(body, parse_constant=_reject_constant) does, with the decoder built once.
+_PARSE = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _looks_like_job_id(text: str) -> bool:

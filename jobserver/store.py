@@ -195,7 +195,11 @@ MAX_PAGE = 1000
 
 def dump_json(value: Any) -> str:
     """JSON text as stored: compact, UTF-8, and strictly JSON (no NaN)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _DUMP.encode(value)
+
+
+# Built once: json.dumps with options builds an encoder per call (twice per submit).
+_DUMP = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 @dataclass(frozen=True)
