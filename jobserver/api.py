@@ -873,6 +873,8 @@ def _poll_headers(job: Job, fields: dict[str, Any] | None = None) -> dict[str, s
 
 
 def _wait_seconds(request: Request) -> float | None:
+    if not request.scope["query_string"]:  # a plain poll: no query to parse
+        return None
     text = request.query_params.get("wait")
     if text is None:
         return None
