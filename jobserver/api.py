@@ -145,7 +145,6 @@ STATUS: dict[type[JobServerError], int] = {
 # Built once: json.dumps/loads with any option build a new encoder/decoder per call, which
 # the issue 6 profiles showed on every request.
 _RENDER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_VERSION = json.JSONEncoder(sort_keys=True, default=str)
 
 
 class JSONDocument(JSONResponse):
@@ -346,21 +345,20 @@ def create_app(
         job, created = await submit(
             request, registry.get(name), body.get("args", {}), priority, options, body
         )
-        fields = document(job)
-        return JSONDocument(
-            fields,
-            status_code=202 if created else 200,
-            headers=_location(job) | _poll_headers(job, fields),
-        )
+        return job_response(job, document(job), 202 if created else 200, _location(job))
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
             body = await read_json(request)
             job, created = await submit(request, task, body, 0, None, body)
+            headers = _location(job)
+            retry_after = _retry_after(job)
+            if retry_after is not None:  # not when a repeated key names a finished job
+                headers["Retry-After"] = retry_after
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
                 status_code=202 if created else 200,
-                headers=_location(job) | {"Retry-After": _poll_headers(job)["Retry-After"]},
+                headers=headers,
             )
 
         return start
@@ -374,8 +372,7 @@ def create_app(
             job = await long_poll(
                 job_id, request.headers.get("if-none-match"), wait, _owner(request)
             )
-        fields = document(job)
-        return JSONDocument(fields, headers=_poll_headers(job, fields))
+        return job_response(job, document(job))
 
     async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
         """The job as soon as its version differs from ``baseline`` (the client's
@@ -443,11 +440,7 @@ def create_app(
             events.changed(job.id)
             log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
         job = await store.get(job.id)  # with its history and dependencies
-        return JSONDocument(
-            document(job),
-            status_code=200 if job.state.terminal else 202,
-            headers=_poll_headers(job),
-        )
+        return job_response(job, document(job), 200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
         job = await store.get(request.path_params["task_id"], owner=_owner(request))
@@ -848,28 +841,58 @@ async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
 
 def job_version(job: Job, fields: dict[str, Any] | None = None) -> str:
     """A short tag that changes whenever the job document does (state, progress, flags,
-    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event.
-    Sent as the ETag; a long-polling client sends it back in If-None-Match.  ``fields``:
-    the job's document, when the caller has already built it (saves building another)."""
+    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event:
+    a hash of the document without it, rendered as a body is.  Sent as the ETag; a
+    long-polling client sends it back in If-None-Match.  ``fields``: the job's document,
+    when the caller has already built it (saves building another)."""
     if fields is None:
         fields = job_document(job, None)
     elif fields["waiting_reason"] is not None:
         fields = fields | {"waiting_reason": None}
-    digest = hashlib.blake2b(_VERSION.encode(fields).encode(), digest_size=8).hexdigest()
-    return f'"{digest}"'
+    return _version_of(_RENDER.encode(fields).encode())
 
 
-def _poll_headers(job: Job, fields: dict[str, Any] | None = None) -> dict[str, str]:
-    """ETag always; Retry-After (seconds) while the job is not finished: when a queued
-    retry is due, else 1.  ``fields``: the job's document, if already built."""
-    headers = {"ETag": job_version(job, fields)}
-    if not job.state.terminal:
-        delay = 1
-        if job.run_after is not None:
-            due = (job.run_after - utcnow()).total_seconds()
-            delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
-        headers["Retry-After"] = str(delay)
+def _version_of(rendered: bytes) -> str:
+    return f'"{hashlib.blake2b(rendered, digest_size=8).hexdigest()}"'
+
+
+def job_response(
+    job: Job,
+    fields: dict[str, Any],
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The job's document ``fields`` as the body, with ``headers``, its ETag and
+    Retry-After.  A document without a waiting_reason is the very text its ETag hashes
+    (every finished job's): one rendering serves both."""
+    body = _RENDER.encode(fields).encode()
+    tag = _version_of(body) if fields["waiting_reason"] is None else job_version(job, fields)
+    return Response(
+        body,
+        status_code,
+        {**(headers or {}), **_poll_headers(job, tag)},
+        media_type=JSONDocument.media_type,
+    )
+
+
+def _poll_headers(job: Job, tag: str | None = None) -> dict[str, str]:
+    """ETag always (``tag``, if the caller has it); Retry-After (seconds) while the job is
+    not finished: when a queued retry is due, else 1."""
+    headers = {"ETag": job_version(job) if tag is None else tag}
+    retry_after = _retry_after(job)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
     return headers
+
+
+def _retry_after(job: Job) -> str | None:
+    if job.state.terminal:
+        return None
+    delay = 1
+    if job.run_after is not None:
+        due = (job.run_after - utcnow()).total_seconds()
+        delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
+    return str(delay)
 
 
 def _wait_seconds(request: Request) -> float | None:
