@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
@@ -88,7 +87,7 @@ async def test_a_failing_row_does_not_fail_the_others(store: Store, database: Pa
         store.insert(NewJob("t", {"n": 3}, 0, 0), new_job_id(), utcnow()),
         return_exceptions=True,
     )
-    assert isinstance(results[1], IntegrityError)
+    assert isinstance(results[1], sqlite3.IntegrityError)
     good = [r for r in results if not isinstance(r, BaseException)]
     assert [job.args for job in good] == [{"n": 1}, {"n": 3}]
     assert stored_ids(database) == {taken, *(job.id for job in good)}
