@@ -181,7 +181,7 @@ def create_app(
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
 
     async def read_json(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
+        content_type = _header(request, b"content-type") or ""
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json":
             raise ApiError(
@@ -190,7 +190,7 @@ def create_app(
                 "send the body as JSON with 'Content-Type: application/json'",
                 {"content_type": content_type or None},
             )
-        declared = request.headers.get("content-length")
+        declared = _header(request, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_size:
             raise _too_large(max_body_size)
         body = bytearray()
@@ -220,7 +220,8 @@ def create_app(
             ) from None
         except ValueError as exc:  # e.g. an integer with more digits than Python converts
             raise ApiError(400, "malformed_json", f"the body's JSON is unusable: {exc}") from None
-        check_json_limits(value, limits)
+        if not _within_limits(body, limits):
+            check_json_limits(value, limits)
         return value
 
     async def submit(
@@ -286,7 +287,7 @@ def create_app(
         return job, created
 
     def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
-        text = request.headers.get(IDEMPOTENCY_HEADER)
+        text = _header(request, IDEMPOTENCY_HEADER.encode())
         if text is None:
             return None
         if not (1 <= len(text) <= 255 and text.isascii() and text.isprintable()):
@@ -979,6 +980,29 @@ def check_json_limits(value: Any, limits: InputLimits) -> None:
                 stack.extend((child, depth + 1) for child in item.values())
             else:
                 stack.extend((child, depth + 1) for child in item)
+
+
+def _within_limits(body: bytes | bytearray, limits: InputLimits) -> bool:
+    """True when ``body`` is too short to break any limit ``check_json_limits`` checks, so
+    its JSON need not be walked (a submit's body usually is): a string of n characters
+    takes at least n bytes, an array or object of n items at least 2n, and every level
+    of nesting an opening bracket."""
+    size = len(body)
+    return (
+        size <= limits.max_string_length
+        and size <= 2 * limits.max_array_length
+        and body.count(b"[") + body.count(b"{") <= limits.max_json_depth
+    )
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), as ``request.headers.get`` gives
+    it, without building a Headers object for each request."""
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _over_limit(name: str, value: int, unit: str) -> ApiError:
