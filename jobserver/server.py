@@ -412,6 +412,7 @@ def _uvicorn_logging() -> dict[str, Any]:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     if not sys.stdout.isatty():
         config["formatters"]["access"] = {"()": AccessFormatter}
+        config["handlers"]["access"]["class"] = "jobserver.events.PassStreamHandler"
     return config
 
 

@@ -14,7 +14,7 @@ import uvicorn.logging
 
 from jobserver.cli import ProgressBar
 from jobserver.client import Job as ClientJob
-from jobserver.events import AccessFormatter, Events, Transition
+from jobserver.events import AccessFormatter, Events, PassStreamHandler, Transition
 from jobserver.jobs import Job, JobState, utcnow
 
 
@@ -101,3 +101,34 @@ def test_access_formatter_writes_uvicorns_line(status: int, level: int) -> None:
         "uvicorn.access", level, "", 0, '%s - "%s %s HTTP/%s" %d', args, None
     )
     assert AccessFormatter().format(record) == theirs.format(record)
+
+
+def _pass_handler() -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = PassStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("pass-test")
+    logger.addHandler(handler)
+    return logger, stream
+
+
+@pytest.mark.anyio
+async def test_pass_handler_writes_a_pass_of_the_loop_at_once_at_its_end() -> None:
+    logger, stream = _pass_handler()
+    logger.warning("one")
+    logger.warning("two")
+    assert stream.getvalue() == ""  # still in this pass of the loop
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "one\ntwo\n"
+    logger.warning("three")
+    # Another thread (no loop there) writes at once, after what this pass has pending.
+    await asyncio.to_thread(logger.warning, "four")
+    assert stream.getvalue() == "one\ntwo\nthree\nfour\n"
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "one\ntwo\nthree\nfour\n"
+
+
+def test_pass_handler_without_a_loop_writes_at_once() -> None:
+    logger, stream = _pass_handler()
+    logger.warning("now")
+    assert stream.getvalue() == "now\n"
