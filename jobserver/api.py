@@ -83,6 +83,8 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 ANONYMOUS_SCOPE = "anonymous"  # the Idempotency-Key scope of requests without a token
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
+RENDERED_JOBS = 256  # jobs whose rendered document the API keeps (see ``rendering``)
+RENDERED_BYTES = 16 * 1024  # the largest rendered document it keeps
 SSE_KEEPALIVE_SECONDS = 15
 
 
@@ -179,6 +181,43 @@ def create_app(
 
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
+
+    # Recently answered jobs: their document without waiting_reason, rendered, and its
+    # hash (the ETag).  Jobs are frozen and the store hands back the very same Job while
+    # a job's row is unchanged (Store.get), so a job polled again is answered with the
+    # bytes rendered for it the first time (issue 6: rendering was a fifth of a poll).
+    rendered: dict[str, tuple[Job, bytes, str]] = {}
+
+    def rendering(job: Job, remember: bool = True) -> tuple[bytes, str]:
+        found = rendered.get(job.id)
+        if found is not None and found[0] is job:
+            return found[1], found[2]
+        body = _RENDER.encode(job_document(job, None)).encode()
+        tag = _version_of(body)
+        if remember and len(body) <= RENDERED_BYTES:
+            if len(rendered) >= RENDERED_JOBS:
+                del rendered[next(iter(rendered))]  # the oldest
+            rendered[job.id] = (job, body, tag)
+        return body, tag
+
+    def answer(
+        job: Job,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        remember: bool = True,
+    ) -> Response:
+        """The job's document with its ETag and, while it is not finished, Retry-After.
+        Without a waiting_reason (every job but a queued one) the document is the very
+        text its ETag hashes: one rendering serves both."""
+        plain, tag = rendering(job, remember)
+        reason = scheduler.waiting_reason(job, utcnow())
+        body = plain if reason is None else _RENDER.encode(job_document(job, reason)).encode()
+        return Response(
+            body,
+            status_code,
+            {**(headers or {}), **_poll_headers(job, tag)},
+            media_type=JSONDocument.media_type,
+        )
 
     async def read_json(request: Request) -> Any:
         content_type = _header(request, b"content-type") or ""
@@ -346,7 +385,8 @@ def create_app(
         job, created = await submit(
             request, registry.get(name), body.get("args", {}), priority, options, body
         )
-        return job_response(job, document(job), 202 if created else 200, _location(job))
+        # A new job is not polled through this Job object: nothing to remember.
+        return answer(job, 202 if created else 200, _location(job), remember=False)
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
@@ -373,7 +413,7 @@ def create_app(
             job = await long_poll(
                 job_id, request.headers.get("if-none-match"), wait, _owner(request)
             )
-        return job_response(job, document(job))
+        return answer(job)
 
     async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
         """The job as soon as its version differs from ``baseline`` (the client's
@@ -384,7 +424,7 @@ def create_app(
             with events.subscription(job_id) as changed:
                 # After subscribing: no change is missed.
                 job = await store.get(job_id, owner=owner)
-                tag = job_version(job)
+                tag = rendering(job)[1]
                 baseline = baseline or tag
                 remaining = deadline - time.monotonic()
                 if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
@@ -441,13 +481,13 @@ def create_app(
             events.changed(job.id)
             log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
         job = await store.get(job.id)  # with its history and dependencies
-        return job_response(job, document(job), 200 if job.state.terminal else 202)
+        return answer(job, 200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
         job = await store.get(request.path_params["task_id"], owner=_owner(request))
         return JSONDocument(
             celery_document(job, scheduler.waiting_reason(job, utcnow())),
-            headers=_poll_headers(job),
+            headers=_poll_headers(job, rendering(job)[1]),
         )
 
     async def job_events(request: Request) -> Response:
@@ -465,7 +505,7 @@ def create_app(
                         job = await store.get(job_id, owner=owner)
                     except NotFound:
                         return
-                    tag = job_version(job)
+                    tag = rendering(job)[1]
                     if tag != sent:
                         sent = tag
                         data = json.dumps(document(job), ensure_ascii=False)
@@ -840,46 +880,23 @@ async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
         os.close(fd)
 
 
-def job_version(job: Job, fields: dict[str, Any] | None = None) -> str:
+def job_version(job: Job) -> str:
     """A short tag that changes whenever the job document does (state, progress, flags,
     attempts…), except ``waiting_reason``, which the scheduler rewrites without an event:
     a hash of the document without it, rendered as a body is.  Sent as the ETag; a
-    long-polling client sends it back in If-None-Match.  ``fields``: the job's document,
-    when the caller has already built it (saves building another)."""
-    if fields is None:
-        fields = job_document(job, None)
-    elif fields["waiting_reason"] is not None:
-        fields = fields | {"waiting_reason": None}
-    return _version_of(_RENDER.encode(fields).encode())
+    long-polling client sends it back in If-None-Match.  (The API's ``rendering`` gives
+    the same, remembered.)"""
+    return _version_of(_RENDER.encode(job_document(job, None)).encode())
 
 
 def _version_of(rendered: bytes) -> str:
     return f'"{hashlib.blake2b(rendered, digest_size=8).hexdigest()}"'
 
 
-def job_response(
-    job: Job,
-    fields: dict[str, Any],
-    status_code: int = 200,
-    headers: Mapping[str, str] | None = None,
-) -> Response:
-    """The job's document ``fields`` as the body, with ``headers``, its ETag and
-    Retry-After.  A document without a waiting_reason is the very text its ETag hashes
-    (every finished job's): one rendering serves both."""
-    body = _RENDER.encode(fields).encode()
-    tag = _version_of(body) if fields["waiting_reason"] is None else job_version(job, fields)
-    return Response(
-        body,
-        status_code,
-        {**(headers or {}), **_poll_headers(job, tag)},
-        media_type=JSONDocument.media_type,
-    )
-
-
-def _poll_headers(job: Job, tag: str | None = None) -> dict[str, str]:
-    """ETag always (``tag``, if the caller has it); Retry-After (seconds) while the job is
-    not finished: when a queued retry is due, else 1."""
-    headers = {"ETag": job_version(job) if tag is None else tag}
+def _poll_headers(job: Job, tag: str) -> dict[str, str]:
+    """The ETag (``tag``); Retry-After (seconds) while the job is not finished: when a
+    queued retry is due, else 1."""
+    headers = {"ETag": tag}
     retry_after = _retry_after(job)
     if retry_after is not None:
         headers["Retry-After"] = retry_after

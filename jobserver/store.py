@@ -295,6 +295,7 @@ class Store:
         # --- fast reads (issue 6) ---
         self._fast: sqlite3.Connection | None = None
         self._fast_columns: tuple[str, ...] = ()  # GET_JOB_SQL's, known after its first run
+        self._fast_jobs: dict[str, tuple[tuple[Any, ...], Job]] = {}  # id -> (row, job)
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
@@ -1081,10 +1082,25 @@ class Store:
             return None
         if values is None:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
-        # A dict, not a sqlite3.Row: Row looks each name up by comparing it with every
-        # column's, which cost more than building this (about 30 lookups a job).
+        # A job polled again and again (the usual case) comes back as the same row:
+        # decoding it cost more than reading it, so the last few hundred decoded jobs
+        # are kept with their rows, and an identical row gives back the identical Job.
+        # Jobs are frozen and nothing changes their args or result in place.
+        remembered = self._fast_jobs.get(job_id)
+        if remembered is not None and remembered[0] == values:
+            return remembered[1]
         if not self._fast_columns:
             self._fast_columns = tuple(column[0] for column in cursor.description)
+        job = self._decode_fast_row(values)
+        if sum(len(value) for value in values if isinstance(value, str)) <= FAST_JOB_TEXT:
+            if len(self._fast_jobs) >= FAST_JOBS:
+                del self._fast_jobs[next(iter(self._fast_jobs))]  # the oldest
+            self._fast_jobs[job_id] = (values, job)
+        return job
+
+    def _decode_fast_row(self, values: tuple[Any, ...]) -> Job:
+        # A dict, not a sqlite3.Row: Row looks each name up by comparing it with every
+        # column's, which cost more than building this (about 30 lookups a job).
         row = dict(zip(self._fast_columns, values, strict=True))
         history = sorted(json.loads(row["x_history"]))
         deps = sorted(json.loads(row["x_deps"]))
@@ -1143,6 +1159,10 @@ SELECT jobs.*,
     WHERE d.job_id = jobs.id) AS x_deps
 FROM jobs WHERE jobs.id = ?
 """
+
+
+FAST_JOBS = 256  # decoded jobs kept by the fast reader, with their rows
+FAST_JOB_TEXT = 16 * 1024  # characters of text a kept row may hold (args, result...)
 
 
 def _open_fast_reader(database: Path) -> sqlite3.Connection:

@@ -16,7 +16,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store
+from jobserver.store import (
+    FAST_JOB_TEXT,
+    FAST_JOBS,
+    GET_JOB_SQL,
+    Finish,
+    IdempotencyKey,
+    NewJob,
+    Store,
+)
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
@@ -162,6 +170,31 @@ async def test_get_reads_the_same_job_as_a_page(store: Store) -> None:
     assert got.depends_on == tuple(sorted((parent.id, other.id)))
     assert got.waiting_on == ((other.id, "queued"),)
     assert [a.outcome for a in (await store.get(parent.id)).history] == ["succeeded"]
+
+
+async def test_get_gives_back_the_same_job_while_its_row_is_unchanged(store: Store) -> None:
+    job = await store.insert(NewJob("t", {"a": 1}, 0, 0), new_job_id(), utcnow())
+    first = await store.get(job.id)
+    assert await store.get(job.id) is first  # decoded once
+    assert await store.claim(job.id, utcnow()) is not None
+    await store.finish(job.id, Finish(JobState.SUCCEEDED, result={"r": 2}), utcnow())
+    done = await store.get(job.id)
+    assert done is not first and done.state is JobState.SUCCEEDED
+    (paged,) = [found for found in await store.page(limit=10) if found.id == job.id]
+    assert done == paged  # what the pooled path reads
+    assert await store.get(job.id) is done
+
+
+async def test_the_jobs_get_keeps_are_bounded_in_number_and_size(store: Store) -> None:
+    now = utcnow()
+    big = await store.insert(NewJob("t", {"text": "x" * FAST_JOB_TEXT}, 0, 0), new_job_id(), now)
+    assert await store.get(big.id) is not await store.get(big.id)  # too large to keep
+    news = [NewJob("t", {"n": n}, 0, 0) for n in range(FAST_JOBS + 10)]
+    jobs = await asyncio.gather(*(store.insert(new, new_job_id(), now) for new in news))
+    for job in jobs:
+        await store.get(job.id)
+    assert len(store._fast_jobs) == FAST_JOBS
+    assert await store.get(jobs[-1].id) is await store.get(jobs[-1].id)
 
 
 async def test_get_of_an_unknown_id_is_not_found(store: Store) -> None:

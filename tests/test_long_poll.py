@@ -139,6 +139,13 @@ async def test_every_answer_about_a_job_carries_the_same_etag(make_harness: Any)
             expected = job_version(await h.application.store.get(job_id))
             for path in (f"/api/v1/jobs/{job_id}", f"/api/v1/task-status/{job_id}"):
                 assert (await h.client.get(path)).headers["etag"] == expected, path
+        # A change is seen at once, though the last answer's rendering is remembered.
+        before = await h.client.get(f"/api/v1/jobs/{parked['id']}")
+        await h.client.post(f"/api/v1/jobs/{parked['id']}/cancel")
+        after = await h.client.get(f"/api/v1/jobs/{parked['id']}")
+        assert (before.json()["state"], after.json()["state"]) == ("queued", "cancelled")
+        assert after.headers["etag"] != before.headers["etag"]
+        assert after.headers["etag"] == job_version(await h.application.store.get(parked["id"]))
 
 
 @pytest.mark.anyio
