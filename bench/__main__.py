@@ -43,6 +43,9 @@ CELERY = {  # the issue's measurements of the tutorial stack, for the ratios
     "dispatch_p99_ms": 4.6,
 }
 PARK = 86400  # seconds: submitted jobs wait this long, so the submit figure runs no job
+# What --only may name; the poll figures (poll, task_status, unknown) share one server.
+FIGURES = ("submit", "poll", "task_status", "unknown", "dispatch", "e2e", "overhead")
+POLL_FIGURES = ("poll", "task_status", "unknown")
 
 
 def free_port() -> int:
@@ -359,7 +362,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raw.append({"figure": name, "value": value, "detail": detail})
         print(f"  {name}: {value:,.2f}", flush=True)
 
+    only = args.only
     submit_body = {"task": "noop", "args": {}, "delay": PARK}
+    polls = [name for name in POLL_FIGURES if name in only]
     prefill = prefilled_database(args, args.prefill) if args.prefill else None
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
@@ -367,38 +372,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         order = ["jobserver", "baseline"] if round_ % 2 == 0 else ["baseline", "jobserver"]
         for side in order:
             if side == "baseline":
+                if "submit" not in only and not polls:
+                    continue
                 with baseline(args) as server:
-                    result = load(args, f"{server.url}/jobs", submit_body)
-                    record("baseline_submit_rps", result["rps"], result)
-                    result = load(args, f"{server.url}/jobs/123", None)
-                    record("baseline_poll_rps", result["rps"], result)
+                    if "submit" in only:
+                        result = load(args, f"{server.url}/jobs", submit_body)
+                        record("baseline_submit_rps", result["rps"], result)
+                    if polls:
+                        result = load(args, f"{server.url}/jobs/123", None)
+                        record("baseline_poll_rps", result["rps"], result)
                 continue
             databases = [("", None)] + ([("prefilled_", prefill)] if prefill else [])
             for prefix, database in databases:
-                with jobserver(args, database) as server:
-                    result = load(args, f"{server.url}/api/v1/jobs", submit_body)
-                    if result["non_2xx"]:
-                        raise SystemExit(f"submit answered non-2xx: {result}")
-                    record(f"{prefix}submit_rps", result["rps"], result)
+                if "submit" in only:
+                    with jobserver(args, database) as server:
+                        result = load(args, f"{server.url}/api/v1/jobs", submit_body)
+                        if result["non_2xx"]:
+                            raise SystemExit(f"submit answered non-2xx: {result}")
+                        record(f"{prefix}submit_rps", result["rps"], result)
+                if not polls:
+                    continue
                 with jobserver(args, database) as server:
                     job_id = finished_job(server.url)
-                    result = load(args, f"{server.url}/api/v1/jobs/{job_id}", None)
-                    record(f"{prefix}poll_rps", result["rps"], result)
-                    result = load(args, f"{server.url}/api/v1/task-status/{job_id}", None)
-                    record(f"{prefix}task_status_rps", result["rps"], result)
-                    unknown = "0" * 8 + job_id[8:]
-                    result = load(args, f"{server.url}/api/v1/jobs/{unknown}", None)
-                    if result["non_2xx"] != result["requests"]:
-                        raise SystemExit(f"unknown id answered 2xx: {result}")
-                    record(f"{prefix}unknown_rps", result["rps"], result)
-        with jobserver(args) as server:
-            latencies = dispatch_latency(server.url, args.dispatch_samples)
-            samples.setdefault("dispatch_ms", []).extend(latencies)
-            record("dispatch_p50_ms", percentile(latencies, 0.5))
-            record("dispatch_p99_ms", percentile(latencies, 0.99))
-        with jobserver(args) as server:
-            record("e2e_tasks_per_s", end_to_end(server.url, args.jobs))
-    if not args.skip_overhead:
+                    if "poll" in only:
+                        result = load(args, f"{server.url}/api/v1/jobs/{job_id}", None)
+                        record(f"{prefix}poll_rps", result["rps"], result)
+                    if "task_status" in only:
+                        result = load(args, f"{server.url}/api/v1/task-status/{job_id}", None)
+                        record(f"{prefix}task_status_rps", result["rps"], result)
+                    if "unknown" in only:
+                        unknown = "0" * 8 + job_id[8:]
+                        result = load(args, f"{server.url}/api/v1/jobs/{unknown}", None)
+                        if result["non_2xx"] != result["requests"]:
+                            raise SystemExit(f"unknown id answered 2xx: {result}")
+                        record(f"{prefix}unknown_rps", result["rps"], result)
+        if "dispatch" in only:
+            with jobserver(args) as server:
+                latencies = dispatch_latency(server.url, args.dispatch_samples)
+                samples.setdefault("dispatch_ms", []).extend(latencies)
+                record("dispatch_p50_ms", percentile(latencies, 0.5))
+                record("dispatch_p99_ms", percentile(latencies, 0.99))
+        if "e2e" in only:
+            with jobserver(args) as server:
+                record("e2e_tasks_per_s", end_to_end(server.url, args.jobs))
+    if "overhead" in only and not args.skip_overhead:
         found = overhead(args)
         for name, value in found.items():
             record(name, value)
@@ -408,7 +425,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = {name: summary(values) for name, values in samples.items()}
     dispatch = samples.get("dispatch_ms", [])
     ratios: dict[str, float] = {}
-    for name in ("submit", "poll", "task_status", "unknown"):
+    measured = [name for name in ("submit", *POLL_FIGURES) if f"{name}_rps" in figures]
+    for name in measured:
         base = "baseline_submit_rps" if name == "submit" else "baseline_poll_rps"
         ratios[f"{name}_vs_bare"] = figures[f"{name}_rps"]["median"] / figures[base]["median"]
         if f"{name}_rps" in CELERY:
@@ -420,15 +438,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Paired ratios: jobserver / baseline within each round (both ran minutes apart at
     # most), which cancels much of a shared machine's drift between rounds.
     paired: dict[str, dict[str, float]] = {}
-    for name, base in (
-        ("submit", "baseline_submit_rps"),
-        ("poll", "baseline_poll_rps"),
-        ("task_status", "baseline_poll_rps"),
-        ("unknown", "baseline_poll_rps"),
-    ):
+    for name in measured:
+        base = "baseline_submit_rps" if name == "submit" else "baseline_poll_rps"
         pairs = [a / b for a, b in zip(samples[f"{name}_rps"], samples[base], strict=True)]
         paired[f"{name}_vs_bare"] = summary(pairs)
-    ratios["e2e_vs_celery"] = figures["e2e_tasks_per_s"]["median"] / CELERY["e2e_tasks_per_s"]
+    if "e2e_tasks_per_s" in figures:
+        ratios["e2e_vs_celery"] = figures["e2e_tasks_per_s"]["median"] / CELERY["e2e_tasks_per_s"]
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -476,6 +491,17 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {name:30} {value:6.2f}")
 
 
+def _figure_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in FIGURES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown figure(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(FIGURES)}"
+        )
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -491,6 +517,14 @@ def main() -> None:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--asyncio-client", action="store_true", help="even if wrk exists")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument(
+        "--only",
+        type=_figure_list,
+        default=FIGURES,
+        metavar="FIGURES",
+        help=f"comma-separated subset of {','.join(FIGURES)} (default: all); the bare app "
+        "runs only what the chosen HTTP figures compare against",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
     report = run(args)

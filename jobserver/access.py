@@ -21,6 +21,7 @@ an anonymous admin), which the server allows only on a loopback address unless
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -280,6 +281,7 @@ class Rule:
         return method == self.method and _compile(self.template).fullmatch(path) is not None
 
 
+@functools.cache  # a small fixed set of templates, matched on every request
 def _compile(template: str) -> re.Pattern[str]:
     parts = re.split(r"(\{[^}]+\})", template)
     return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))

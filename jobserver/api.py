@@ -83,6 +83,8 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 ANONYMOUS_SCOPE = "anonymous"  # the Idempotency-Key scope of requests without a token
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
+RENDERED_JOBS = 256  # jobs whose rendered document the API keeps (see ``rendering``)
+RENDERED_BYTES = 16 * 1024  # the largest rendered document it keeps
 SSE_KEEPALIVE_SECONDS = 15
 
 
@@ -146,9 +148,14 @@ STATUS: dict[type[JobServerError], int] = {
 }
 
 
+# Built once: json.dumps/loads with any option build a new encoder/decoder per call, which
+# the issue 6 profiles showed on every request.
+_RENDER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 class JSONDocument(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+        return _RENDER.encode(content).encode()
 
 
 def error_response(
@@ -179,8 +186,45 @@ def create_app(
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
 
+    # Recently answered jobs: their document without waiting_reason, rendered, and its
+    # hash (the ETag).  Jobs are frozen and the store hands back the very same Job while
+    # a job's row is unchanged (Store.get), so a job polled again is answered with the
+    # bytes rendered for it the first time (issue 6: rendering was a fifth of a poll).
+    rendered: dict[str, tuple[Job, bytes, str]] = {}
+
+    def rendering(job: Job, remember: bool = True) -> tuple[bytes, str]:
+        found = rendered.get(job.id)
+        if found is not None and found[0] is job:
+            return found[1], found[2]
+        body = _RENDER.encode(job_document(job, None)).encode()
+        tag = _version_of(body)
+        if remember and len(body) <= RENDERED_BYTES:
+            if len(rendered) >= RENDERED_JOBS:
+                del rendered[next(iter(rendered))]  # the oldest
+            rendered[job.id] = (job, body, tag)
+        return body, tag
+
+    def answer(
+        job: Job,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        remember: bool = True,
+    ) -> Response:
+        """The job's document with its ETag and, while it is not finished, Retry-After.
+        Without a waiting_reason (every job but a queued one) the document is the very
+        text its ETag hashes: one rendering serves both."""
+        plain, tag = rendering(job, remember)
+        reason = scheduler.waiting_reason(job, utcnow())
+        body = plain if reason is None else _RENDER.encode(job_document(job, reason)).encode()
+        return Response(
+            body,
+            status_code,
+            {**(headers or {}), **_poll_headers(job, tag)},
+            media_type=JSONDocument.media_type,
+        )
+
     async def read_json(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
+        content_type = _header(request, b"content-type") or ""
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json":
             raise ApiError(
@@ -189,7 +233,7 @@ def create_app(
                 "send the body as JSON with 'Content-Type: application/json'",
                 {"content_type": content_type or None},
             )
-        declared = request.headers.get("content-length")
+        declared = _header(request, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_size:
             raise _too_large(max_body_size)
         body = bytearray()
@@ -198,7 +242,7 @@ def create_app(
             if len(body) > max_body_size:
                 raise _too_large(max_body_size)
         try:
-            value = json.loads(body, parse_constant=_reject_constant)
+            value = _PARSE.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
         except RecursionError:
             # Too deep for the parser itself (and so far past max_json_depth).
             raise ApiError(
@@ -219,7 +263,8 @@ def create_app(
             ) from None
         except ValueError as exc:  # e.g. an integer with more digits than Python converts
             raise ApiError(400, "malformed_json", f"the body's JSON is unusable: {exc}") from None
-        check_json_limits(value, limits)
+        if not _within_limits(body, limits):
+            check_json_limits(value, limits)
         return value
 
     async def submit(
@@ -277,12 +322,15 @@ def create_app(
         )
         job, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
         if created:
-            scheduler.wake()
+            # A job not due yet needs no tick now: the queue head leaves it out until
+            # run_after, and the scheduler's poll_interval tick picks it up from then.
+            if run_after is None or run_after <= now:
+                scheduler.wake()
             events.transition(job, None)
         return job, created
 
     def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
-        text = request.headers.get(IDEMPOTENCY_HEADER)
+        text = _header(request, IDEMPOTENCY_HEADER.encode())
         if text is None:
             return None
         if not (1 <= len(text) <= 255 and text.isascii() and text.isprintable()):
@@ -341,20 +389,21 @@ def create_app(
         job, created = await submit(
             request, registry.get(name), body.get("args", {}), priority, options, body
         )
-        return JSONDocument(
-            document(job),
-            status_code=202 if created else 200,
-            headers=_location(job) | _poll_headers(job),
-        )
+        # A new job is not polled through this Job object: nothing to remember.
+        return answer(job, 202 if created else 200, _location(job), remember=False)
 
     def tutorial_route(task: Task) -> Callable[[Request], Any]:
         async def start(request: Request) -> Response:
             body = await read_json(request)
             job, created = await submit(request, task, body, 0, None, body)
+            headers = _location(job)
+            retry_after = _retry_after(job)
+            if retry_after is not None:  # not when a repeated key names a finished job
+                headers["Retry-After"] = retry_after
             return JSONDocument(
                 {"message": "task accepted; processing in the background", "task_id": job.id},
                 status_code=202 if created else 200,
-                headers=_location(job) | {"Retry-After": _poll_headers(job)["Retry-After"]},
+                headers=headers,
             )
 
         return start
@@ -368,7 +417,7 @@ def create_app(
             job = await long_poll(
                 job_id, request.headers.get("if-none-match"), wait, _owner(request)
             )
-        return JSONDocument(document(job), headers=_poll_headers(job))
+        return answer(job)
 
     async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
         """The job as soon as its version differs from ``baseline`` (the client's
@@ -379,7 +428,7 @@ def create_app(
             with events.subscription(job_id) as changed:
                 # After subscribing: no change is missed.
                 job = await store.get(job_id, owner=owner)
-                tag = job_version(job)
+                tag = rendering(job)[1]
                 baseline = baseline or tag
                 remaining = deadline - time.monotonic()
                 if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
@@ -436,17 +485,13 @@ def create_app(
             events.changed(job.id)
             log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
         job = await store.get(job.id)  # with its history and dependencies
-        return JSONDocument(
-            document(job),
-            status_code=200 if job.state.terminal else 202,
-            headers=_poll_headers(job),
-        )
+        return answer(job, 200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
         job = await store.get(request.path_params["task_id"], owner=_owner(request))
         return JSONDocument(
             celery_document(job, scheduler.waiting_reason(job, utcnow())),
-            headers=_poll_headers(job),
+            headers=_poll_headers(job, rendering(job)[1]),
         )
 
     async def job_events(request: Request) -> Response:
@@ -464,7 +509,7 @@ def create_app(
                         job = await store.get(job_id, owner=owner)
                     except NotFound:
                         return
-                    tag = job_version(job)
+                    tag = rendering(job)[1]
                     if tag != sent:
                         sent = tag
                         data = json.dumps(document(job), ensure_ascii=False)
@@ -843,29 +888,40 @@ async def _file_chunks(fd: int) -> AsyncIterator[bytes]:
 
 def job_version(job: Job) -> str:
     """A short tag that changes whenever the job document does (state, progress, flags,
-    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event.
-    Sent as the ETag; a long-polling client sends it back in If-None-Match."""
-    fields = job_document(job, None)
-    digest = hashlib.blake2b(
-        json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8
-    ).hexdigest()
-    return f'"{digest}"'
+    attempts…), except ``waiting_reason``, which the scheduler rewrites without an event:
+    a hash of the document without it, rendered as a body is.  Sent as the ETag; a
+    long-polling client sends it back in If-None-Match.  (The API's ``rendering`` gives
+    the same, remembered.)"""
+    return _version_of(_RENDER.encode(job_document(job, None)).encode())
 
 
-def _poll_headers(job: Job) -> dict[str, str]:
-    """ETag always; Retry-After (seconds) while the job is not finished: when a queued
-    retry is due, else 1."""
-    headers = {"ETag": job_version(job)}
-    if not job.state.terminal:
-        delay = 1
-        if job.run_after is not None:
-            due = (job.run_after - utcnow()).total_seconds()
-            delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
-        headers["Retry-After"] = str(delay)
+def _version_of(rendered: bytes) -> str:
+    return f'"{hashlib.blake2b(rendered, digest_size=8).hexdigest()}"'
+
+
+def _poll_headers(job: Job, tag: str) -> dict[str, str]:
+    """The ETag (``tag``); Retry-After (seconds) while the job is not finished: when a
+    queued retry is due, else 1."""
+    headers = {"ETag": tag}
+    retry_after = _retry_after(job)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
     return headers
 
 
+def _retry_after(job: Job) -> str | None:
+    if job.state.terminal:
+        return None
+    delay = 1
+    if job.run_after is not None:
+        due = (job.run_after - utcnow()).total_seconds()
+        delay = int(min(MAX_WAIT_SECONDS, max(1, due)))
+    return str(delay)
+
+
 def _wait_seconds(request: Request) -> float | None:
+    if not request.scope["query_string"]:  # a plain poll: no query to parse
+        return None
     text = request.query_params.get("wait")
     if text is None:
         return None
@@ -949,6 +1005,29 @@ def check_json_limits(value: Any, limits: InputLimits) -> None:
                 stack.extend((child, depth + 1) for child in item)
 
 
+def _within_limits(body: bytes | bytearray, limits: InputLimits) -> bool:
+    """True when ``body`` is too short to break any limit ``check_json_limits`` checks, so
+    its JSON need not be walked (a submit's body usually is): a string of n characters
+    takes at least n bytes, an array or object of n items at least 2n, and every level
+    of nesting an opening bracket."""
+    size = len(body)
+    return (
+        size <= limits.max_string_length
+        and size <= 2 * limits.max_array_length
+        and body.count(b"[") + body.count(b"{") <= limits.max_json_depth
+    )
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), as ``request.headers.get`` gives
+    it, without building a Headers object for each request."""
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _over_limit(name: str, value: int, unit: str) -> ApiError:
     return ApiError(
         422,
@@ -983,6 +1062,10 @@ def _json_type(value: Any) -> str:
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN and Infinity; JSON (and the stored JSON columns) do not.
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
+# What json.loads(body, parse_constant=_reject_constant) does, with the decoder built once.
+_PARSE = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _looks_like_job_id(text: str) -> bool:

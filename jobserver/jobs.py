@@ -201,9 +201,11 @@ def signal_name(number: int) -> str:
 
 def format_timestamp(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a ``Z``: sorts as text, readable in sqlite3."""
-    return (
-        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    )
+    # isoformat (C) instead of strftime: a job document formats up to a dozen times, and
+    # strftime was the largest single cost of rendering a poll (issue 6 profile).
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -215,6 +217,8 @@ def utcnow() -> datetime:
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Two characters (10 bits) per lookup: half the steps of one per character (every submit).
+_CROCKFORD_PAIRS = [high + low for high in _CROCKFORD for low in _CROCKFORD]
 _last_ulid = (0, 0)
 
 
@@ -234,4 +238,4 @@ def new_job_id() -> str:
         random_part = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
     _last_ulid = (millis, random_part)
     value = (millis << 80) | random_part
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])

@@ -200,7 +200,11 @@ MAX_PAGE = 1000
 
 def dump_json(value: Any) -> str:
     """JSON text as stored: compact, UTF-8, and strictly JSON (no NaN)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _DUMP.encode(value)
+
+
+# Built once: json.dumps with options builds an encoder per call (twice per submit).
+_DUMP = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,8 @@ class Store:
         self.group_commits = GroupCommitStats()
         # --- fast reads (issue 6) ---
         self._fast: sqlite3.Connection | None = None
+        self._fast_columns: tuple[str, ...] = ()  # GET_JOB_SQL's, known after its first run
+        self._fast_jobs: dict[str, tuple[tuple[Any, ...], Job]] = {}  # id -> (row, job)
         # --- the scheduler's writes, several per transaction (issue 6) ---
         self._shared = _SharedTransactions(self._write)
         self.shared_commits = self._shared.stats
@@ -396,8 +402,10 @@ class Store:
         # planning needs: decoding whole jobs cost more than the query (issue 6).
         parameters = {"limit": limit, "now": format_timestamp(now)}
         sql, literals = _compiled(QUEUE_HEAD)
-        rows = self._fast_rows(sql, {**literals, **parameters})
-        if rows is None:
+        found = self._fast_rows(sql, {**literals, **parameters})
+        if found is not None:
+            rows: Any = found[0]
+        else:
             async with self._read() as conn:
                 rows = (await conn.execute(QUEUE_HEAD, parameters)).all()
         return [
@@ -1075,16 +1083,32 @@ class Store:
                 _answer(future, job)
 
     async def _commit_batch(self, rows: list[dict[str, Any]]) -> list[Job]:
-        """Insert ``rows`` in one transaction; the stored jobs, in order, once committed."""
-        ids = [values["id"] for values in rows]
-        async with self._write() as conn:
-            await conn.execute(jobs.insert(), rows)
-            stored = (await conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids)))).all()
+        """Insert ``rows`` in one transaction; the stored jobs, in order, once committed.
+
+        One multi-row INSERT, then COMMIT, sent straight to the writer's driver
+        connection (checked out of its pool as usual, so no other write interleaves).
+        Through a SQLAlchemy transaction the same batch took eight round trips to
+        aiosqlite's thread (cursors, BEGIN, the insert, COMMIT, their closes), each one a
+        wake-up of that thread and a handover of the GIL while the event loop serves
+        requests (issue 6).  One statement is atomic: a row that breaks a constraint
+        fails the whole batch, which is then retried row by row."""
+        columns = tuple(rows[0])
+        values = [row[name] for row in rows for name in columns]
+        try:
+            async with self._writer.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                await driver.execute(_insert_rows_sql(columns, len(rows)), values)
+                await driver.commit()  # a no-op when the connection autocommits
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
         self.group_commits.transactions += 1
         self.group_commits.rows += len(rows)
-        # New jobs without dependencies have no history and wait on nothing: no extras.
-        by_id = {row.id: _job_from_row(row) for row in stored}
-        return [by_id[job_id] for job_id in ids]
+        # The stored rows are the values plus the columns' defaults: no SELECT to read
+        # them back (issue 6: that statement, and decoding its result rows, cost more than
+        # building them).  New jobs without dependencies have no history and wait on
+        # nothing: no extras.
+        return [_job_from_mapping(_INSERTED_DEFAULTS | values) for values in rows]
 
     # -- fast reads (issue 6) ----------------------------------------------------------
     # Polling one job is the hottest request.  Through SQLAlchemy and aiosqlite it took
@@ -1097,30 +1121,53 @@ class Store:
     # BUSY (or anything else goes wrong) the read falls back to the pooled async path,
     # which waits and maps errors as before.
 
-    def _fast_rows(self, sql: str, parameters: Any) -> list[sqlite3.Row] | None:
-        """The rows of a read run on the event loop, or None when the fast path cannot
-        answer (the file is busy, or anything else failed): the caller reads the slow way."""
+    def _fast_rows(self, sql: str, parameters: Any) -> tuple[list[Any], Any] | None:
+        """The rows (tuples) of a read run on the event loop, with the cursor's
+        description; None when the fast path cannot answer (the file is busy, or anything
+        else failed): the caller reads the slow way."""
         try:
             if self._fast is None:
                 if self._database is None:
                     return None
                 self._fast = _open_fast_reader(self._database)
-            return self._fast.execute(sql, parameters).fetchall()
+            cursor = self._fast.execute(sql, parameters)
+            return cursor.fetchall(), cursor.description
         except sqlite3.Error:
             return None
 
     def _fast_get(self, job_id: str) -> Job | None:
         """The job (NotFound if there is none), or None when the fast path cannot say."""
-        rows = self._fast_rows(GET_JOB_SQL, (job_id,))
-        if rows is None:
+        found = self._fast_rows(GET_JOB_SQL, (job_id,))
+        if found is None:
             return None
+        rows, description = found
         if not rows:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
-        row = rows[0]
+        values = rows[0]
+        # A job polled again and again (the usual case) comes back as the same row:
+        # decoding it cost more than reading it, so the last few hundred decoded jobs
+        # are kept with their rows, and an identical row gives back the identical Job.
+        # Jobs are frozen and nothing changes their args or result in place.
+        remembered = self._fast_jobs.get(job_id)
+        if remembered is not None and remembered[0] == values:
+            return remembered[1]
+        if not self._fast_columns:
+            self._fast_columns = tuple(column[0] for column in description)
+        job = self._decode_fast_row(values)
+        if sum(len(value) for value in values if isinstance(value, str)) <= FAST_JOB_TEXT:
+            if len(self._fast_jobs) >= FAST_JOBS:
+                del self._fast_jobs[next(iter(self._fast_jobs))]  # the oldest
+            self._fast_jobs[job_id] = (values, job)
+        return job
+
+    def _decode_fast_row(self, values: tuple[Any, ...]) -> Job:
+        # A dict, not a sqlite3.Row: Row looks each name up by comparing it with every
+        # column's, which cost more than building this (about 30 lookups a job).
+        row = dict(zip(self._fast_columns, values, strict=True))
         history = sorted(json.loads(row["x_history"]))
         deps = sorted(json.loads(row["x_deps"]))
-        return dataclasses.replace(
-            _job_from_mapping(row),
+        return _job_from_mapping(
+            row,
             history=tuple(
                 Attempt(
                     attempt=attempt,
@@ -1176,10 +1223,13 @@ FROM jobs WHERE jobs.id = ?
 """
 
 
+FAST_JOBS = 256  # decoded jobs kept by the fast reader, with their rows
+FAST_JOB_TEXT = 16 * 1024  # characters of text a kept row may hold (args, result...)
+
+
 def _open_fast_reader(database: Path) -> sqlite3.Connection:
     # timeout=0: never wait on the event loop; a busy file falls back to the async path.
     connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=0)
-    connection.row_factory = sqlite3.Row
     connection.execute("PRAGMA query_only = ON")
     return connection
 
@@ -1271,8 +1321,28 @@ def _answer(future: asyncio.Future[Any], outcome: Any) -> None:
         future.set_result(outcome)
 
 
-GROUP_COMMIT_MAX = 500  # rows per transaction, well under SQLite's bound-parameter limit
+GROUP_COMMIT_MAX = 500  # rows per transaction: 5,000 parameters, well under SQLite's 32,766
 SHARED_MAX = 200  # scheduler writes per shared transaction: bounds how long one holds the lock
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_rows_sql(columns: tuple[str, ...], count: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {jobs.name} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
+
+
+def _inserted_defaults() -> dict[str, Any]:
+    """What a new row holds in the columns that ``_new_job_values`` leaves out: the
+    column's server default (the migrations give the file the same ones), else NULL."""
+    return {
+        column.name: None
+        if column.server_default is None
+        else column.type.python_type(column.server_default.arg)  # type: ignore[attr-defined]
+        for column in jobs.columns
+    }
+
+
+_INSERTED_DEFAULTS = _inserted_defaults()
 
 
 def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
@@ -1284,7 +1354,8 @@ def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
         "priority": new.priority,
         "created_at": format_timestamp(now),
         "max_retries": new.max_retries,
-        "timeout": new.timeout,
+        # A REAL column: what a read gives back (5.0, not 5) for the row built from these.
+        "timeout": None if new.timeout is None else float(new.timeout),
         "run_after": None if new.run_after is None else format_timestamp(new.run_after),
         "owner": new.owner,
     }
@@ -1567,7 +1638,14 @@ def _job_from_row(row: Row[Any]) -> Job:
     return _job_from_mapping(row._mapping)
 
 
-def _job_from_mapping(m: Any) -> Job:
+def _job_from_mapping(
+    m: Any,
+    *,
+    history: tuple[Attempt, ...] = (),
+    depends_on: tuple[str, ...] = (),
+    waiting_on: tuple[tuple[str, str], ...] = (),
+) -> Job:
+    """The job of a row; with the extras (``_with_extras``) when the caller read them."""
     error = None
     if m["error"] is not None:
         error = JobError(m["error_type"] or "Error", m["error"], m["traceback"])
@@ -1605,6 +1683,9 @@ def _job_from_mapping(m: Any) -> Job:
         artifacts=tuple(Artifact(**item) for item in json.loads(m["artifacts"] or "[]")),
         owner=m["owner"],
         pressure_requeues=m["pressure_requeues"],
+        history=history,
+        depends_on=depends_on,
+        waiting_on=waiting_on,
     )
 
 

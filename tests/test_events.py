@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import logging
 from typing import Any
 
 import pytest
+import uvicorn.config
+import uvicorn.logging
 
 from jobserver.cli import ProgressBar
 from jobserver.client import Job as ClientJob
-from jobserver.events import Events, Transition
+from jobserver.events import AccessFormatter, Events, PassStreamHandler, Transition
 from jobserver.jobs import Job, JobState, utcnow
 
 
@@ -33,6 +37,13 @@ def test_describe_reads_as_one_line() -> None:
     assert submitted.describe() == "job 01A (add): submitted -> queued"
     failed = Transition("01A", "add", JobState.RUNNING, JobState.FAILED, "it broke", 2.0)
     assert failed.describe() == "job 01A (add): running -> failed after 2.000 s: it broke"
+
+
+def test_to_dict_has_every_field_with_states_as_text() -> None:
+    failed = Transition("01A", "add", JobState.RUNNING, JobState.FAILED, "it broke", 2.0)
+    expected = dataclasses.asdict(failed) | {"source": "running", "target": "failed"}
+    assert failed.to_dict() == expected
+    assert Transition("01A", "add", None, JobState.QUEUED).to_dict()["source"] is None
 
 
 @pytest.mark.anyio
@@ -78,3 +89,46 @@ def test_cli_progress_bar_uses_the_jobs_progress() -> None:
     assert len(lines) == 3
     assert lines[1] == "01A running   [############------------] 50% half way"
     assert lines[2].endswith("[########################]")
+
+
+@pytest.mark.parametrize("status", [200, 202, 404, 422, 503, 599])
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_access_formatter_writes_uvicorns_line(status: int, level: int) -> None:
+    fmt = uvicorn.config.LOGGING_CONFIG["formatters"]["access"]["fmt"]
+    theirs = uvicorn.logging.AccessFormatter(fmt, use_colors=False)
+    args = ("127.0.0.1:5555", "GET", "/api/v1/jobs/01A?wait=5", "1.1", status)
+    record = logging.LogRecord(
+        "uvicorn.access", level, "", 0, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+    assert AccessFormatter().format(record) == theirs.format(record)
+
+
+def _pass_handler() -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = PassStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("pass-test")
+    logger.addHandler(handler)
+    return logger, stream
+
+
+@pytest.mark.anyio
+async def test_pass_handler_writes_a_pass_of_the_loop_at_once_at_its_end() -> None:
+    logger, stream = _pass_handler()
+    logger.warning("one")
+    logger.warning("two")
+    assert stream.getvalue() == ""  # still in this pass of the loop
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "one\ntwo\n"
+    logger.warning("three")
+    # Another thread (no loop there) writes at once, after what this pass has pending.
+    await asyncio.to_thread(logger.warning, "four")
+    assert stream.getvalue() == "one\ntwo\nthree\nfour\n"
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "one\ntwo\nthree\nfour\n"
+
+
+def test_pass_handler_without_a_loop_writes_at_once() -> None:
+    logger, stream = _pass_handler()
+    logger.warning("now")
+    assert stream.getvalue() == "now\n"

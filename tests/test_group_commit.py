@@ -7,17 +7,26 @@ import asyncio
 import dataclasses
 import signal
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.exc import IntegrityError
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
 from jobserver.jobs import JobState, new_job_id, utcnow
-from jobserver.store import GET_JOB_SQL, Finish, IdempotencyKey, NewJob, Store
+from jobserver.store import (
+    FAST_JOB_TEXT,
+    FAST_JOBS,
+    GET_JOB_SQL,
+    Finish,
+    IdempotencyKey,
+    NewJob,
+    Store,
+)
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.anyio
@@ -64,6 +73,22 @@ async def test_answers_are_each_callers_own_job(store: Store) -> None:
     assert all(job.history == () and job.depends_on == () for job in jobs)
 
 
+async def test_answers_are_the_jobs_as_stored(store: Store) -> None:
+    # The batch builds its answers from the values and column defaults, not by reading
+    # the rows back: they must equal what a read of the stored row gives.
+    now = utcnow()
+    news = [
+        NewJob("t", {"n": 1, "text": "é", "list": [1, 2.5, None]}, -3, 2),
+        NewJob("t", {}, 0, 0, timeout=5, run_after=now + timedelta(hours=1), owner="alice"),
+        NewJob("u", {"nested": {"b": 1, "a": True}}, 7, 0, timeout=0.25),
+    ]
+    answers = await asyncio.gather(*(store.insert(new, new_job_id(), now) for new in news))
+    assert store.group_commits.transactions == 1
+    for job in answers:
+        assert job == await store.get(job.id)
+        assert repr(job) == repr(await store.get(job.id))  # 5.0 and 5 compare equal
+
+
 async def test_a_failing_row_does_not_fail_the_others(store: Store, database: Path) -> None:
     taken = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
     results = await asyncio.gather(
@@ -72,7 +97,7 @@ async def test_a_failing_row_does_not_fail_the_others(store: Store, database: Pa
         store.insert(NewJob("t", {"n": 3}, 0, 0), new_job_id(), utcnow()),
         return_exceptions=True,
     )
-    assert isinstance(results[1], IntegrityError)
+    assert isinstance(results[1], sqlite3.IntegrityError)
     good = [r for r in results if not isinstance(r, BaseException)]
     assert [job.args for job in good] == [{"n": 1}, {"n": 3}]
     assert stored_ids(database) == {taken, *(job.id for job in good)}
@@ -147,6 +172,31 @@ async def test_get_reads_the_same_job_as_a_page(store: Store) -> None:
     assert got.depends_on == tuple(sorted((parent.id, other.id)))
     assert got.waiting_on == ((other.id, "queued"),)
     assert [a.outcome for a in (await store.get(parent.id)).history] == ["succeeded"]
+
+
+async def test_get_gives_back_the_same_job_while_its_row_is_unchanged(store: Store) -> None:
+    job = await store.insert(NewJob("t", {"a": 1}, 0, 0), new_job_id(), utcnow())
+    first = await store.get(job.id)
+    assert await store.get(job.id) is first  # decoded once
+    assert await store.claim(job.id, utcnow()) is not None
+    await store.finish(job.id, Finish(JobState.SUCCEEDED, result={"r": 2}), utcnow())
+    done = await store.get(job.id)
+    assert done is not first and done.state is JobState.SUCCEEDED
+    (paged,) = [found for found in await store.page(limit=10) if found.id == job.id]
+    assert done == paged  # what the pooled path reads
+    assert await store.get(job.id) is done
+
+
+async def test_the_jobs_get_keeps_are_bounded_in_number_and_size(store: Store) -> None:
+    now = utcnow()
+    big = await store.insert(NewJob("t", {"text": "x" * FAST_JOB_TEXT}, 0, 0), new_job_id(), now)
+    assert await store.get(big.id) is not await store.get(big.id)  # too large to keep
+    news = [NewJob("t", {"n": n}, 0, 0) for n in range(FAST_JOBS + 10)]
+    jobs = await asyncio.gather(*(store.insert(new, new_job_id(), now) for new in news))
+    for job in jobs:
+        await store.get(job.id)
+    assert len(store._fast_jobs) == FAST_JOBS
+    assert await store.get(jobs[-1].id) is await store.get(jobs[-1].id)
 
 
 async def test_get_of_an_unknown_id_is_not_found(store: Store) -> None:
@@ -261,7 +311,7 @@ async def test_a_failing_write_in_a_shared_transaction_fails_only_its_caller(
         return_exceptions=True,
     )
     claimed, failure = results
-    assert isinstance(failure, IntegrityError)
+    assert isinstance(failure, sqlalchemy.exc.IntegrityError)
     assert not isinstance(claimed, BaseException) and claimed is not None
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT state FROM jobs WHERE id = ?", (good,)).fetchone() == ("running",)

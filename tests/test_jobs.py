@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from hypothesis import given
@@ -46,6 +47,16 @@ def test_ids_sort_by_creation_and_are_unique() -> None:
     ids = [new_job_id() for _ in range(5000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(len(i) == 26 and i.isalnum() and i.isupper() for i in ids)
+
+
+def test_ids_are_ulids_of_the_current_millisecond() -> None:
+    before = time.time_ns() // 1_000_000
+    text = new_job_id()
+    after = time.time_ns() // 1_000_000
+    value = 0
+    for char in text:  # Crockford base32, 5 bits a character, 2 leading zero bits
+        value = value * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(char)
+    assert value < 2**128 and before <= value >> 80 <= after
 
 
 @given(

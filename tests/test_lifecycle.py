@@ -274,6 +274,14 @@ async def test_idempotency_key_returns_the_original_job(make_harness: Any) -> No
         )
         assert (one.status_code, two.status_code) == (202, 200)
         assert one.json()["task_id"] == two.json()["task_id"]
+        assert one.headers["retry-after"] == "1"
+        # The key repeated once the job has finished: its answer, without Retry-After.
+        await h.wait_for_state(one.json()["task_id"], "succeeded")
+        three = await h.client.post(
+            "/api/v1/start-analysis", json=tutorial, headers={"Idempotency-Key": "tutorial-1"}
+        )
+        assert three.status_code == 200 and "retry-after" not in three.headers
+        assert three.json()["task_id"] == one.json()["task_id"]
 
 
 async def test_idempotency_key_expires_after_the_window(make_harness: Any) -> None:

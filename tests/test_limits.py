@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobserver import config
-from jobserver.api import InputLimits, check_json_limits
+from jobserver.api import InputLimits, _within_limits, check_json_limits
 from jobserver.errors import JobServerError
 from jobserver.server import build
 from jobserver.tasks import Registry
@@ -182,6 +182,56 @@ def test_float_parameters_never_accept_nan_or_infinity(registry: Registry, value
         return
     assert type(value) in (int, float)
     assert math.isfinite(value)
+
+
+# Short items, so that bodies near the limits are common.
+JSON_VALUES = st.recursive(
+    st.integers(0, 9) | st.none() | st.text(max_size=14),
+    lambda children: (
+        st.lists(children, max_size=9) | st.dictionaries(st.text(max_size=2), children, max_size=9)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    value=JSON_VALUES,
+    depth=st.integers(min_value=1, max_value=6),
+    length=st.integers(min_value=0, max_value=30),
+    items=st.integers(min_value=0, max_value=8),
+    ascii_only=st.booleans(),
+)
+def test_a_body_short_enough_to_skip_the_walk_is_within_every_limit(
+    value: Any, depth: int, length: int, items: int, ascii_only: bool
+) -> None:
+    limits = InputLimits(max_json_depth=depth, max_string_length=length, max_array_length=items)
+    body = json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":")).encode()
+    if _within_limits(body, limits):
+        check_json_limits(value, limits)  # raises if the shortcut were wrong
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8])
+def test_the_shortest_body_over_each_limit_is_walked(limit: int) -> None:
+    deep_list: Any = 0
+    deep_object: Any = 0
+    for _ in range(limit + 1):
+        deep_list, deep_object = [deep_list], {"": deep_object}
+    loose = {"max_json_depth": 1000, "max_string_length": 1000, "max_array_length": 1000}
+    shortest_over = [
+        ("max_string_length", "a" * (limit + 1)),
+        ("max_string_length", {"a" * (limit + 1): 0}),
+        ("max_array_length", list(range(limit + 1))),
+        ("max_array_length", {chr(65 + n): 0 for n in range(limit + 1)}),
+        ("max_json_depth", deep_list),
+        ("max_json_depth", deep_object),
+    ]
+    for name, value in shortest_over:
+        limits = InputLimits(**(loose | {name: limit}))
+        with pytest.raises(JobServerError):
+            check_json_limits(value, limits)
+        body = json.dumps(value, separators=(",", ":")).encode()
+        assert not _within_limits(body, limits), (name, body)
 
 
 @settings(max_examples=100, deadline=None)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
+from jobserver.api import job_version
 from tests.conftest import Harness, ServerProcess, write_config
 from tests.test_api import assert_error
 
@@ -122,6 +123,29 @@ async def test_a_finished_job_is_answered_at_once_without_retry_after(make_harne
         assert "retry-after" not in response.headers
         status = await h.client.get(f"/api/v1/task-status/{job['id']}")
         assert status.json()["status"] == "SUCCESS" and "retry-after" not in status.headers
+
+
+@pytest.mark.anyio
+async def test_every_answer_about_a_job_carries_the_same_etag(make_harness: Any) -> None:
+    # A finished job's ETag is hashed from its rendered body, a queued one's (it has a
+    # waiting_reason) from its document rendered again without it: both job_version(job).
+    async with make_harness() as h:
+        done = await submit(h, "add", a=1, b=2)
+        await h.wait_for_state(done["id"], "succeeded")
+        body = {"task": "add", "args": {"a": 1}, "delay": 3600}
+        parked = (await h.client.post("/api/v1/jobs", json=body)).json()
+        assert parked["waiting_reason"]
+        for job_id in (done["id"], parked["id"]):
+            expected = job_version(await h.application.store.get(job_id))
+            for path in (f"/api/v1/jobs/{job_id}", f"/api/v1/task-status/{job_id}"):
+                assert (await h.client.get(path)).headers["etag"] == expected, path
+        # A change is seen at once, though the last answer's rendering is remembered.
+        before = await h.client.get(f"/api/v1/jobs/{parked['id']}")
+        await h.client.post(f"/api/v1/jobs/{parked['id']}/cancel")
+        after = await h.client.get(f"/api/v1/jobs/{parked['id']}")
+        assert (before.json()["state"], after.json()["state"]) == ("queued", "cancelled")
+        assert after.headers["etag"] != before.headers["etag"]
+        assert after.headers["etag"] == job_version(await h.application.store.get(parked["id"]))
 
 
 @pytest.mark.anyio
