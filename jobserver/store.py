@@ -31,12 +31,11 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -70,6 +69,8 @@ from jobserver.jobs import (
 
 log = logging.getLogger("jobserver.store")
 T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 Operation = Callable[[AsyncConnection], Awaitable[T]]
 
 metadata = sa.MetaData()
@@ -302,33 +303,34 @@ class Store:
         self._writer = writer
         self._reader = reader
         self._database = database
-        # --- group commit (issue 6) ---
-        self._queued: list[tuple[dict[str, Any], asyncio.Future[Job]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.group_commits = GroupCommitStats()
+        # --- group commit of plain submits (issue 6) ---
+        self._inserts = _Batches(self._commit_batch, GROUP_COMMIT_MAX)
+        self.group_commits = self._inserts.stats
         # --- fast reads (issue 6) ---
         self._fast: sqlite3.Connection | None = None
         self._fast_columns: tuple[str, ...] = ()  # GET_JOB_SQL's, known after its first run
         self._fast_jobs: dict[str, tuple[tuple[Any, ...], Job]] = {}  # id -> (row, job)
         # --- the scheduler's writes, several per transaction (issue 6) ---
-        self._shared = _SharedTransactions(self._write)
+        self._shared = _Batches(self._run_operations, SHARED_MAX)
         self.shared_commits = self._shared.stats
 
     @classmethod
     def open(cls, database: Path, *, synchronous: str = "FULL") -> Store:
         """Engines on an existing, migrated file (see ``migrate``)."""
         url = f"sqlite+aiosqlite:///{database}"
-        writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+        # No rollback when the writer goes back to its pool: every write commits or rolls
+        # back itself, and that reset was one more trip to aiosqlite's thread (issue 6).
+        writer = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+        )
         reader = create_async_engine(url, pool_size=4, max_overflow=0, pool_timeout=60)
         _configure_sqlite(writer.sync_engine, begin="BEGIN IMMEDIATE", synchronous=synchronous)
         _configure_sqlite(reader.sync_engine, begin="BEGIN", synchronous=synchronous)
         return cls(writer, reader, database)
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            # Rows already queued are committed and answered (wait() never raises the
-            # task's own outcome).
-            await asyncio.wait([self._flusher])
+        # What is already queued is committed and answered.
+        await self._inserts.drain()
         await self._shared.drain()
         if self._fast is not None:
             self._fast.close()
@@ -479,7 +481,7 @@ class Store:
                 )
             return job
 
-        return await self._shared.run(claim)
+        return await self._in_shared_transaction(claim)
 
     async def record_process(self, job_id: str, pid: int, pid_started_at: float | None) -> None:
         async def record(conn: AsyncConnection) -> None:
@@ -489,7 +491,7 @@ class Store:
                 {"job_id": job_id, "v_pid": pid, "v_pid_started_at": pid_started_at},
             )
 
-        await self._shared.run(record)
+        await self._in_shared_transaction(record)
 
     async def finish(self, job_id: str, finish: Finish, now: datetime) -> Job | None:
         """running → a terminal state; None if the job was not running.  The attempt's row
@@ -522,7 +524,7 @@ class Store:
                 await _cascade(conn, job, now)
             return job
 
-        return await self._shared.run(record)
+        return await self._in_shared_transaction(record)
 
     async def requeue(
         self,
@@ -565,7 +567,7 @@ class Store:
                 await _close_attempt(conn, job, outcome, error, now or utcnow(), exit_code)
             return job
 
-        return await self._shared.run(record)
+        return await self._in_shared_transaction(record)
 
     async def fail_unstarted(self, job_id: str, error: JobError, now: datetime) -> Job | None:
         """queued → failed without running (e.g. a job rescued too often: ``lost``)."""
@@ -854,7 +856,7 @@ class Store:
             )
             return bool(found)
 
-        return await self._shared.run(record)
+        return await self._in_shared_transaction(record)
 
     async def prunable(
         self, now: datetime, default: float, per_task: dict[str, float], limit: int = 500
@@ -993,7 +995,7 @@ class Store:
                 },
             )
 
-        await self._shared.run(record)
+        await self._in_shared_transaction(record)
 
     async def recent_runs(self, task: str, limit: int) -> list[TaskRun]:
         """The task's last ``limit`` measured runs, newest first (through its index)."""
@@ -1030,57 +1032,8 @@ class Store:
     # the others.
 
     async def _insert_grouped(self, values: dict[str, Any]) -> Job:
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-        self._queued.append((values, future))
-        if self._flusher is None or self._flusher.done():
-            # A task of its own, so a caller that goes away (a client disconnecting)
-            # never cancels the commit of the others' rows.
-            self._flusher = asyncio.create_task(self._flush_queued())
-        return await future
-
-    async def _flush_queued(self) -> None:
-        batch: list[tuple[dict[str, Any], asyncio.Future[Job]]] = []
-        try:
-            while self._queued:
-                batch = self._queued[:GROUP_COMMIT_MAX]
-                del self._queued[:GROUP_COMMIT_MAX]
-                try:
-                    found = await self._commit_batch([values for values, _ in batch])
-                except StorageUnavailable as exc:
-                    # The file cannot be written at all (locked past the busy timeout,
-                    # disk full): retrying row by row would only wait that long again.
-                    for _, future in batch:
-                        _answer(future, exc)
-                    continue
-                except Exception as exc:
-                    if len(batch) == 1:
-                        _answer(batch[0][1], exc)
-                        continue
-                    log.warning(
-                        "a group commit of %d jobs failed (%s); retrying one by one",
-                        len(batch),
-                        exc,
-                    )
-                    await self._commit_one_by_one(batch)
-                    continue
-                for (_, future), job in zip(batch, found, strict=True):
-                    _answer(future, job)
-        finally:
-            # Cancelled (the loop is closing): nobody is left waiting forever.
-            for _, future in batch + self._queued:
-                if not future.done():
-                    future.cancel()
-
-    async def _commit_one_by_one(
-        self, batch: list[tuple[dict[str, Any], asyncio.Future[Job]]]
-    ) -> None:
-        for values, future in batch:
-            try:
-                (job,) = await self._commit_batch([values])
-            except Exception as exc:
-                _answer(future, exc)
-            else:
-                _answer(future, job)
+        job: Job = await self._inserts.run(values)
+        return job
 
     async def _commit_batch(self, rows: list[dict[str, Any]]) -> list[Job]:
         """Insert ``rows`` in one transaction; the stored jobs, in order, once committed.
@@ -1102,13 +1055,37 @@ class Store:
                 await driver.commit()  # a no-op when the connection autocommits
         except sqlite3.OperationalError as exc:
             raise _unavailable(exc) from exc
-        self.group_commits.transactions += 1
-        self.group_commits.rows += len(rows)
         # The stored rows are the values plus the columns' defaults: no SELECT to read
         # them back (issue 6: that statement, and decoding its result rows, cost more than
         # building them).  New jobs without dependencies have no history and wait on
         # nothing: no extras.
         return [_job_from_mapping(_INSERTED_DEFAULTS | values) for values in rows]
+
+    async def _in_shared_transaction(self, operation: Operation[T]) -> T:
+        """Run ``operation`` in the next of the scheduler's shared transactions."""
+        result: T = await self._shared.run(operation)
+        return result
+
+    async def _run_operations(self, operations: list[Operation[Any]]) -> list[Any]:
+        """Run the scheduler's operations in one transaction, begun and committed on the
+        writer's driver connection: through a SQLAlchemy transaction, BEGIN and COMMIT
+        took four trips to aiosqlite's thread instead of two (issue 6).  An operation
+        uses ``_execute`` only (SQLAlchemy's own execute would begin a second
+        transaction)."""
+        try:
+            async with self._writer.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                await driver.execute("BEGIN IMMEDIATE")
+                try:
+                    results = [await operation(conn) for operation in operations]
+                    await driver.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await driver.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
+        return results
 
     # -- fast reads (issue 6) ----------------------------------------------------------
     # Polling one job is the hottest request.  Through SQLAlchemy and aiosqlite it took
@@ -1242,46 +1219,48 @@ class GroupCommitStats:
     rows: int = 0
 
 
-class _SharedTransactions:
-    """Runs the scheduler's writes several to a transaction (issue 6).
+class _Batches(Generic[Item, Result]):
+    """Writes that arrive while one transaction commits all go into the next (issue 6).
 
-    Claims, recorded pids, outcomes, progress and run records come in bursts: many jobs
-    start and end within a millisecond.  In a transaction each, every one would pay a
-    commit (an fsync with synchronous=FULL) and a round of thread hops.  Instead, the
-    operations that arrive while one transaction commits all go into the next.  Each
-    caller is answered after the commit that holds its operation.  An operation is only
-    statements on the connection it is given, so a batch that fails is rolled back and
-    its operations rerun one transaction each: one failing operation never fails the
-    others.
+    One commit with synchronous=FULL is an fsync, and every statement a trip to
+    aiosqlite's thread: a transaction per submit, claim or outcome caps them at the
+    disk's fsync rate and queues them behind each other.  ``commit`` writes a batch in
+    one transaction and returns one result per item, in order.  Each caller is answered
+    only after the commit that holds its item (a 202 still means "durable").  A batch
+    that fails is rolled back and its items retried one transaction each, so one bad
+    item never fails the others; a file that cannot be written at all fails them all at
+    once.  The batch runs in a task of its own, so a caller that goes away (a client
+    disconnecting) never cancels the others' commit.
     """
 
-    def __init__(self, write: Callable[[], AbstractAsyncContextManager[AsyncConnection]]) -> None:
-        self._write = write
-        self._queued: list[tuple[Operation[Any], asyncio.Future[Any]]] = []
+    def __init__(self, commit: Callable[[list[Item]], Awaitable[list[Result]]], limit: int) -> None:
+        self._commit = commit
+        self._limit = limit
+        self._queued: list[tuple[Item, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.stats = GroupCommitStats()
 
-    async def run(self, operation: Operation[T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queued.append((operation, future))
+    async def run(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
         if self._flusher is None or self._flusher.done():
-            # A task of its own: a caller that is cancelled never cancels the others' commit.
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
     async def drain(self) -> None:
         if self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher])
+            await asyncio.wait([self._flusher])  # wait() never raises the task's outcome
 
     async def _flush(self) -> None:
-        batch: list[tuple[Operation[Any], asyncio.Future[Any]]] = []
+        batch: list[tuple[Item, asyncio.Future[Result]]] = []
         try:
             while self._queued:
-                batch, self._queued = self._queued[:SHARED_MAX], self._queued[SHARED_MAX:]
+                batch, self._queued = self._queued[: self._limit], self._queued[self._limit :]
                 try:
-                    results = await self._commit([operation for operation, _ in batch])
+                    results = await self._counted([item for item, _ in batch])
                 except StorageUnavailable as exc:
-                    # The file cannot be written at all: one by one would only wait again.
+                    # Locked past the busy timeout, disk full: one by one would only wait
+                    # that long again.
                     for _, future in batch:
                         _answer(future, exc)
                     continue
@@ -1289,9 +1268,12 @@ class _SharedTransactions:
                     if len(batch) == 1:
                         _answer(batch[0][1], exc)
                         continue
-                    for operation, future in batch:
+                    log.warning(
+                        "a batch of %d writes failed (%s); retrying one by one", len(batch), exc
+                    )
+                    for item, future in batch:
                         try:
-                            (result,) = await self._commit([operation])
+                            (result,) = await self._counted([item])
                         except Exception as one:
                             _answer(future, one)
                         else:
@@ -1300,15 +1282,15 @@ class _SharedTransactions:
                 for (_, future), result in zip(batch, results, strict=True):
                     _answer(future, result)
         finally:
+            # Cancelled (the loop is closing): nobody is left waiting forever.
             for _, future in batch + self._queued:
                 if not future.done():
                     future.cancel()
 
-    async def _commit(self, operations: list[Operation[Any]]) -> list[Any]:
-        async with self._write() as conn:
-            results = [await operation(conn) for operation in operations]
+    async def _counted(self, items: list[Item]) -> list[Result]:
+        results = await self._commit(items)
         self.stats.transactions += 1
-        self.stats.rows += len(operations)
+        self.stats.rows += len(items)
         return results
 
 
@@ -1442,29 +1424,13 @@ async def _cascade(conn: AsyncConnection, job: Job, now: datetime) -> None:
     pending = [(job.id, job.state.value)]
     while pending:
         cause, cause_state = pending.pop()
-        dependents = (
-            await conn.execute(
-                sa.select(jobs.c.id)
-                .join(dependencies, dependencies.c.job_id == jobs.c.id)
-                .where(
-                    dependencies.c.depends_on == cause,
-                    jobs.c.state == JobState.QUEUED.value,
-                )
-            )
-        ).scalars()
-        for dependent in list(dependents):
+        for (dependent,) in await _execute(conn, QUEUED_DEPENDENTS, {"cause": cause}):
             check_transition(JobState.QUEUED, JobState.CANCELLED, dependent)
             reason = f"dependency {cause} {cause_state}"
-            await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == dependent, jobs.c.state == JobState.QUEUED.value)
-                .values(
-                    state=JobState.CANCELLED.value,
-                    finished_at=format_timestamp(now),
-                    reason=reason,
-                    error_type="DependencyFailed",
-                    error=reason,
-                )
+            await _execute(
+                conn,
+                CANCEL_DEPENDENT,
+                {"job_id": dependent, "v_finished_at": format_timestamp(now), "v_reason": reason},
             )
             pending.append((dependent, JobState.CANCELLED.value))
             log.info("job %s: queued -> cancelled: %s", dependent, reason)
@@ -1568,6 +1534,23 @@ SET_PROGRESS = (
         }
     )
     .returning(jobs.c.id)
+)
+QUEUED_DEPENDENTS = (
+    sa.select(jobs.c.id)
+    .join(dependencies, dependencies.c.job_id == jobs.c.id)
+    .where(dependencies.c.depends_on == sa.bindparam("cause"))
+    .where(jobs.c.state == JobState.QUEUED.value)
+)
+CANCEL_DEPENDENT = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("job_id"), jobs.c.state == JobState.QUEUED.value)
+    .values(
+        state=JobState.CANCELLED.value,
+        finished_at=sa.bindparam("v_finished_at"),
+        reason=sa.bindparam("v_reason"),
+        error_type="DependencyFailed",
+        error=sa.bindparam("v_reason"),
+    )
 )
 JOB_COLUMNS = tuple(column.name for column in jobs.c)
 _DIALECT = sqlite_dialect(paramstyle="named")

@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobserver.errors import NotFound, StorageUnavailable
@@ -22,10 +21,12 @@ from jobserver.store import (
     FAST_JOB_TEXT,
     FAST_JOBS,
     GET_JOB_SQL,
+    OPEN_ATTEMPT,
     Finish,
     IdempotencyKey,
     NewJob,
     Store,
+    _execute,
 )
 from tests.conftest import write_config
 
@@ -288,33 +289,23 @@ async def test_a_failing_write_in_a_shared_transaction_fails_only_its_caller(
     store: Store, database: Path
 ) -> None:
     good = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
-    await store.insert(NewJob("t", {}, 0, 0), "dup", utcnow())
+    other = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
+    assert await store.claim(other, utcnow()) is not None  # opens attempt 1 of `other`
 
-    async def insert_duplicate(conn: Any) -> None:
-        from jobserver.store import jobs
+    async def open_attempt_again(conn: Any) -> None:
+        row = {"v_job_id": other, "v_attempt": 1, "v_started_at": "2026-01-01T00:00:00.000Z"}
+        await _execute(conn, OPEN_ATTEMPT, row)
 
-        await conn.execute(
-            jobs.insert().values(
-                id="dup",
-                task="t",
-                args="{}",
-                state="queued",
-                priority=0,
-                created_at="x",
-                max_retries=0,
-            )
-        )
-
-    results = await asyncio.gather(
+    claimed, failure = await asyncio.gather(
         store.claim(good, utcnow()),
-        store._shared.run(insert_duplicate),
+        store._in_shared_transaction(open_attempt_again),
         return_exceptions=True,
     )
-    claimed, failure = results
-    assert isinstance(failure, sqlalchemy.exc.IntegrityError)
+    assert isinstance(failure, sqlite3.IntegrityError)
     assert not isinstance(claimed, BaseException) and claimed is not None
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT state FROM jobs WHERE id = ?", (good,)).fetchone() == ("running",)
+        assert db.execute("SELECT count(*) FROM attempts").fetchone() == (2,)
 
 
 def test_returning_statements_list_the_columns_job_rows_are_decoded_with() -> None:
