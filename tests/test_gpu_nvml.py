@@ -82,3 +82,20 @@ async def test_more_gpu_memory_than_any_gpu_has_never_starts(make_harness: Any) 
         reason = await poll(lambda: _reason(h, job_id))
         assert reason.endswith("it can never start")
         assert too_much.removesuffix("GiB") in reason
+
+
+async def test_a_preloaded_torch_module_runs_cuda_in_each_forked_job(make_harness: Any) -> None:
+    # torch imported once by the fork server (no CUDA context there), CUDA initialised
+    # in each forked job on the device the scheduler gave it.
+    pytest.importorskip("torch")
+    task = {"function": "torch_tasks:matmul_on_gpu", "cpus": 0.1, "memory": "64MiB", "gpus": 1}
+    async with make_harness(gpu_probe=NvmlProbe(), tasks={"matmul": task}) as h:
+        assert h.application.runner is not None
+        assert await h.application.runner.fork_server_ready(timeout=120)
+        for _ in range(2):
+            job_id = await submit(h, "matmul")
+            done = await h.wait_for_state(job_id, "succeeded", "failed", timeout=120)
+            assert done["state"] == "succeeded", done
+            report = done["result"]
+            assert report["device_count"] == 1 and report["sum"] == 512.0**3
+            assert report["imported_by"] == report["ppid"]  # preloaded by the fork server
