@@ -186,23 +186,24 @@ def create_app(
     def document(job: Job) -> dict[str, Any]:
         return job_document(job, scheduler.waiting_reason(job, utcnow()))
 
-    # Recently answered jobs: their document without waiting_reason, rendered, and its
-    # hash (the ETag).  Jobs are frozen and the store hands back the very same Job while
-    # a job's row is unchanged (Store.get), so a job polled again is answered with the
-    # bytes rendered for it the first time (issue 6: rendering was a fifth of a poll).
-    rendered: dict[str, tuple[Job, bytes, str]] = {}
+    # Recently answered jobs, rendered: their document without waiting_reason, in the two
+    # halves around it, and the hash of the whole (the ETag).  Jobs are frozen and the
+    # store hands back the very same Job while a job's row is unchanged (Store.get), so
+    # a job polled again is answered with what was rendered for it the first time
+    # (issue 6: rendering was a fifth of a poll).
+    rendered: dict[str, tuple[Job, bytes, bytes, str]] = {}
 
-    def rendering(job: Job, remember: bool = True) -> tuple[bytes, str]:
+    def rendering(job: Job, remember: bool = True) -> tuple[bytes, bytes, str]:
         found = rendered.get(job.id)
         if found is not None and found[0] is job:
-            return found[1], found[2]
-        body = _RENDER.encode(job_document(job, None)).encode()
-        tag = _version_of(body)
-        if remember and len(body) <= RENDERED_BYTES:
+            return found[1], found[2], found[3]
+        before, after = _rendered_halves(job)
+        tag = _version_of(_joined(before, b"null", after))
+        if remember and len(before) + len(after) <= RENDERED_BYTES:
             if len(rendered) >= RENDERED_JOBS:
                 del rendered[next(iter(rendered))]  # the oldest
-            rendered[job.id] = (job, body, tag)
-        return body, tag
+            rendered[job.id] = (job, before, after, tag)
+        return before, after, tag
 
     def answer(
         job: Job,
@@ -210,14 +211,14 @@ def create_app(
         headers: Mapping[str, str] | None = None,
         remember: bool = True,
     ) -> Response:
-        """The job's document with its ETag and, while it is not finished, Retry-After.
-        Without a waiting_reason (every job but a queued one) the document is the very
-        text its ETag hashes: one rendering serves both."""
-        plain, tag = rendering(job, remember)
+        """The job's document with its ETag and, while it is not finished, Retry-After:
+        the document is the ETag's rendering with the waiting_reason put in, so one
+        rendering serves both (issue 6: a submit rendered its document twice)."""
+        before, after, tag = rendering(job, remember)
         reason = scheduler.waiting_reason(job, utcnow())
-        body = plain if reason is None else _RENDER.encode(job_document(job, reason)).encode()
+        rendered_reason = b"null" if reason is None else _RENDER.encode(reason).encode()
         return Response(
-            body,
+            _joined(before, rendered_reason, after),
             status_code,
             {**(headers or {}), **_poll_headers(job, tag)},
             media_type=JSONDocument.media_type,
@@ -428,7 +429,7 @@ def create_app(
             with events.subscription(job_id) as changed:
                 # After subscribing: no change is missed.
                 job = await store.get(job_id, owner=owner)
-                tag = rendering(job)[1]
+                tag = rendering(job)[2]
                 baseline = baseline or tag
                 remaining = deadline - time.monotonic()
                 if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
@@ -491,7 +492,7 @@ def create_app(
         job = await store.get(request.path_params["task_id"], owner=_owner(request))
         return JSONDocument(
             celery_document(job, scheduler.waiting_reason(job, utcnow())),
-            headers=_poll_headers(job, rendering(job)[1]),
+            headers=_poll_headers(job, rendering(job)[2]),
         )
 
     async def job_events(request: Request) -> Response:
@@ -509,7 +510,7 @@ def create_app(
                         job = await store.get(job_id, owner=owner)
                     except NotFound:
                         return
-                    tag = rendering(job)[1]
+                    tag = rendering(job)[2]
                     if tag != sent:
                         sent = tag
                         data = json.dumps(document(job), ensure_ascii=False)
@@ -709,6 +710,15 @@ def create_app(
 
 
 def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
+    document, after = _document_halves(job)
+    document["waiting_reason"] = waiting_reason
+    document.update(after)
+    return document
+
+
+def _document_halves(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's document before and after its waiting_reason, which alone depends on
+    the scheduler rather than the job."""
     return {
         "id": job.id,
         "task": job.task,
@@ -723,7 +733,7 @@ def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
         "result": job.result,
         "error": job.error.to_dict() if job.error else None,
         "reason": job.reason,
-        "waiting_reason": waiting_reason,
+    }, {
         "run_after": _time(job.run_after),
         "cancel_requested": job.cancel_requested,
         "exit_code": job.exit_code,
@@ -747,6 +757,17 @@ def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
         ],
         "owner": job.owner,
     }
+
+
+def _rendered_halves(job: Job) -> tuple[bytes, bytes]:
+    """The rendered document (as a body is) cut around its waiting_reason: ``{"id":...,
+    "reason":...`` and ``"run_after":...}``; ``_joined`` puts a rendered reason between."""
+    before, after = _document_halves(job)
+    return _RENDER.encode(before).encode()[:-1], _RENDER.encode(after).encode()[1:]
+
+
+def _joined(before: bytes, rendered_reason: bytes, after: bytes) -> bytes:
+    return b"".join((before, b',"waiting_reason":', rendered_reason, b",", after))
 
 
 def _progress(job: Job) -> dict[str, Any] | None:

@@ -3,13 +3,16 @@ file; the resource probe is fake so admissions do not depend on this machine's l
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import sqlite3
 from typing import Any
 
 import pytest
 
-from jobserver.jobs import utcnow
+from jobserver.api import _RENDER, _joined, _rendered_halves, job_document
+from jobserver.jobs import Artifact, Attempt, Job, JobError, JobState, Progress, utcnow
 from tests.conftest import FakeProbe, Harness
 
 pytestmark = pytest.mark.anyio
@@ -427,3 +430,42 @@ async def test_shutdown_does_not_undo_a_cancel(make_harness: Any) -> None:
             "SELECT state, reason FROM jobs WHERE id = ?", (job["id"],)
         ).fetchone()
     assert (state, reason) == ("cancelled", "cancelled by request while running")
+
+
+def _sample_jobs() -> list[Job]:
+    now = utcnow()
+    plain = Job(
+        id="01A", task="add", args={"waiting_reason": None, "text": 'a "quoted" é'},
+        state=JobState.QUEUED, priority=-2, created_at=now, started_at=None,
+        finished_at=None, attempts=0, max_retries=1, failures=0, rescues=0, result=None,
+        error=None, reason=None, cancel_requested=False, run_after=now, pid=None,
+        pid_started_at=None, exit_code=None, peak_rss=None, cpu_seconds=None,
+    )  # fmt: skip
+    finished = dataclasses.replace(
+        plain,
+        state=JobState.FAILED,
+        started_at=now,
+        finished_at=now,
+        attempts=1,
+        result=[1, {"waiting_reason": "x"}],
+        error=JobError("ValueError", "bad", "Traceback..."),
+        reason="it failed",
+        progress=Progress(0.5, ',"waiting_reason":null', now),
+        artifacts=(Artifact("out.txt", 3, "ab" * 32),),
+        history=(Attempt(1, now, now, "failed", "ValueError", "bad", 1),),
+        depends_on=("01B",),
+        owner="alice",
+    )
+    return [plain, finished]
+
+
+@pytest.mark.parametrize("reason", [None, "scheduled for 2030-01-01T00:00:00.000Z", 'é "x"'])
+def test_a_document_rendered_in_halves_is_the_document_rendered_whole(
+    reason: str | None,
+) -> None:
+    # answer() joins the halves around the waiting_reason; job_version hashes the whole.
+    for job in _sample_jobs():
+        before, after = _rendered_halves(job)
+        whole = _RENDER.encode(job_document(job, reason)).encode()
+        assert _joined(before, _RENDER.encode(reason).encode(), after) == whole
+        assert json.loads(whole) == json.loads(json.dumps(job_document(job, reason)))

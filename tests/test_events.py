@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -14,7 +15,13 @@ import uvicorn.logging
 
 from jobserver.cli import ProgressBar
 from jobserver.client import Job as ClientJob
-from jobserver.events import AccessFormatter, Events, PassStreamHandler, Transition
+from jobserver.events import (
+    AccessFormatter,
+    Events,
+    PassStreamHandler,
+    TextFormatter,
+    Transition,
+)
 from jobserver.jobs import Job, JobState, utcnow
 
 
@@ -132,3 +139,17 @@ def test_pass_handler_without_a_loop_writes_at_once() -> None:
     logger, stream = _pass_handler()
     logger.warning("now")
     assert stream.getvalue() == "now\n"
+
+
+def test_text_formatter_writes_what_the_default_formatter_does() -> None:
+    theirs = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = TextFormatter()
+    for created in (1_790_000_000.0, 1_790_000_000.999, 1_790_000_001.5, 1_790_000_000.25):
+        record = logging.LogRecord("jobserver.jobs", logging.INFO, "", 0, "job %s", ("x",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == theirs.format(record)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, "", 0, "failed", None, sys.exc_info())
+    assert ours.format(record) == theirs.format(record)  # with the traceback
