@@ -1021,15 +1021,20 @@ class Store:
             for row in rows
         ]
 
-    # -- group commit (issue 6) ----------------------------------------------------------
-    # One commit with synchronous=FULL is an fsync (~0.15 ms on a quiet disk, several ms on
-    # a busy one): one transaction per submit caps submits at the disk's fsync rate.
-    # Concurrent plain inserts (no idempotency key, no dependencies: nothing to read
-    # first) queue up while a commit is in flight and the next transaction commits them
-    # all.  Each caller is answered only after the commit that holds its row, so a 202
-    # still means "durable".  A batch that fails (say one row breaks a constraint) is
-    # rolled back and its rows retried one transaction each, so one bad row never fails
-    # the others.
+    # -- batched writes (issue 6): see _Batches -------------------------------------------
+    # Plain submits (no idempotency key, no dependencies: nothing to read first) and the
+    # scheduler's writes each join the next transaction of their batch.
+
+    @contextlib.asynccontextmanager
+    async def _driver(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        """The writer connection (out of its pool, so no other write interleaves) and its
+        aiosqlite connection, for statements sent in one trip each to aiosqlite's thread
+        rather than SQLAlchemy's four (cursor, execute, fetch, close)."""
+        try:
+            async with self._writer.connect() as conn:
+                yield conn, (await conn.get_raw_connection()).driver_connection
+        except sqlite3.OperationalError as exc:
+            raise _unavailable(exc) from exc
 
     async def _insert_grouped(self, values: dict[str, Any]) -> Job:
         job: Job = await self._inserts.run(values)
@@ -1038,23 +1043,16 @@ class Store:
     async def _commit_batch(self, rows: list[dict[str, Any]]) -> list[Job]:
         """Insert ``rows`` in one transaction; the stored jobs, in order, once committed.
 
-        One multi-row INSERT, then COMMIT, sent straight to the writer's driver
-        connection (checked out of its pool as usual, so no other write interleaves).
-        Through a SQLAlchemy transaction the same batch took eight round trips to
-        aiosqlite's thread (cursors, BEGIN, the insert, COMMIT, their closes), each one a
-        wake-up of that thread and a handover of the GIL while the event loop serves
-        requests (issue 6).  One statement is atomic: a row that breaks a constraint
-        fails the whole batch, which is then retried row by row."""
+        One multi-row INSERT, then COMMIT, on the driver connection.  Through a
+        SQLAlchemy transaction the same batch took eight round trips to aiosqlite's
+        thread, each one a wake-up of that thread and a handover of the GIL while the
+        event loop serves requests (issue 6).  One statement is atomic: a row that breaks
+        a constraint fails the whole batch, which is then retried row by row."""
         columns = tuple(rows[0])
         values = [row[name] for row in rows for name in columns]
-        try:
-            async with self._writer.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None
-                await driver.execute(_insert_rows_sql(columns, len(rows)), values)
-                await driver.commit()  # a no-op when the connection autocommits
-        except sqlite3.OperationalError as exc:
-            raise _unavailable(exc) from exc
+        async with self._driver() as (_, driver):
+            await driver.execute(_insert_rows_sql(columns, len(rows)), values)
+            await driver.commit()  # a no-op when the connection autocommits
         # The stored rows are the values plus the columns' defaults: no SELECT to read
         # them back (issue 6: that statement, and decoding its result rows, cost more than
         # building them).  New jobs without dependencies have no history and wait on
@@ -1072,19 +1070,15 @@ class Store:
         took four trips to aiosqlite's thread instead of two (issue 6).  An operation
         uses ``_execute`` only (SQLAlchemy's own execute would begin a second
         transaction)."""
-        try:
-            async with self._writer.connect() as conn:
-                driver: Any = (await conn.get_raw_connection()).driver_connection
-                await driver.execute("BEGIN IMMEDIATE")
-                try:
-                    results = [await operation(conn) for operation in operations]
-                    await driver.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        await driver.execute("ROLLBACK")
-                    raise
-        except sqlite3.OperationalError as exc:
-            raise _unavailable(exc) from exc
+        async with self._driver() as (conn, driver):
+            await driver.execute("BEGIN IMMEDIATE")
+            try:
+                results = [await operation(conn) for operation in operations]
+                await driver.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await driver.execute("ROLLBACK")
+                raise
         return results
 
     # -- fast reads (issue 6) ----------------------------------------------------------
