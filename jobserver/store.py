@@ -1036,10 +1036,11 @@ class Store:
         One multi-row INSERT, then COMMIT, sent straight to the writer's driver
         connection (checked out of its pool as usual, so no other write interleaves).
         Through a SQLAlchemy transaction the same batch took eight round trips to
-        aiosqlite's thread (cursors, BEGIN, the insert, COMMIT, their closes), each one a
-        wake-up of that thread and a handover of the GIL while the event loop serves
-        requests (issue 6).  One statement is atomic: a row that breaks a constraint
-        fails the whole batch, which is then retried row by row."""
+        aiosqlite's thread (cursors, BEGIN, the insert, COMMIT, their closes, the pool's
+        rollback), each one a wake-up of that thread and a handover of the GIL while the
+        event loop serves requests; now three (issue 6).  One statement is atomic: a row
+        that breaks a constraint fails the whole batch, which is then retried row by
+        row."""
         columns = tuple(rows[0])
         values = [row[name] for row in rows for name in columns]
         try:
