@@ -190,7 +190,7 @@ def create_app(
     # halves around it, and the hash of the whole (the ETag).  Jobs are frozen and the
     # store hands back the very same Job while a job's row is unchanged (Store.get), so
     # a job polled again is answered with what was rendered for it the first time
-    # (issue 6: rendering was a fifth of a poll).
+    # (issue 6: building and rendering the document were 12% of a poll's time).
     rendered: dict[str, tuple[Job, bytes, bytes, str]] = {}
 
     def rendering(job: Job, remember: bool = True) -> tuple[bytes, bytes, str]:
