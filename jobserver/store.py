@@ -119,6 +119,21 @@ jobs = sa.Table(
 # whatever the number of finished jobs.  (Not a partial index: SQLite cannot use one for
 # a query whose state is a bound parameter.)
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
+# The queue head's two halves (migration 0006): jobs that may run now, and delayed ones.
+_QUEUED: sa.ColumnElement[str] = sa.literal_column(
+    "'queued'"
+)  # a literal: SQLite matches a partial index's WHERE
+sa.Index(
+    "ix_jobs_ready",
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    sqlite_where=sa.and_(jobs.c.state == _QUEUED, jobs.c.run_after.is_(None)),
+)
+sa.Index(
+    "ix_jobs_delayed",
+    jobs.c.run_after,
+    sqlite_where=sa.and_(jobs.c.state == _QUEUED, jobs.c.run_after.is_not(None)),
+)
 sa.Index("ix_jobs_state_id", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_task_id", jobs.c.task, jobs.c.id)
 sa.Index("ix_jobs_owner_id", jobs.c.owner, jobs.c.id)
@@ -403,16 +418,16 @@ class Store:
         # Read on every scheduler wake, so on the event loop like a poll, and only what
         # planning needs: decoding whole jobs cost more than the query (issue 6).
         parameters = {"limit": limit, "now": format_timestamp(now)}
-        sql, literals = _compiled(QUEUE_HEAD)
-        found = self._fast_rows(sql, {**literals, **parameters})
+        found = self._fast_rows(QUEUE_HEAD_SQL, parameters)
         if found is not None:
             rows: Any = found[0]
         else:
             async with self._read() as conn:
-                rows = (await conn.execute(QUEUE_HEAD, parameters)).all()
+                rows = (await conn.exec_driver_sql(QUEUE_HEAD_SQL, parameters)).all()
+        head = sorted(rows, key=lambda row: (-row[2], row[0]))[:limit]
         return [
             QueueEntry(job_id, task, priority, parse_timestamp(ready_since))
-            for job_id, task, priority, ready_since in rows
+            for job_id, task, priority, ready_since in head
         ]
 
     async def in_state(self, state: JobState) -> list[Job]:
@@ -1572,35 +1587,33 @@ def _job_from_values(values: Any) -> Job:
     return _job_from_mapping(dict(zip(JOB_COLUMNS, values, strict=True)))
 
 
-def queue_head_query(limit: int, now: datetime) -> sa.Select[Any]:
-    """Queued jobs whose time has come, by priority then age: read through ix_jobs_queue."""
-    return QUEUE_HEAD.params(limit=limit, now=format_timestamp(now))
-
-
-def _queue_head_statement() -> sa.Select[Any]:
-    # Built once (issue 6): the scheduler reads the queue head on every wake, and building
-    # this aliased query cost more than running it.  ``limit`` and ``now`` are bound.
-    parent = jobs.alias("parent")
-    unfinished_dependency = (
-        sa.select(dependencies.c.job_id)
-        .join(parent, parent.c.id == dependencies.c.depends_on)
-        .where(dependencies.c.job_id == jobs.c.id)
-        .where(parent.c.state != JobState.SUCCEEDED.value)
-    )
-    # Timestamps are ISO 8601 text of one format: max() of the text is the later time.
-    ready_since = sa.func.max(jobs.c.created_at, sa.func.coalesce(jobs.c.run_after, ""))
-    return (
-        sa.select(jobs.c.id, jobs.c.task, jobs.c.priority, ready_since.label("ready_since"))
-        .where(jobs.c.state == JobState.QUEUED.value)
-        .where(sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= sa.bindparam("now")))
-        # A job waits until every job it depends on has succeeded.
-        .where(~unfinished_dependency.exists())
-        .order_by(jobs.c.priority.desc(), jobs.c.id)
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-    )
-
-
-QUEUE_HEAD = _queue_head_statement()
+# The queue head: two index walks that never touch a job that may not start yet: up to
+# :limit jobs without run_after by priority then age (ix_jobs_ready), and up to :limit
+# delayed jobs that are due, earliest due first (ix_jobs_delayed); the caller merges them
+# by priority then age, so when more than :limit delayed jobs are due at once the
+# earliest due come first.  (One walk of ix_jobs_queue with run_after <= now as a filter
+# read every delayed job queued ahead of the first ready one, on every scheduler wake:
+# 13 ms with 100,000 delayed jobs.)  The indexes are named: without statistics SQLite
+# prefers the plain (state, ...) ones, and 'queued' is written out because SQLite only
+# uses a partial index whose WHERE the query repeats literally.  Timestamps are ISO 8601
+# text of one format, so max() of the text is the later time.
+QUEUE_HEAD_SQL = """
+SELECT * FROM (
+  SELECT id, task, priority, created_at AS ready_since
+  FROM jobs INDEXED BY ix_jobs_ready
+  WHERE state = 'queued' AND run_after IS NULL AND NOT EXISTS (
+    SELECT 1 FROM dependencies JOIN jobs AS parent ON parent.id = dependencies.depends_on
+    WHERE dependencies.job_id = jobs.id AND parent.state != 'succeeded')
+  ORDER BY priority DESC, id LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+  SELECT id, task, priority, max(created_at, run_after) AS ready_since
+  FROM jobs INDEXED BY ix_jobs_delayed
+  WHERE state = 'queued' AND run_after IS NOT NULL AND run_after <= :now AND NOT EXISTS (
+    SELECT 1 FROM dependencies JOIN jobs AS parent ON parent.id = dependencies.depends_on
+    WHERE dependencies.job_id = jobs.id AND parent.state != 'succeeded')
+  ORDER BY run_after LIMIT :limit)
+"""
 
 
 def _unavailable(exc: OperationalError | sqlite3.OperationalError) -> StorageUnavailable:

@@ -16,8 +16,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from jobserver.errors import InvalidTransition, NotFound, ServerLocked
-from jobserver.jobs import JobError, JobState, new_job_id, utcnow
+from jobserver.jobs import JobError, JobState, format_timestamp, new_job_id, parse_timestamp, utcnow
 from jobserver.store import (
+    QUEUE_HEAD_SQL,
     DatabaseLock,
     Finish,
     NewJob,
@@ -25,7 +26,6 @@ from jobserver.store import (
     metadata,
     migrate,
     migrations_dir,
-    queue_head_query,
 )
 
 pytestmark = pytest.mark.anyio
@@ -52,16 +52,37 @@ def test_migrate_is_idempotent_and_uses_wal(database: Path) -> None:
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(heads[0],)]
 
 
-def test_queue_head_reads_through_its_index_in_order(database: Path) -> None:
-    # Compiled with bound parameters, as the store runs it.
-    compiled = queue_head_query(10, utcnow()).compile(dialect=sa.dialects.sqlite.dialect())
-    params = [compiled.params[name] for name in compiled.positiontup or []]
+def test_queue_head_reads_through_its_indexes_in_order(database: Path) -> None:
+    # Ready jobs through ix_jobs_ready in priority order, due delayed jobs through a range
+    # of ix_jobs_delayed in run_after order: no scan of the table, no sort, and never a
+    # walk over jobs that are not due (issue 6).
     with sqlite3.connect(database) as db:
-        rows = db.execute(f"EXPLAIN QUERY PLAN {compiled}", params).fetchall()
-    plan = " ".join(row[-1] for row in rows)
-    assert "ix_jobs_queue" in plan
-    assert "SCAN jobs" not in plan.replace("USING INDEX", "")
+        rows = db.execute(
+            f"EXPLAIN QUERY PLAN {QUEUE_HEAD_SQL}", {"limit": 10, "now": "2026"}
+        ).fetchall()
+    plan = " | ".join(row[-1] for row in rows)
+    assert "SCAN jobs USING INDEX ix_jobs_ready" in plan
+    assert "SEARCH jobs USING INDEX ix_jobs_delayed (run_after>? AND run_after<?)" in plan
     assert "TEMP B-TREE" not in plan
+    assert "SCAN jobs |" not in plan + " |"
+
+
+async def test_delayed_jobs_ahead_in_the_queue_are_not_read_until_due(store: Store) -> None:
+    now = utcnow()
+    later = NewJob("t", {}, 9, 0, run_after=now + timedelta(hours=1))
+    for _ in range(300):  # more than the head's limit, all ahead of the ready job by priority
+        await store.insert(later, new_job_id(), now)
+    ready = await insert(store, priority=0)
+    due_job = NewJob("t", {}, 5, 0, run_after=now - timedelta(seconds=1))
+    due = (await store.insert(due_job, new_job_id(), now - timedelta(seconds=2))).id
+    head = await store.queue_head(200, now)
+    assert [entry.id for entry in head] == [due, ready]
+    assert head[0].ready_since == parse_timestamp(format_timestamp(now - timedelta(seconds=1)))
+    # Once due, the delayed ones come first (higher priority), in priority then age order;
+    # the ready job with the lowest priority is behind the first 200.
+    head = await store.queue_head(200, now + timedelta(hours=2))
+    assert len(head) == 200 and ready not in {entry.id for entry in head}
+    assert head == sorted(head, key=lambda entry: (-entry.priority, entry.id))
 
 
 def test_schema_rejects_impossible_rows(database: Path) -> None:
