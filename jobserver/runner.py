@@ -450,7 +450,7 @@ class _ForkServer:
             return
         for pid, exited in self._exits.items():
             if not exited.done():
-                _kill_group(pid)
+                kill_group(pid)
         self._disconnect("died")
         # It may only have closed the socket: make sure it is gone (our child, unreaped).
         os.kill(self.pid, signal.SIGKILL)
@@ -499,11 +499,6 @@ def _describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by signal {-code} ({signal_name(-code)})"
     return f"exit code {code}"
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
