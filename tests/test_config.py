@@ -400,6 +400,7 @@ def test_unknown_key_without_suggestion_lists_valid_keys(tmp_path: Path) -> None
         ("[server]\nport = true\n", "server.port", 2, "server.port = true: expected an integer"),
         ("[server]\nport = '80'\n", "server.port", 2, "expected an integer"),
         ("[server]\naccess_log = 1\n", "server.access_log", 2, "expected true or false"),
+        ('[server]\nfork_server = "yes"\n', "server.fork_server", 2, "expected true or false"),
         ("[server]\nlog_level = 'loud'\n", "server.log_level", 2, "expected one of critical"),
         ("[server]\nhost = 1\n", "server.host", 2, "expected a string"),
         ("[server]\ndatabase = ''\n", "server.database", 2, "expected a path"),
