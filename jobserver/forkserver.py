@@ -10,9 +10,9 @@ imports it again and fails with the usual error), then serves the runner over a
 ``SOCK_SEQPACKET`` socket at fd ``SOCKET_FD``.  One datagram is one JSON message:
 
 runner → fork server
-    ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3}`` (SPEC: the
-    job's spec document, or the path of its file) with the
-    job's output pipe and progress pipe attached (``SCM_RIGHTS``);
+    ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3,
+    "result_fd": 4}`` (SPEC: the job's spec document, or the path of its file) with the
+    job's output, progress and result pipes attached (``SCM_RIGHTS``);
     ``{"op": "release", "pid": P}``: the runner will never signal P's group again.
 fork server → runner
     ``{"op": "ready", "preloaded": [...], "seconds": S}`` once, when the task modules are
@@ -22,7 +22,8 @@ fork server → runner
     ``os.waitstatus_to_exitcode`` gives it: negative for a signal).
 
 Each forked process leaves the fork server's fds and session behind, takes the pipes as
-its fds 1, 2 and the progress fd, the job's environment and fresh stdio objects, and then
+its fds 1 and 2, the progress fd and the result fd, the job's environment and fresh stdio
+objects, and then
 runs ``child.run_job`` like a spawned job process.  When one exits, the fork server kills
 what it left in its process group and reports the exit, but keeps the zombie until the
 runner answers ``release``: until then the pid, and so the group id, cannot be reused
@@ -40,6 +41,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import gc
 import io
 import json
@@ -164,7 +166,7 @@ class ForkServer:
 
     def _request(self) -> bool:
         try:
-            data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE, 2)
+            data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE, 3)
         except ConnectionError:
             return False
         if not data:
@@ -178,7 +180,7 @@ class ForkServer:
 
     def _start(self, message: dict[str, Any], fds: list[int]) -> None:
         request = message["id"]
-        if len(fds) != 2:
+        if len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             self.send({"op": FAILED, "id": request, "errno": 0, "error": "pipes not received"})
@@ -254,12 +256,7 @@ class ForkServer:
             os.setsid()
             for fd in [self._sock.fileno(), self._selector.fileno(), *self._pidfds.values()]:
                 os.close(fd)
-            out, progress = fds
-            for target in (1, 2):
-                os.dup2(out, target)
-            os.dup2(progress, int(message["progress_fd"]))
-            os.close(out)
-            os.close(progress)
+            _place(fds, [(1, 2), (int(message["progress_fd"]),), (int(message["result_fd"]),)])
             for signum, handler in self._saved_signals.items():
                 signal.signal(signum, handler)
             gc.enable()
@@ -283,6 +280,19 @@ class ForkServer:
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _place(fds: list[int], targets: list[tuple[int, ...]]) -> None:
+    """Put each received fd at its target numbers only.  One may sit on another's target,
+    so all are first moved above the targets."""
+    top = max(number for numbers in targets for number in numbers)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top + 1) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for fd, numbers in zip(moved, targets, strict=True):
+        for number in numbers:
+            os.dup2(fd, number)
+        os.close(fd)
 
 
 def _use_environment(env: dict[str, str]) -> None:

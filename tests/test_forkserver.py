@@ -19,7 +19,14 @@ import pytest
 
 from jobserver.config import ServerSettings
 from jobserver.resources import find_tagged_processes
-from jobserver.runner import JOB_ID_ENV, LaunchSpec, ProcessHandle, Runner, allowed_environment
+from jobserver.runner import (
+    JOB_ID_ENV,
+    ChildSettings,
+    LaunchSpec,
+    ProcessHandle,
+    Runner,
+    allowed_environment,
+)
 from tests.conftest import SAMPLE_TASKS, TESTS_DIR, Harness, write_config
 from tests.test_e2e import alive, job_row, submit, wait_until
 
@@ -91,7 +98,9 @@ def start(runner: Runner, tmp_path: Path) -> Callable[..., Awaitable[ProcessHand
 
 
 def log_of(job: str, tmp_path: Path) -> str:
-    return (tmp_path / "jobs" / job / "output.log").read_text()
+    """The job's log; empty until the job has printed something."""
+    path = tmp_path / "jobs" / job / "output.log"
+    return path.read_text() if path.exists() else ""
 
 
 @pytest.mark.parametrize("runner", ["forked"], indirect=True)
@@ -144,10 +153,13 @@ async def test_the_job_directory_and_its_spec(
     small = await start("sample_tasks:add", job="small", a=2, b=3)
     assert (await small.wait()).result == 5
     # A forked job's spec travels in the request, not in a file; either way the job makes
-    # its own output directory (issue 6: every file the server creates costs).
+    # its own output directory, its outcome comes back on a pipe, and a job that printed
+    # nothing has no log (issue 6: every file created costs).
     names = sorted(os.listdir(tmp_path / "jobs" / "small"))
-    expected = ["artifacts", "output.log", "result.json"]
-    assert names == (expected if forked else sorted([*expected, "spec.json"]))
+    assert names == (["artifacts"] if forked else ["artifacts", "spec.json"])
+    # The log appears with the first output, headed by the attempt's start.
+    await (await start("fork_tasks:speak", job="small", gate=str(tmp_path))).wait()
+    assert log_of("small", tmp_path).startswith("--- attempt 1 started ")
     # Args too large for one message go through spec.json, and the job is still forked.
     text = "x" * 200_000
     large = await start("fork_tasks:length_and_parent", job="large", text=text)
@@ -156,6 +168,40 @@ async def test_the_job_directory_and_its_spec(
     assert outcome.result["length"] == len(text)
     assert (outcome.result["ppid"] != os.getpid()) is forked
     assert (tmp_path / "jobs" / "large" / "spec.json").exists()
+
+
+async def test_the_outcome_comes_back_on_the_result_pipe(
+    start: Callable[..., Awaitable[ProcessHandle]],
+) -> None:
+    # More than a pipe holds (64 KiB): the server reads while the job writes.
+    outcome = await (await start("fork_tasks:big_result", size=1_000_000)).wait()
+    assert outcome.error is None, outcome.error
+    assert outcome.result == {"text": "é" * 1_000_000, "result_fd_inheritable": False}
+    # What else reaches the pipe spoils the document: no result, not a forged one.
+    forged = '{"ok": true, "result": "forged"}'
+    outcome = await (await start("fork_tasks:write_to_result_pipe", data=forged)).wait()
+    assert outcome.error is not None and outcome.error.type == "Exited"
+    assert "without a result" in outcome.error.message
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "spawned"])
+async def test_a_flooded_result_pipe_is_not_kept(tmp_path: Path, fork_server: bool) -> None:
+    made = make_runner(fork_server=fork_server, child=ChildSettings(max_result_size=1000))
+    made.open()
+    try:
+        await made.fork_server_ready()
+        spec = LaunchSpec(
+            "flood",
+            1,
+            "fork_tasks:write_to_result_pipe",
+            {"data": "x" * 4096, "size": 1024},
+            tmp_path / "flood",
+        )
+        outcome = await (await made.start(spec)).wait()
+    finally:
+        await made.close()
+    assert outcome.error is not None and outcome.error.type == "ResultTooLarge"
+    assert "max_result_size" in outcome.error.message
 
 
 async def test_stdout_and_stderr_reach_the_log_while_the_job_runs(
