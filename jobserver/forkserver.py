@@ -11,8 +11,9 @@ imports it again and fails with the usual error), then serves the runner over a
 
 runner → fork server
     ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3,
-    "result_fd": 4}`` (SPEC: the job's spec document, or the path of its file) with the
-    job's output, progress and result pipes attached (``SCM_RIGHTS``);
+    "result_fd": 4}`` (SPEC: the job's spec document, or the path of its file; env: the
+    variables the job's environment adds to ours) with the job's output, progress and
+    result pipes attached (``SCM_RIGHTS``);
     ``{"op": "release", "pid": P}``: the runner will never signal P's group again.
 fork server → runner
     ``{"op": "ready", "preloaded": [...], "seconds": S}`` once, when the task modules are
@@ -260,7 +261,9 @@ class ForkServer:
             for signum, handler in self._saved_signals.items():
                 signal.signal(signum, handler)
             gc.enable()
-            _use_environment(message["env"])
+            # Ours is every job's environment: only the job's own variables are set, as
+            # every putenv touches memory shared with the fork server.
+            os.environ.update(message["env"])
             _show_job_id(self._job_id_at, os.environ.get(JOB_ID_ENV, ""))
             child.frozen_setup()
             _fresh_stdio()
@@ -295,16 +298,6 @@ def _place(fds: list[int], targets: list[tuple[int, ...]]) -> None:
         os.close(fd)
 
 
-def _use_environment(env: dict[str, str]) -> None:
-    """Make os.environ ``env``.  Ours differs from a job's by a few job-specific keys, so
-    only those are changed: every putenv touches memory shared with the fork server."""
-    for key in [key for key in os.environ if key not in env]:
-        del os.environ[key]
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
-
-
 def _job_id_address() -> int | None:
     """Where the placeholder value of JOB_ID_ENV is in our original environment block
     (the same address in every process we fork); None if it is not there."""
@@ -327,9 +320,13 @@ def _show_job_id(address: int | None, job_id: str) -> None:
 
 def _fresh_stdio() -> None:
     """sys.stdout and sys.stderr over the job's fds 1 and 2, unbuffered as
-    PYTHONUNBUFFERED=1 makes them in a spawned job process."""
+    PYTHONUNBUFFERED=1 makes them in a spawned job process.  Ours already are (the fork
+    server runs with a job's environment) unless a preloaded module replaced them: then
+    new ones are made (which touches, and so copies, pages shared with us)."""
     for name in ("stdout", "stderr"):
         old = getattr(sys, name)
+        if _unbuffered_over(old, 1 if name == "stdout" else 2):
+            continue
         stream = io.TextIOWrapper(
             io.FileIO(1 if name == "stdout" else 2, "w", closefd=False),
             encoding=getattr(old, "encoding", None) or "utf-8",
@@ -338,6 +335,16 @@ def _fresh_stdio() -> None:
         )
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
+
+
+def _unbuffered_over(stream: Any, fd: int) -> bool:
+    """Whether ``stream`` is the interpreter's own unbuffered text stream over ``fd``."""
+    return (
+        type(stream) is io.TextIOWrapper
+        and stream.write_through
+        and type(stream.buffer) is io.FileIO
+        and stream.buffer.fileno() == fd
+    )
 
 
 def _exit(code: int) -> NoReturn:

@@ -673,7 +673,7 @@ class Runner:
         if self._owner is not None:
             # Made for the job's user, who creates its output directory in it.
             self._make_workdir(spec)
-        env = self._child_environment(spec)
+        own = self._own_environment(spec)
         if spec.command is None:
             document = {
                 "function": spec.function,
@@ -687,7 +687,7 @@ class Runner:
             if spec.python is None and self._forking and self._current_fork_server().ready:
                 request: dict[str, Any] = {
                     "spec": document,
-                    "env": {**env, FD_ENV: str(PROGRESS_FD)},
+                    "env": own,
                     "progress_fd": PROGRESS_FD,
                     "result_fd": RESULT_FD,
                 }
@@ -695,10 +695,10 @@ class Runner:
                     self._make_workdir(spec)
                     spec_path.write_text(json.dumps(document))
                     request["spec"] = str(spec_path)
-                if _fits(request):  # else a huge environment: spawn that job
-                    return await self._fork(spec, request)
+                return await self._fork(spec, request)
             self._make_workdir(spec)
             spec_path.write_text(json.dumps(document))
+            env = {**self._job_environment(), **own}
             if spec.python is not None:
                 # The child module alone, run by path: the task's interpreter has no jobserver.
                 script = spec.workdir / CHILD_NAME
@@ -715,7 +715,7 @@ class Runner:
             if self._owner is not None:
                 os.chown(spec.workdir / ARTIFACTS_DIR_NAME, *self._owner)
             # A program of the machine's: not the single-file binary's bundled libraries.
-            env = host_environment(env)
+            env = host_environment({**self._job_environment(), **own})
             found = shutil.which(spec.command[0])
             if found is None:
                 raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
@@ -732,8 +732,6 @@ class Runner:
         file_actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         for write, numbers in zip(writes, targets, strict=True):
             file_actions += [(os.POSIX_SPAWN_DUP2, write, number) for number in numbers]
-        if spec.command is None:
-            env[FD_ENV] = str(PROGRESS_FD)
         try:
             pid = os.posix_spawn(program, argv, env, file_actions=file_actions, setsid=True)
         except BaseException:
@@ -824,14 +822,19 @@ class Runner:
             env.pop(name, None)
         return env
 
-    def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
-        env = self._job_environment()
-        env[JOB_ID_ENV] = spec.job_id
-        env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
-        env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
-        env.update(spec.environment)
+    def _own_environment(self, spec: LaunchSpec) -> dict[str, str]:
+        """What one job's environment adds to ``_job_environment()``: all a forked job
+        process changes in the environment it inherits from the fork server."""
+        env = {
+            JOB_ID_ENV: spec.job_id,
+            "JOBSERVER_ATTEMPT": str(spec.attempt),
+            OUTPUT_DIR_ENV: str(spec.workdir / ARTIFACTS_DIR_NAME),
+            **spec.environment,
+        }
         if spec.cgroup_procs is not None:
             env[CGROUP_ENV] = str(spec.cgroup_procs)
+        if spec.command is None:
+            env[FD_ENV] = str(PROGRESS_FD)
         return env
 
     def describe(self, python: Path, function: str) -> dict[str, Any]:
