@@ -204,6 +204,53 @@ async def test_a_flooded_result_pipe_is_not_kept(tmp_path: Path, fork_server: bo
     assert "max_result_size" in outcome.error.message
 
 
+async def test_a_forked_job_has_the_environment_a_spawned_one_has(tmp_path: Path) -> None:
+    found = {}
+    for fork_server in (True, False):
+        made = make_runner(fork_server=fork_server, extra={"SOME_SETTING": "x"})
+        made.open()
+        try:
+            assert await made.fork_server_ready() is fork_server
+            spec = LaunchSpec(
+                "env-job",
+                3,
+                "sample_tasks:environment",
+                {},
+                tmp_path / "env-job",
+                environment={"CUDA_VISIBLE_DEVICES": "1"},
+            )
+            found[fork_server] = (await (await made.start(spec)).wait()).result
+        finally:
+            await made.close()
+    assert found[True] == found[False]
+    assert found[True]["SOME_SETTING"] == "x" and found[True]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert found[True][JOB_ID_ENV] == "env-job" and found[True]["JOBSERVER_ATTEMPT"] == "3"
+
+
+async def test_a_job_prints_unbuffered_when_a_preloaded_module_replaced_stdout(
+    tmp_path: Path,
+) -> None:
+    made = make_runner(preload=["fork_stdout"])
+    made.open()
+    try:
+        assert await made.fork_server_ready()
+        gate = tmp_path / "gate"
+        spec = LaunchSpec(
+            "buffered",
+            1,
+            "fork_stdout:print_then_wait",
+            {"gate": str(gate)},
+            tmp_path / "jobs" / "buffered",
+        )
+        handle = await made.start(spec)
+        # In the log while the job still waits: nothing sat in a buffer.
+        await until(lambda: "printed before the gate" in log_of("buffered", tmp_path))
+        gate.write_text("open")
+        assert (await handle.wait()).result == "done"
+    finally:
+        await made.close()
+
+
 async def test_stdout_and_stderr_reach_the_log_while_the_job_runs(
     start: Callable[..., Awaitable[ProcessHandle]], tmp_path: Path
 ) -> None:
