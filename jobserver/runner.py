@@ -575,11 +575,15 @@ class Runner:
         fork_server: bool = False,
         preload: Sequence[str] = (),
         fork_reply_timeout: float = 30.0,
+        jobs_dir: Path | None = None,
     ) -> None:
         """``fork_server``: fork Python tasks of our own interpreter from a fork server that
         has imported the modules in ``preload``, instead of spawning each one.  A ready
         fork server that does not answer a start in ``fork_reply_timeout`` seconds (a fork
-        takes milliseconds) is killed and the start fails."""
+        takes milliseconds) is killed and the start fails.  ``jobs_dir``: the directory
+        that holds the jobs' directories (each job's ``workdir``), where the fork server
+        makes the next job's directory ahead of time (not with ``run_as``: the job's user
+        owns its directory)."""
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
         # A program cannot ask for a parent-death signal itself: setpriv does it, then
@@ -599,6 +603,7 @@ class Runner:
                 "every job process is spawned"
             )
         self._preload = list(dict.fromkeys(preload))
+        self._jobs_dir = jobs_dir if self._owner is None else None
         self._fork_reply_timeout = fork_reply_timeout
         self._fork_server: _ForkServer | None = None
         self._old_fork_servers: list[_ForkServer] = []  # retired or dead, not yet closed
@@ -657,7 +662,10 @@ class Runner:
             if server is not None:
                 self._old_fork_servers.append(server)  # dead: close() awaits its reaping
             env = {**self._job_environment(), JOB_ID_ENV: forkserver.JOB_ID_ROOM}
-            argv = [*forkserver_command(), *self._preload]
+            argv = [*forkserver_command()]
+            if self._jobs_dir is not None:
+                argv += ["--jobs-dir", str(self._jobs_dir)]
+            argv += self._preload
             server = _ForkServer(argv, env, self._fork_reply_timeout)
             self._fork_server = server
         return server

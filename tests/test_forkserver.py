@@ -356,6 +356,43 @@ async def test_a_dead_fork_server_fails_its_jobs_and_a_new_one_takes_over(
     await until(lambda: not Path(f"/proc/{old}").exists())  # reaped by the runner
 
 
+async def test_the_spare_process_makes_its_job_directory_ahead(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    (jobs / ".spare-1").mkdir(parents=True)  # left by a fork server that was killed
+    made = make_runner(jobs_dir=jobs)
+    made.open()
+
+    async def run(job: str) -> Any:
+        spec = LaunchSpec(job, 1, "fork_tasks:whoami", {}, jobs / job)
+        outcome = await (await made.start(spec)).wait()
+        assert outcome.error is None, outcome.error
+        return outcome.result
+
+    def spare_dirs() -> list[str]:
+        return sorted(path.name for path in jobs.glob(".spare-*"))
+
+    try:
+        assert await made.fork_server_ready()
+        await until(lambda: len(spare_dirs()) == 1 and spare_dirs() != [".spare-1"])
+        (waiting,) = spare_dirs()
+        assert (jobs / waiting / "artifacts").is_dir()
+        first = await run("first")
+        # The spare's directory became the job's: renamed, not made while it started.
+        assert f".spare-{first['pid']}" == waiting
+        assert sorted(os.listdir(jobs / "first")) == ["artifacts"]
+        await until(lambda: len(spare_dirs()) == 1 and spare_dirs() != [waiting])
+        (waiting,) = spare_dirs()
+        # A later attempt finds its directory in use: the spare's goes, the job's stays.
+        (jobs / "again").mkdir()
+        (jobs / "again" / "output.log").write_text("attempt 1\n")
+        again = await run("again")
+        assert f".spare-{again['pid']}" == waiting and not (jobs / waiting).exists()
+        assert sorted(os.listdir(jobs / "again")) == ["artifacts", "output.log"]
+    finally:
+        await made.close()
+    assert spare_dirs() == []  # the last spare removed its own when the runner closed
+
+
 async def test_jobs_are_spawned_until_the_fork_server_has_imported_the_tasks(
     tmp_path: Path,
 ) -> None:
@@ -420,8 +457,35 @@ async def test_a_fork_server_that_does_not_answer_is_replaced(tmp_path: Path) ->
 async def test_close_stops_the_fork_server(runner: Runner, tmp_path: Path) -> None:
     spec = LaunchSpec("x", 1, "fork_tasks:whoami", {}, tmp_path / "x")
     fork_server = (await (await runner.start(spec)).wait()).result["ppid"]
+    waiting = psutil.Process(fork_server).children()  # its spare process, if forking
     await runner.close()
     assert not Path(f"/proc/{fork_server}").exists()
+    assert not any(Path(f"/proc/{process.pid}").exists() for process in waiting)
+
+
+@pytest.mark.parametrize("runner", ["forked"], indirect=True)
+async def test_a_spare_process_waits_for_the_next_job(
+    start: Callable[..., Awaitable[ProcessHandle]],
+) -> None:
+    fork_server = (await (await start("fork_tasks:whoami")).wait()).result["ppid"]
+
+    def spares() -> list[int]:  # no job runs: the fork server's only child is its spare
+        return [process.pid for process in psutil.Process(fork_server).children()]
+
+    await until(lambda: len(spares()) == 1)
+    (spare,) = spares()
+    assert os.getsid(spare) == spare  # it has left the fork server's session already
+    second = await (await start("fork_tasks:whoami", job="second")).wait()
+    assert second.result["pid"] == spare and second.result["job_id"] == "second"
+    assert second.result["sid"] == second.result["pgid"] == spare
+    # A spare that dies while it waits is replaced, and jobs go on.
+    await until(lambda: len(spares()) == 1 and spares() != [spare])
+    (killed,) = spares()
+    os.kill(killed, signal.SIGKILL)
+    await until(lambda: len(spares()) == 1 and spares() != [killed])
+    (replacement,) = spares()
+    third = await (await start("fork_tasks:whoami")).wait()
+    assert third.result["pid"] == replacement and third.result["ppid"] == fork_server
 
 
 # -- in the server -------------------------------------------------------------------------
@@ -570,9 +634,13 @@ async def test_a_failed_fork_fails_the_job_as_spawn_failed(make_harness: Any) ->
             (group / "pids.max").write_text("1")  # the fork server alone: no fork succeeds
             (group / "cgroup.procs").write_text(str(fork_server))
             try:
+                # The spare process, forked before the limit, takes the first job; the
+                # next one needs a fork.
+                first = await run(h, "whoami")
                 done = await run(h, "whoami")
             finally:
                 Path("/sys/fs/cgroup/pids/cgroup.procs").write_text(str(fork_server))
+            assert first["state"] == "succeeded"
             assert done["state"] == "failed"
             assert done["error"]["type"] == "SpawnFailed"
             assert "Resource temporarily unavailable" in done["error"]["message"]
