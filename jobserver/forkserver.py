@@ -24,11 +24,13 @@ fork server → runner
 
 Each forked process leaves the fork server's fds and session behind, takes the pipes as
 its fds 1 and 2, the progress fd and the result fd, the job's environment and fresh stdio
-objects, and then
-runs ``child.run_job`` like a spawned job process.  When one exits, the fork server kills
-what it left in its process group and reports the exit, but keeps the zombie until the
-runner answers ``release``: until then the pid, and so the group id, cannot be reused
-while the server may still signal that group.
+objects, and then runs ``child.run_job`` like a spawned job process.  One such process is
+forked ahead and waits for the next start request (the spare): it has left the fork
+server already and, given ``--jobs-dir DIR`` before the modules, made the next job's
+directory as ``DIR/.spare-PID``, which it renames to the job's.  When a job process
+exits, the fork server kills what it left in its process group and reports the exit, but
+keeps the zombie until the runner answers ``release``: until then the pid, and so the
+group id, cannot be reused while the server may still signal that group.
 
 The fork server asks for SIGKILL when the server dies, and every job it forks asks for
 SIGKILL when the fork server dies.  When the runner closes the socket it kills the groups
