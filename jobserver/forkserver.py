@@ -210,7 +210,7 @@ class ForkServer:
         self._spare_wanted = True
         try:
             pid, pidfd = self._hand_to_spare(message, fds) or self._fork(
-                lambda: self._become_job(message, fds)
+                lambda: self._become(lambda: self._run(message, fds))
             )
         except OSError as exc:
             error = exc.strerror or str(exc)
@@ -243,7 +243,7 @@ class ForkServer:
     def _fork_spare(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid, pidfd = self._fork(lambda: self._become_spare(theirs, ours))
+            pid, pidfd = self._fork(lambda: self._become(lambda: self._wait_for_job(theirs, ours)))
         except OSError as exc:
             ours.close()
             self._spare_wanted = False
@@ -324,11 +324,13 @@ class ForkServer:
 
     # -- in the forked job process --------------------------------------------------
 
-    def _become_job(self, message: dict[str, Any], fds: list[int]) -> NoReturn:
+    def _become(self, job: Callable[[], int]) -> NoReturn:
+        """Leave the fork server, run ``job`` (it returns the exit code) and end as an
+        interpreter would."""
         code = 1
         try:
             self._leave()
-            code = self._run(message, fds)
+            code = job()
         except KeyboardInterrupt:
             traceback.print_exc()
             code = -signal.SIGINT
@@ -336,26 +338,17 @@ class ForkServer:
             traceback.print_exc()
         _exit(code)
 
-    def _become_spare(self, sock: socket.socket, ours: socket.socket) -> NoReturn:
-        """Leave the fork server now, then wait for a job (a start request and its
-        pipes); exit when the fork server closes the socket instead."""
-        code = 1
-        try:
-            ours.close()
-            self._leave()
-            child.die_with_parent(self._pid)  # not left behind while it waits
-            made = _make_spare_dir(self._jobs_dir)
-            data, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 3)
-            sock.close()
-            if not data:  # the fork server is done with us (and removes ``made``)
-                os._exit(0)
-            code = self._run(decode(data), fds, made)
-        except KeyboardInterrupt:
-            traceback.print_exc()
-            code = -signal.SIGINT
-        except BaseException:
-            traceback.print_exc()
-        _exit(code)
+    def _wait_for_job(self, sock: socket.socket, ours: socket.socket) -> int:
+        """As the spare: wait for a job (a start request and its pipes) and run it; exit
+        when the fork server closes the socket instead."""
+        ours.close()
+        child.die_with_parent(self._pid)  # not left behind while it waits
+        made = _make_spare_dir(self._jobs_dir)
+        data, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 3)
+        sock.close()
+        if not data:  # the fork server is done with us (and removes ``made``)
+            os._exit(0)
+        return self._run(decode(data), fds, made)
 
     def _leave(self) -> None:
         """What every job process does first, whatever its job: leave our session, fds
