@@ -3,9 +3,11 @@
 Started by the runner as ``python -m jobserver.child SPEC`` (in the single-file binary:
 ``jobserver _child SPEC``; for a task with its own ``python``: that interpreter running a
 copy of this file) with stdout and stderr going to the job's log.  The outcome is written
-to the spec's ``result_path`` (JSON, written to a temporary name then renamed, so the
-server never reads half a file):
+to the result pipe, the fd named by the spec's ``result_fd`` (no file: creating one costs
+more than the whole rest of a short job on some disks), as one JSON document:
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type", "message", "traceback"}}``.
+The server reads it to the end once the process has exited; a process killed while
+writing leaves half a document, which the server treats as no result.
 The exit code is 0 when the task returned, 1 when it raised.
 
 ``--describe package.module:function`` prints the function's parameters as JSON instead
@@ -23,6 +25,7 @@ sequence; the fork server (forkserver.py) calls it too, in the processes it fork
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import inspect
@@ -31,7 +34,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -169,10 +171,10 @@ def _error(kind: str, message: str, trace: str | None = None) -> dict[str, Any]:
     return {"ok": False, "error": {"type": kind, "message": message, "traceback": trace}}
 
 
-def write_atomically(path: Path, document: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document, ensure_ascii=False, allow_nan=False))
-    os.replace(temporary, path)
+def write_result(fd: int, document: dict[str, Any]) -> None:
+    """The outcome, on the result pipe, which is then closed (the server's end of file)."""
+    with open(fd, "wb", closefd=True) as pipe:
+        pipe.write(json.dumps(document, ensure_ascii=False, allow_nan=False).encode())
 
 
 def describe(function: str) -> dict[str, Any]:
@@ -236,6 +238,8 @@ def run_job(spec: dict[str, Any], parent: int | None) -> int:
 
     ``parent`` is the pid this process must die with (the server, or the fork server that
     forked it)."""
+    # Programs the task runs must not get the result pipe: they could forge the outcome.
+    os.set_inheritable(spec["result_fd"], False)
     # Join the job's cgroup first: it needs the server's privileges, and everything the
     # task starts must be inside the limit.  If that fails the job must not run unlimited.
     failed = None
@@ -257,7 +261,8 @@ def run_job(spec: dict[str, Any], parent: int | None) -> int:
     code, document = (1, failed) if failed is not None else run(spec)
     sys.stdout.flush()
     sys.stderr.flush()
-    write_atomically(Path(spec["result_path"]), document)
+    with contextlib.suppress(BrokenPipeError):  # the server is gone: nobody to tell
+        write_result(spec["result_fd"], document)
     return code
 
 

@@ -10,9 +10,10 @@ imports it again and fails with the usual error), then serves the runner over a
 ``SOCK_SEQPACKET`` socket at fd ``SOCKET_FD``.  One datagram is one JSON message:
 
 runner → fork server
-    ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3}`` (SPEC: the
-    job's spec document, or the path of its file) with the
-    job's output pipe and progress pipe attached (``SCM_RIGHTS``);
+    ``{"op": "start", "id": N, "spec": SPEC, "env": {...}, "progress_fd": 3,
+    "result_fd": 4}`` (SPEC: the job's spec document, or the path of its file; env: the
+    variables the job's environment adds to ours) with the job's output, progress and
+    result pipes attached (``SCM_RIGHTS``);
     ``{"op": "release", "pid": P}``: the runner will never signal P's group again.
 fork server → runner
     ``{"op": "ready", "preloaded": [...], "seconds": S}`` once, when the task modules are
@@ -22,11 +23,14 @@ fork server → runner
     ``os.waitstatus_to_exitcode`` gives it: negative for a signal).
 
 Each forked process leaves the fork server's fds and session behind, takes the pipes as
-its fds 1, 2 and the progress fd, the job's environment and fresh stdio objects, and then
-runs ``child.run_job`` like a spawned job process.  When one exits, the fork server kills
-what it left in its process group and reports the exit, but keeps the zombie until the
-runner answers ``release``: until then the pid, and so the group id, cannot be reused
-while the server may still signal that group.
+its fds 1 and 2, the progress fd and the result fd, the job's environment and fresh stdio
+objects, and then runs ``child.run_job`` like a spawned job process.  One such process is
+forked ahead and waits for the next start request (the spare): it has left the fork
+server already and, given ``--jobs-dir DIR`` before the modules, made the next job's
+directory as ``DIR/.spare-PID``, which it renames to the job's.  When a job process
+exits, the fork server kills what it left in its process group and reports the exit, but
+keeps the zombie until the runner answers ``release``: until then the pid, and so the
+group id, cannot be reused while the server may still signal that group.
 
 The fork server asks for SIGKILL when the server dies, and every job it forks asks for
 SIGKILL when the fork server dies.  When the runner closes the socket it kills the groups
@@ -40,18 +44,21 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import gc
 import io
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NamedTuple, NoReturn
 
 from jobserver import child
 
@@ -64,6 +71,7 @@ JOB_ID_ENV = "JOBSERVER_JOB_ID"
 JOB_ID_ROOM = "-" * 64
 MAX_MESSAGE = 128 * 1024  # bytes in one datagram; a larger request is spawned instead
 READY, STARTED, FAILED, EXITED = "ready", "started", "failed", "exited"
+SPARE = "spare"  # what the selector holds for the spare's pidfd
 START, RELEASE = "start", "release"
 # Signal dispositions the fork server changes for itself; each job process gets back what
 # it had before.  A stray SIGINT would raise KeyboardInterrupt anywhere in the loop
@@ -89,6 +97,9 @@ def exit_code(info: os.waitid_result) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     modules = sys.argv[1:] if argv is None else argv
+    jobs_dir = None
+    if modules[:1] == ["--jobs-dir"]:
+        jobs_dir, modules = modules[1], modules[2:]
     _open_standard_fds()
     child.frozen_setup()
     child.die_with_parent(child.server_pid())
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     # advice for fork without exec); the job's collector is on, as in any interpreter.
     gc.collect()
     gc.disable()
-    server = ForkServer(socket.socket(fileno=SOCKET_FD), job_id_at)
+    server = ForkServer(socket.socket(fileno=SOCKET_FD), job_id_at, jobs_dir)
     server.send({"op": READY, "preloaded": preloaded, "seconds": time.monotonic() - began})
     server.serve()
 
@@ -138,8 +149,13 @@ def preload(modules: list[str]) -> list[str]:
 
 
 class ForkServer:
-    def __init__(self, sock: socket.socket, job_id_at: int | None) -> None:
+    def __init__(self, sock: socket.socket, job_id_at: int | None, jobs_dir: str | None) -> None:
+        """``jobs_dir``: where each spare process makes the directory of its coming job
+        ahead of time (None: the job makes its own)."""
         self._sock = sock
+        self._jobs_dir = jobs_dir
+        if jobs_dir is not None:
+            _remove_spare_dirs(jobs_dir)  # left by a fork server that was killed
         self._pid = os.getpid()
         self._job_id_at = job_id_at
         self._selector = selectors.EpollSelector()  # Linux only, as pidfds are
@@ -147,6 +163,10 @@ class ForkServer:
         self._pidfds: dict[int, int] = {}  # running child -> its pidfd
         self._unreleased: set[int] = set()  # exited, zombie kept until "release"
         self._released_early: set[int] = set()  # released while running: reap at exit
+        # A process forked ahead of the next start request, waiting for its job on a
+        # socket of its own: a start then costs a send, not a fork (issue 6, dispatch).
+        self._spare: _Spare | None = None
+        self._spare_wanted = True  # False after a failed fork, until the next request
         self._saved_signals = {signum: signal.getsignal(signum) for signum in _SIGNALS_CHANGED}
         for signum in _SIGNALS_CHANGED:
             signal.signal(signum, signal.SIG_IGN)
@@ -154,17 +174,21 @@ class ForkServer:
     def serve(self) -> None:
         """Answer requests until the runner closes its end of the socket."""
         while True:
+            if self._spare is None and self._spare_wanted:
+                self._fork_spare()
             for key, _ in self._selector.select():
                 if key.data is None:
                     if not self._request():
                         self._shut_down()
                         return
+                elif key.data == SPARE:
+                    self._drop_spare()  # it died waiting (killed by someone)
                 else:
                     self._exited(key.data)
 
     def _request(self) -> bool:
         try:
-            data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE, 2)
+            data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE, 3)
         except ConnectionError:
             return False
         if not data:
@@ -178,26 +202,16 @@ class ForkServer:
 
     def _start(self, message: dict[str, Any], fds: list[int]) -> None:
         request = message["id"]
-        if len(fds) != 2:
+        if len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             self.send({"op": FAILED, "id": request, "errno": 0, "error": "pipes not received"})
             return
-        # Nothing buffered here may be copied into the job's log.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        gc.freeze()
+        self._spare_wanted = True
         try:
-            pid = os.fork()
-            if pid == 0:
-                self._become_job(message, fds)
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                # It cannot be watched, so it must not run (it is our child, unreaped).
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise
+            pid, pidfd = self._hand_to_spare(message, fds) or self._fork(
+                lambda: self._become(lambda: self._run(message, fds))
+            )
         except OSError as exc:
             error = exc.strerror or str(exc)
             self.send({"op": FAILED, "id": request, "errno": exc.errno or 0, "error": error})
@@ -208,6 +222,67 @@ class ForkServer:
         self._pidfds[pid] = pidfd
         self._selector.register(pidfd, selectors.EVENT_READ, pid)
         self.send({"op": STARTED, "id": request, "pid": pid})
+
+    def _fork(self, become: Callable[[], NoReturn]) -> tuple[int, int]:
+        """A new child that runs ``become``, and its pidfd."""
+        # Nothing buffered here may be copied into the job's log.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            become()
+        try:
+            return pid, os.pidfd_open(pid)
+        except OSError:
+            # It cannot be watched, so it must not run (it is our child, unreaped).
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid, pidfd = self._fork(lambda: self._become(lambda: self._wait_for_job(theirs, ours)))
+        except OSError as exc:
+            ours.close()
+            self._spare_wanted = False
+            print(f"jobserver fork server: no spare process: {exc}", file=sys.stderr, flush=True)
+            return
+        finally:
+            theirs.close()
+        self._spare = _Spare(pid, pidfd, ours)
+        self._selector.register(pidfd, selectors.EVENT_READ, SPARE)
+
+    def _hand_to_spare(self, message: dict[str, Any], fds: list[int]) -> tuple[int, int] | None:
+        """The spare's pid and pidfd once it has the job; None if there is no spare."""
+        spare = self._spare
+        if spare is None:
+            return None
+        self._spare = None
+        self._selector.unregister(spare.pidfd)
+        try:
+            socket.send_fds(spare.sock, [encode(message)], fds)
+        except OSError:  # it died: fork the job instead
+            self._bury_spare(spare)
+            return None
+        spare.sock.close()
+        return spare.pid, spare.pidfd
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._selector.unregister(spare.pidfd)
+            self._bury_spare(spare)
+
+    def _bury_spare(self, spare: _Spare) -> None:
+        spare.sock.close()  # a spare still waiting sees the end of its socket and exits
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spare.pid, signal.SIGKILL)
+        os.waitpid(spare.pid, 0)
+        os.close(spare.pidfd)
+        if self._jobs_dir is not None:
+            _remove_dir(_spare_dir(self._jobs_dir, spare.pid))
 
     def _exited(self, pid: int) -> None:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
@@ -240,6 +315,7 @@ class ForkServer:
 
     def _shut_down(self) -> None:
         """The runner is done with us: nothing may outlive the fork server unwatched."""
+        self._drop_spare()
         for pid in list(self._pidfds):
             _kill_group(pid)
             os.kill(pid, signal.SIGKILL)
@@ -248,30 +324,13 @@ class ForkServer:
 
     # -- in the forked job process --------------------------------------------------
 
-    def _become_job(self, message: dict[str, Any], fds: list[int]) -> NoReturn:
+    def _become(self, job: Callable[[], int]) -> NoReturn:
+        """Leave the fork server, run ``job`` (it returns the exit code) and end as an
+        interpreter would."""
         code = 1
         try:
-            os.setsid()
-            for fd in [self._sock.fileno(), self._selector.fileno(), *self._pidfds.values()]:
-                os.close(fd)
-            out, progress = fds
-            for target in (1, 2):
-                os.dup2(out, target)
-            os.dup2(progress, int(message["progress_fd"]))
-            os.close(out)
-            os.close(progress)
-            for signum, handler in self._saved_signals.items():
-                signal.signal(signum, handler)
-            gc.enable()
-            _use_environment(message["env"])
-            _show_job_id(self._job_id_at, os.environ.get(JOB_ID_ENV, ""))
-            child.frozen_setup()
-            _fresh_stdio()
-            spec = message["spec"]  # the document itself, or the path of its file
-            sys.argv = [child.__file__] + ([spec] if isinstance(spec, str) else [])
-            code = child.run_job(
-                spec if isinstance(spec, dict) else child.read_spec(spec), self._pid
-            )
+            self._leave()
+            code = job()
         except KeyboardInterrupt:
             traceback.print_exc()
             code = -signal.SIGINT
@@ -279,20 +338,127 @@ class ForkServer:
             traceback.print_exc()
         _exit(code)
 
+    def _wait_for_job(self, sock: socket.socket, ours: socket.socket) -> int:
+        """As the spare: wait for a job (a start request and its pipes) and run it; exit
+        when the fork server closes the socket instead."""
+        ours.close()
+        child.die_with_parent(self._pid)  # not left behind while it waits
+        made = _make_spare_dir(self._jobs_dir)
+        data, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 3)
+        sock.close()
+        if not data:  # the fork server is done with us (and removes ``made``)
+            os._exit(0)
+        return self._run(decode(data), fds, made)
+
+    def _leave(self) -> None:
+        """What every job process does first, whatever its job: leave our session, fds
+        and signal dispositions."""
+        os.setsid()
+        fds = [self._sock.fileno(), self._selector.fileno(), *self._pidfds.values()]
+        if self._spare is not None:
+            fds += [self._spare.sock.fileno(), self._spare.pidfd]
+        for fd in fds:
+            os.close(fd)
+        for signum, handler in self._saved_signals.items():
+            signal.signal(signum, handler)
+        gc.enable()
+
+    def _run(self, message: dict[str, Any], fds: list[int], made: str | None = None) -> int:
+        """Run the job of a start request with its pipes (and ``made``, a directory made
+        for it ahead of time); its exit code."""
+        _place(fds, [(1, 2), (int(message["progress_fd"]),), (int(message["result_fd"]),)])
+        # Ours is every job's environment: only the job's own variables are set, as
+        # every putenv touches memory shared with the fork server.
+        os.environ.update(message["env"])
+        if made is not None:
+            _use_spare_dir(made, os.environ.get(child.OUTPUT_DIR_ENV))
+        _show_job_id(self._job_id_at, os.environ.get(JOB_ID_ENV, ""))
+        child.frozen_setup()
+        _fresh_stdio()
+        spec = message["spec"]  # the document itself, or the path of its file
+        sys.argv = [child.__file__] + ([spec] if isinstance(spec, str) else [])
+        return child.run_job(spec if isinstance(spec, dict) else child.read_spec(spec), self._pid)
+
+
+class _Spare(NamedTuple):
+    pid: int
+    pidfd: int
+    sock: socket.socket  # our end; the spare waits for its job on the other
+
+
+SPARE_DIR_PREFIX = ".spare-"
+SPARE_DIR_CHILD = "artifacts"  # runner.ARTIFACTS_DIR_NAME: the job's output directory
+
+
+def _make_spare_dir(jobs_dir: str | None) -> str | None:
+    """A job directory (with its output directory) under a spare's name, made while the
+    spare waits: creating a directory costs ~0.35 ms of kernel CPU on some disks, and a
+    rename ~0.02 ms (issue 6).  None if there is no ``jobs_dir`` or it failed."""
+    if jobs_dir is None:
+        return None
+    path = _spare_dir(jobs_dir, os.getpid())
+    try:
+        os.makedirs(os.path.join(path, SPARE_DIR_CHILD))
+    except OSError:
+        _remove_dir(path)
+        return None
+    return path
+
+
+def _spare_dir(jobs_dir: str, pid: int) -> str:
+    return os.path.join(jobs_dir, f"{SPARE_DIR_PREFIX}{pid}")
+
+
+def _use_spare_dir(made: str, output_dir: str | None) -> None:
+    """Make ``made`` the directory of the job whose output directory is ``output_dir``,
+    unless that exists already (a later attempt): then ``made`` is removed and the job
+    makes what it lacks itself (child.run_job)."""
+    target = os.path.dirname(output_dir) if output_dir else None
+    if (
+        target is not None
+        and os.path.basename(output_dir or "") == SPARE_DIR_CHILD
+        and os.path.dirname(target) == os.path.dirname(made)
+    ):
+        try:
+            os.rename(made, target)  # fails if the job's directory holds anything
+            return
+        except OSError:
+            pass
+    _remove_dir(made)
+
+
+def _remove_dir(path: str | None) -> None:
+    """Remove a spare's directory and its empty output directory, if they are there."""
+    if path is None:
+        return
+    for directory in (os.path.join(path, SPARE_DIR_CHILD), path):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _remove_spare_dirs(jobs_dir: str) -> None:
+    with contextlib.suppress(OSError), os.scandir(jobs_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith(SPARE_DIR_PREFIX):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
 
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
 
 
-def _use_environment(env: dict[str, str]) -> None:
-    """Make os.environ ``env``.  Ours differs from a job's by a few job-specific keys, so
-    only those are changed: every putenv touches memory shared with the fork server."""
-    for key in [key for key in os.environ if key not in env]:
-        del os.environ[key]
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
+def _place(fds: list[int], targets: list[tuple[int, ...]]) -> None:
+    """Put each received fd at its target numbers only.  One may sit on another's target,
+    so all are first moved above the targets."""
+    top = max(number for numbers in targets for number in numbers)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top + 1) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for fd, numbers in zip(moved, targets, strict=True):
+        for number in numbers:
+            os.dup2(fd, number)
+        os.close(fd)
 
 
 def _job_id_address() -> int | None:
@@ -317,9 +483,13 @@ def _show_job_id(address: int | None, job_id: str) -> None:
 
 def _fresh_stdio() -> None:
     """sys.stdout and sys.stderr over the job's fds 1 and 2, unbuffered as
-    PYTHONUNBUFFERED=1 makes them in a spawned job process."""
+    PYTHONUNBUFFERED=1 makes them in a spawned job process.  Ours already are (the fork
+    server runs with a job's environment) unless a preloaded module replaced them: then
+    new ones are made (which touches, and so copies, pages shared with us)."""
     for name in ("stdout", "stderr"):
         old = getattr(sys, name)
+        if _unbuffered_over(old, 1 if name == "stdout" else 2):
+            continue
         stream = io.TextIOWrapper(
             io.FileIO(1 if name == "stdout" else 2, "w", closefd=False),
             encoding=getattr(old, "encoding", None) or "utf-8",
@@ -328,6 +498,16 @@ def _fresh_stdio() -> None:
         )
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
+
+
+def _unbuffered_over(stream: Any, fd: int) -> bool:
+    """Whether ``stream`` is the interpreter's own unbuffered text stream over ``fd``."""
+    return (
+        type(stream) is io.TextIOWrapper
+        and stream.write_through
+        and type(stream.buffer) is io.FileIO
+        and stream.buffer.fileno() == fd
+    )
 
 
 def _exit(code: int) -> NoReturn:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jobserver.forkserver as forkserver
 from jobserver.errors import ConfigError
@@ -58,7 +59,6 @@ log = logging.getLogger("jobserver")
 
 LOG_NAME = JOB_LOG_NAME
 SPEC_NAME = "spec.json"
-RESULT_NAME = "result.json"
 CHILD_NAME = "child.py"  # a copy of jobserver/child.py, for tasks with their own interpreter
 # Every process of a job inherits this variable: a dead server's leftovers are found by it.
 JOB_ID_ENV = forkserver.JOB_ID_ENV
@@ -83,36 +83,64 @@ class LaunchSpec:
 
 # The child's end of the progress pipe: a fixed fd number, named in $JOBSERVER_PROGRESS_FD.
 PROGRESS_FD = 3
+# The child's end of the result pipe (the spec's ``result_fd``): child.py writes the outcome
+# there.  A pipe, not a file: creating a file costs ~0.4 ms of kernel CPU on some disks.
+RESULT_FD = 4
+RESULT_SLACK = 1 << 20  # bytes of result pipe kept beyond max_result_size (see _result_limit)
 MAX_LINE = 64 * 1024  # a command's stdout line longer than this is not parsed
 
 
 class _Log:
     """The job's log file, written by the server with a size cap: once the cap is hit, one
-    line says so and further output is read (so the job never blocks) and discarded."""
+    line says so and further output is read (so the job never blocks) and discarded.
 
-    def __init__(self, path: Path, limit: int | None) -> None:
-        self._file = path.open("ab", buffering=0)
-        self._written = self._file.tell()
+    The file (and the job's directory) is created at the attempt's first output, headed by
+    ``header``: an attempt that prints nothing creates nothing (each file created costs
+    ~0.4 ms of kernel CPU on some disks, more than the rest of a short job's start)."""
+
+    def __init__(self, path: Path, limit: int | None, header: bytes) -> None:
+        self._path = path
         self._limit = limit
-        self.truncated = limit is not None and self._written >= limit
+        self._header = header
+        self._file: BinaryIO | None = None
+        self._written = 0
+        self.truncated = False
 
     def write(self, data: bytes) -> None:
         if self.truncated or not data:
             return
+        file = self._file
+        if file is None:
+            file = self._file = self._open()
+            if file is None or self.truncated:
+                return
+            data = self._header + data
         if self._limit is not None and self._written + len(data) > self._limit:
-            data = data[: max(0, self._limit - self._written)]
-            self._file.write(data)
-            self._file.write(
+            file.write(data[: max(0, self._limit - self._written)])
+            file.write(
                 f"\n--- log truncated: max_log_size ({self._limit} bytes) reached; "
                 "further output discarded\n".encode()
             )
             self.truncated = True
             return
-        self._file.write(data)
+        file.write(data)
         self._written += len(data)
 
+    def _open(self) -> BinaryIO | None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            file = self._path.open("ab", buffering=0)
+        except OSError as exc:
+            log.warning("cannot write the job log %s: %s; its output is discarded", self._path, exc)
+            self.truncated = True
+            return None
+        self._written = file.tell()
+        self.truncated = self._limit is not None and self._written >= self._limit
+        return file
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class _Pipe:
@@ -175,9 +203,10 @@ class ProcessHandle:
     ``progress`` is the latest report (fraction, message) and ``progress_seq`` counts
     reports, so the scheduler can tell a new one from the one it stored."""
 
-    def __init__(self, pid: int, result_path: Path, forked_by: _ForkServer | None = None) -> None:
+    def __init__(self, pid: int, forked_by: _ForkServer | None = None) -> None:
         self.pid = pid
-        self._result_path = result_path
+        self._result: bytearray | None = bytearray()  # None: more than _result_limit came
+        self._result_limit: int | None = None
         self._reaped = False
         self._forked_by = forked_by  # None: our own child, spawned
         self.progress: tuple[float | None, str] | None = None
@@ -186,6 +215,31 @@ class ProcessHandle:
         self._log: _Log | None = None
         self._command = False
         self._last_stdout_line: str | None = None
+
+    def watch(self, log: _Log, output: int, progress: int, result: int, limit: int | None) -> None:
+        """Read a Python job's pipes (read ends) from now on: output into ``log``,
+        progress reports, and up to ``limit`` bytes of result."""
+        self._log = log
+        self._result_limit = limit
+        self._pipes = [
+            _Pipe(output, log.write),
+            _Pipe(progress, None, self._report),
+            _Pipe(result, self._take_result),
+        ]
+
+    def watch_command(self, log: _Log, stdout: int, stderr: int) -> None:
+        """Read a program's stdout and stderr (read ends) into ``log``; its last stdout
+        line is its result, and stdout lines may report progress."""
+        self._log = log
+        self._command = True
+        self._pipes = [_Pipe(stdout, log.write, self._stdout_line), _Pipe(stderr, log.write)]
+
+    def _take_result(self, data: bytes) -> None:
+        if self._result is None:
+            return
+        self._result += data
+        if self._result_limit is not None and len(self._result) > self._result_limit:
+            self._result = None
 
     def _report(self, line: str) -> None:
         report = parse_line(line)
@@ -231,7 +285,7 @@ class ProcessHandle:
             exit_code = answer
         if self._command:
             return _command_outcome(exit_code, self._last_stdout_line)
-        return _outcome(exit_code, self._result_path)
+        return _outcome(exit_code, self._result)
 
     def _on_exit(self) -> None:
         # The leader is a zombie now, not yet reaped: anything it left in its group
@@ -521,11 +575,15 @@ class Runner:
         fork_server: bool = False,
         preload: Sequence[str] = (),
         fork_reply_timeout: float = 30.0,
+        jobs_dir: Path | None = None,
     ) -> None:
         """``fork_server``: fork Python tasks of our own interpreter from a fork server that
         has imported the modules in ``preload``, instead of spawning each one.  A ready
         fork server that does not answer a start in ``fork_reply_timeout`` seconds (a fork
-        takes milliseconds) is killed and the start fails."""
+        takes milliseconds) is killed and the start fails.  ``jobs_dir``: the directory
+        that holds the jobs' directories (each job's ``workdir``), where the fork server
+        makes the next job's directory ahead of time (not with ``run_as``: the job's user
+        owns its directory)."""
         self._python_path = [str(path) for path in python_path]
         self._environment = dict(environment)
         # A program cannot ask for a parent-death signal itself: setpriv does it, then
@@ -545,6 +603,7 @@ class Runner:
                 "every job process is spawned"
             )
         self._preload = list(dict.fromkeys(preload))
+        self._jobs_dir = jobs_dir if self._owner is None else None
         self._fork_reply_timeout = fork_reply_timeout
         self._fork_server: _ForkServer | None = None
         self._old_fork_servers: list[_ForkServer] = []  # retired or dead, not yet closed
@@ -603,7 +662,10 @@ class Runner:
             if server is not None:
                 self._old_fork_servers.append(server)  # dead: close() awaits its reaping
             env = {**self._job_environment(), JOB_ID_ENV: forkserver.JOB_ID_ROOM}
-            argv = [*forkserver_command(), *self._preload]
+            argv = [*forkserver_command()]
+            if self._jobs_dir is not None:
+                argv += ["--jobs-dir", str(self._jobs_dir)]
+            argv += self._preload
             server = _ForkServer(argv, env, self._fork_reply_timeout)
             self._fork_server = server
         return server
@@ -612,21 +674,19 @@ class Runner:
         """Start the attempt; call from the event-loop thread (the parent-death signal is
         tied to the thread that spawned the child, and the pipes are read by its loop).
         Other coroutines run while the fork server forks."""
-        # Creating files costs ~0.4 ms of kernel time each on this kind of disk (issue 6):
-        # the server makes the job's directory and log only; a Python job makes its own
-        # output directory (child.run_job) and a forked one gets its spec in the request.
-        spec.workdir.mkdir(parents=True, exist_ok=True)
+        # Creating files costs ~0.4 ms of kernel time each on this kind of disk (issue 6),
+        # so a forked job's start creates none here: its spec travels in the request, its
+        # outcome comes back on a pipe, it makes its own output directory (child.run_job)
+        # and its log is created at its first output (_Log).
         if self._owner is not None:
-            # The job writes its result and its artifacts here.
-            os.chown(spec.workdir, *self._owner)
-        result_path = spec.workdir / RESULT_NAME
-        result_path.unlink(missing_ok=True)
-        env = self._child_environment(spec)
+            # Made for the job's user, who creates its output directory in it.
+            self._make_workdir(spec)
+        own = self._own_environment(spec)
         if spec.command is None:
             document = {
                 "function": spec.function,
                 "args": spec.args,
-                "result_path": str(result_path),
+                "result_fd": RESULT_FD,
                 "run_as": self._child.run_as,
                 "rlimits": dict(self._child.rlimits),
                 "max_result_size": self._child.max_result_size,
@@ -635,15 +695,18 @@ class Runner:
             if spec.python is None and self._forking and self._current_fork_server().ready:
                 request: dict[str, Any] = {
                     "spec": document,
-                    "env": {**env, FD_ENV: str(PROGRESS_FD)},
+                    "env": own,
                     "progress_fd": PROGRESS_FD,
+                    "result_fd": RESULT_FD,
                 }
                 if not _fits(request):  # large args: the fork server reads them from a file
+                    self._make_workdir(spec)
                     spec_path.write_text(json.dumps(document))
                     request["spec"] = str(spec_path)
-                if _fits(request):  # else a huge environment: spawn that job
-                    return await self._fork(spec, request, result_path)
+                return await self._fork(spec, request)
+            self._make_workdir(spec)
             spec_path.write_text(json.dumps(document))
+            env = {**self._job_environment(), **own}
             if spec.python is not None:
                 # The child module alone, run by path: the task's interpreter has no jobserver.
                 script = spec.workdir / CHILD_NAME
@@ -655,47 +718,37 @@ class Runner:
             program = argv[0]
         else:
             # A program cannot make its output directory itself.
+            self._make_workdir(spec)
             (spec.workdir / ARTIFACTS_DIR_NAME).mkdir(exist_ok=True)
             if self._owner is not None:
                 os.chown(spec.workdir / ARTIFACTS_DIR_NAME, *self._owner)
             # A program of the machine's: not the single-file binary's bundled libraries.
-            env = host_environment(env)
+            env = host_environment({**self._job_environment(), **own})
             found = shutil.which(spec.command[0])
             if found is None:
                 raise FileNotFoundError(f"program {spec.command[0]!r} not found on PATH")
             argv = [*self._command_wrappers(), found, *spec.command[1:]]
             program = argv[0]
         job_log = _start_log(spec)
-        # Pipes are created close-on-exec; dup2 into the child's 1, 2 and 3 clears the flag
-        # on those copies only, so nothing else leaks into the job.
-        out_read, out_write = os.pipe2(os.O_CLOEXEC)
-        fds = [out_read, out_write]
-        file_actions: list[tuple[Any, ...]] = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out_write, 1),
-        ]
-        if spec.command is None:
-            file_actions.append((os.POSIX_SPAWN_DUP2, out_write, 2))
-            progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
-            if progress_write == PROGRESS_FD:
-                # dup2 onto itself would keep close-on-exec: move it out of the way first.
-                moved = os.dup(progress_write)
-                os.close(progress_write)
-                progress_write = moved
-            fds += [progress_read, progress_write]
-            file_actions.append((os.POSIX_SPAWN_DUP2, progress_write, PROGRESS_FD))
-            env[FD_ENV] = str(PROGRESS_FD)
-        else:
-            err_read, err_write = os.pipe2(os.O_CLOEXEC)
-            fds += [err_read, err_write]
-            file_actions.append((os.POSIX_SPAWN_DUP2, err_write, 2))
+        # Pipes are created close-on-exec; dup2 into the child's fds clears the flag on
+        # those copies only, so nothing else leaks into the job.  A Python job gets stdout
+        # and stderr on one pipe, then progress and result pipes; a program gets two.
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3 if spec.command is None else 2)]
+        reads = [read for read, _ in pipes]
+        writes = [_above_child_fds(write) for _, write in pipes]
+        targets = [(1, 2), (PROGRESS_FD,), (RESULT_FD,)] if spec.command is None else [(1,), (2,)]
+        file_actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        for write, numbers in zip(writes, targets, strict=True):
+            file_actions += [(os.POSIX_SPAWN_DUP2, write, number) for number in numbers]
         try:
             pid = os.posix_spawn(program, argv, env, file_actions=file_actions, setsid=True)
         except BaseException:
-            for fd in fds:
+            for fd in reads + writes:
                 os.close(fd)
             job_log.close()
             raise
+        for fd in writes:  # the server keeps only the read ends
+            os.close(fd)
         if spec.command is not None and spec.cgroup_procs is not None:
             # A program cannot join a cgroup itself (child.py does it for Python tasks):
             # move it in now; only what it starts in its first instant could escape.
@@ -703,44 +756,42 @@ class Runner:
                 spec.cgroup_procs.write_text(str(pid))
             except OSError as exc:
                 job_log.write(f"--- could not put the job in its cgroup: {exc}\n".encode())
-        handle = ProcessHandle(pid, result_path)
-        handle._log = job_log
-        # The server keeps only the read ends.
-        os.close(out_write)
+        handle = ProcessHandle(pid)
         if spec.command is None:
-            os.close(progress_write)
-            handle._pipes = [
-                _Pipe(out_read, job_log.write),
-                _Pipe(progress_read, None, handle._report),
-            ]
+            output, progress, result = reads
+            handle.watch(job_log, output, progress, result, self._result_limit())
         else:
-            os.close(err_write)
-            handle._command = True
-            handle._pipes = [
-                _Pipe(out_read, job_log.write, handle._stdout_line),
-                _Pipe(err_read, job_log.write),
-            ]
+            out_read, err_read = reads
+            handle.watch_command(job_log, out_read, err_read)
         return handle
 
-    async def _fork(
-        self, spec: LaunchSpec, request: dict[str, Any], result_path: Path
-    ) -> ProcessHandle:
+    async def _fork(self, spec: LaunchSpec, request: dict[str, Any]) -> ProcessHandle:
         server = self._current_fork_server()
         job_log = _start_log(spec)
-        out_read, out_write = os.pipe2(os.O_CLOEXEC)
-        progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # output, progress, result
         try:
             # The write ends go to the fork server, which passes them to the job.
-            pid = await server.fork(request, [out_write, progress_write])
+            pid = await server.fork(request, [write for _, write in pipes])
         except BaseException:
-            os.close(out_read)
-            os.close(progress_read)
+            for read, _ in pipes:
+                os.close(read)
             job_log.close()
             raise
-        handle = ProcessHandle(pid, result_path, forked_by=server)
-        handle._log = job_log
-        handle._pipes = [_Pipe(out_read, job_log.write), _Pipe(progress_read, None, handle._report)]
+        handle = ProcessHandle(pid, forked_by=server)
+        (output, _), (progress, _), (result, _) = pipes
+        handle.watch(job_log, output, progress, result, self._result_limit())
         return handle
+
+    def _result_limit(self) -> int | None:
+        """Bytes of result pipe kept: a document within max_result_size, with room for an
+        error's traceback; more is no document the child sends."""
+        limit = self._child.max_result_size
+        return None if limit is None else limit + RESULT_SLACK
+
+    def _make_workdir(self, spec: LaunchSpec) -> None:
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        if self._owner is not None:
+            os.chown(spec.workdir, *self._owner)
 
     def _command_wrappers(self) -> list[str]:
         """What a command task's program runs under: the configured resource limits
@@ -779,14 +830,19 @@ class Runner:
             env.pop(name, None)
         return env
 
-    def _child_environment(self, spec: LaunchSpec) -> dict[str, str]:
-        env = self._job_environment()
-        env[JOB_ID_ENV] = spec.job_id
-        env["JOBSERVER_ATTEMPT"] = str(spec.attempt)
-        env[OUTPUT_DIR_ENV] = str(spec.workdir / ARTIFACTS_DIR_NAME)
-        env.update(spec.environment)
+    def _own_environment(self, spec: LaunchSpec) -> dict[str, str]:
+        """What one job's environment adds to ``_job_environment()``: all a forked job
+        process changes in the environment it inherits from the fork server."""
+        env = {
+            JOB_ID_ENV: spec.job_id,
+            "JOBSERVER_ATTEMPT": str(spec.attempt),
+            OUTPUT_DIR_ENV: str(spec.workdir / ARTIFACTS_DIR_NAME),
+            **spec.environment,
+        }
         if spec.cgroup_procs is not None:
             env[CGROUP_ENV] = str(spec.cgroup_procs)
+        if spec.command is None:
+            env[FD_ENV] = str(PROGRESS_FD)
         return env
 
     def describe(self, python: Path, function: str) -> dict[str, Any]:
@@ -888,9 +944,19 @@ def host_environment(environment: Mapping[str, str]) -> dict[str, str]:
 
 
 def _start_log(spec: LaunchSpec) -> _Log:
-    job_log = _Log(spec.workdir / LOG_NAME, spec.log_limit)
-    job_log.write(f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n".encode())
-    return job_log
+    header = f"--- attempt {spec.attempt} started {format_timestamp(utcnow())}\n"
+    return _Log(spec.workdir / LOG_NAME, spec.log_limit, header.encode())
+
+
+def _above_child_fds(fd: int) -> int:
+    """``fd``, moved above the numbers a spawned job's fds are put at (0 to RESULT_FD) if it
+    is one of them: a dup2 onto itself would keep close-on-exec, and a dup2 onto it (for
+    another pipe) would close it before its own dup2."""
+    if fd > RESULT_FD:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, RESULT_FD + 1)
+    os.close(fd)
+    return moved
 
 
 def kill_group(pid: int) -> None:
@@ -932,10 +998,12 @@ async def _wait_for_exit(pid: int, on_exit: Any) -> int:
     return status
 
 
-def _outcome(exit_code: int, result_path: Path) -> Outcome:
+def _outcome(exit_code: int, result: bytearray | None) -> Outcome:
+    """A Python job's outcome from its exit code and what its result pipe brought (None:
+    more than a result can be)."""
     try:
-        document = json.loads(result_path.read_text())
-    except (OSError, ValueError):
+        document = json.loads(result) if result else None
+    except ValueError:
         document = None
     if exit_code < 0:
         name = signal_name(-exit_code)
@@ -943,7 +1011,15 @@ def _outcome(exit_code: int, result_path: Path) -> Outcome:
             signal=-exit_code,
             error=JobError("Killed", f"killed by signal {-exit_code} ({name})"),
         )
-    if document is None:
+    if result is None:
+        return Outcome(
+            exit_code=exit_code,
+            error=JobError(
+                "ResultTooLarge",
+                "the process wrote more to its result pipe than max_result_size allows",
+            ),
+        )
+    if not isinstance(document, dict):
         return Outcome(
             exit_code=exit_code,
             error=JobError("Exited", f"the process exited with code {exit_code} without a result"),

@@ -87,6 +87,7 @@ def make_runner(settings: Settings) -> Runner:
         _child_settings(server),
         fork_server=server.fork_server,
         preload=preload,
+        jobs_dir=server.jobs_dir,
     )
 
 

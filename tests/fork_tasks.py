@@ -86,3 +86,21 @@ def interrupted() -> None:
 
 def length_and_parent(text: str) -> dict[str, int]:
     return {"length": len(text), "ppid": os.getppid()}
+
+
+def big_result(size: int) -> dict[str, object]:
+    """More result than a pipe holds, and what the task sees of the result pipe."""
+    try:
+        result_fd_inheritable: bool | None = os.get_inheritable(4)
+    except OSError:
+        result_fd_inheritable = None
+    return {"text": "é" * size, "result_fd_inheritable": result_fd_inheritable}
+
+
+def write_to_result_pipe(data: str, size: int = 1) -> str:
+    """Writes ``data`` * ``size`` on the result pipe before returning: what the server
+    reads is then no document the job process sent."""
+    chunk = data.encode()
+    for _ in range(size):
+        os.write(4, chunk)
+    return "returned"

@@ -70,7 +70,9 @@ def ignore_sigterm(seconds: float = 60) -> None:
 
 
 def wait_for_file(path: str, timeout: float = 60) -> str:
-    """Runs until ``path`` exists: lets a test decide when the job ends."""
+    """Runs until ``path`` exists: lets a test decide when the job ends.  Says so first,
+    so that its log exists while it runs."""
+    print(f"waiting for {path}", flush=True)
     deadline = time.monotonic() + timeout
     while not Path(path).exists():
         if time.monotonic() > deadline:

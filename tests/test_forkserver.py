@@ -19,7 +19,14 @@ import pytest
 
 from jobserver.config import ServerSettings
 from jobserver.resources import find_tagged_processes
-from jobserver.runner import JOB_ID_ENV, LaunchSpec, ProcessHandle, Runner, allowed_environment
+from jobserver.runner import (
+    JOB_ID_ENV,
+    ChildSettings,
+    LaunchSpec,
+    ProcessHandle,
+    Runner,
+    allowed_environment,
+)
 from tests.conftest import SAMPLE_TASKS, TESTS_DIR, Harness, write_config
 from tests.test_e2e import alive, job_row, submit, wait_until
 
@@ -91,7 +98,9 @@ def start(runner: Runner, tmp_path: Path) -> Callable[..., Awaitable[ProcessHand
 
 
 def log_of(job: str, tmp_path: Path) -> str:
-    return (tmp_path / "jobs" / job / "output.log").read_text()
+    """The job's log; empty until the job has printed something."""
+    path = tmp_path / "jobs" / job / "output.log"
+    return path.read_text() if path.exists() else ""
 
 
 @pytest.mark.parametrize("runner", ["forked"], indirect=True)
@@ -144,10 +153,13 @@ async def test_the_job_directory_and_its_spec(
     small = await start("sample_tasks:add", job="small", a=2, b=3)
     assert (await small.wait()).result == 5
     # A forked job's spec travels in the request, not in a file; either way the job makes
-    # its own output directory (issue 6: every file the server creates costs).
+    # its own output directory, its outcome comes back on a pipe, and a job that printed
+    # nothing has no log (issue 6: every file created costs).
     names = sorted(os.listdir(tmp_path / "jobs" / "small"))
-    expected = ["artifacts", "output.log", "result.json"]
-    assert names == (expected if forked else sorted([*expected, "spec.json"]))
+    assert names == (["artifacts"] if forked else ["artifacts", "spec.json"])
+    # The log appears with the first output, headed by the attempt's start.
+    await (await start("fork_tasks:speak", job="small", gate=str(tmp_path))).wait()
+    assert log_of("small", tmp_path).startswith("--- attempt 1 started ")
     # Args too large for one message go through spec.json, and the job is still forked.
     text = "x" * 200_000
     large = await start("fork_tasks:length_and_parent", job="large", text=text)
@@ -156,6 +168,87 @@ async def test_the_job_directory_and_its_spec(
     assert outcome.result["length"] == len(text)
     assert (outcome.result["ppid"] != os.getpid()) is forked
     assert (tmp_path / "jobs" / "large" / "spec.json").exists()
+
+
+async def test_the_outcome_comes_back_on_the_result_pipe(
+    start: Callable[..., Awaitable[ProcessHandle]],
+) -> None:
+    # More than a pipe holds (64 KiB): the server reads while the job writes.
+    outcome = await (await start("fork_tasks:big_result", size=1_000_000)).wait()
+    assert outcome.error is None, outcome.error
+    assert outcome.result == {"text": "é" * 1_000_000, "result_fd_inheritable": False}
+    # What else reaches the pipe spoils the document: no result, not a forged one.
+    forged = '{"ok": true, "result": "forged"}'
+    outcome = await (await start("fork_tasks:write_to_result_pipe", data=forged)).wait()
+    assert outcome.error is not None and outcome.error.type == "Exited"
+    assert "without a result" in outcome.error.message
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "spawned"])
+async def test_a_flooded_result_pipe_is_not_kept(tmp_path: Path, fork_server: bool) -> None:
+    made = make_runner(fork_server=fork_server, child=ChildSettings(max_result_size=1000))
+    made.open()
+    try:
+        await made.fork_server_ready()
+        spec = LaunchSpec(
+            "flood",
+            1,
+            "fork_tasks:write_to_result_pipe",
+            {"data": "x" * 4096, "size": 1024},
+            tmp_path / "flood",
+        )
+        outcome = await (await made.start(spec)).wait()
+    finally:
+        await made.close()
+    assert outcome.error is not None and outcome.error.type == "ResultTooLarge"
+    assert "max_result_size" in outcome.error.message
+
+
+async def test_a_forked_job_has_the_environment_a_spawned_one_has(tmp_path: Path) -> None:
+    found = {}
+    for fork_server in (True, False):
+        made = make_runner(fork_server=fork_server, extra={"SOME_SETTING": "x"})
+        made.open()
+        try:
+            assert await made.fork_server_ready() is fork_server
+            spec = LaunchSpec(
+                "env-job",
+                3,
+                "sample_tasks:environment",
+                {},
+                tmp_path / "env-job",
+                environment={"CUDA_VISIBLE_DEVICES": "1"},
+            )
+            found[fork_server] = (await (await made.start(spec)).wait()).result
+        finally:
+            await made.close()
+    assert found[True] == found[False]
+    assert found[True]["SOME_SETTING"] == "x" and found[True]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert found[True][JOB_ID_ENV] == "env-job" and found[True]["JOBSERVER_ATTEMPT"] == "3"
+
+
+async def test_a_job_prints_unbuffered_when_a_preloaded_module_replaced_stdout(
+    tmp_path: Path,
+) -> None:
+    made = make_runner(preload=["fork_stdout"])
+    made.open()
+    try:
+        assert await made.fork_server_ready()
+        gate = tmp_path / "gate"
+        spec = LaunchSpec(
+            "buffered",
+            1,
+            "fork_stdout:print_then_wait",
+            {"gate": str(gate)},
+            tmp_path / "jobs" / "buffered",
+        )
+        handle = await made.start(spec)
+        # In the log while the job still waits: nothing sat in a buffer.
+        await until(lambda: "printed before the gate" in log_of("buffered", tmp_path))
+        gate.write_text("open")
+        assert (await handle.wait()).result == "done"
+    finally:
+        await made.close()
 
 
 async def test_stdout_and_stderr_reach_the_log_while_the_job_runs(
@@ -263,6 +356,43 @@ async def test_a_dead_fork_server_fails_its_jobs_and_a_new_one_takes_over(
     await until(lambda: not Path(f"/proc/{old}").exists())  # reaped by the runner
 
 
+async def test_the_spare_process_makes_its_job_directory_ahead(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    (jobs / ".spare-1").mkdir(parents=True)  # left by a fork server that was killed
+    made = make_runner(jobs_dir=jobs)
+    made.open()
+
+    async def run(job: str) -> Any:
+        spec = LaunchSpec(job, 1, "fork_tasks:whoami", {}, jobs / job)
+        outcome = await (await made.start(spec)).wait()
+        assert outcome.error is None, outcome.error
+        return outcome.result
+
+    def spare_dirs() -> list[str]:
+        return sorted(path.name for path in jobs.glob(".spare-*"))
+
+    try:
+        assert await made.fork_server_ready()
+        await until(lambda: len(spare_dirs()) == 1 and spare_dirs() != [".spare-1"])
+        (waiting,) = spare_dirs()
+        assert (jobs / waiting / "artifacts").is_dir()
+        first = await run("first")
+        # The spare's directory became the job's: renamed, not made while it started.
+        assert f".spare-{first['pid']}" == waiting
+        assert sorted(os.listdir(jobs / "first")) == ["artifacts"]
+        await until(lambda: len(spare_dirs()) == 1 and spare_dirs() != [waiting])
+        (waiting,) = spare_dirs()
+        # A later attempt finds its directory in use: the spare's goes, the job's stays.
+        (jobs / "again").mkdir()
+        (jobs / "again" / "output.log").write_text("attempt 1\n")
+        again = await run("again")
+        assert f".spare-{again['pid']}" == waiting and not (jobs / waiting).exists()
+        assert sorted(os.listdir(jobs / "again")) == ["artifacts", "output.log"]
+    finally:
+        await made.close()
+    assert spare_dirs() == []  # the last spare removed its own when the runner closed
+
+
 async def test_jobs_are_spawned_until_the_fork_server_has_imported_the_tasks(
     tmp_path: Path,
 ) -> None:
@@ -327,8 +457,35 @@ async def test_a_fork_server_that_does_not_answer_is_replaced(tmp_path: Path) ->
 async def test_close_stops_the_fork_server(runner: Runner, tmp_path: Path) -> None:
     spec = LaunchSpec("x", 1, "fork_tasks:whoami", {}, tmp_path / "x")
     fork_server = (await (await runner.start(spec)).wait()).result["ppid"]
+    waiting = psutil.Process(fork_server).children()  # its spare process, if forking
     await runner.close()
     assert not Path(f"/proc/{fork_server}").exists()
+    assert not any(Path(f"/proc/{process.pid}").exists() for process in waiting)
+
+
+@pytest.mark.parametrize("runner", ["forked"], indirect=True)
+async def test_a_spare_process_waits_for_the_next_job(
+    start: Callable[..., Awaitable[ProcessHandle]],
+) -> None:
+    fork_server = (await (await start("fork_tasks:whoami")).wait()).result["ppid"]
+
+    def spares() -> list[int]:  # no job runs: the fork server's only child is its spare
+        return [process.pid for process in psutil.Process(fork_server).children()]
+
+    await until(lambda: len(spares()) == 1)
+    (spare,) = spares()
+    assert os.getsid(spare) == spare  # it has left the fork server's session already
+    second = await (await start("fork_tasks:whoami", job="second")).wait()
+    assert second.result["pid"] == spare and second.result["job_id"] == "second"
+    assert second.result["sid"] == second.result["pgid"] == spare
+    # A spare that dies while it waits is replaced, and jobs go on.
+    await until(lambda: len(spares()) == 1 and spares() != [spare])
+    (killed,) = spares()
+    os.kill(killed, signal.SIGKILL)
+    await until(lambda: len(spares()) == 1 and spares() != [killed])
+    (replacement,) = spares()
+    third = await (await start("fork_tasks:whoami")).wait()
+    assert third.result["pid"] == replacement and third.result["ppid"] == fork_server
 
 
 # -- in the server -------------------------------------------------------------------------
@@ -477,9 +634,13 @@ async def test_a_failed_fork_fails_the_job_as_spawn_failed(make_harness: Any) ->
             (group / "pids.max").write_text("1")  # the fork server alone: no fork succeeds
             (group / "cgroup.procs").write_text(str(fork_server))
             try:
+                # The spare process, forked before the limit, takes the first job; the
+                # next one needs a fork.
+                first = await run(h, "whoami")
                 done = await run(h, "whoami")
             finally:
                 Path("/sys/fs/cgroup/pids/cgroup.procs").write_text(str(fork_server))
+            assert first["state"] == "succeeded"
             assert done["state"] == "failed"
             assert done["error"]["type"] == "SpawnFailed"
             assert "Resource temporarily unavailable" in done["error"]["message"]

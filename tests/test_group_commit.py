@@ -26,7 +26,7 @@ from jobserver.store import (
     IdempotencyKey,
     NewJob,
     Store,
-    _execute,
+    _run,
 )
 from tests.conftest import write_config
 
@@ -292,9 +292,9 @@ async def test_a_failing_write_in_a_shared_transaction_fails_only_its_caller(
     other = (await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())).id
     assert await store.claim(other, utcnow()) is not None  # opens attempt 1 of `other`
 
-    async def open_attempt_again(conn: Any) -> None:
+    def open_attempt_again(raw: sqlite3.Connection) -> None:
         row = {"v_job_id": other, "v_attempt": 1, "v_started_at": "2026-01-01T00:00:00.000Z"}
-        await _execute(conn, OPEN_ATTEMPT, row)
+        _run(raw, OPEN_ATTEMPT, row)
 
     claimed, failure = await asyncio.gather(
         store.claim(good, utcnow()),

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobserver.events import JsonFormatter, Transition
-from jobserver.jobs import JobState
+from jobserver.jobs import JobState, utcnow
 from jobserver.scheduler import hold_kind
 from tests.conftest import FakeProbe, GiB, Harness, ServerProcess, write_config
 from tests.test_e2e import wait_until
@@ -49,6 +49,9 @@ async def test_metrics_count_jobs_by_task_and_state(make_harness: Any) -> None:
         for job_id in ok:
             await h.wait_for_state(job_id, "succeeded")
         await h.wait_for_state(bad, "failed")
+        # The free-resource gauges are the scheduler's latest plan: one made after the
+        # last finish (the wake-up it causes may still be pending).
+        await h.application.scheduler.tick(utcnow())
         m = await scrape(h)
         assert all(name.startswith("jobserver_") for name, _ in m)
         assert m["jobserver_jobs_submitted_total", (("task", "add"),)] == 3
