@@ -170,6 +170,15 @@ async def test_the_job_directory_and_its_spec(
     assert (tmp_path / "jobs" / "large" / "spec.json").exists()
 
 
+async def test_a_log_that_cannot_be_written_loses_the_output_not_the_job(
+    start: Callable[..., Awaitable[ProcessHandle]], tmp_path: Path, caplog: Any
+) -> None:
+    (tmp_path / "jobs" / "unlogged" / "output.log").mkdir(parents=True)  # not a file
+    outcome = await (await start("sample_tasks:chatty", job="unlogged", lines=3)).wait()
+    assert outcome.error is None and outcome.result == 3
+    assert "cannot write the job log" in caplog.text and "output is discarded" in caplog.text
+
+
 async def test_the_outcome_comes_back_on_the_result_pipe(
     start: Callable[..., Awaitable[ProcessHandle]],
 ) -> None:
