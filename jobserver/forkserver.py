@@ -69,7 +69,7 @@ SOCKET_FD = 3  # where the runner puts the fork server's end of the socket
 # job process overwrites in place with its own id (and what it forks inherits).
 JOB_ID_ENV = "JOBSERVER_JOB_ID"
 JOB_ID_ROOM = "-" * 64
-MAX_MESSAGE = 128 * 1024  # bytes in one datagram; a larger request is spawned instead
+MAX_MESSAGE = 128 * 1024  # bytes in one datagram; larger args go in the spec's file
 READY, STARTED, FAILED, EXITED = "ready", "started", "failed", "exited"
 SPARE = "spare"  # what the selector holds for the spare's pidfd
 START, RELEASE = "start", "release"

@@ -708,7 +708,7 @@ class Store:
         return stats
 
     async def _locked_get(self, conn: AsyncConnection, job_id: str) -> Job:
-        row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+        row = (await conn.execute(JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
         return _job_from_row(row)

@@ -250,6 +250,28 @@ def make_harness(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Ha
     return factory
 
 
+def poll_value(
+    condition: Callable[[], Any],
+    what: str = "condition",
+    timeout: float = 20,
+    ignoring: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+) -> Any:
+    """The first true value ``condition()`` gives, asked every 0.1 s for ``timeout``
+    seconds; an exception in ``ignoring`` counts as "not yet" (a server still starting, an
+    element re-rendered between find and read)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except ignoring:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

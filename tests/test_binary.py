@@ -12,15 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from jobserver import __version__
-from tests.conftest import free_port
+from tests.conftest import free_port, poll_value
 
 pytestmark = pytest.mark.binary
 
@@ -57,20 +55,6 @@ def run(
     return subprocess.run(
         [str(binary), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
-
-
-def wait_until(condition: Any, what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(900)  # the build happens in the fixture, inside this limit
@@ -133,16 +117,17 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(
+        poll_value(
             lambda: (
                 server.poll() is None and httpx.get(f"{url}/healthz", timeout=1).status_code == 200
             ),
             "/healthz",
             60,
+            ignoring=httpx.HTTPError,
         )
         # Python tasks are forked by the fork server (`jobserver _forkserver`) once it has
         # imported them.
-        fork_server = wait_until(
+        fork_server = poll_value(
             lambda: (
                 (state := httpx.get(f"{url}/api/v1/system", timeout=5).json()["fork_server"])
                 and state["ready"]
@@ -150,6 +135,7 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
             ),
             "the fork server",
             60,
+            ignoring=httpx.HTTPError,
         )
         submitted = [
             httpx.post(f"{url}/api/v1/jobs", json=body, timeout=10).json()["id"]
@@ -162,7 +148,7 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
             )
         ]
         jobs = [
-            wait_until(
+            poll_value(
                 lambda job_id=job_id: (
                     (job := httpx.get(f"{url}/api/v1/jobs/{job_id}", timeout=5).json())["state"]
                     in ("succeeded", "failed", "cancelled")
@@ -170,6 +156,7 @@ def test_the_binary_alone_serves_runs_jobs_and_stops(binary: Path, tmp_path: Pat
                 ),
                 f"job {job_id}",
                 120,
+                ignoring=httpx.HTTPError,
             )
             for job_id in submitted
         ]

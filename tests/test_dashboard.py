@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from jobserver import dashboard
-from tests.conftest import ARTIFACTS, ServerProcess, write_config
+from tests.conftest import ARTIFACTS, ServerProcess, poll_value, write_config
 
 STATIC = Path(dashboard.__file__).parent / dashboard.STATIC_DIR
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -120,20 +119,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-def _until(condition: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except Exception:  # an element re-rendered between find and read
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def _submit(server: ServerProcess, task: str, **args: Any) -> str:
     response = httpx.post(
         f"{server.url}/api/v1/jobs", json={"task": task, "args": args}, timeout=10
@@ -158,16 +143,16 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     finished = _submit(server, "add", a=2, b=3)
     broken = _submit(server, "fail", message="disk on fire")
     # A real server measures this machine: on a busy one jobs may wait for CPU a while.
-    _until(lambda: _state(server, broken) == "failed", 120, "the failing job to fail")
+    poll_value(lambda: _state(server, broken) == "failed", "the failing job to fail", 120)
     running = _submit(server, "sleep", seconds=60)
     _submit(server, "sleep", seconds=60)
     waiting = _submit(server, "sleep", seconds=60)  # max_jobs 2: it waits, with a reason
-    _until(lambda: _state(server, running) == "running", 120, "the job to run")
+    poll_value(lambda: _state(server, running) == "running", "the job to run", 120)
 
     browser.get(server.url + "/")
     row = f'#running tr[data-job-id="{running}"]'
-    _until(lambda: browser.find_elements(By.CSS_SELECTOR, row), what="the running job's row")
-    reason = _until(
+    poll_value(lambda: browser.find_elements(By.CSS_SELECTOR, row), what="the running job's row")
+    reason = poll_value(
         lambda: (
             browser.find_element(
                 By.CSS_SELECTOR, f'#queue tr[data-job-id="{waiting}"] .reason'
@@ -177,7 +162,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     )
     # Which reason depends on this machine's load (a real probe): max_jobs, or CPU/memory.
     assert re.search(r"max_jobs|waiting for (CPU|memory)", reason), reason
-    _until(
+    poll_value(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-job-id="{finished}"]'),
         timeout=120,
         what="the finished job in the recent list",
@@ -188,7 +173,9 @@ def test_an_operator_cancels_a_running_job_from_the_page(
 
     # The failed job's detail shows its error and traceback.
     browser.find_element(By.CSS_SELECTOR, f'#recent tr[data-job-id="{broken}"]').click()
-    error = _until(lambda: browser.find_element(By.ID, "detail-error").text, what="the error text")
+    error = poll_value(
+        lambda: browser.find_element(By.ID, "detail-error").text, what="the error text"
+    )
     assert "ValueError: disk on fire" in error and "Traceback" in error
     screenshots = _artifacts_dir()
     laptop = screenshots / "dashboard-laptop-detail.png"
@@ -196,18 +183,18 @@ def test_an_operator_cancels_a_running_job_from_the_page(
 
     # Cancel the running job from its detail panel.
     browser.find_element(By.CSS_SELECTOR, row).click()
-    _until(
+    poll_value(
         lambda: browser.find_element(By.ID, "detail-state").text == "running",
         what="the detail to show the running job",
     )
     browser.find_element(By.ID, "detail-cancel").click()
-    _until(
+    poll_value(
         lambda: browser.find_element(By.ID, "detail-state").text == "cancelled",
         timeout=30,
         what="the job to end cancelled on the page",
     )
     assert _state(server, running) == "cancelled"
-    _until(
+    poll_value(
         lambda: browser.find_elements(
             By.CSS_SELECTOR, f'#recent tr[data-job-id="{running}"] .state.cancelled'
         ),
@@ -218,7 +205,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
 
     # Retry puts the cancelled job back in the queue as a new attempt.
     browser.find_element(By.ID, "detail-retry").click()
-    message = _until(
+    message = poll_value(
         lambda: (
             browser.find_element(By.ID, "detail-action-result").text
             if "retried" in browser.find_element(By.ID, "detail-action-result").text
@@ -229,7 +216,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
     assert message == f"retried as {running}"
     assert _state(server, running) in {"queued", "running"}
     browser.find_element(By.ID, "detail-cancel").click()
-    _until(lambda: _state(server, running) == "cancelled", what="the retried job cancelled")
+    poll_value(lambda: _state(server, running) == "cancelled", what="the retried job cancelled")
 
     browser.find_element(By.ID, "detail-close").click()
     # A phone's viewport (a desktop window cannot be made this narrow).
@@ -237,7 +224,7 @@ def test_an_operator_cancels_a_running_job_from_the_page(
         "Emulation.setDeviceMetricsOverride",
         {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 2, "mobile": True},
     )
-    _until(
+    poll_value(
         lambda: browser.find_elements(By.CSS_SELECTOR, "#running tbody tr"),
         what="the other running job at phone width",
     )
@@ -263,7 +250,7 @@ def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
     browser.get(url + "/")
     httpx.post(f"{url}/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 60}})
     # A job that reports progress gets a bar, in the running list and in its detail.
-    label = _until(
+    label = poll_value(
         lambda: browser.find_element(By.CSS_SELECTOR, "#running .progress .label").text,
         what="a progress bar in the running list",
     )
@@ -271,7 +258,7 @@ def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
     fill = browser.find_element(By.CSS_SELECTOR, "#running .progress .fill")
     assert fill.get_attribute("style") == "width: 42%;"
     browser.find_element(By.CSS_SELECTOR, "#running tbody tr").click()
-    _until(
+    poll_value(
         lambda: (
             browser.find_element(By.CSS_SELECTOR, "#detail-progress .label").text
             == "42% · step 42 of 100"
@@ -282,7 +269,7 @@ def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
     field = browser.find_element(By.ID, "token")
     field.send_keys("s3cret-token")
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
-    _until(lambda: "Bearer s3cret-token" in seen, what="a request with the token")
+    poll_value(lambda: "Bearer s3cret-token" in seen, what="a request with the token")
     stored = browser.execute_script("return sessionStorage.getItem('jobserver.token')")
     assert stored == "s3cret-token"
     browser.refresh()
@@ -290,7 +277,7 @@ def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
     # A 401 from the server asks for a token instead of showing nothing.
     browser.execute_script("sessionStorage.setItem('jobserver.token', 'wrong')")
     browser.refresh()
-    banner = _until(
+    banner = poll_value(
         lambda: browser.find_element(By.ID, "banner").text, what="the banner asking for a token"
     )
     assert "token" in banner
@@ -373,7 +360,7 @@ def make_server_with_recorder(tmp_path: Path) -> Iterator[tuple[str, list[str]]]
     )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
-    _until(lambda: server.started, what="the server to start")
+    poll_value(lambda: server.started, what="the server to start")
     try:
         yield f"http://127.0.0.1:{port}", seen
     finally:

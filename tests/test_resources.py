@@ -280,15 +280,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def _holds(pid: int, rss: int) -> bool:
+    """Whether ``pid``'s process tree holds at least ``rss`` bytes."""
+    usage = tree_usage(pid)
+    return usage is not None and usage.rss >= rss
+
+
 def test_tree_usage_sums_a_real_process_tree(children: list[subprocess.Popen[bytes]]) -> None:
     child = spawn(HOLD_MEMORY)
     children.append(child)
 
-    def holds_80_mib() -> bool:
-        usage = tree_usage(child.pid)
-        return usage is not None and usage.rss >= 80 * MiB
-
-    wait_for(holds_80_mib)
+    wait_for(lambda: _holds(child.pid, 80 * MiB))
     usage = tree_usage(child.pid)
     assert isinstance(usage, Usage)
     assert usage.cpu_seconds >= 0.0
@@ -358,11 +360,7 @@ def test_tree_usage_from_one_shared_scan_finds_the_same_tree(
     child = spawn(HOLD_MEMORY)
     children.append(child)
 
-    def holds_80_mib() -> bool:
-        usage = tree_usage(child.pid)
-        return usage is not None and usage.rss >= 80 * MiB
-
-    wait_for(holds_80_mib)
+    wait_for(lambda: _holds(child.pid, 80 * MiB))
     shared = children_map()
     grandchild = psutil.Process(child.pid).children(recursive=True)[0].pid
     assert shared[child.pid] == [grandchild]
