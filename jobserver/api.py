@@ -321,13 +321,16 @@ def create_app(
             idempotency=key,
             owner=owner,
         )
-        job, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
+        change, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
+        job = change.job
         if created:
             # A job not due yet needs no tick now: the queue head leaves it out until
             # run_after, and the scheduler's poll_interval tick picks it up from then.
             if run_after is None or run_after <= now:
                 scheduler.wake()
             events.transition(job, None)
+            if job.state is JobState.CANCELLED:  # a dependency had already failed
+                events.transition(job, JobState.QUEUED, reason=job.reason)
         return job, created
 
     def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
@@ -476,16 +479,18 @@ def create_app(
         return JSONDocument({"jobs": [document(job) for job in page], "next_cursor": next_cursor})
 
     async def cancel_job(request: Request) -> Response:
-        job = await store.request_cancel(
+        change = await store.request_cancel(
             request.path_params["job_id"], utcnow(), owner=_owner(request)
         )
+        job = change.job
         scheduler.cancel_requested()
         if job.state is JobState.CANCELLED:
-            events.transition(job, JobState.QUEUED, reason=job.reason)
+            events.transition(job, change.source, reason=job.reason)
+            for dependent in change.cascaded:
+                events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
         else:
             events.changed(job.id)
             log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
-        job = await store.get(job.id)  # with its history and dependencies
         return answer(job, 200 if job.state.terminal else 202)
 
     async def task_status(request: Request) -> Response:
@@ -571,10 +576,10 @@ def create_app(
 
     async def retry_job(request: Request) -> Response:
         job_id, owner = request.path_params["job_id"], _owner(request)
-        before = await store.get(job_id, owner=owner)
-        job = await store.retry(job_id, utcnow(), owner=owner)
+        change = await store.retry(job_id, utcnow(), owner=owner)
+        job = change.job
         scheduler.wake()
-        events.transition(job, before.state, reason=job.reason)
+        events.transition(job, change.source, reason=job.reason)
         return JSONDocument(document(job), status_code=202, headers=_location(job))
 
     async def job_logs(request: Request) -> Response:

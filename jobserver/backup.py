@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jobserver.errors import ConfigError, StorageUnavailable
+from jobserver.store.sqlite import copy_database
 
 BACKUP_DIR = "backups"  # next to the database, for the copies taken before upgrades
 
@@ -38,20 +38,7 @@ def backup(database: Path, target: Path, *, overwrite: bool = False) -> Path:
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        source = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)
-        try:
-            copy = sqlite3.connect(temporary)
-            try:
-                # One step (pages=-1): the whole copy is read in one read transaction, so it
-                # is one consistent moment even while the server commits.
-                source.backup(copy, pages=-1)
-                # A self-contained file: no -wal/-shm needed to open the copy elsewhere.
-                copy.execute("PRAGMA journal_mode = DELETE")
-                check = copy.execute("PRAGMA quick_check").fetchone()[0]
-            finally:
-                copy.close()
-        finally:
-            source.close()
+        check = copy_database(database, temporary)
         if check != "ok":
             raise StorageUnavailable(
                 f"the copy of {database} failed its integrity check: {check}",
@@ -60,7 +47,7 @@ def backup(database: Path, target: Path, *, overwrite: bool = False) -> Path:
         _fsync(temporary)
         os.replace(temporary, target)
         _fsync(target.parent)
-    except (sqlite3.Error, OSError) as exc:
+    except OSError as exc:
         raise StorageUnavailable(
             f"cannot back up {database} to {target}: {exc}",
             {"database": str(database), "target": str(target)},

@@ -77,12 +77,6 @@ def pyinstaller_arguments(dist: Path, work: Path) -> list[str]:
         "jobserver.demo",
         # Loaded by name at run time, invisible to PyInstaller's import analysis:
         "--hidden-import",
-        "aiosqlite",
-        "--hidden-import",
-        "greenlet",
-        "--hidden-import",
-        "sqlalchemy.dialects.sqlite.aiosqlite",
-        "--hidden-import",
         "sqlalchemy.dialects.sqlite.pysqlite",
         "--collect-submodules",
         "uvicorn",

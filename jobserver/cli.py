@@ -496,7 +496,7 @@ def _prune(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from jobserver.server import build_pruner
-    from jobserver.store import Store
+    from jobserver.store import open_store
 
     settings = _load_settings(args)
     database = settings.server.database
@@ -504,7 +504,7 @@ def _prune(args: argparse.Namespace) -> int:
         raise CommandFailed(f"no database at {database}; nothing to prune", EXIT_USAGE)
 
     async def run() -> list[str]:
-        store = Store.open(database)
+        store = open_store(database)
         try:
             pruner = build_pruner(settings, store)
             now = datetime.now(UTC)

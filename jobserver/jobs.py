@@ -145,6 +145,7 @@ class Job:
     owner: str | None = None  # the token name that submitted it; None: anonymous
 
     pressure_requeues: int = 0  # killed and requeued to protect the machine's memory
+    node: str | None = None  # the node whose scheduler claimed the current attempt
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class Attempt:
     error_type: str | None
     error: str | None
     exit_code: int | None
+    node: str | None = None  # the node that ran it
 
 
 @dataclass(frozen=True)

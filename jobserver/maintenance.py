@@ -32,7 +32,7 @@ from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import Checkpoint, Finish, NewJob, Store
+from jobserver.store import RESCUE, Checkpoint, Finish, NewJob, Requeue, SqliteDriver, Store
 
 log = logging.getLogger("jobserver.maintenance")
 
@@ -40,30 +40,35 @@ log = logging.getLogger("jobserver.maintenance")
 async def rescue_interrupted(
     store: Store, max_rescues: int, now: datetime, events: Events | None = None
 ) -> list[Job]:
-    """Requeue (or fail as lost) every job a dead server left running; returns them."""
+    """Requeue (or fail as lost) every job this node's previous run left running; returns
+    them.  A job whose cancel was acknowledged ends cancelled instead (``Requeue``)."""
     events = events or Events()
     rescued = []
-    for job in await store.in_state(JobState.RUNNING):
+    for job in await store.running():
         kill_leftovers(job)
+        end: Finish | Requeue
         if job.rescues >= max_rescues:
             error = JobError(
                 "lost",
                 f"lost: the server stopped while this job ran {job.rescues + 1} times "
                 f"(max_rescues = {max_rescues}); not requeued again",
             )
-            updated = await store.finish(
-                job.id, Finish(JobState.FAILED, error=error, reason="lost"), now
-            )
+            end = Finish(JobState.FAILED, error=error, reason="lost")
             reason = f"lost after {job.rescues} rescues"
         else:
             reason = (
                 f"requeued after the server stopped while it ran "
                 f"(rescue {job.rescues + 1} of {max_rescues})"
             )
-            updated = await store.requeue(job.id, reason=reason, rescued=True)
-        if updated is not None:
-            events.transition(updated, JobState.RUNNING, reason=reason)
-            rescued.append(updated)
+            end = Requeue(reason, counts=RESCUE)
+        change = await store.end_attempt(job.id, job.attempts, end, now)
+        if change is not None:
+            if change.job.state is JobState.CANCELLED:
+                reason = change.job.reason or reason
+            events.transition(change.job, change.source, reason=reason)
+            for dependent in change.cascaded:
+                events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
+            rescued.append(change.job)
     return rescued
 
 
@@ -123,19 +128,19 @@ class WalCheckpointer(_Periodic):
 
     name = "wal-checkpointer"
 
-    def __init__(self, store: Store, max_size: int, interval: float = 1.0) -> None:
+    def __init__(self, driver: SqliteDriver, max_size: int, interval: float = 1.0) -> None:
         super().__init__()
-        self._store = store
+        self._driver = driver
         self._max_size = max_size
         self.interval = interval
         self._warned = 0.0
 
     async def tick(self, now: datetime | None = None) -> Checkpoint | None:
         """Checkpoint if the log is past its bound; returns what the checkpoint did."""
-        size = self._store.wal_size()
+        size = self._driver.wal_size()
         if size <= self._max_size:
             return None
-        result = await self._store.checkpoint()
+        result = await self._driver.checkpoint()
         if result.busy and time.monotonic() - self._warned > 60:
             self._warned = time.monotonic()
             log.warning(

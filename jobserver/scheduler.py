@@ -25,7 +25,7 @@ from typing import Any
 from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
 from jobserver.events import Events
-from jobserver.jobs import Job, JobError, JobState, Outcome, format_timestamp, utcnow
+from jobserver.jobs import Artifact, Job, JobError, JobState, Outcome, format_timestamp, utcnow
 from jobserver.resources import (
     Gpu,
     GpuProbe,
@@ -36,7 +36,16 @@ from jobserver.resources import (
     tree_usage,
 )
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, has_artifacts, list_artifacts
-from jobserver.store import Finish, Store, TaskRun
+from jobserver.store import (
+    FAILURE,
+    PRESSURE,
+    Changed,
+    Finish,
+    QueueEntry,
+    Requeue,
+    Store,
+    TaskRun,
+)
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.scheduler")
@@ -553,6 +562,102 @@ def retry_delay(
     return delay * (1 + 0.2 * jitter)
 
 
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What the scheduler knows when an attempt's process has ended: the input of
+    ``decide_ending``."""
+
+    job: Job
+    outcome: Outcome
+    stop_reason: str | None  # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
+    stop_note: str | None
+    timeout: float | None
+    oom_killed: bool  # the kernel killed it at its cgroup's memory limit
+    memory_limit: int | None
+    peak_rss: int
+    cpu_seconds: float
+    artifacts: tuple[Artifact, ...]
+    retry_on_timeout: bool
+    retry_base: float
+    retry_cap: float
+    max_pressure_requeues: int
+    jitter: float  # in [0, 1): spreads the retries of jobs that failed together
+    now: datetime
+
+
+def decide_ending(end: AttemptEnd) -> tuple[Finish | Requeue, str | None]:
+    """How an attempt's end is stored, and the reason its transition is logged with:
+    a terminal state, or back to the queue (a retry, a shutdown, memory pressure).  Pure:
+    the caller applies it in one store call."""
+    job, outcome = end.job, end.outcome
+    error = outcome.error
+    if end.stop_reason == "timeout" and end.timeout is not None:
+        error = JobError("Timeout", f"timed out after {end.timeout:g} s")
+    if end.oom_killed and end.memory_limit is not None:
+        error = JobError(
+            "OOMKilled",
+            f"the kernel killed it at its memory limit "
+            f"{format_size(end.memory_limit)} (cgroup peak {format_size(end.peak_rss)})",
+        )
+    if end.stop_reason == "memory_limit" and end.stop_note is not None:
+        error = JobError("MemoryLimitExceeded", end.stop_note)
+
+    def finish(state: JobState, **fields: Any) -> Finish:
+        return Finish(
+            state,
+            exit_code=outcome.exit_code,
+            peak_rss=end.peak_rss or None,
+            cpu_seconds=end.cpu_seconds or None,
+            artifacts=end.artifacts,
+            **fields,
+        )
+
+    requeues = job.pressure_requeues
+    if error is None:
+        return finish(JobState.SUCCEEDED, result=outcome.result), None
+    if end.stop_reason == "shutdown":
+        reason = "requeued: the server shut down while it ran"
+        return Requeue(reason, exit_code=outcome.exit_code), reason
+    if end.stop_reason == "cancel":
+        reason = "cancelled by request while running"
+        return finish(JobState.CANCELLED, reason=reason), reason
+    if end.stop_reason == "pressure" and requeues < end.max_pressure_requeues:
+        reason = (
+            f"requeued: {end.stop_note}; pressure requeue {requeues + 1} of "
+            f"{end.max_pressure_requeues}, not counted against max_retries"
+        )
+        return Requeue(reason, counts=PRESSURE), reason
+    if end.stop_reason == "pressure":
+        reason = (
+            f"{end.stop_note}; already requeued {requeues} times "
+            f"(max_pressure_requeues = {end.max_pressure_requeues})"
+        )
+        return finish(
+            JobState.FAILED, error=JobError("MemoryPressure", reason), reason=reason
+        ), reason
+    if end.oom_killed or end.stop_reason == "memory_limit":
+        # Over its own limit again and again: retrying would end the same way.
+        stored = "oom_killed" if end.oom_killed else end.stop_note
+        logged = f"{stored}: {error.message}" if end.oom_killed else stored
+        return finish(JobState.FAILED, error=error, reason=stored), logged
+    retry_allowed = end.stop_reason != "timeout" or end.retry_on_timeout
+    if job.failures < job.max_retries and retry_allowed:
+        delay = retry_delay(job.failures + 1, end.jitter, end.retry_base, end.retry_cap)
+        reason = (
+            f"attempt {job.attempts} failed ({error.message}); "
+            f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s"
+        )
+        requeue = Requeue(
+            reason,
+            counts=FAILURE,
+            run_after=end.now + timedelta(seconds=delay),
+            error=error,
+            exit_code=outcome.exit_code,
+        )
+        return requeue, reason
+    return finish(JobState.FAILED, error=error, reason=error.type), error.message
+
+
 @dataclass
 class _Attempt:
     """A job this server is running, with what the scheduler watches about it."""
@@ -871,78 +976,99 @@ class Scheduler:
         )
 
     async def _admit(self, now: datetime, monotonic: float, snapshot: Snapshot) -> None:
-        head = await self._store.queue_head(QUEUE_HEAD_SIZE, now)
         await self._load_peaks()
-        queued: list[QueuedJob] = []
-        for job in head:
-            if job.task not in self._registry:
-                error = JobError("UnknownTask", f"task {job.task!r} is no longer in the config")
-                failed = await self._store.fail_unstarted(job.id, error, now)
-                if failed is not None:
-                    self._events.transition(failed, JobState.QUEUED, reason=error.message)
-                continue
-            request = self._request(self._registry.get(job.task))
-            waited = max(0.0, (now - job.ready_since).total_seconds())
-            queued.append(QueuedJob(job.id, job.task, job.priority, request, waited))
-        if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
-            self._gpus = self._gpu_probe.gpus()
-        gpus = self._gpus if self._gpu_probe is not None else None
-        decision = plan(
-            queued, self._running_jobs(), snapshot, self._limits, self._plan_state, gpus
-        )
-        before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
-        if decision.state.held & _OVERLOAD != before:
-            if decision.overload:
-                log.warning("admission stopped: %s", decision.overload)
-            else:
-                log.info("admission resumed: the overload signals cleared")
-        self._record_pressure(snapshot)
-        self._record_holds(decision.waiting)
-        self._last_snapshot, self._last_plan = snapshot, decision
-        self._plan_state = decision.state
-        self._waiting = dict(decision.waiting)
-        self._head = [job.id for job in queued]
-        # Together, so that their claims and recorded pids share transactions (issue 6).
-        launches = [
-            self._launch(job_id, now, monotonic, decision.devices.get(job_id, ()))
-            for job_id in decision.admit
-        ]
-        for job_id, failure in zip(
-            decision.admit, await asyncio.gather(*launches, return_exceptions=True), strict=True
-        ):
-            if isinstance(failure, Exception):
-                log.error("job %s: could not be launched", job_id, exc_info=failure)
+        # What planning reads, taken on the event loop: choose() runs in the database's
+        # thread, inside the claim's transaction, while watchers change _running.
+        running = self._running_jobs()
+        requests = {task.name: self._request(task) for task in self._registry}
+        limits, state = self._limits, self._plan_state
+        chosen: list[tuple[Plan, list[QueuedJob], list[QueueEntry]]] = []
+
+        def choose(head: list[QueueEntry]) -> Sequence[str]:
+            queued = [
+                QueuedJob(
+                    job.id,
+                    job.task,
+                    job.priority,
+                    requests[job.task],
+                    max(0.0, (now - job.ready_since).total_seconds()),
+                )
+                for job in head
+                if job.task in requests
+            ]
+            if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
+                self._gpus = self._gpu_probe.gpus()
+            gpus = self._gpus if self._gpu_probe is not None else None
+            decision = plan(queued, running, snapshot, limits, state, gpus)
+            chosen[:] = [(decision, queued, [job for job in head if job.task not in requests])]
+            return decision.admit
+
+        # From the claim until the attempts are in _running, view() waits for them.
+        with self._start_in_flight():
+            claimed = await self._store.claim_head(now, QUEUE_HEAD_SIZE, choose)
+            ((decision, queued, unknown),) = chosen
+            before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
+            if decision.state.held & _OVERLOAD != before:
+                if decision.overload:
+                    log.warning("admission stopped: %s", decision.overload)
+                else:
+                    log.info("admission resumed: the overload signals cleared")
+            self._record_pressure(snapshot)
+            self._record_holds(decision.waiting)
+            self._last_snapshot, self._last_plan = snapshot, decision
+            self._plan_state = decision.state
+            self._waiting = dict(decision.waiting)
+            self._head = [job.id for job in queued]
+            # Together, so that their recorded pids share transactions.
+            launches = [
+                self._launch(change.job, now, monotonic, decision.devices.get(change.job.id, ()))
+                for change in claimed
+            ]
+            for change, failure in zip(
+                claimed, await asyncio.gather(*launches, return_exceptions=True), strict=True
+            ):
+                if isinstance(failure, Exception):
+                    log.error("job %s: could not be launched", change.job.id, exc_info=failure)
+        for entry in unknown:
+            error = JobError("UnknownTask", f"task {entry.task!r} is no longer in the config")
+            self._publish(await self._store.fail_unstarted(entry.id, error, now), error.message)
+
+    def _publish(
+        self, change: Changed | None, reason: str | None, duration: float | None = None
+    ) -> None:
+        """One event per transition a store call caused, its cascade included."""
+        if change is None:
+            return
+        self._events.transition(change.job, change.source, reason=reason, duration=duration)
+        for dependent in change.cascaded:
+            self._events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
 
     async def _launch(
-        self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
+        self, job: Job, now: datetime, monotonic: float, gpu_devices: tuple[int, ...] = ()
     ) -> None:
-        # From the claim until the attempt is in _running, view() waits for it.
-        with self._start_in_flight():
-            started = await self._claim_and_start(job_id, now, monotonic, gpu_devices)
-        if started is None:
-            return
-        attempt, waited = started
-        handle, group = attempt.handle, attempt.cgroup
-        self._events.transition(
-            attempt.job,
-            JobState.QUEUED,
-            reason=f"attempt {attempt.job.attempts}, pid {handle.pid}"
-            + (f", in cgroup {group.path}" if group is not None else ""),
-            duration=waited,
-        )
-        await self._store.record_process(attempt.job.id, handle.pid, process_start_time(handle.pid))
-
-    async def _claim_and_start(
-        self, job_id: str, now: datetime, monotonic: float, gpu_devices: tuple[int, ...]
-    ) -> tuple[_Attempt, float] | None:
-        """Claim the job and start its process: the attempt (in _running) and how long the
-        job waited, or None if it was not claimed or could not start."""
-        job = await self._store.claim(job_id, now)
-        if job is None:  # cancelled between the read and the claim
-            return None
         queued_since = max(job.created_at, job.run_after or job.created_at)
         waited = (now - queued_since).total_seconds()
         self._events.recorder.admission(job.task)
+        attempt = await self._start(job, waited, monotonic, gpu_devices)
+        if attempt is None:
+            return
+        handle, group = attempt.handle, attempt.cgroup
+        self._events.transition(
+            job,
+            JobState.QUEUED,
+            reason=f"attempt {job.attempts}, pid {handle.pid}"
+            + (f", in cgroup {group.path}" if group is not None else ""),
+            duration=waited,
+        )
+        await self._store.record_process(
+            job.id, job.attempts, handle.pid, process_start_time(handle.pid)
+        )
+
+    async def _start(
+        self, job: Job, waited: float, monotonic: float, gpu_devices: tuple[int, ...]
+    ) -> _Attempt | None:
+        """Start the claimed job's process: the attempt (in _running), or None if it could
+        not start (the job then failed)."""
         task = self._registry.get(job.task)
         limit = task.settings.memory_limit
         group = None
@@ -973,11 +1099,13 @@ class Scheduler:
                 job, JobState.QUEUED, reason=f"attempt {job.attempts}", duration=waited
             )
             error = JobError("SpawnFailed", f"could not start: {exc}")
-            failed = await self._store.finish(
-                job.id, Finish(JobState.FAILED, error=error, reason=error.type), self._clock()
+            failed = await self._store.end_attempt(
+                job.id,
+                job.attempts,
+                Finish(JobState.FAILED, error=error, reason=error.type),
+                self._clock(),
             )
-            if failed is not None:
-                self._events.transition(failed, JobState.RUNNING, reason=error.message)
+            self._publish(failed, error.message)
             return None
         attempt = _Attempt(
             job,
@@ -995,7 +1123,7 @@ class Scheduler:
         self._running[job.id] = attempt
         self._waiting.pop(job.id, None)
         attempt.watcher = asyncio.create_task(self._watch(attempt), name=f"job-{job.id}")
-        return attempt, waited
+        return attempt
 
     # -- memory pressure ---------------------------------------------------------
 
@@ -1137,8 +1265,8 @@ class Scheduler:
             self.wake()
 
     async def _record(self, attempt: _Attempt, outcome: Outcome) -> None:
-        """Store how the attempt ended: a terminal state, or back to the queue for a retry,
-        after a shutdown or under memory pressure.  One log line per transition."""
+        """Store how the attempt ended: ``decide_ending`` chooses, one store call writes
+        it (with what the attempt used), and every transition it caused is published."""
         await self._store_progress(time.monotonic(), attempt)
         workdir = self.job_dir(attempt.job.id)
         # Most jobs leave no artifacts: hashing them needs a thread, looking does not.
@@ -1148,127 +1276,57 @@ class Scheduler:
         job, now = attempt.job, self._clock()
         duration = time.monotonic() - attempt.started
         task = self._registry.get(job.task) if job.task in self._registry else None
-        timed_out = attempt.stop_reason == "timeout"
-        retry_allowed = not timed_out or (task is not None and task.settings.retry_on_timeout)
-
-        def finish(state: JobState, **fields: Any) -> Finish:
-            return Finish(
-                state,
-                exit_code=outcome.exit_code,
-                peak_rss=attempt.peak_rss or None,
-                cpu_seconds=attempt.cpu_seconds or None,
-                artifacts=artifacts,
-                **fields,
-            )
-
-        error = outcome.error
-        if attempt.stop_reason == "timeout" and attempt.timeout is not None:
-            error = JobError("Timeout", f"timed out after {attempt.timeout:g} s")
         oom_killed = (
-            error is not None
+            outcome.error is not None
             and attempt.cgroup is not None
             and outcome.signal == signal.SIGKILL
             and attempt.cgroup.oom_kills() > 0
         )
-        if oom_killed and attempt.cgroup is not None and attempt.memory_limit is not None:
-            peak = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
-            attempt.peak_rss = peak
-            error = JobError(
-                "OOMKilled",
-                f"the kernel killed it at its memory limit "
-                f"{format_size(attempt.memory_limit)} (cgroup peak {format_size(peak)})",
-            )
-        if attempt.stop_reason == "memory_limit" and attempt.stop_note is not None:
-            error = JobError("MemoryLimitExceeded", attempt.stop_note)
-
-        requeues = job.pressure_requeues
-        updated: Job | None
-        if error is None:
-            target, reason = JobState.SUCCEEDED, None
-            updated = await self._store.finish(job.id, finish(target, result=outcome.result), now)
-        elif attempt.stop_reason == "shutdown":
-            target, reason = JobState.QUEUED, "requeued: the server shut down while it ran"
-            updated = await self._store.requeue(
-                job.id, reason=reason, now=now, exit_code=outcome.exit_code
-            )
-        elif attempt.stop_reason == "cancel":
-            target, reason = JobState.CANCELLED, "cancelled by request while running"
-            updated = await self._store.finish(job.id, finish(target, reason=reason), now)
-        elif attempt.stop_reason == "pressure" and requeues < self._settings.max_pressure_requeues:
-            target = JobState.QUEUED
-            reason = (
-                f"requeued: {attempt.stop_note}; pressure requeue {requeues + 1} of "
-                f"{self._settings.max_pressure_requeues}, not counted against max_retries"
-            )
-            updated = await self._store.requeue(job.id, reason=reason, pressure=True)
-        elif attempt.stop_reason == "pressure":
-            target = JobState.FAILED
-            reason = (
-                f"{attempt.stop_note}; already requeued {requeues} times "
-                f"(max_pressure_requeues = {self._settings.max_pressure_requeues})"
-            )
-            failure = JobError("MemoryPressure", reason)
-            updated = await self._store.finish(
-                job.id, finish(target, error=failure, reason=reason), now
-            )
-        elif oom_killed or attempt.stop_reason == "memory_limit":
-            # Over its own limit again and again: retrying would end the same way.
-            target = JobState.FAILED
-            reason = "oom_killed" if oom_killed else attempt.stop_note
-            updated = await self._store.finish(
-                job.id, finish(target, error=error, reason=reason), now
-            )
-            reason = f"{reason}: {error.message}" if oom_killed else reason
-        elif job.failures < job.max_retries and retry_allowed:
-            base = self._jobs_settings.retry_base
-            cap = self._jobs_settings.retry_cap
-            if task is not None:
-                base = task.settings.retry_base or base
-                cap = task.settings.retry_cap or cap
-            delay = retry_delay(job.failures + 1, random.random(), base, cap)
-            target = JobState.QUEUED
-            reason = (
-                f"attempt {job.attempts} failed ({error.message}); "
-                f"retry {job.failures + 1} of {job.max_retries} after {delay:.1f} s"
-            )
-            updated = await self._store.requeue(
-                job.id,
-                reason=reason,
-                run_after=now + timedelta(seconds=delay),
-                error=error,
-                failed=True,
-                now=now,
-                exit_code=outcome.exit_code,
-            )
-        else:
-            target, reason = JobState.FAILED, error.message
-            updated = await self._store.finish(
-                job.id, finish(target, error=error, reason=error.type), now
-            )
-        if updated is not None:
-            self._events.transition(updated, JobState.RUNNING, reason=reason, duration=duration)
+        if oom_killed and attempt.cgroup is not None:
+            attempt.peak_rss = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
+        jobs_settings = self._jobs_settings
+        ending = AttemptEnd(
+            job=job,
+            outcome=outcome,
+            stop_reason=attempt.stop_reason,
+            stop_note=attempt.stop_note,
+            timeout=attempt.timeout,
+            oom_killed=oom_killed,
+            memory_limit=attempt.memory_limit,
+            peak_rss=attempt.peak_rss,
+            cpu_seconds=attempt.cpu_seconds,
+            artifacts=artifacts,
+            retry_on_timeout=task is not None and task.settings.retry_on_timeout,
+            retry_base=(task and task.settings.retry_base) or jobs_settings.retry_base,
+            retry_cap=(task and task.settings.retry_cap) or jobs_settings.retry_cap,
+            max_pressure_requeues=self._settings.max_pressure_requeues,
+            jitter=random.random(),
+            now=now,
+        )
+        end, reason = decide_ending(ending)
+        run = None
         if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
-            await self._learn(attempt, target, duration, now)
-
-    async def _learn(
-        self, attempt: _Attempt, target: JobState, duration: float, now: datetime
-    ) -> None:
-        job = attempt.job
-        await self._store.record_run(
-            TaskRun(
+            run = TaskRun(
                 task=job.task,
                 job_id=job.id,
                 attempt=job.attempts,
-                outcome="requeued" if target is JobState.QUEUED else target.value,
+                outcome="requeued" if isinstance(end, Requeue) else end.state.value,
                 peak_rss=attempt.peak_rss,
                 cpu_seconds=attempt.cpu_seconds,
                 wall_seconds=duration,
                 finished_at=now,
             )
-        )
-        if self._peaks is not None:
+        change = await self._store.end_attempt(job.id, job.attempts, end, now, run)
+        if (
+            change is not None
+            and change.job.state is JobState.CANCELLED
+            and isinstance(end, Requeue)
+        ):
+            reason = change.job.reason  # an acknowledged cancel wins over the requeue
+        self._publish(change, reason, duration)
+        if change is not None and run is not None and self._peaks is not None:
             peaks = self._peaks.setdefault(job.task, [])
-            peaks.insert(0, attempt.peak_rss)
+            peaks.insert(0, run.peak_rss)
             del peaks[self._settings.learn_window :]
 
     async def _store_progress(self, monotonic: float, only: _Attempt | None = None) -> None:
@@ -1283,7 +1341,9 @@ class Scheduler:
                 continue
             fraction, message = handle.progress
             attempt.progress_stored, attempt.progress_stored_at = handle.progress_seq, monotonic
-            if await self._store.set_progress(attempt.job.id, fraction, message, self._clock()):
+            if await self._store.set_progress(
+                attempt.job.id, attempt.job.attempts, fraction, message, self._clock()
+            ):
                 self._events.changed(attempt.job.id)
 
     def _record_holds(self, waiting: Mapping[str, str]) -> None:

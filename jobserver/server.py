@@ -51,7 +51,7 @@ from jobserver.metrics import Metrics
 from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
 from jobserver.scheduler import Scheduler
-from jobserver.store import DatabaseLock, Store, migrate, pending_migrations
+from jobserver.store import DatabaseLock, SqliteDriver, Store, migrate, pending_migrations
 from jobserver.tasks import Registry
 
 log = logging.getLogger("jobserver")
@@ -61,6 +61,7 @@ log = logging.getLogger("jobserver")
 class Application:
     app: Starlette
     store: Store
+    driver: SqliteDriver  # the store's engine: WAL, checkpoints, pragmas
     scheduler: Scheduler
     events: Events
     metrics: Metrics
@@ -205,7 +206,8 @@ def build(
     server_settings = settings.server
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
-    store = Store.open(server_settings.database, synchronous=server_settings.durability.upper())
+    driver = SqliteDriver(server_settings.database, synchronous=server_settings.durability.upper())
+    store = Store(driver)
     metrics = Metrics()
     events = Events(metrics)
     scheduler = Scheduler(
@@ -223,7 +225,7 @@ def build(
     runtime = Runtime(settings, registry, scheduler, runner)
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
-    checkpointer = WalCheckpointer(store, server_settings.wal_max_size)
+    checkpointer = WalCheckpointer(driver, server_settings.wal_max_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -287,7 +289,7 @@ def build(
         ),
     )
     return Application(
-        app, store, scheduler, events, metrics, pruner, cron, checkpointer, runtime, runner
+        app, store, driver, scheduler, events, metrics, pruner, cron, checkpointer, runtime, runner
     )
 
 

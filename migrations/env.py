@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from jobserver.store import metadata
+from jobserver.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ import httpx
 import pytest
 
 from jobserver import config
+from jobserver.jobs import Job, new_job_id, utcnow
 from jobserver.resources import Snapshot
 from jobserver.server import Application, build
-from jobserver.store import Store, migrate
+from jobserver.store import Changed, Finish, NewJob, Requeue, Store, migrate, open_store
 
 TESTS_DIR = Path(__file__).resolve().parent
 GiB = 2**30
@@ -216,9 +218,35 @@ def database(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def store(database: Path) -> AsyncIterator[Store]:
-    opened = Store.open(database)
+    opened = open_store(database)
     yield opened
     await opened.close()
+
+
+# -- the store's operations as tests use them one job at a time --------------------------
+
+
+async def insert(
+    store: Store, new: NewJob, job_id: str | None = None, now: datetime | None = None
+) -> Job:
+    """Submit ``new`` (at ``now``); the stored job."""
+    change, _ = await store.submit(new, job_id or new_job_id(), now or utcnow())
+    return change.job
+
+
+async def claim(store: Store, job_id: str, now: datetime | None = None) -> Job | None:
+    """Claim this one job in a scheduler tick's transaction; None if it is not in the head."""
+    claimed = await store.claim_head(
+        now or utcnow(), 1000, lambda head: [entry.id for entry in head if entry.id == job_id]
+    )
+    return claimed[0].job if claimed else None
+
+
+async def end(
+    store: Store, job: Job, ending: Finish | Requeue, now: datetime | None = None
+) -> Changed | None:
+    """End the current attempt of ``job`` (as read or claimed) at ``now``."""
+    return await store.end_attempt(job.id, job.attempts, ending, now or utcnow())
 
 
 @pytest.fixture

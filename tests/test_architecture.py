@@ -15,10 +15,16 @@ ALLOWED = {
     "jobs": {"errors"},
     "config": {"errors"},
     "tasks": {"errors", "config"},
-    "store": {"errors", "jobs"},
+    # The store package: the face (__init__), the repository over the driver seam, and
+    # the engines beneath it (store.sqlite).  Outside the package it is one name, "store".
+    "store": {"store.repository", "store.schema", "store.sqlite"},
+    "store.schema": {"jobs"},
+    "store.driver": set(),
+    "store.repository": {"errors", "jobs", "store.driver", "store.schema"},
+    "store.sqlite": {"errors", "store.driver", "store.schema"},
     "resources": {"errors", "jobs"},
     "runner": {"errors", "jobs", "reporting", "forkserver"},
-    "backup": {"errors"},
+    "backup": {"errors", "store"},
     "cgroups": set(),
     "child": set(),
     # Runs in the fork server and in every job it forks: the child module only.
@@ -91,7 +97,12 @@ FORBIDDEN = {
     "child": {"sqlalchemy", "starlette", "psutil"},
     "forkserver": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx", "subprocess"},
     "reporting": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx"},
-    "backup": {"sqlalchemy", "starlette", "subprocess"},
+    "backup": {"sqlalchemy", "starlette", "subprocess", "sqlite3"},
+    # Dialect-neutral: only an engine module speaks to a database library.
+    "store.repository": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
+    "store.schema": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
+    "store.driver": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
+    "store.sqlite": {"psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
     "openapi": {"sqlalchemy", "starlette", "subprocess"},
     "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
@@ -114,23 +125,72 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
+def modules() -> dict[str, Path]:
+    """Module name -> file: top-level modules by stem, a package's modules as
+    ``package.module`` (its ``__init__`` as the package's own name)."""
+    found = {path.stem: path for path in PACKAGE.glob("*.py")}
+    for init in PACKAGE.glob("*/__init__.py"):
+        package = init.parent.name
+        found[package] = init
+        for path in init.parent.glob("*.py"):
+            if path.name != "__init__.py":
+                found[f"{package}.{path.stem}"] = path
+    return found
+
+
+def internal_name(module: str, importer: str) -> str:
+    """What an import of ``jobserver.<module>`` counts as: within a package, its modules
+    by full name; from outside, the package's name."""
+    parts = module.split(".")[1:]
+    if len(parts) > 1 and importer.split(".")[0] == parts[0]:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
 def test_every_module_is_listed() -> None:
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
-    assert modules == set(ALLOWED)
+    assert set(modules()) == set(ALLOWED)
 
 
 def test_modules_import_only_what_their_layer_allows() -> None:
-    for path in PACKAGE.glob("*.py"):
-        name = path.stem
+    for name, path in modules().items():
         found = imports_of(path)
         internal = set()
         for module in found:
             if module == "jobserver":
                 internal.add("__init__")
             elif module.startswith("jobserver."):
-                internal.add(module.split(".")[1])
+                internal.add(internal_name(module, name))
         internal -= {"__version__"}
         internal = {"__init__" if m == "__version__" else m for m in internal}
         assert internal <= ALLOWED[name], f"{name} imports {internal - ALLOWED[name]}"
         external = {module.split(".")[0] for module in found}
         assert not external & FORBIDDEN.get(name, set()), f"{name} imports {external}"
+
+
+# Private names we use on purpose: the standard library's (each says why where it is
+# used), a namedtuple's public _asdict, and the client's handle on its own Job objects.
+PRIVATE_ALLOWED = {
+    "os._exit",
+    "threading._shutdown",
+    "atexit._run_exitfuncs",
+    "logging._srcfile",
+    "sample._asdict",
+    "job._client",
+}
+
+
+def test_no_private_attribute_of_a_library_is_used() -> None:
+    """``x._name`` only on ``self``/``cls`` (and the few named above): never on an object
+    of aiosqlite, uvicorn, SQLAlchemy or any other library."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__") or (
+                isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            ):
+                continue
+            if ast.unparse(node) not in PRIVATE_ALLOWED:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node)}")
+    assert found == []

@@ -23,7 +23,7 @@ from jobserver.jobs import (
 from jobserver.maintenance import CronJob, CronService, Pruner, latest_slot
 from jobserver.server import build
 from jobserver.store import Finish, NewJob, Store, migrate
-from tests.conftest import FakeProbe, write_config
+from tests.conftest import FakeProbe, claim, end, insert, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -264,10 +264,11 @@ def test_jobs_table_keys(tmp_path: Path) -> None:
 
 
 async def finished_job(store: Store, task: str, when: datetime, state: JobState) -> str:
-    job = await store.insert(NewJob(task, {}, 0, 0), new_job_id(), when)
-    await store.claim(job.id, when)
+    job = await insert(store, NewJob(task, {}, 0, 0), now=when)
+    claimed = await claim(store, job.id, when)
+    assert claimed is not None
     error = None if state is JobState.SUCCEEDED else JobError("E", "e")
-    await store.finish(job.id, Finish(state, error=error), when)
+    await end(store, claimed, Finish(state, error=error), when)
     return job.id
 
 
@@ -279,9 +280,9 @@ async def test_pruner_deletes_old_finished_jobs_only(store: Store, tmp_path: Pat
     recent = await finished_job(store, "a", now - timedelta(hours=1), JobState.SUCCEEDED)
     kept_longer = await finished_job(store, "keep", T0, JobState.SUCCEEDED)
     short = await finished_job(store, "short", now - timedelta(hours=2), JobState.SUCCEEDED)
-    queued = (await store.insert(NewJob("a", {}, 0, 0), new_job_id(), T0)).id
-    running = (await store.insert(NewJob("a", {}, 0, 0), new_job_id(), T0)).id
-    await store.claim(running, T0)
+    queued = (await insert(store, NewJob("a", {}, 0, 0), now=T0)).id
+    running = (await insert(store, NewJob("a", {}, 0, 0), now=T0)).id
+    await claim(store, running, T0)
     for job_id in (old_ok, recent, queued):
         (jobs_dir / job_id / "artifacts").mkdir(parents=True)
         (jobs_dir / job_id / "output.log").write_text("log")

@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from sqlalchemy import event
 
 from jobserver.api import job_version
 from tests.conftest import Harness, ServerProcess, write_config
@@ -27,23 +26,14 @@ async def submit(h: Harness, task: str, **args: Any) -> dict[str, Any]:
 
 
 def job_reads(h: Harness) -> list[str]:
-    """Every statement that reads one job by id, as the store's reader engine runs it."""
+    """Every statement that reads one job by id, on any of the store's connections."""
     seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "WHERE jobs.id = ?" in statement and statement.lstrip().startswith("SELECT"):
-            seen.append(statement)
-
-    event.listen(h.application.store._reader.sync_engine, "before_cursor_execute", record)
-    # The store's fast path reads one job on a plain sqlite3 connection: count those too.
-    fast = h.application.store._fast
-    assert fast is not None, "the fast reader opens on the first read"
 
     def trace(statement: str) -> None:  # sqlite3 passes it with the parameters filled in
         if "WHERE jobs.id = " in statement and statement.lstrip().startswith("SELECT"):
             seen.append(statement)
 
-    fast.set_trace_callback(trace)
+    h.application.driver.trace(trace)
     return seen
 
 

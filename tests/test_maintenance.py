@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from jobserver.jobs import JobState, new_job_id, utcnow
+from jobserver.jobs import JobState, utcnow
 from jobserver.maintenance import WalCheckpointer, rescue_interrupted
 from jobserver.resources import process_start_time
-from jobserver.store import NewJob, Store, migrate
+from jobserver.store import NewJob, SqliteDriver, Store, migrate, open_store
+from tests.conftest import claim, insert
 from tests.test_e2e import alive, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -39,10 +40,10 @@ def environ_of(pid: int) -> str:
 
 
 async def running_job(store: Store, pid: int | None, started: float | None) -> str:
-    job = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), utcnow())
-    await store.claim(job.id, utcnow())
+    job = await claim(store, (await insert(store, NewJob("t", {}, 0, 0))).id)
+    assert job is not None
     if pid is not None:
-        await store.record_process(job.id, pid, started)
+        await store.record_process(job.id, job.attempts, pid, started)
     return job.id
 
 
@@ -50,7 +51,7 @@ async def test_rescue_kills_the_leftover_and_requeues(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     migrate(tmp_path / "x.db")
-    store = Store.open(tmp_path / "x.db")
+    store = open_store(tmp_path / "x.db")
     try:
         leftover = subprocess.Popen(SLEEPER, start_new_session=True)
         processes.append(leftover)
@@ -69,7 +70,7 @@ async def test_rescue_never_signals_a_recycled_pid(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     migrate(tmp_path / "x.db")
-    store = Store.open(tmp_path / "x.db")
+    store = open_store(tmp_path / "x.db")
     try:
         stranger = subprocess.Popen(SLEEPER, start_new_session=True)
         processes.append(stranger)
@@ -87,7 +88,7 @@ async def test_rescue_finds_escaped_processes_by_their_tag(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     migrate(tmp_path / "x.db")
-    store = Store.open(tmp_path / "x.db")
+    store = open_store(tmp_path / "x.db")
     try:
         job_id = await running_job(store, None, None)
         escaped = subprocess.Popen(
@@ -105,24 +106,25 @@ async def test_rescue_finds_escaped_processes_by_their_tag(
 async def test_wal_checkpointer_truncates_once_the_reader_leaves(tmp_path: Path) -> None:
     database = tmp_path / "jobs.db"
     migrate(database)
-    store = Store.open(database)
+    driver = SqliteDriver(database)
+    store = Store(driver)
     try:
-        checkpointer = WalCheckpointer(store, max_size=16 * 1024)
+        checkpointer = WalCheckpointer(driver, max_size=16 * 1024)
         reader = sqlite3.connect(database, isolation_level=None)
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM jobs").fetchone()
         for _ in range(40):
-            await store.insert(NewJob("t", {"x": "y" * 500}, 0, 0), new_job_id(), utcnow())
-        assert store.wal_size() > 16 * 1024
+            await insert(store, NewJob("t", {"x": "y" * 500}, 0, 0))
+        assert driver.wal_size() > 16 * 1024
         pinned = await checkpointer.tick()
         assert pinned is not None and pinned.busy
-        assert store.wal_size() > 16 * 1024  # the reader's snapshot keeps the log
+        assert driver.wal_size() > 16 * 1024  # the reader's snapshot keeps the log
         reader.execute("COMMIT")
         reader.close()
         done = await checkpointer.tick()
         assert done is not None and not done.busy
-        assert store.wal_size() == 0
-        assert await store.integrity_check() == ["ok"]
+        assert driver.wal_size() == 0
+        assert await driver.integrity_check() == ["ok"]
         assert len(await store.page(limit=100)) == 40
     finally:
         await store.close()

@@ -269,8 +269,8 @@ async def test_durability_sets_sqlite_synchronous(
     make_harness: Any, durability: str, level: int
 ) -> None:
     async with make_harness(server={"durability": durability}) as h:
-        assert await h.application.store.synchronous() == level
-        assert await h.application.store.integrity_check() == ["ok"]
+        assert await h.application.driver.synchronous() == level
+        assert await h.application.driver.integrity_check() == ["ok"]
 
 
 def test_durability_rejects_other_values(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from jobserver.jobs import new_job_id, utcnow
+from jobserver.jobs import utcnow
 from jobserver.store import NewJob
-from tests.conftest import FakeProbe, GiB
+from tests.conftest import FakeProbe, GiB, insert
 
 pytestmark = pytest.mark.anyio
 
@@ -77,7 +77,7 @@ async def test_a_small_job_passes_a_large_waiting_one(make_harness: Any) -> None
 
 async def test_queued_job_of_a_removed_task_fails_clearly(make_harness: Any) -> None:
     async with make_harness() as h:
-        job = await h.application.store.insert(NewJob("gone", {}, 0, 0), new_job_id(), utcnow())
+        job = await insert(h.application.store, NewJob("gone", {}, 0, 0))
         await h.application.scheduler.tick(utcnow())
         document = (await h.client.get(f"/api/v1/jobs/{job.id}")).json()
         assert document["state"] == "failed"

@@ -1,8 +1,9 @@
-"""The store on real SQLite files: schema, compare-and-set transitions, concurrency."""
+"""The store on real SQLite files: what is SQLite's own (schema checks, migrations, query
+plans, an admin beside the server, the file lock).  The repository's behaviour on every
+driver is in test_store_contract.py."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 import time
@@ -15,25 +16,29 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from jobserver.errors import InvalidTransition, NotFound, ServerLocked
-from jobserver.jobs import JobError, JobState, format_timestamp, new_job_id, parse_timestamp, utcnow
+from jobserver.errors import ServerLocked
+from jobserver.jobs import JobState, format_timestamp, new_job_id, parse_timestamp, utcnow
 from jobserver.store import (
-    QUEUE_HEAD_SQL,
+    RESCUE,
     DatabaseLock,
-    Finish,
     NewJob,
+    Requeue,
     Store,
     metadata,
     migrate,
     migrations_dir,
+    open_store,
 )
+from jobserver.store.driver import Compiler
+from jobserver.store.repository import QUEUE_HEAD
+from jobserver.store.sqlite import dialect
+from tests.conftest import insert as submit
 
 pytestmark = pytest.mark.anyio
 
 
 async def insert(store: Store, task: str = "t", priority: int = 0) -> str:
-    job = await store.insert(NewJob(task, {"x": 1}, priority, 0), new_job_id(), utcnow())
-    return job.id
+    return (await submit(store, NewJob(task, {"x": 1}, priority, 0))).id
 
 
 def test_migrations_match_the_models(database: Path) -> None:
@@ -57,8 +62,9 @@ def test_queue_head_reads_through_its_indexes_in_order(database: Path) -> None:
     # of ix_jobs_delayed in run_after order: no scan of the table, no sort, and never a
     # walk over jobs that are not due (issue 6).
     with sqlite3.connect(database) as db:
+        sql, literals = Compiler(dialect())(QUEUE_HEAD)
         rows = db.execute(
-            f"EXPLAIN QUERY PLAN {QUEUE_HEAD_SQL}", {"limit": 10, "now": "2026"}
+            f"EXPLAIN QUERY PLAN {sql}", {**literals, "limit": 10, "now": "2026"}
         ).fetchall()
     plan = " | ".join(row[-1] for row in rows)
     assert "SCAN jobs USING INDEX ix_jobs_ready" in plan
@@ -71,10 +77,10 @@ async def test_delayed_jobs_ahead_in_the_queue_are_not_read_until_due(store: Sto
     now = utcnow()
     later = NewJob("t", {}, 9, 0, run_after=now + timedelta(hours=1))
     for _ in range(300):  # more than the head's limit, all ahead of the ready job by priority
-        await store.insert(later, new_job_id(), now)
+        await submit(store, later, now=now)
     ready = await insert(store, priority=0)
     due_job = NewJob("t", {}, 5, 0, run_after=now - timedelta(seconds=1))
-    due = (await store.insert(due_job, new_job_id(), now - timedelta(seconds=2))).id
+    due = (await submit(store, due_job, now=now - timedelta(seconds=2))).id
     head = await store.queue_head(200, now)
     assert [entry.id for entry in head] == [due, ready]
     assert head[0].ready_since == parse_timestamp(format_timestamp(now - timedelta(seconds=1)))
@@ -99,75 +105,6 @@ def test_schema_rejects_impossible_rows(database: Path) -> None:
         ]:
             with pytest.raises(sqlite3.IntegrityError):
                 db.execute(insert_sql, values)
-
-
-async def test_insert_and_get_roundtrip(store: Store) -> None:
-    job_id = await insert(store)
-    job = await store.get(job_id)
-    assert job.state is JobState.QUEUED and job.args == {"x": 1} and job.attempts == 0
-    with pytest.raises(NotFound):
-        await store.get("01ZZZZZZZZZZZZZZZZZZZZZZZZ")
-
-
-async def test_claim_is_compare_and_set(store: Store) -> None:
-    job_id = await insert(store)
-    results = await asyncio.gather(*(store.claim(job_id, utcnow()) for _ in range(5)))
-    claimed = [job for job in results if job is not None]
-    assert len(claimed) == 1 and claimed[0].attempts == 1
-    assert claimed[0].state is JobState.RUNNING
-
-
-async def test_finish_only_from_running(store: Store) -> None:
-    job_id = await insert(store)
-    assert await store.finish(job_id, Finish(JobState.SUCCEEDED, result=1), utcnow()) is None
-    await store.claim(job_id, utcnow())
-    done = await store.finish(job_id, Finish(JobState.SUCCEEDED, result={"ok": True}), utcnow())
-    assert done is not None and done.result == {"ok": True} and done.finished_at is not None
-    # Terminal states never change.
-    assert await store.finish(job_id, Finish(JobState.FAILED), utcnow()) is None
-    assert await store.requeue(job_id, reason="x") is None
-    with pytest.raises(InvalidTransition):
-        await store.request_cancel(job_id, utcnow())
-    assert (await store.get(job_id)).state is JobState.SUCCEEDED
-
-
-async def test_requeue_counts_failures_and_rescues(store: Store) -> None:
-    job_id = await insert(store)
-    await store.claim(job_id, utcnow())
-    later = utcnow() + timedelta(hours=1)
-    job = await store.requeue(
-        job_id, reason="retry", run_after=later, error=JobError("E", "boom"), failed=True
-    )
-    assert job is not None and job.failures == 1 and job.rescues == 0 and job.error is not None
-    assert await store.queue_head(10, utcnow()) == []  # not before run_after
-    assert [j.id for j in await store.queue_head(10, later)] == [job_id]
-    await store.claim(job_id, later)
-    job = await store.requeue(job_id, reason="rescued", rescued=True)
-    assert job is not None and job.failures == 1 and job.rescues == 1 and job.attempts == 2
-
-
-async def test_cancel_queued_at_once_running_by_flag(store: Store) -> None:
-    queued = await insert(store)
-    assert (await store.request_cancel(queued, utcnow())).state is JobState.CANCELLED
-    running = await insert(store)
-    await store.claim(running, utcnow())
-    flagged = await store.request_cancel(running, utcnow())
-    assert flagged.state is JobState.RUNNING and flagged.cancel_requested
-    assert await store.cancel_requested() == {running}
-
-
-async def test_queue_head_order_priority_then_age(store: Store) -> None:
-    low = await insert(store, priority=0)
-    high = await insert(store, priority=5)
-    low2 = await insert(store, priority=0)
-    assert [job.id for job in await store.queue_head(10, utcnow())] == [high, low, low2]
-
-
-async def test_concurrent_writes_never_fail_as_locked(store: Store) -> None:
-    ids = await asyncio.gather(*(insert(store) for _ in range(200)))
-    assert len(set(ids)) == 200
-    await asyncio.gather(*(store.claim(job_id, utcnow()) for job_id in ids[:100]))
-    assert (await store.active_counts()) == {"queued": 100, "running": 100}
 
 
 async def test_writes_continue_while_an_admin_reads(store: Store, database: Path) -> None:
@@ -221,13 +158,64 @@ async def test_queue_head_is_the_same_on_the_event_loop_and_the_pooled_path(
     # The scheduler reads the head on the event loop's own connection (issue 6); when
     # that connection cannot answer, the pooled path must give the same jobs.
     now = utcnow()
-    parent = await store.insert(NewJob("t", {}, 0, 0), new_job_id(), now)
+    parent = await submit(store, NewJob("t", {}, 0, 0), now=now)
     ids = [await insert(store, priority=p) for p in (0, 5, 5, 1)]
     delayed = NewJob("t", {"later": True}, 9, 0, run_after=now + timedelta(hours=1))
-    await store.insert(delayed, new_job_id(), now)
+    await submit(store, delayed, now=now)
     dependent = NewJob("t", {}, 9, 0, depends_on=(parent.id,))
     await store.submit(dependent, new_job_id(), now)  # waits for parent: not in the head
     fast = await store.queue_head(10, utcnow())
     assert [job.id for job in fast] == [ids[1], ids[2], ids[3], parent.id, ids[0]]
-    monkeypatch.setattr(store, "_fast_rows", lambda sql, parameters: None)
-    assert await store.queue_head(10, utcnow()) == fast
+    # The reader thread's connection (the quick one made busy) answers the same.
+    blocker = sqlite3.connect(store.driver.database, isolation_level=None)  # type: ignore[attr-defined]
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert await store.queue_head(10, utcnow()) == fast
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+async def test_a_file_of_the_previous_schema_upgrades_in_place(tmp_path: Path) -> None:
+    """A database made at revision 0006 (before nodes) keeps its rows; the jobs it left
+    running become the one server's, so its start-up rescue finds them."""
+    from alembic import command
+    from alembic.config import Config
+
+    database = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{database}")
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0006")
+        for job_id, state, finished in (
+            ("01J0000000000000000000000A", "running", None),
+            ("01J0000000000000000000000B", "queued", None),
+            ("01J0000000000000000000000C", "succeeded", "2026-01-01T00:00:01.000Z"),
+        ):
+            conn.exec_driver_sql(
+                "INSERT INTO jobs (id, task, args, state, created_at, started_at, "
+                "finished_at, attempts) VALUES (?, 't', '{}', ?, '2026-01-01T00:00:00.000Z', "
+                "'2026-01-01T00:00:00.500Z', ?, 1)",
+                (job_id, state, finished),
+            )
+    engine.dispose()
+    assert migrate(database) == ("0006", ScriptDirectory(str(migrations_dir())).get_current_head())
+    with sqlite3.connect(database) as db:
+        nodes = dict(db.execute("SELECT id, node FROM jobs").fetchall())
+    assert nodes == {
+        "01J0000000000000000000000A": "local",
+        "01J0000000000000000000000B": None,
+        "01J0000000000000000000000C": None,
+    }
+    store = open_store(database)
+    try:
+        assert [job.id for job in await store.running()] == ["01J0000000000000000000000A"]
+        assert (await store.get("01J0000000000000000000000C")).state is JobState.SUCCEEDED
+        change = await store.end_attempt(
+            "01J0000000000000000000000A", 1, Requeue("rescued", counts=RESCUE), utcnow()
+        )
+        assert change is not None and change.job.state is JobState.QUEUED
+    finally:
+        await store.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from jobserver.store.schema import JSON_TEXT, TIMESTAMP
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -21,8 +23,8 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("timeout", sa.Float))
     op.add_column("jobs", sa.Column("progress_fraction", sa.Float))
     op.add_column("jobs", sa.Column("progress_message", sa.Text))
-    op.add_column("jobs", sa.Column("progress_updated_at", sa.Text))
-    op.add_column("jobs", sa.Column("artifacts", sa.Text))
+    op.add_column("jobs", sa.Column("progress_updated_at", TIMESTAMP))
+    op.add_column("jobs", sa.Column("artifacts", JSON_TEXT))
     op.create_index("ix_jobs_finished_at", "jobs", ["finished_at"])
     op.create_table(
         "attempts",
@@ -30,8 +32,8 @@ def upgrade() -> None:
             "job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
         ),
         sa.Column("attempt", sa.Integer, primary_key=True),
-        sa.Column("started_at", sa.Text, nullable=False),
-        sa.Column("finished_at", sa.Text),
+        sa.Column("started_at", TIMESTAMP, nullable=False),
+        sa.Column("finished_at", TIMESTAMP),
         sa.Column("outcome", sa.Text),
         sa.Column("error_type", sa.Text),
         sa.Column("error", sa.Text),
@@ -50,7 +52,7 @@ def upgrade() -> None:
     op.create_table(
         "schedules",
         sa.Column("name", sa.Text, primary_key=True),
-        sa.Column("last_slot", sa.Text, nullable=False),
+        sa.Column("last_slot", TIMESTAMP, nullable=False),
         sa.Column("last_job_id", sa.Text),
     )
     op.create_table(
@@ -59,7 +61,7 @@ def upgrade() -> None:
         sa.Column("key", sa.Text, primary_key=True),
         sa.Column("body_hash", sa.Text, nullable=False),
         sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
-        sa.Column("created_at", sa.Text, nullable=False),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
     )
     op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from jobserver.store.schema import TIMESTAMP
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -31,7 +33,7 @@ def upgrade() -> None:
         sa.Column("peak_rss", sa.Integer, nullable=False),
         sa.Column("cpu_seconds", sa.Float, nullable=False),
         sa.Column("wall_seconds", sa.Float, nullable=False),
-        sa.Column("finished_at", sa.Text, nullable=False),
+        sa.Column("finished_at", TIMESTAMP, nullable=False),
     )
     op.create_index("ix_task_runs_task_id", "task_runs", ["task", "id"])
 

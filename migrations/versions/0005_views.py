@@ -15,7 +15,7 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-# Times are ISO 8601 text in UTC; julianday() turns them into days for arithmetic.
+# SQLite: times are ISO 8601 text in UTC; julianday() turns them into days.
 VIEWS = {
     "jobs_running": """
         CREATE VIEW jobs_running AS
@@ -64,8 +64,55 @@ VIEWS = {
 }
 
 
+# PostgreSQL: the same views over timestamptz columns.
+POSTGRESQL_VIEWS = {
+    "jobs_running": """
+        CREATE VIEW jobs_running AS
+        SELECT id, task, started_at,
+               round(extract(epoch FROM now() - started_at)::numeric, 1) AS running_seconds,
+               attempts, pid,
+               cancel_requested_at IS NOT NULL AS cancel_requested,
+               priority, args
+        FROM jobs
+        WHERE state = 'running'
+        ORDER BY started_at
+    """,
+    "jobs_failed_recent": """
+        CREATE VIEW jobs_failed_recent AS
+        SELECT id, task, finished_at, attempts, error_type, error, exit_code,
+               round(extract(epoch FROM finished_at - started_at)::numeric, 1)
+                   AS duration_seconds,
+               args
+        FROM jobs
+        WHERE state = 'failed' AND finished_at >= now() - interval '1 day'
+        ORDER BY finished_at DESC
+    """,
+    "task_summary": """
+        CREATE VIEW task_summary AS
+        SELECT task,
+               count(*) AS total,
+               count(*) FILTER (WHERE state = 'queued') AS queued,
+               count(*) FILTER (WHERE state = 'running') AS running,
+               count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE state = 'failed') AS failed,
+               count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+               round(100.0 * count(*) FILTER (WHERE state = 'succeeded')
+                     / nullif(count(*) FILTER (WHERE state IN ('succeeded', 'failed')), 0), 1)
+                   AS success_percent,
+               round(avg(extract(epoch FROM finished_at - started_at))
+                     FILTER (WHERE state = 'succeeded')::numeric, 1) AS avg_seconds,
+               max(peak_rss) AS max_peak_rss,
+               max(finished_at) AS last_finished_at
+        FROM jobs
+        GROUP BY task
+        ORDER BY task
+    """,
+}
+
+
 def upgrade() -> None:
-    for sql in VIEWS.values():
+    views = VIEWS if op.get_bind().dialect.name == "sqlite" else POSTGRESQL_VIEWS
+    for sql in views.values():
         op.execute(sql)
 
 

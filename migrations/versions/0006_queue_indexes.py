@@ -24,12 +24,14 @@ def upgrade() -> None:
         "jobs",
         [sa.text("priority DESC"), "id"],
         sqlite_where=sa.text("state = 'queued' AND run_after IS NULL"),
+        postgresql_where=sa.text("state = 'queued' AND run_after IS NULL"),
     )
     op.create_index(
         "ix_jobs_delayed",
         "jobs",
         ["run_after"],
         sqlite_where=sa.text("state = 'queued' AND run_after IS NOT NULL"),
+        postgresql_where=sa.text("state = 'queued' AND run_after IS NOT NULL"),
     )
 
 

@@ -1,0 +1,62 @@
+"""The job store: a dialect-neutral repository (``repository.Store``) over a narrow
+driver seam (``driver``); ``sqlite`` holds everything SQLite.  ``schema`` is the tables
+and migrating to them.  ``open_store`` is how the server gets one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobserver.store.repository import (
+    FAILURE,
+    MAX_PAGE,
+    PRESSURE,
+    RESCUE,
+    Changed,
+    Finish,
+    IdempotencyKey,
+    NewJob,
+    QueueEntry,
+    Requeue,
+    Store,
+    TaskRun,
+    TaskStats,
+    dump_json,
+)
+from jobserver.store.schema import metadata, migrations_dir
+from jobserver.store.sqlite import (
+    Checkpoint,
+    DatabaseLock,
+    SqliteDriver,
+    migrate,
+    pending_migrations,
+)
+
+__all__ = [
+    "FAILURE",
+    "MAX_PAGE",
+    "PRESSURE",
+    "RESCUE",
+    "Changed",
+    "Checkpoint",
+    "DatabaseLock",
+    "Finish",
+    "IdempotencyKey",
+    "NewJob",
+    "QueueEntry",
+    "Requeue",
+    "SqliteDriver",
+    "Store",
+    "TaskRun",
+    "TaskStats",
+    "dump_json",
+    "metadata",
+    "migrate",
+    "migrations_dir",
+    "open_store",
+    "pending_migrations",
+]
+
+
+def open_store(database: Path, *, synchronous: str = "FULL") -> Store:
+    """The repository on a migrated SQLite file (see ``migrate``)."""
+    return Store(SqliteDriver(database, synchronous=synchronous))
