@@ -959,11 +959,7 @@ def _above_child_fds(fd: int) -> int:
     return moved
 
 
-def kill_group(pid: int) -> None:
-    """SIGKILL a process group left by a dead server (the caller has checked the leader's
-    start time, or the pids come from a job-id tag scan)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+kill_group = forkserver.kill_group  # for the start-up rescuer, in the layer above
 
 
 def kill_process(pid: int) -> None:
