@@ -17,7 +17,10 @@ ALLOWED = {
     "tasks": {"errors", "config"},
     "store": {"errors", "jobs"},
     "resources": {"errors", "jobs"},
-    "runner": {"errors", "jobs", "reporting", "forkserver"},
+    # The runner's layer: output capture, the fork server's client, then launching.
+    "capture": {"jobs", "reporting"},
+    "forkclient": {"jobs", "forkserver", "capture"},
+    "runner": {"errors", "jobs", "reporting", "forkserver", "capture", "forkclient"},
     "backup": {"errors"},
     "cgroups": set(),
     "child": set(),
@@ -80,11 +83,15 @@ ALLOWED = {
     # __init__, so it imports nothing of ours.
     "reporting": set(),
 }
+# The runner's layer (capture, forkclient, runner) never speaks SQL or HTTP.
+SQL_OR_HTTP = {"sqlalchemy", "sqlite3", "aiosqlite", "starlette", "httpx", "uvicorn"}
 # Third-party or stdlib modules a module must never import.
 FORBIDDEN = {
     "api": {"subprocess", "signal", "psutil", "sqlalchemy"},
     "scheduler": {"subprocess", "sqlalchemy", "starlette", "psutil"},
-    "runner": {"sqlalchemy", "starlette", "httpx"},
+    "capture": SQL_OR_HTTP | {"subprocess"},
+    "forkclient": SQL_OR_HTTP | {"subprocess"},
+    "runner": SQL_OR_HTTP,
     "resources": {"sqlalchemy", "starlette"},
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
