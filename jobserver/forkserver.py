@@ -293,7 +293,7 @@ class ForkServer:
         os.close(pidfd)
         # The leader is a zombie now, not yet reaped: anything it left in its group
         # (daemons, stray children) is killed before the group id can be recycled.
-        _kill_group(pid)
+        kill_group(pid)
         if pid in self._released_early:
             self._released_early.discard(pid)
             os.waitpid(pid, 0)
@@ -317,7 +317,7 @@ class ForkServer:
         """The runner is done with us: nothing may outlive the fork server unwatched."""
         self._drop_spare()
         for pid in list(self._pidfds):
-            _kill_group(pid)
+            kill_group(pid)
             os.kill(pid, signal.SIGKILL)
         for pid in [*self._pidfds, *self._unreleased]:
             os.waitpid(pid, 0)
@@ -443,7 +443,10 @@ def _remove_spare_dirs(jobs_dir: str) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid``, if it is still there and ours to kill (the caller
+    knows the id is not recycled: the leader is unreaped, its start time was checked, or
+    the pids come from a job-id tag scan)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
 

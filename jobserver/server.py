@@ -376,10 +376,12 @@ def check_exposure(settings: ServerSettings, host: str) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, with our answer to a second SIGTERM/SIGINT: shorten the wait for
-    running jobs (uvicorn's own answer, "force exit", would skip the lifespan shutdown
-    that requeues them), and that tells waiting readers (long polls, event streams) to
-    answer at once, so shutdown does not wait for them."""
+    """uvicorn's server, with our answer to SIGTERM/SIGINT in ``handle_exit``, the method
+    uvicorn's signal handlers call.  The first signal sets ``should_exit`` (uvicorn stops
+    serving, then runs the lifespan shutdown, which drains the jobs); a second one shortens
+    the wait for running jobs (uvicorn's own answer, ``force_exit``, would skip the
+    lifespan shutdown that requeues them).  Each tells waiting readers (long polls, event
+    streams) to answer at once, so shutdown does not wait for them."""
 
     def __init__(self, config: uvicorn.Config, scheduler: Scheduler, events: Events) -> None:
         super().__init__(config)
@@ -388,7 +390,6 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._events.close()
-        self._captured_signals.append(sig)
         # Stop starting jobs now, not once uvicorn has finished closing connections.
         self._scheduler.stop_admitting()
         if self.should_exit:
@@ -428,8 +429,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         # under a submit load, 8% of the event loop's time (issue 6).
         gc.collect()
         gc.freeze()
-        # uvicorn re-raises the signal that stopped it once it has shut down; our own
-        # no-op handlers make that a clean exit 0 instead of a death by signal.
+        # While uvicorn serves, SIGINT and SIGTERM go to _Server.handle_exit; before and
+        # after, to these no-ops: asyncio.run then installs no SIGINT handler of its own
+        # (it would cancel the server mid-start), and a signal that comes late, or one
+        # uvicorn re-raises once it has shut down, ends in exit 0, not a death by signal.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: None)
         asyncio.run(server.serve())

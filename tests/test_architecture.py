@@ -23,7 +23,10 @@ ALLOWED = {
     "store.repository": {"errors", "jobs", "store.driver", "store.schema"},
     "store.sqlite": {"errors", "store.driver", "store.schema"},
     "resources": {"errors", "jobs"},
-    "runner": {"errors", "jobs", "reporting", "forkserver"},
+    # The runner's layer: output capture, the fork server's client, then launching.
+    "capture": {"jobs", "reporting"},
+    "forkclient": {"jobs", "forkserver", "capture"},
+    "runner": {"errors", "jobs", "reporting", "forkserver", "capture", "forkclient"},
     "backup": {"errors", "store"},
     "cgroups": set(),
     "child": set(),
@@ -86,11 +89,15 @@ ALLOWED = {
     # __init__, so it imports nothing of ours.
     "reporting": set(),
 }
+# The runner's layer (capture, forkclient, runner) never speaks SQL or HTTP.
+SQL_OR_HTTP = {"sqlalchemy", "sqlite3", "psycopg", "starlette", "httpx", "uvicorn"}
 # Third-party or stdlib modules a module must never import.
 FORBIDDEN = {
     "api": {"subprocess", "signal", "psutil", "sqlalchemy"},
     "scheduler": {"subprocess", "sqlalchemy", "starlette", "psutil"},
-    "runner": {"sqlalchemy", "starlette", "httpx"},
+    "capture": SQL_OR_HTTP | {"subprocess"},
+    "forkclient": SQL_OR_HTTP | {"subprocess"},
+    "runner": SQL_OR_HTTP,
     "resources": {"sqlalchemy", "starlette"},
     "jobs": {"asyncio", "sqlalchemy", "starlette"},
     "tasks": {"sqlalchemy", "starlette", "subprocess"},
@@ -99,10 +106,10 @@ FORBIDDEN = {
     "reporting": {"sqlalchemy", "starlette", "psutil", "asyncio", "httpx"},
     "backup": {"sqlalchemy", "starlette", "subprocess", "sqlite3"},
     # Dialect-neutral: only an engine module speaks to a database library.
-    "store.repository": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
-    "store.schema": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
-    "store.driver": {"sqlite3", "psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
-    "store.sqlite": {"psycopg", "aiosqlite", "starlette", "psutil", "subprocess"},
+    "store.repository": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
+    "store.schema": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
+    "store.driver": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
+    "store.sqlite": {"psycopg", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
     "openapi": {"sqlalchemy", "starlette", "subprocess"},
     "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
