@@ -148,12 +148,15 @@ def jobserver(args: argparse.Namespace, prefill: Path | None = None) -> Iterator
     )
     if prefill is not None:
         shutil.copyfile(prefill, workdir / "jobs.db")
+    # Another interpreter (--server-python) runs the jobserver installed there, from a
+    # directory where this checkout's jobserver/ cannot shadow it.
+    python = args.server_python or sys.executable
     with (workdir / "server.log").open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "jobserver", "serve", "--config", str(config)],
+            [python, "-m", "jobserver", "serve", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=ROOT if args.server_python is None else workdir,
         )
     server = Server(process, f"http://127.0.0.1:{port}", workdir)
     try:
@@ -510,6 +513,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_at_end": os.getloadavg(),
         },
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "jobserver": _version_of(args.server_python or sys.executable),
         "load_generator": "wrk" if shutil.which("wrk") and not args.asyncio_client else "asyncio",
         "access_log": args.access_log,
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
@@ -526,6 +530,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "celery_reference": CELERY,
         "raw": raw,
     }
+
+
+def _version_of(python: str) -> str:
+    """Which jobserver ``python`` runs: its git commit when it runs from a checkout."""
+    where = subprocess.run(
+        [python, "-c", "import jobserver, pathlib; print(pathlib.Path(jobserver.__file__).parent)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir() if python != sys.executable else ROOT,
+    ).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"{where} ({commit or 'not a checkout'})"
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -580,6 +599,11 @@ def main() -> None:
         metavar="FIGURES",
         help=f"comma-separated subset of {','.join(FIGURES)} (default: all); the bare app "
         "runs only what the chosen HTTP figures compare against",
+    )
+    parser.add_argument(
+        "--server-python",
+        help="the Python that runs jobserver (one with another version installed, to "
+        "compare two versions with the same bench code); default: this checkout's",
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
