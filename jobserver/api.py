@@ -23,7 +23,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ from jobserver.jobs import (
 )
 from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jobserver.metrics import Metrics
+from jobserver.scheduler import SystemView
 from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, TaskStats, dump_json
 from jobserver.tasks import Registry, Task
 
@@ -97,7 +98,7 @@ class SchedulerPort(Protocol):
 
     def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
 
-    def view(self) -> dict[str, Any]: ...
+    def view(self) -> SystemView: ...
 
     async def starts_settled(self) -> None: ...
 
@@ -555,9 +556,7 @@ def create_app(
 
     async def system(request: Request) -> Response:
         await scheduler.starts_settled()  # a job shown running in the store is in the view
-        view = scheduler.view()
-        view["jobs"] = await store.active_counts()
-        return JSONDocument(view)
+        return JSONDocument(system_document(scheduler.view(), await store.active_counts()))
 
     async def healthz(request: Request) -> Response:
         await store.active_counts()
@@ -675,8 +674,7 @@ def create_app(
             raise ValidationError(exc.message, exc.details) from None
         scheduler.wake()
         await scheduler.starts_settled()
-        view = scheduler.view()
-        view["jobs"] = await store.active_counts()
+        view = system_document(scheduler.view(), await store.active_counts())
         return JSONDocument({"changed": changed, "system": view})
 
     routes.append(Route("/api/v1/system", change_system, methods=["PATCH"]))
@@ -980,6 +978,37 @@ def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> di
         "samples": stats.samples if stats else 0,
         "memory_request": task.settings.memory if task else None,
         "cpus_request": task.settings.cpus if task else None,
+    }
+
+
+def system_document(view: SystemView, jobs: Mapping[str, int]) -> dict[str, Any]:
+    """``GET /api/v1/system``: the scheduler's view and the active jobs by state."""
+    machine = view.machine
+    return {
+        "capacity": asdict(view.capacity),
+        "reserved": asdict(view.reserved),
+        "free": asdict(view.free),
+        "machine": {
+            "cpu_capacity": machine.cpu_capacity,
+            "cpu_idle": machine.cpu_idle,
+            "memory_capacity": machine.memory_capacity,
+            "memory_available": machine.memory_available,
+            "memory_pressure": machine.memory_pressure,
+            "cpu_pressure": machine.cpu_pressure,
+            "sources": dict(machine.sources),
+        },
+        # Every reading admission uses, with where it came from.
+        "signals": asdict(view.signals),
+        "overload": view.overload,
+        "held": list(view.held),
+        "settings": asdict(view.settings),
+        "memory_limits": view.memory_limits,
+        "gpus": None if view.gpus is None else [asdict(gpu) for gpu in view.gpus],
+        "max_jobs": view.max_jobs,
+        "fork_server": None if view.fork_server is None else dict(view.fork_server),
+        "running": [asdict(job) for job in view.running],
+        "queue_head": [asdict(job) for job in view.queue_head],
+        "jobs": jobs,
     }
 
 

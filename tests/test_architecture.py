@@ -46,11 +46,12 @@ ALLOWED = {
         "events",
         "metrics",
         "dashboard",
+        "scheduler",
     },
     "access": {"errors"},
     "openapi": {"jobs", "store", "tasks", "api"},
     "events": {"jobs"},
-    "metrics": {"events", "jobs"},
+    "metrics": {"events", "jobs", "scheduler"},
     "dashboard": set(),
     "client": {"errors"},
     "server": {
