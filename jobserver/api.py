@@ -13,6 +13,7 @@ bounds (``InputLimits``) are checked before anything is stored.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,7 @@ from jobserver.jobs import (
 )
 from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jobserver.metrics import Metrics
+from jobserver.scheduler import SystemView
 from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, TaskStats, dump_json
 from jobserver.tasks import Registry, Task
 
@@ -83,7 +85,7 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 ANONYMOUS_SCOPE = "anonymous"  # the Idempotency-Key scope of requests without a token
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
-RENDERED_JOBS = 256  # jobs whose rendered document the API keeps (see ``rendering``)
+RENDERED_JOBS = 256  # jobs whose rendered document the API keeps (see ``_rendering``)
 RENDERED_BYTES = 16 * 1024  # the largest rendered document it keeps
 SSE_KEEPALIVE_SECONDS = 15
 
@@ -97,7 +99,7 @@ class SchedulerPort(Protocol):
 
     def waiting_reason(self, job: Job, now: datetime) -> str | None: ...
 
-    def view(self) -> dict[str, Any]: ...
+    def view(self) -> SystemView: ...
 
     async def starts_settled(self) -> None: ...
 
@@ -164,547 +166,69 @@ def error_response(
     return JSONDocument({"error": error.to_dict()}, status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class Api:
+    """What the endpoints work with: built once by ``create_app``; an endpoint finds it
+    as ``request.app.api``."""
+
+    store: Store
+    registry: Registry
+    scheduler: SchedulerPort
+    events: Events
+    metrics: Metrics
+    limits: InputLimits
+    max_body_size: int
+    jobs_dir: Path | None
+    max_retries_limit: int
+    idempotency_window: float
+    reconfigure: Reconfigure | None
+    openapi: dict[str, Any]  # the /openapi.json document
+    # Recently answered jobs, rendered (see ``_rendering``).
+    rendered: dict[str, tuple[Job, bytes, bytes, str]] = field(default_factory=dict)
+
+
+class App(Starlette):
+    """The app, carrying its ``Api``.  An attribute rather than ``app.state.api``: State's
+    lookup (``__getattr__`` after a failed one) took 0.5 us a request, 2% of a poll."""
+
+    def __init__(self, api: Api, **options: Any) -> None:
+        super().__init__(**options)
+        self.api = api
+
+
 def create_app(
     *,
     store: Store,
     registry: Registry,
     scheduler: SchedulerPort,
     max_body_size: int,
+    openapi: Mapping[str, Any],
+    metrics: Metrics,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     jobs_dir: Path | None = None,
     max_retries_limit: int = 10,
     idempotency_window: float = 86400.0,
     limits: InputLimits | None = None,
-    openapi: Mapping[str, Any] | None = None,
     reconfigure: Reconfigure | None = None,
     events: Events | None = None,
-    metrics: Metrics | None = None,
-) -> Starlette:
-    limits = limits or InputLimits()
-    events = events or Events()
-
-    def document(job: Job) -> dict[str, Any]:
-        return job_document(job, scheduler.waiting_reason(job, utcnow()))
-
-    # Recently answered jobs, rendered: their document without waiting_reason, in the two
-    # halves around it, and the hash of the whole (the ETag).  Jobs are frozen and the
-    # store hands back the very same Job while a job's row is unchanged (Store.get), so
-    # a job polled again is answered with what was rendered for it the first time
-    # (issue 6: building and rendering the document were 12% of a poll's time).
-    rendered: dict[str, tuple[Job, bytes, bytes, str]] = {}
-
-    def rendering(job: Job, remember: bool = True) -> tuple[bytes, bytes, str]:
-        found = rendered.get(job.id)
-        if found is not None and found[0] is job:
-            return found[1], found[2], found[3]
-        before, after = _rendered_halves(job)
-        tag = _version_of(_joined(before, b"null", after))
-        if remember and len(before) + len(after) <= RENDERED_BYTES:
-            if len(rendered) >= RENDERED_JOBS:
-                del rendered[next(iter(rendered))]  # the oldest
-            rendered[job.id] = (job, before, after, tag)
-        return before, after, tag
-
-    def answer(
-        job: Job,
-        status_code: int = 200,
-        headers: Mapping[str, str] | None = None,
-        remember: bool = True,
-    ) -> Response:
-        """The job's document with its ETag and, while it is not finished, Retry-After:
-        the document is the ETag's rendering with the waiting_reason put in, so one
-        rendering serves both (issue 6: a submit rendered its document twice)."""
-        before, after, tag = rendering(job, remember)
-        reason = scheduler.waiting_reason(job, utcnow())
-        rendered_reason = b"null" if reason is None else _RENDER.encode(reason).encode()
-        return Response(
-            _joined(before, rendered_reason, after),
-            status_code,
-            {**(headers or {}), **_poll_headers(job, tag)},
-            media_type=JSONDocument.media_type,
-        )
-
-    async def read_json(request: Request) -> Any:
-        content_type = _header(request, b"content-type") or ""
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                "send the body as JSON with 'Content-Type: application/json'",
-                {"content_type": content_type or None},
-            )
-        declared = _header(request, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_size:
-            raise _too_large(max_body_size)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_size:
-                raise _too_large(max_body_size)
-        try:
-            value = _PARSE.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-        except RecursionError:
-            # Too deep for the parser itself (and so far past max_json_depth).
-            raise ApiError(
-                400,
-                "malformed_json",
-                "the body's JSON is nested too deeply "
-                f"(the limit, max_json_depth, is {limits.max_json_depth})",
-                {"limit": "max_json_depth", "value": limits.max_json_depth},
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, "malformed_json", "the body is not valid UTF-8", str(exc)) from None
-        except json.JSONDecodeError as exc:
-            raise ApiError(
-                400,
-                "malformed_json",
-                f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                {"line": exc.lineno, "column": exc.colno},
-            ) from None
-        except ValueError as exc:  # e.g. an integer with more digits than Python converts
-            raise ApiError(400, "malformed_json", f"the body's JSON is unusable: {exc}") from None
-        if not _within_limits(body, limits):
-            check_json_limits(value, limits)
-        return value
-
-    async def submit(
-        request: Request,
-        task: Task,
-        args: Any,
-        priority: int,
-        options: dict[str, Any] | None = None,
-        body: Any = None,
-    ) -> tuple[Job, bool]:
-        """Validate and store a job; (job, created).  created is False when an
-        Idempotency-Key named an earlier submit of the same body."""
-        options = options or {}
-        owner = principal_of(request.scope).name
-        key = idempotency_key(request, body, owner)
-        validated = task.validate(args)
-        problem = scheduler.gpu_problem(task)
-        if problem is not None:
-            raise ValidationError(problem, {"task": task.name, "gpus": task.settings.gpus})
-        size = len(dump_json(validated).encode())
-        if size > limits.max_args_size:
-            raise ApiError(
-                413,
-                "args_too_large",
-                f"the job's args take {size} bytes as JSON; the limit (max_args_size) is "
-                f"{limits.max_args_size} bytes: pass a reference (a path, a URL) instead",
-                {"limit": "max_args_size", "value": limits.max_args_size, "size": size},
-            )
-        if limits.max_queued is not None:
-            queued = (await store.active_counts())[JobState.QUEUED.value]
-            if queued >= limits.max_queued:
-                raise ApiError(
-                    503,
-                    "queue_full",
-                    f"{queued} jobs are queued, the limit (max_queued) is {limits.max_queued}; "
-                    "retry later",
-                    {"limit": "max_queued", "value": limits.max_queued, "queued": queued},
-                    {"Retry-After": "5"},
-                )
-        now = utcnow()
-        max_retries = options.get("max_retries", task.settings.max_retries)
-        run_after = options.get("run_at")
-        if "delay" in options:
-            run_after = now + timedelta(seconds=options["delay"])
-        new = NewJob(
-            task.name,
-            validated,
-            priority,
-            max_retries,
-            timeout=options.get("timeout"),
-            run_after=run_after,
-            depends_on=tuple(options.get("depends_on", ())),
-            idempotency=key,
-            owner=owner,
-        )
-        change, created = await store.submit(new, new_job_id(), now, owner=_owner(request))
-        job = change.job
-        if created:
-            # A job not due yet needs no tick now: the queue head leaves it out until
-            # run_after, and the scheduler's poll_interval tick picks it up from then.
-            if run_after is None or run_after <= now:
-                scheduler.wake()
-            events.transition(job, None)
-            if job.state is JobState.CANCELLED:  # a dependency had already failed
-                events.transition(job, JobState.QUEUED, reason=job.reason)
-        return job, created
-
-    def idempotency_key(request: Request, body: Any, owner: str | None) -> IdempotencyKey | None:
-        text = _header(request, IDEMPOTENCY_HEADER.encode())
-        if text is None:
-            return None
-        if not (1 <= len(text) <= 255 and text.isascii() and text.isprintable()):
-            raise ValidationError(
-                "invalid Idempotency-Key header",
-                [
-                    {
-                        "field": "Idempotency-Key",
-                        "message": "expected 1 to 255 printable ASCII characters "
-                        "(a UUID is a good choice)",
-                    }
-                ],
-            )
-        canonical = json.dumps(
-            {"path": request.url.path, "body": body}, sort_keys=True, separators=(",", ":")
-        )
-        return IdempotencyKey(
-            owner or ANONYMOUS_SCOPE,  # keys are per client: one token cannot see another's
-            text,
-            hashlib.sha256(canonical.encode()).hexdigest(),
-            idempotency_window,
-        )
-
-    async def submit_job(request: Request) -> Response:
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise ValidationError(
-                "the body must be a JSON object like "
-                '{"task": "NAME", "args": {...}, "priority": 0}',
-                [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
-            )
-        problems = [
-            {"field": key, "message": f"unknown field; allowed: {', '.join(SUBMIT_FIELDS)}"}
-            for key in body
-            if key not in SUBMIT_FIELDS
-        ]
-        name = body.get("task")
-        if not isinstance(name, str):
-            problems.append({"field": "task", "message": "required: the name of a task"})
-        priority = body.get("priority", 0)
-        if (
-            not isinstance(priority, int)
-            or isinstance(priority, bool)
-            or abs(priority) > MAX_PRIORITY
-        ):
-            problems.append(
-                {
-                    "field": "priority",
-                    "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
-                }
-            )
-        options = submit_options(body, problems, max_retries_limit)
-        if problems:
-            raise ValidationError("invalid job submission", problems)
-        assert isinstance(name, str)
-        job, created = await submit(
-            request, registry.get(name), body.get("args", {}), priority, options, body
-        )
-        # A new job is not polled through this Job object: nothing to remember.
-        return answer(job, 202 if created else 200, _location(job), remember=False)
-
-    def tutorial_route(task: Task) -> Callable[[Request], Any]:
-        async def start(request: Request) -> Response:
-            body = await read_json(request)
-            job, created = await submit(request, task, body, 0, None, body)
-            headers = _location(job)
-            retry_after = _retry_after(job)
-            if retry_after is not None:  # not when a repeated key names a finished job
-                headers["Retry-After"] = retry_after
-            return JSONDocument(
-                {"message": "task accepted; processing in the background", "task_id": job.id},
-                status_code=202 if created else 200,
-                headers=headers,
-            )
-
-        return start
-
-    async def get_job(request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        wait = _wait_seconds(request)
-        if wait is None:
-            job = await store.get(job_id, owner=_owner(request))
-        else:
-            job = await long_poll(
-                job_id, request.headers.get("if-none-match"), wait, _owner(request)
-            )
-        return answer(job)
-
-    async def long_poll(job_id: str, baseline: str | None, wait: float, owner: str | None) -> Job:
-        """The job as soon as its version differs from ``baseline`` (the client's
-        If-None-Match, else the version when the request came), when it is finished, or
-        after ``wait`` seconds.  Reads the row only when the job's events say it changed."""
-        deadline = time.monotonic() + wait
-        while True:
-            with events.subscription(job_id) as changed:
-                # After subscribing: no change is missed.
-                job = await store.get(job_id, owner=owner)
-                tag = rendering(job)[2]
-                baseline = baseline or tag
-                remaining = deadline - time.monotonic()
-                if tag != baseline or job.state.terminal or remaining <= 0 or events.closing:
-                    return job
-                try:
-                    await asyncio.wait_for(changed, remaining)
-                except TimeoutError:
-                    return job
-
-    async def list_jobs(request: Request) -> Response:
-        params = request.query_params
-        unknown = sorted(set(params) - {"state", "task", "limit", "cursor"})
-        problems = [{"field": key, "message": "unknown query parameter"} for key in unknown]
-        state = None
-        if "state" in params:
-            try:
-                state = JobState(params["state"])
-            except ValueError:
-                allowed = ", ".join(s.value for s in JobState)
-                problems.append({"field": "state", "message": f"expected one of {allowed}"})
-        limit = 50
-        if "limit" in params:
-            text = params["limit"]
-            if text.isdigit() and 1 <= int(text) <= MAX_PAGE:
-                limit = int(text)
-            else:
-                problems.append(
-                    {"field": "limit", "message": f"expected an integer from 1 to {MAX_PAGE}"}
-                )
-        cursor = params.get("cursor") or None
-        if cursor is not None and not _looks_like_job_id(cursor):
-            problems.append({"field": "cursor", "message": "not a cursor this server issued"})
-        if problems:
-            raise ValidationError("invalid query", problems)
-        found = await store.page(
-            state=state,
-            task=params.get("task"),
-            limit=limit + 1,
-            before=cursor,
-            owner=_owner(request),
-        )
-        page = found[:limit]
-        next_cursor = page[-1].id if len(found) > limit else None
-        return JSONDocument({"jobs": [document(job) for job in page], "next_cursor": next_cursor})
-
-    async def cancel_job(request: Request) -> Response:
-        change = await store.request_cancel(
-            request.path_params["job_id"], utcnow(), owner=_owner(request)
-        )
-        job = change.job
-        scheduler.cancel_requested()
-        if job.state is JobState.CANCELLED:
-            events.transition(job, change.source, reason=job.reason)
-            for dependent in change.cascaded:
-                events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
-        else:
-            events.changed(job.id)
-            log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
-        return answer(job, 200 if job.state.terminal else 202)
-
-    async def task_status(request: Request) -> Response:
-        job = await store.get(request.path_params["task_id"], owner=_owner(request))
-        return JSONDocument(
-            celery_document(job, scheduler.waiting_reason(job, utcnow())),
-            headers=_poll_headers(job, rendering(job)[2]),
-        )
-
-    async def job_events(request: Request) -> Response:
-        """Server-Sent Events: the job document now and at every change, then ``end``."""
-        job_id = request.path_params["job_id"]
-        owner = _owner(request)
-        await store.get(job_id, owner=owner)  # a 404 before the stream starts
-
-        async def stream() -> Any:
-            yield "retry: 2000\n\n"
-            sent = None
-            while True:
-                with events.subscription(job_id) as changed:
-                    try:
-                        job = await store.get(job_id, owner=owner)
-                    except NotFound:
-                        return
-                    tag = rendering(job)[2]
-                    if tag != sent:
-                        sent = tag
-                        data = json.dumps(document(job), ensure_ascii=False)
-                        yield f"event: job\nid: {tag}\ndata: {data}\n\n"
-                    if job.state.terminal:
-                        yield "event: end\ndata: {}\n\n"
-                        return
-                    if events.closing:  # the server stops; EventSource reconnects
-                        return
-                    try:
-                        await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)
-                    except TimeoutError:
-                        yield ": keepalive\n\n"
-
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    async def stats(request: Request) -> Response:
-        found = {entry.task: entry for entry in await store.task_stats()}
-        names = sorted(set(found) | {task.name for task in registry})
-        return JSONDocument(
-            {"tasks": [stats_document(name, found.get(name), registry) for name in names]}
-        )
-
-    async def metrics_endpoint(request: Request) -> Response:
-        assert metrics is not None
-        body = metrics.render(scheduler.view(), await store.state_counts())
-        return Response(body, media_type=METRICS_CONTENT_TYPE)
-
-    async def list_tasks(request: Request) -> Response:
-        figures = await scheduler.task_figures()
-        described = []
-        for task in registry:
-            document = task.describe()
-            document.update(figures.get(task.name, {}))
-            described.append(document)
-        return JSONDocument({"tasks": described})
-
-    async def system(request: Request) -> Response:
-        await scheduler.starts_settled()  # a job shown running in the store is in the view
-        view = scheduler.view()
-        view["jobs"] = await store.active_counts()
-        return JSONDocument(view)
-
-    async def healthz(request: Request) -> Response:
-        await store.active_counts()
-        return JSONDocument({"status": "ok", "version": __version__})
-
-    # -- lifecycle (issue 4) -------------------------------------------------------
-
-    def job_path(job_id: str, *parts: str) -> Path:
-        if jobs_dir is None or not _looks_like_job_id(job_id):
-            raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
-        return jobs_dir.joinpath(job_id, *parts)
-
-    async def retry_job(request: Request) -> Response:
-        job_id, owner = request.path_params["job_id"], _owner(request)
-        change = await store.retry(job_id, utcnow(), owner=owner)
-        job = change.job
-        scheduler.wake()
-        events.transition(job, change.source, reason=job.reason)
-        return JSONDocument(document(job), status_code=202, headers=_location(job))
-
-    async def job_logs(request: Request) -> Response:
-        params = request.query_params
-        problems = [
-            {"field": key, "message": "unknown query parameter; allowed: tail, follow"}
-            for key in sorted(set(params) - {"tail", "follow"})
-        ]
-        tail = None
-        if "tail" in params:
-            text = params["tail"]
-            if text.isdigit() and 0 <= int(text) <= MAX_TAIL:
-                tail = int(text)
-            else:
-                problems.append(
-                    {"field": "tail", "message": f"expected an integer from 0 to {MAX_TAIL}"}
-                )
-        follow = params.get("follow", "0")
-        if follow not in ("0", "1", "true", "false"):
-            problems.append({"field": "follow", "message": "expected 1 or 0"})
-        if problems:
-            raise ValidationError("invalid query", problems)
-        job = await store.get(request.path_params["job_id"], owner=_owner(request))
-        path = job_path(job.id, JOB_LOG_NAME)
-        text, offset = _read_log(path, tail)
-        if follow not in ("1", "true") or job.state.terminal:
-            return PlainTextResponse(text)
-        return StreamingResponse(
-            follow_log(job.id, path, text, offset), media_type="text/plain; charset=utf-8"
-        )
-
-    async def follow_log(job_id: str, path: Path, first: str, offset: int) -> AsyncIterator[bytes]:
-        yield first.encode()
-        while True:
-            done = (await store.get(job_id)).state.terminal
-            chunk, offset = _read_from(path, offset)
-            if chunk:
-                yield chunk
-            if done:
-                return
-            await asyncio.sleep(FOLLOW_POLL)
-
-    async def job_artifact(request: Request) -> Response:
-        job = await store.get(request.path_params["job_id"], owner=_owner(request))
-        name = request.path_params["name"]
-        listed = {artifact.name: artifact for artifact in job.artifacts}
-        if not _safe_name(name) or name not in listed:
-            raise NotFound(
-                f"job {job.id} has no artifact {name!r}",
-                {"id": job.id, "name": name, "artifacts": sorted(listed)},
-            )
-        directory = job_path(job.id, ARTIFACTS_DIR_NAME)
-        try:
-            # O_NOFOLLOW: a symlink planted under the listed name is refused, never followed.
-            fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise NotFound(
-                f"artifact {name!r} of job {job.id} is no longer on disk", {"id": job.id}
-            ) from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise NotFound(f"job {job.id} has no artifact {name!r}", {"id": job.id})
-        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        return StreamingResponse(
-            _file_chunks(fd),
-            media_type=media_type,
-            headers={
-                "Content-Length": str(info.st_size),
-                "X-Checksum-Sha256": listed[name].sha256,
-            },
-        )
-
-    routes: list[BaseRoute] = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/api/v1/jobs", submit_job, methods=["POST"]),
-        Route("/api/v1/jobs", list_jobs, methods=["GET"]),
-        Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
-        Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-        Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
-        Route("/api/v1/tasks", list_tasks, methods=["GET"]),
-        Route("/api/v1/system", system, methods=["GET"]),
-        # --- lifecycle (issue 4) ---
-        Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
-        Route("/api/v1/jobs/{job_id}/logs", job_logs, methods=["GET"]),
-        Route("/api/v1/jobs/{job_id}/artifacts/{name}", job_artifact, methods=["GET"]),
-    ]
-    # Changes how the whole server behaves: the admin scope guards it (openapi.OPERATIONS).
-
-    async def change_system(request: Request) -> Response:
-        body = await read_json(request)
-        if reconfigure is None:
-            raise ApiError(405, "method_not_allowed", "this server cannot be changed at run time")
-        try:
-            changed = reconfigure(body, "PATCH /api/v1/system")
-        except ConfigError as exc:
-            raise ValidationError(exc.message, exc.details) from None
-        scheduler.wake()
-        await scheduler.starts_settled()
-        view = scheduler.view()
-        view["jobs"] = await store.active_counts()
-        return JSONDocument({"changed": changed, "system": view})
-
-    routes.append(Route("/api/v1/system", change_system, methods=["PATCH"]))
-    # Issue 7: long polling's stream twin, statistics, metrics and the web page.
-    routes += [
-        Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
-        Route("/api/v1/stats", stats, methods=["GET"]),
-    ]
-    if metrics is not None:
-        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
-    routes += dashboard.routes()
-    routes += [
-        Route(path, tutorial_route(task), methods=["POST"])
-        for path, task in registry.by_route().items()
-    ]
-    if openapi is not None:
-        description = dict(openapi)
-
-        async def openapi_json(request: Request) -> Response:
-            return JSONDocument(description)
-
-        routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
-    return Starlette(
-        routes=routes,
+) -> App:
+    api = Api(
+        store=store,
+        registry=registry,
+        scheduler=scheduler,
+        events=events or Events(),
+        metrics=metrics,
+        limits=limits or InputLimits(),
+        max_body_size=max_body_size,
+        jobs_dir=jobs_dir,
+        max_retries_limit=max_retries_limit,
+        idempotency_window=idempotency_window,
+        reconfigure=reconfigure,
+        openapi=dict(openapi),
+    )
+    return App(
+        api,
+        routes=[*routes, *tutorial_routes(registry)],
         exception_handlers={
             JobServerError: _on_jobserver_error,
             HTTPException: _on_http_error,
@@ -712,6 +236,576 @@ def create_app(
         },
         lifespan=lifespan,
     )
+
+
+# -- endpoints -------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    await request.app.api.store.active_counts()
+    return JSONDocument({"status": "ok", "version": __version__})
+
+
+async def submit_job(request: Request) -> Response:
+    api: Api = request.app.api
+    body = await _read_json(api, request)
+    if not isinstance(body, dict):
+        raise ValidationError(
+            'the body must be a JSON object like {"task": "NAME", "args": {...}, "priority": 0}',
+            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
+        )
+    problems = [
+        {"field": key, "message": f"unknown field; allowed: {', '.join(SUBMIT_FIELDS)}"}
+        for key in body
+        if key not in SUBMIT_FIELDS
+    ]
+    name = body.get("task")
+    if not isinstance(name, str):
+        problems.append({"field": "task", "message": "required: the name of a task"})
+    priority = body.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+        problems.append(
+            {
+                "field": "priority",
+                "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
+            }
+        )
+    options = submit_options(body, problems, api.max_retries_limit)
+    if problems:
+        raise ValidationError("invalid job submission", problems)
+    assert isinstance(name, str)
+    job, created = await _submit(
+        api, request, api.registry.get(name), body.get("args", {}), priority, options, body
+    )
+    # A new job is not polled through this Job object: nothing to remember.
+    return _answer(api, job, 202 if created else 200, _location(job), remember=False)
+
+
+async def list_jobs(request: Request) -> Response:
+    api: Api = request.app.api
+    params = request.query_params
+    unknown = sorted(set(params) - {"state", "task", "limit", "cursor"})
+    problems = [{"field": key, "message": "unknown query parameter"} for key in unknown]
+    state = None
+    if "state" in params:
+        try:
+            state = JobState(params["state"])
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobState)
+            problems.append({"field": "state", "message": f"expected one of {allowed}"})
+    limit = 50
+    if "limit" in params:
+        text = params["limit"]
+        if text.isdigit() and 1 <= int(text) <= MAX_PAGE:
+            limit = int(text)
+        else:
+            problems.append(
+                {"field": "limit", "message": f"expected an integer from 1 to {MAX_PAGE}"}
+            )
+    cursor = params.get("cursor") or None
+    if cursor is not None and not _looks_like_job_id(cursor):
+        problems.append({"field": "cursor", "message": "not a cursor this server issued"})
+    if problems:
+        raise ValidationError("invalid query", problems)
+    found = await api.store.page(
+        state=state,
+        task=params.get("task"),
+        limit=limit + 1,
+        before=cursor,
+        owner=_owner(request),
+    )
+    page = found[:limit]
+    next_cursor = page[-1].id if len(found) > limit else None
+    return JSONDocument({"jobs": [_document(api, job) for job in page], "next_cursor": next_cursor})
+
+
+async def get_job(request: Request) -> Response:
+    api: Api = request.app.api
+    job_id = request.path_params["job_id"]
+    wait = _wait_seconds(request)
+    if wait is None:
+        job = await api.store.get(job_id, owner=_owner(request))
+    else:
+        job = await _long_poll(
+            api, job_id, request.headers.get("if-none-match"), wait, _owner(request)
+        )
+    return _answer(api, job)
+
+
+async def cancel_job(request: Request) -> Response:
+    api: Api = request.app.api
+    change = await api.store.request_cancel(
+        request.path_params["job_id"], utcnow(), owner=_owner(request)
+    )
+    job = change.job
+    api.scheduler.cancel_requested()
+    if job.state is JobState.CANCELLED:
+        api.events.transition(job, change.source, reason=job.reason)
+        for dependent in change.cascaded:
+            api.events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
+    else:
+        api.events.changed(job.id)
+        log.info("job %s (%s): cancel requested while %s", job.id, job.task, job.state.value)
+    return _answer(api, job, 200 if job.state.terminal else 202)
+
+
+async def task_status(request: Request) -> Response:
+    api: Api = request.app.api
+    job = await api.store.get(request.path_params["task_id"], owner=_owner(request))
+    return JSONDocument(
+        celery_document(job, api.scheduler.waiting_reason(job, utcnow())),
+        headers=_poll_headers(job, _rendering(api, job)[2]),
+    )
+
+
+async def list_tasks(request: Request) -> Response:
+    api: Api = request.app.api
+    figures = await api.scheduler.task_figures()
+    described = []
+    for task in api.registry:
+        document = task.describe()
+        document.update(figures.get(task.name, {}))
+        described.append(document)
+    return JSONDocument({"tasks": described})
+
+
+async def system(request: Request) -> Response:
+    return JSONDocument(await _system(request.app.api))
+
+
+async def change_system(request: Request) -> Response:
+    # Changes how the whole server behaves: the admin scope guards it (openapi.OPERATIONS).
+    api: Api = request.app.api
+    body = await _read_json(api, request)
+    if api.reconfigure is None:
+        raise ApiError(405, "method_not_allowed", "this server cannot be changed at run time")
+    try:
+        changed = api.reconfigure(body, "PATCH /api/v1/system")
+    except ConfigError as exc:
+        raise ValidationError(exc.message, exc.details) from None
+    api.scheduler.wake()
+    return JSONDocument({"changed": changed, "system": await _system(api)})
+
+
+# --- lifecycle (issue 4) ---
+
+
+async def retry_job(request: Request) -> Response:
+    api: Api = request.app.api
+    job_id, owner = request.path_params["job_id"], _owner(request)
+    change = await api.store.retry(job_id, utcnow(), owner=owner)
+    job = change.job
+    api.scheduler.wake()
+    api.events.transition(job, change.source, reason=job.reason)
+    return JSONDocument(_document(api, job), status_code=202, headers=_location(job))
+
+
+async def job_logs(request: Request) -> Response:
+    api: Api = request.app.api
+    params = request.query_params
+    problems = [
+        {"field": key, "message": "unknown query parameter; allowed: tail, follow"}
+        for key in sorted(set(params) - {"tail", "follow"})
+    ]
+    tail = None
+    if "tail" in params:
+        text = params["tail"]
+        if text.isdigit() and 0 <= int(text) <= MAX_TAIL:
+            tail = int(text)
+        else:
+            problems.append(
+                {"field": "tail", "message": f"expected an integer from 0 to {MAX_TAIL}"}
+            )
+    follow = params.get("follow", "0")
+    if follow not in ("0", "1", "true", "false"):
+        problems.append({"field": "follow", "message": "expected 1 or 0"})
+    if problems:
+        raise ValidationError("invalid query", problems)
+    job = await api.store.get(request.path_params["job_id"], owner=_owner(request))
+    path = _job_path(api, job.id, JOB_LOG_NAME)
+    text, offset = _read_log(path, tail)
+    if follow not in ("1", "true") or job.state.terminal:
+        return PlainTextResponse(text)
+    return StreamingResponse(
+        _follow_log(api, job.id, path, text, offset), media_type="text/plain; charset=utf-8"
+    )
+
+
+async def job_artifact(request: Request) -> Response:
+    api: Api = request.app.api
+    job = await api.store.get(request.path_params["job_id"], owner=_owner(request))
+    name = request.path_params["name"]
+    listed = {artifact.name: artifact for artifact in job.artifacts}
+    if not _safe_name(name) or name not in listed:
+        raise NotFound(
+            f"job {job.id} has no artifact {name!r}",
+            {"id": job.id, "name": name, "artifacts": sorted(listed)},
+        )
+    directory = _job_path(api, job.id, ARTIFACTS_DIR_NAME)
+    try:
+        # O_NOFOLLOW: a symlink planted under the listed name is refused, never followed.
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        raise NotFound(
+            f"artifact {name!r} of job {job.id} is no longer on disk", {"id": job.id}
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotFound(f"job {job.id} has no artifact {name!r}", {"id": job.id})
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return StreamingResponse(
+        _file_chunks(fd),
+        media_type=media_type,
+        headers={
+            "Content-Length": str(info.st_size),
+            "X-Checksum-Sha256": listed[name].sha256,
+        },
+    )
+
+
+# Issue 7: long polling's stream twin, statistics, metrics and the web page.
+
+
+async def job_events(request: Request) -> Response:
+    """Server-Sent Events: the job document now and at every change, then ``end``."""
+    api: Api = request.app.api
+    job_id = request.path_params["job_id"]
+    owner = _owner(request)
+    await api.store.get(job_id, owner=owner)  # a 404 before the stream starts
+
+    async def stream() -> Any:
+        yield "retry: 2000\n\n"
+        sent = None
+        while True:
+            with api.events.subscription(job_id) as changed:
+                try:
+                    job = await api.store.get(job_id, owner=owner)
+                except NotFound:
+                    return
+                tag = _rendering(api, job)[2]
+                if tag != sent:
+                    sent = tag
+                    data = json.dumps(_document(api, job), ensure_ascii=False)
+                    yield f"event: job\nid: {tag}\ndata: {data}\n\n"
+                if job.state.terminal:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                if api.events.closing:  # the server stops; EventSource reconnects
+                    return
+                try:
+                    await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def stats(request: Request) -> Response:
+    api: Api = request.app.api
+    found = {entry.task: entry for entry in await api.store.task_stats()}
+    names = sorted(set(found) | {task.name for task in api.registry})
+    return JSONDocument(
+        {"tasks": [stats_document(name, found.get(name), api.registry) for name in names]}
+    )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    api: Api = request.app.api
+    body = api.metrics.render(api.scheduler.view(), await api.store.state_counts())
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONDocument(request.app.api.openapi)
+
+
+async def start_task(task: Task, request: Request) -> Response:
+    """A task's own route (the tutorial's endpoints): the body is its args."""
+    api: Api = request.app.api
+    body = await _read_json(api, request)
+    job, created = await _submit(api, request, task, body, 0, None, body)
+    headers = _location(job)
+    retry_after = _retry_after(job)
+    if retry_after is not None:  # not when a repeated key names a finished job
+        headers["Retry-After"] = retry_after
+    return JSONDocument(
+        {"message": "task accepted; processing in the background", "task_id": job.id},
+        status_code=202 if created else 200,
+        headers=headers,
+    )
+
+
+# The API, in matching order: the routes polled and submitted to most come first.  The
+# tasks' own routes (``tutorial_routes``) follow them; openapi.py describes every route.
+routes: list[BaseRoute] = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/api/v1/jobs", submit_job, methods=["POST"]),
+    Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
+    Route("/api/v1/tasks", list_tasks, methods=["GET"]),
+    Route("/api/v1/system", system, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id}/logs", job_logs, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/artifacts/{name}", job_artifact, methods=["GET"]),
+    Route("/api/v1/system", change_system, methods=["PATCH"]),
+    Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+    Route("/api/v1/stats", stats, methods=["GET"]),
+    Route("/metrics", metrics_endpoint, methods=["GET"]),
+    *dashboard.routes(),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+]
+
+
+def tutorial_routes(registry: Registry) -> list[BaseRoute]:
+    """One submit route per task with a ``route`` (config.RESERVED_ROUTES keeps them off
+    the API's paths, so their place in the list does not matter)."""
+    return [
+        Route(path, functools.partial(start_task, task), methods=["POST"])
+        for path, task in registry.by_route().items()
+    ]
+
+
+# -- what the endpoints share ----------------------------------------------------------
+
+
+def _document(api: Api, job: Job) -> dict[str, Any]:
+    return job_document(job, api.scheduler.waiting_reason(job, utcnow()))
+
+
+def _rendering(api: Api, job: Job, remember: bool = True) -> tuple[bytes, bytes, str]:
+    """The job's document without waiting_reason, in the two halves around it, and the
+    hash of the whole (the ETag).  The document depends on the Job's value alone, and a
+    Job (frozen) equal to the one remembered is answered with what was rendered for it
+    the first time: comparing costs ~1 us, rendering ~16 (issue 6: building and
+    rendering the document were 12% of a poll's time)."""
+    found = api.rendered.get(job.id)
+    # Identity first: free, and the usual case while the store reuses decoded Jobs.
+    if found is not None and (found[0] is job or found[0] == job):
+        return found[1], found[2], found[3]
+    before, after = _rendered_halves(job)
+    tag = _version_of(_joined(before, b"null", after))
+    if remember and len(before) + len(after) <= RENDERED_BYTES:
+        if len(api.rendered) >= RENDERED_JOBS:
+            del api.rendered[next(iter(api.rendered))]  # the oldest
+        api.rendered[job.id] = (job, before, after, tag)
+    return before, after, tag
+
+
+def _answer(
+    api: Api,
+    job: Job,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+    remember: bool = True,
+) -> Response:
+    """The job's document with its ETag and, while it is not finished, Retry-After:
+    the document is the ETag's rendering with the waiting_reason put in, so one
+    rendering serves both (issue 6: a submit rendered its document twice)."""
+    before, after, tag = _rendering(api, job, remember)
+    reason = api.scheduler.waiting_reason(job, utcnow())
+    rendered_reason = b"null" if reason is None else _RENDER.encode(reason).encode()
+    return Response(
+        _joined(before, rendered_reason, after),
+        status_code,
+        {**(headers or {}), **_poll_headers(job, tag)},
+        media_type=JSONDocument.media_type,
+    )
+
+
+async def _read_json(api: Api, request: Request) -> Any:
+    limits, max_body_size = api.limits, api.max_body_size
+    content_type = _header(request, b"content-type") or ""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with 'Content-Type: application/json'",
+            {"content_type": content_type or None},
+        )
+    declared = _header(request, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_size:
+        raise _too_large(max_body_size)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_size:
+            raise _too_large(max_body_size)
+    try:
+        value = _PARSE.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    except RecursionError:
+        # Too deep for the parser itself (and so far past max_json_depth).
+        raise ApiError(
+            400,
+            "malformed_json",
+            "the body's JSON is nested too deeply "
+            f"(the limit, max_json_depth, is {limits.max_json_depth})",
+            {"limit": "max_json_depth", "value": limits.max_json_depth},
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed_json", "the body is not valid UTF-8", str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400,
+            "malformed_json",
+            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            {"line": exc.lineno, "column": exc.colno},
+        ) from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ApiError(400, "malformed_json", f"the body's JSON is unusable: {exc}") from None
+    if not _within_limits(body, limits):
+        check_json_limits(value, limits)
+    return value
+
+
+async def _submit(
+    api: Api,
+    request: Request,
+    task: Task,
+    args: Any,
+    priority: int,
+    options: dict[str, Any] | None = None,
+    body: Any = None,
+) -> tuple[Job, bool]:
+    """Validate and store a job; (job, created).  created is False when an
+    Idempotency-Key named an earlier submit of the same body."""
+    options = options or {}
+    limits = api.limits
+    owner = principal_of(request.scope).name
+    key = _idempotency_key(api, request, body, owner)
+    validated = task.validate(args)
+    problem = api.scheduler.gpu_problem(task)
+    if problem is not None:
+        raise ValidationError(problem, {"task": task.name, "gpus": task.settings.gpus})
+    size = len(dump_json(validated).encode())
+    if size > limits.max_args_size:
+        raise ApiError(
+            413,
+            "args_too_large",
+            f"the job's args take {size} bytes as JSON; the limit (max_args_size) is "
+            f"{limits.max_args_size} bytes: pass a reference (a path, a URL) instead",
+            {"limit": "max_args_size", "value": limits.max_args_size, "size": size},
+        )
+    if limits.max_queued is not None:
+        queued = (await api.store.active_counts())[JobState.QUEUED.value]
+        if queued >= limits.max_queued:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"{queued} jobs are queued, the limit (max_queued) is {limits.max_queued}; "
+                "retry later",
+                {"limit": "max_queued", "value": limits.max_queued, "queued": queued},
+                {"Retry-After": "5"},
+            )
+    now = utcnow()
+    max_retries = options.get("max_retries", task.settings.max_retries)
+    run_after = options.get("run_at")
+    if "delay" in options:
+        run_after = now + timedelta(seconds=options["delay"])
+    new = NewJob(
+        task.name,
+        validated,
+        priority,
+        max_retries,
+        timeout=options.get("timeout"),
+        run_after=run_after,
+        depends_on=tuple(options.get("depends_on", ())),
+        idempotency=key,
+        owner=owner,
+    )
+    change, created = await api.store.submit(new, new_job_id(), now, owner=_owner(request))
+    job = change.job
+    if created:
+        # A job not due yet needs no tick now: the queue head leaves it out until
+        # run_after, and the scheduler's poll_interval tick picks it up from then.
+        if run_after is None or run_after <= now:
+            api.scheduler.wake()
+        api.events.transition(job, None)
+        if job.state is JobState.CANCELLED:  # a dependency had already failed
+            api.events.transition(job, JobState.QUEUED, reason=job.reason)
+    return job, created
+
+
+def _idempotency_key(
+    api: Api, request: Request, body: Any, owner: str | None
+) -> IdempotencyKey | None:
+    text = _header(request, IDEMPOTENCY_HEADER.encode())
+    if text is None:
+        return None
+    if not (1 <= len(text) <= 255 and text.isascii() and text.isprintable()):
+        raise ValidationError(
+            "invalid Idempotency-Key header",
+            [
+                {
+                    "field": "Idempotency-Key",
+                    "message": "expected 1 to 255 printable ASCII characters "
+                    "(a UUID is a good choice)",
+                }
+            ],
+        )
+    canonical = json.dumps(
+        {"path": request.url.path, "body": body}, sort_keys=True, separators=(",", ":")
+    )
+    return IdempotencyKey(
+        owner or ANONYMOUS_SCOPE,  # keys are per client: one token cannot see another's
+        text,
+        hashlib.sha256(canonical.encode()).hexdigest(),
+        api.idempotency_window,
+    )
+
+
+async def _long_poll(
+    api: Api, job_id: str, baseline: str | None, wait: float, owner: str | None
+) -> Job:
+    """The job as soon as its version differs from ``baseline`` (the client's
+    If-None-Match, else the version when the request came), when it is finished, or
+    after ``wait`` seconds.  Reads the row only when the job's events say it changed."""
+    deadline = time.monotonic() + wait
+    while True:
+        with api.events.subscription(job_id) as changed:
+            # After subscribing: no change is missed.
+            job = await api.store.get(job_id, owner=owner)
+            tag = _rendering(api, job)[2]
+            baseline = baseline or tag
+            remaining = deadline - time.monotonic()
+            if tag != baseline or job.state.terminal or remaining <= 0 or api.events.closing:
+                return job
+            try:
+                await asyncio.wait_for(changed, remaining)
+            except TimeoutError:
+                return job
+
+
+async def _system(api: Api) -> dict[str, Any]:
+    await api.scheduler.starts_settled()  # a job shown running in the store is in the view
+    return system_document(api.scheduler.view(), await api.store.active_counts())
+
+
+def _job_path(api: Api, job_id: str, *parts: str) -> Path:
+    if api.jobs_dir is None or not _looks_like_job_id(job_id):
+        raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
+    return api.jobs_dir.joinpath(job_id, *parts)
+
+
+async def _follow_log(
+    api: Api, job_id: str, path: Path, first: str, offset: int
+) -> AsyncIterator[bytes]:
+    yield first.encode()
+    while True:
+        done = (await api.store.get(job_id)).state.terminal
+        chunk, offset = _read_from(path, offset)
+        if chunk:
+            yield chunk
+        if done:
+            return
+        await asyncio.sleep(FOLLOW_POLL)
 
 
 def job_document(job: Job, waiting_reason: str | None) -> dict[str, Any]:
@@ -916,8 +1010,8 @@ def job_version(job: Job) -> str:
     """A short tag that changes whenever the job document does (state, progress, flags,
     attempts…), except ``waiting_reason``, which the scheduler rewrites without an event:
     a hash of the document without it, rendered as a body is.  Sent as the ETag; a
-    long-polling client sends it back in If-None-Match.  (The API's ``rendering`` gives
-    the same, remembered.)"""
+    long-polling client sends it back in If-None-Match.  (``_rendering`` gives the
+    same, remembered.)"""
     return _version_of(_RENDER.encode(job_document(job, None)).encode())
 
 
@@ -984,6 +1078,37 @@ def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> di
         "samples": stats.samples if stats else 0,
         "memory_request": task.settings.memory if task else None,
         "cpus_request": task.settings.cpus if task else None,
+    }
+
+
+def system_document(view: SystemView, jobs: Mapping[str, int]) -> dict[str, Any]:
+    """``GET /api/v1/system``: the scheduler's view and the active jobs by state."""
+    machine = view.machine
+    return {
+        "capacity": asdict(view.capacity),
+        "reserved": asdict(view.reserved),
+        "free": asdict(view.free),
+        "machine": {
+            "cpu_capacity": machine.cpu_capacity,
+            "cpu_idle": machine.cpu_idle,
+            "memory_capacity": machine.memory_capacity,
+            "memory_available": machine.memory_available,
+            "memory_pressure": machine.memory_pressure,
+            "cpu_pressure": machine.cpu_pressure,
+            "sources": dict(machine.sources),
+        },
+        # Every reading admission uses, with where it came from.
+        "signals": asdict(view.signals),
+        "overload": view.overload,
+        "held": list(view.held),
+        "settings": asdict(view.settings),
+        "memory_limits": view.memory_limits,
+        "gpus": None if view.gpus is None else [asdict(gpu) for gpu in view.gpus],
+        "max_jobs": view.max_jobs,
+        "fork_server": None if view.fork_server is None else dict(view.fork_server),
+        "running": [asdict(job) for job in view.running],
+        "queue_head": [asdict(job) for job in view.queue_head],
+        "jobs": jobs,
     }
 
 

@@ -14,13 +14,13 @@ from the store's counts and the scheduler's view when the endpoint is scraped.  
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from jobserver.events import Transition
 from jobserver.jobs import TERMINAL_STATES, JobState
+from jobserver.scheduler import SystemView
 
 __all__ = ["CONTENT_TYPE", "HOLD_KINDS", "Metrics"]
 
@@ -146,21 +146,25 @@ class Metrics:
 
     # -- the endpoint -------------------------------------------------------------
 
-    def render(self, view: Mapping[str, Any], counts: Mapping[str, int]) -> bytes:
-        """The exposition text, after setting gauges from the scheduler's ``view`` (the
-        ``/api/v1/system`` document) and the store's job counts by state."""
+    def render(self, view: SystemView, counts: Mapping[str, int]) -> bytes:
+        """The exposition text, after setting gauges from the scheduler's ``view`` and the
+        store's job counts by state."""
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))
-        for section in ("capacity", "free", "reserved"):
-            for resource in ("cpus", "memory"):
-                self.gauges[section, resource].set(view[section][resource])
-        running = view.get("running", [])
-        self.gauges["used", "cpus"].set(sum(job.get("cpus_used", 0) for job in running))
-        self.gauges["used", "memory"].set(sum(job.get("memory_used", 0) for job in running))
-        self.running.set(len(running))
-        machine = view.get("machine", {})
-        for resource in ("memory", "cpu"):
-            value = machine.get(f"{resource}_pressure")
+        for section, amounts in (
+            ("capacity", view.capacity),
+            ("free", view.free),
+            ("reserved", view.reserved),
+        ):
+            self.gauges[section, "cpus"].set(amounts.cpus)
+            self.gauges[section, "memory"].set(amounts.memory)
+        self.gauges["used", "cpus"].set(sum(job.cpus_used for job in view.running))
+        self.gauges["used", "memory"].set(sum(job.memory_used for job in view.running))
+        self.running.set(len(view.running))
+        for resource, value in (
+            ("memory", view.machine.memory_pressure),
+            ("cpu", view.machine.cpu_pressure),
+        ):
             if value is not None:
                 self.machine_pressure.labels(resource).set(value / 100)
         return generate_latest(self.registry)

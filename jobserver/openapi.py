@@ -1,9 +1,11 @@
 """The machine-readable description of the HTTP API: ``GET /openapi.json`` (OpenAPI 3.0).
 
-``OPERATIONS`` is the one table of routes: method, path, the scope a token needs, and what
-goes in and comes out.  The access middleware reads its rules from the same table (so a
-route cannot be described with one scope and guarded with another), and a test checks that
-every route the app serves has a row here.  To add a route: append an ``Operation``.
+``api.routes`` is the one table of routes (method, path, endpoint); ``OPERATIONS`` says,
+per endpoint, the scope a token needs and what goes in and comes out.  ``described`` joins
+the two and refuses a route without an operation, or an operation without a route.  The
+access middleware reads its rules from the result (so a route cannot be described with
+one scope and guarded with another).  To add a route: add it to ``api.routes`` and its
+``Operation`` here.
 
 Tasks with a ``route`` get an operation each, built from their signature
 (``tutorial_operations``), so the document describes the arguments each one takes.
@@ -11,11 +13,13 @@ Tasks with a ``route`` get an operation each, built from their signature
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
-from jobserver.api import MAX_PRIORITY
+from starlette.routing import BaseRoute, Route
+
+from jobserver import api, dashboard
 from jobserver.jobs import JobState
 from jobserver.store import MAX_PAGE
 from jobserver.tasks import Registry, args_schema
@@ -132,7 +136,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "task": {"type": "string", "description": "a task name from GET /api/v1/tasks"},
             "args": {"type": "object", "description": "the task's named arguments"},
-            "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY},
+            "priority": {
+                "type": "integer",
+                "minimum": -api.MAX_PRIORITY,
+                "maximum": api.MAX_PRIORITY,
+            },
             "max_retries": {
                 "type": "integer",
                 "minimum": 0,
@@ -223,10 +231,8 @@ _GUARDED_ERRORS = (401, 403, 429, 503)
 
 @dataclass(frozen=True)
 class Operation:
-    """One route: ``scope`` is what a token needs (None: open to anyone)."""
+    """What one endpoint does: ``scope`` is what a token needs (None: open to anyone)."""
 
-    method: str
-    path: str
     scope: str | None
     summary: str
     responses: Mapping[int, str | None]  # status -> schema name in SCHEMAS (None: error)
@@ -234,6 +240,14 @@ class Operation:
     parameters: Sequence[Mapping[str, Any]] = ()
     description: str = ""
     tags: Sequence[str] = field(default_factory=lambda: ("jobs",))
+
+
+class PathOperation(NamedTuple):
+    """An operation where it is served."""
+
+    method: str
+    path: str
+    operation: Operation
 
 
 _IDEMPOTENCY_KEY = {
@@ -251,26 +265,23 @@ _JOB_ID = {
     "schema": {"type": "string", "pattern": "^[0-9A-Za-z]{1,64}$"},
 }
 
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        "GET",
-        "/healthz",
+Endpoint = Callable[..., Any]
+
+# Every endpoint of api.routes, described; the document lists them in this order.
+OPERATIONS: Mapping[Endpoint, Operation] = {
+    api.healthz: Operation(
         None,
         "Liveness: the server answers and its database can be read",
         {200: "Health", 503: None},
         tags=("system",),
     ),
-    Operation(
-        "GET",
-        "/openapi.json",
+    api.openapi_json: Operation(
         None,
         "This document",
         {200: None},
         tags=("system",),
     ),
-    Operation(
-        "POST",
-        "/api/v1/jobs",
+    api.submit_job: Operation(
         "submit",
         "Submit a job; 202 means it is stored durably",
         {200: "Job", 202: "Job", 409: None, **dict.fromkeys(_BODY_ERRORS)},
@@ -279,9 +290,7 @@ OPERATIONS: tuple[Operation, ...] = (
         description="The job row is committed to the database before the answer is sent. "
         "200 (not 202) answers a repeated Idempotency-Key with the original job.",
     ),
-    Operation(
-        "GET",
-        "/api/v1/jobs",
+    api.list_jobs: Operation(
         "read",
         "List jobs, newest first (a client token sees only its own)",
         {200: "JobList", 422: None},
@@ -300,9 +309,7 @@ OPERATIONS: tuple[Operation, ...] = (
             {"name": "cursor", "in": "query", "schema": {"type": "string"}},
         ),
     ),
-    Operation(
-        "GET",
-        "/api/v1/jobs/{job_id}",
+    api.get_job: Operation(
         "read",
         "Read one job; with ?wait=N, answer as soon as it changes (long polling)",
         {200: "Job", 404: None, 422: None},
@@ -323,33 +330,25 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         description="Carries an ETag, and Retry-After while the job is not finished.",
     ),
-    Operation(
-        "GET",
-        "/api/v1/jobs/{job_id}/events",
+    api.job_events: Operation(
         "read",
         "The job as Server-Sent Events: the document now and at every change, then 'end'",
         {200: EVENTS, 404: None},
         parameters=(_JOB_ID,),
     ),
-    Operation(
-        "POST",
-        "/api/v1/jobs/{job_id}/cancel",
+    api.cancel_job: Operation(
         "cancel",
         "Cancel a job: at once if queued (200), by signalling its processes if running (202)",
         {200: "Job", 202: "Job", 404: None, 409: None},
         parameters=(_JOB_ID,),
     ),
-    Operation(
-        "POST",
-        "/api/v1/jobs/{job_id}/retry",
+    api.retry_job: Operation(
         "submit",
         "Run a failed or cancelled job again, as a new attempt",
         {202: "Job", 404: None, 409: None},
         parameters=(_JOB_ID,),
     ),
-    Operation(
-        "GET",
-        "/api/v1/jobs/{job_id}/logs",
+    api.job_logs: Operation(
         "read",
         "The job's stdout and stderr (text/plain); ?follow=1 streams until the job ends",
         {200: TEXT, 404: None, 422: None},
@@ -359,9 +358,7 @@ OPERATIONS: tuple[Operation, ...] = (
             {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
         ),
     ),
-    Operation(
-        "GET",
-        "/api/v1/jobs/{job_id}/artifacts/{name}",
+    api.job_artifact: Operation(
         "read",
         "A file the job left in $JOBSERVER_OUTPUT_DIR (listed in its artifacts)",
         {200: BINARY, 404: None},
@@ -370,59 +367,45 @@ OPERATIONS: tuple[Operation, ...] = (
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
         ),
     ),
-    Operation(
-        "GET",
-        "/api/v1/task-status/{task_id}",
+    api.task_status: Operation(
         "read",
         "A job in the tutorial's (Celery's) terms",
         {200: "TaskStatus", 404: None},
         parameters=({**_JOB_ID, "name": "task_id"},),
         tags=("tutorial",),
     ),
-    Operation(
-        "GET",
-        "/api/v1/stats",
+    api.stats: Operation(
         "read",
         "Per task: jobs by state, success rate, p50/p95 duration, peak memory",
         {200: "Stats"},
         tags=("system",),
     ),
-    Operation(
-        "GET",
-        "/metrics",
+    api.metrics_endpoint: Operation(
         "read",
         "Prometheus metrics (text exposition format), all named jobserver_*",
         {200: TEXT},
         tags=("system",),
     ),
-    Operation(
-        "GET",
-        "/",
+    dashboard.page: Operation(
         None,
         "The web page: machine, queue, running and finished jobs (it asks for a token "
         "when the server has some)",
         {200: HTML},
         tags=("system",),
     ),
-    Operation(
-        "GET",
-        "/api/v1/tasks",
+    api.list_tasks: Operation(
         "read",
         "The registered tasks and the arguments each takes",
         {200: "TaskList"},
         tags=("system",),
     ),
-    Operation(
-        "GET",
-        "/api/v1/system",
+    api.system: Operation(
         "admin",
         "The scheduler's view: capacity, free resources, running jobs, queue head",
         {200: "System"},
         tags=("system",),
     ),
-    Operation(
-        "PATCH",
-        "/api/v1/system",
+    api.change_system: Operation(
         "admin",
         "Change scheduler caps, reserves and per-task limits without a restart",
         {200: "SystemChange", **dict.fromkeys(_BODY_ERRORS)},
@@ -439,27 +422,59 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         tags=("system",),
     ),
-)
+}
 
 
-def tutorial_operations(registry: Registry) -> list[Operation]:
+def described(
+    routes: Iterable[BaseRoute], operations: Mapping[Endpoint, Operation] = OPERATIONS
+) -> list[PathOperation]:
+    """Each route's method and path with its endpoint's operation, in the order of
+    ``operations``.  Mounts (the page's static files) are not operations."""
+    served: dict[Endpoint, list[tuple[str, str]]] = {}
+    for route in routes:
+        if isinstance(route, Route):
+            methods = sorted((route.methods or {"GET"}) - {"HEAD"})
+            served.setdefault(route.endpoint, []).extend((m, route.path) for m in methods)
+    undescribed = [
+        f"{method} {path}"
+        for endpoint, where in served.items()
+        if endpoint not in operations
+        for method, path in where
+    ]
+    unserved = [endpoint.__name__ for endpoint in operations if endpoint not in served]
+    if undescribed or unserved:
+        raise LookupError(
+            f"routes without an operation: {undescribed}; operations without a route: "
+            f"{unserved}: describe each route's endpoint in openapi.OPERATIONS"
+        )
+    return [
+        PathOperation(method, path, operation)
+        for endpoint, operation in operations.items()
+        for method, path in served[endpoint]
+    ]
+
+
+def tutorial_operations(registry: Registry) -> list[PathOperation]:
     """One submit operation per task with a ``route`` (the tutorial's endpoints)."""
     return [
-        Operation(
+        PathOperation(
             "POST",
             path,
-            "submit",
-            f"Submit a {task.name!r} job with its arguments as the body",
-            {202: "Accepted", **dict.fromkeys(_BODY_ERRORS)},
-            body=args_schema(task),
-            tags=("tutorial",),
+            Operation(
+                "submit",
+                f"Submit a {task.name!r} job with its arguments as the body",
+                {202: "Accepted", **dict.fromkeys(_BODY_ERRORS)},
+                body=args_schema(task),
+                tags=("tutorial",),
+            ),
         )
         for path, task in registry.by_route().items()
     ]
 
 
-def operations_for(registry: Registry) -> list[Operation]:
-    """The table, with the submit body narrowed to the task names this server knows."""
+def operations_for(registry: Registry) -> list[PathOperation]:
+    """Every route the app serves, described, with the submit body narrowed to the task
+    names this server knows."""
     names = registry.names()
     submission = {
         "allOf": [
@@ -467,23 +482,21 @@ def operations_for(registry: Registry) -> list[Operation]:
             {"properties": {"task": {"type": "string", "enum": names}}} if names else {},
         ],
     }
-    return [
-        *(
-            replace(op, body=submission) if (op.method, op.path) == ("POST", "/api/v1/jobs") else op
-            for op in OPERATIONS
-        ),
-        *tutorial_operations(registry),
-    ]
+    narrowed = {
+        **OPERATIONS,
+        api.submit_job: replace(OPERATIONS[api.submit_job], body=submission),
+    }
+    return [*described(api.routes, narrowed), *tutorial_operations(registry)]
 
 
-def access_rules(operations: Iterable[Operation]) -> list[tuple[str, str, str | None]]:
+def access_rules(operations: Iterable[PathOperation]) -> list[tuple[str, str, str | None]]:
     """(method, path template, scope) for the access middleware."""
-    return [(op.method, op.path, op.scope) for op in operations]
+    return [(method, path, op.scope) for method, path, op in operations]
 
 
-def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
+def document(operations: Iterable[PathOperation], version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
-    for op in operations:
+    for method, path, op in operations:
         responses: dict[str, Any] = {}
         codes = dict(op.responses)
         if op.scope is not None:
@@ -505,7 +518,7 @@ def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
             responses[str(status)] = {"description": description, "content": content}
         operation: dict[str, Any] = {
             "summary": op.summary,
-            "operationId": _operation_id(op),
+            "operationId": _operation_id(method, path),
             "tags": list(op.tags),
             "responses": responses,
         }
@@ -521,7 +534,7 @@ def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
         operation["security"] = [] if op.scope is None else [{"bearer": []}]
         if op.scope is not None:
             operation["x-required-scope"] = op.scope
-        paths.setdefault(op.path, {})[op.method.lower()] = operation
+        paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.0.3",
         "info": {
@@ -546,6 +559,6 @@ def document(operations: Iterable[Operation], version: str) -> dict[str, Any]:
     }
 
 
-def _operation_id(op: Operation) -> str:
-    words = [part for part in op.path.replace("{", "").replace("}", "").split("/") if part]
-    return op.method.lower() + "_" + "_".join(w.replace("-", "_").replace(".", "_") for w in words)
+def _operation_id(method: str, path: str) -> str:
+    words = [part for part in path.replace("{", "").replace("}", "").split("/") if part]
+    return method.lower() + "_" + "_".join(w.replace("-", "_").replace(".", "_") for w in words)

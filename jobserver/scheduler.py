@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import random
@@ -1388,7 +1387,7 @@ class Scheduler:
             return "waiting for the scheduler's next tick"
         return f"in the queue behind the first {QUEUE_HEAD_SIZE} jobs"
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> SystemView:
         """The scheduler's view for ``GET /api/v1/system``."""
         snapshot, decision = self._last_snapshot, self._last_plan
         if snapshot is None or decision is None:
@@ -1404,97 +1403,80 @@ class Scheduler:
         if limits.max_memory is not None:
             cap_memory = min(cap_memory, limits.max_memory)
 
-        def capped(value: float, machine: float, cap: float | None, source: str) -> dict[str, Any]:
+        def capped(value: float, machine: float, cap: float | None, source: str) -> Reading:
             if cap is not None and cap < machine:
-                return {"value": value, "source": "config cap"}
-            return {"value": value, "source": sources.get(source, "unknown")}
+                return Reading(value, "config cap")
+            return Reading(value, sources.get(source, "unknown"))
 
-        return {
-            "capacity": {"cpus": cap_cpus, "memory": cap_memory},
-            "reserved": {"cpus": self._limits.reserve_cpus, "memory": self._limits.reserve_memory},
-            "free": {"cpus": decision.headroom.cpus, "memory": decision.headroom.memory},
-            "machine": {
-                "cpu_capacity": snapshot.cpu_capacity,
-                "cpu_idle": snapshot.cpu_idle,
-                "memory_capacity": snapshot.memory_capacity,
-                "memory_available": snapshot.memory_available,
-                "memory_pressure": snapshot.memory_pressure,
-                "cpu_pressure": snapshot.cpu_pressure,
-                "sources": dict(snapshot.sources),
-            },
-            # Every reading admission uses, with where it came from.
-            "signals": {
-                "cpu_capacity": capped(
+        return SystemView(
+            capacity=Headroom(cap_cpus, cap_memory),
+            reserved=Headroom(limits.reserve_cpus, limits.reserve_memory),
+            free=decision.headroom,
+            machine=snapshot,
+            signals=Readings(
+                cpu_capacity=capped(
                     cap_cpus, snapshot.cpu_capacity, limits.max_cpus, "cpu_capacity"
                 ),
-                "memory_capacity": capped(
-                    cap_memory,
-                    snapshot.memory_capacity,
-                    limits.max_memory,
-                    "memory_capacity",
+                memory_capacity=capped(
+                    cap_memory, snapshot.memory_capacity, limits.max_memory, "memory_capacity"
                 ),
-                "cpu_idle": {"value": snapshot.cpu_idle, "source": sources.get("cpu_idle")},
-                "memory_available": {
-                    "value": snapshot.memory_available,
-                    "source": sources.get("memory_available"),
-                },
-                "memory_pressure": {
-                    "value": snapshot.memory_pressure,
-                    "source": sources.get("memory_pressure"),
-                    "limit": s.memory_pressure_limit,
-                },
-                "cpu_pressure": {
-                    "value": snapshot.cpu_pressure,
-                    "source": sources.get("cpu_pressure"),
-                    "limit": s.cpu_pressure_limit,
-                },
-                "reserve_cpus": {"value": s.reserve_cpus, "source": "config"},
-                "reserve_memory": {"value": s.reserve_memory, "source": "config"},
-                "memory_floor": {"value": s.memory_floor, "source": "config"},
-            },
-            "overload": decision.overload,
-            "held": sorted(decision.state.held),
-            "settings": {
-                "starvation_after": s.starvation_after,
-                "hysteresis": s.hysteresis,
-                "pressure_action": s.pressure_action,
-                "max_pressure_requeues": s.max_pressure_requeues,
-                "learn_percentile": s.learn_percentile,
-                "learn_margin": s.learn_margin,
-                "learn_window": s.learn_window,
-                "default_memory": s.default_memory,
-            },
-            "memory_limits": (
+                cpu_idle=Reading(snapshot.cpu_idle, sources.get("cpu_idle")),
+                memory_available=Reading(
+                    snapshot.memory_available, sources.get("memory_available")
+                ),
+                memory_pressure=PressureReading(
+                    snapshot.memory_pressure,
+                    sources.get("memory_pressure"),
+                    s.memory_pressure_limit,
+                ),
+                cpu_pressure=PressureReading(
+                    snapshot.cpu_pressure, sources.get("cpu_pressure"), s.cpu_pressure_limit
+                ),
+                reserve_cpus=Reading(s.reserve_cpus, "config"),
+                reserve_memory=Reading(s.reserve_memory, "config"),
+                memory_floor=Reading(s.memory_floor, "config"),
+            ),
+            overload=decision.overload,
+            held=tuple(sorted(decision.state.held)),
+            settings=PolicyView(
+                starvation_after=s.starvation_after,
+                hysteresis=s.hysteresis,
+                pressure_action=s.pressure_action,
+                max_pressure_requeues=s.max_pressure_requeues,
+                learn_percentile=s.learn_percentile,
+                learn_margin=s.learn_margin,
+                learn_window=s.learn_window,
+                default_memory=s.default_memory,
+            ),
+            memory_limits=(
                 self._cgroups.describe()
                 if self._cgroups is not None and s.job_cgroups
                 else "sampling (no writable per-job cgroup)"
             ),
-            "gpus": (
-                None if self._gpus is None else [dataclasses.asdict(gpu) for gpu in self._gpus]
-            ),
-            "max_jobs": self._limits.max_jobs,
-            "fork_server": self._runner.fork_server_state(),
-            "running": [
-                {
-                    "id": a.job.id,
-                    "task": a.job.task,
-                    "pid": a.handle.pid,
-                    "memory_used": a.memory_used,
-                    "peak_rss": a.peak_rss,
-                    "cpus_used": round(a.cpus_used, 3),
-                    "request": {"cpus": a.request.cpus, "memory": a.request.memory},
-                    "memory_limit": a.memory_limit,
-                    "cgroup": None if a.cgroup is None else str(a.cgroup.path),
-                    "paused": a.paused,
-                    "gpu_devices": list(a.gpu_devices),
-                }
+            gpus=self._gpus,
+            max_jobs=limits.max_jobs,
+            fork_server=self._runner.fork_server_state(),
+            running=tuple(
+                RunningView(
+                    id=a.job.id,
+                    task=a.job.task,
+                    pid=a.handle.pid,
+                    memory_used=a.memory_used,
+                    peak_rss=a.peak_rss,
+                    cpus_used=round(a.cpus_used, 3),
+                    request=Headroom(a.request.cpus, a.request.memory),
+                    memory_limit=a.memory_limit,
+                    cgroup=None if a.cgroup is None else str(a.cgroup.path),
+                    paused=a.paused,
+                    gpu_devices=a.gpu_devices,
+                )
                 for a in self._running.values()
-            ],
-            "queue_head": [
-                {"id": job_id, "waiting_reason": self._waiting.get(job_id)}
+            ),
+            queue_head=tuple(
+                QueuedView(job_id, self._waiting.get(job_id))
                 for job_id in self._head[:VIEW_HEAD_SIZE]
-            ],
-        }
+            ),
+        )
 
     def _running_jobs(self) -> list[RunningJob]:
         return [a.as_running_job() for a in self._running.values()]
@@ -1539,3 +1521,89 @@ def hold_kind(reason: str) -> str:
     if reason.startswith("waiting for CPU"):
         return "cpu"
     return "other"
+
+
+# -- the system view ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading admission uses, with where its value came from."""
+
+    value: float | None
+    source: str | None
+
+
+@dataclass(frozen=True)
+class PressureReading(Reading):
+    limit: float | None  # the configured PSI limit; None: not watched
+
+
+@dataclass(frozen=True)
+class Readings:
+    cpu_capacity: Reading
+    memory_capacity: Reading
+    cpu_idle: Reading
+    memory_available: Reading
+    memory_pressure: PressureReading
+    cpu_pressure: PressureReading
+    reserve_cpus: Reading
+    reserve_memory: Reading
+    memory_floor: Reading
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """The settings that shape admission and pressure handling."""
+
+    starvation_after: float | None
+    hysteresis: float
+    pressure_action: str
+    max_pressure_requeues: int
+    learn_percentile: float
+    learn_margin: float
+    learn_window: int
+    default_memory: int
+
+
+@dataclass(frozen=True)
+class RunningView:
+    id: str
+    task: str
+    pid: int
+    memory_used: int
+    peak_rss: int
+    cpus_used: float
+    request: Headroom
+    memory_limit: int | None
+    cgroup: str | None  # its cgroup's directory; None: memory is sampled
+    paused: bool
+    gpu_devices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class QueuedView:
+    id: str
+    waiting_reason: str | None
+
+
+@dataclass(frozen=True)
+class SystemView:
+    """What ``Scheduler.view()`` shows at one moment: capacity under the caps, what is
+    reserved and free, the machine, every reading admission uses, the jobs it runs and
+    the head of the queue."""
+
+    capacity: Headroom
+    reserved: Headroom
+    free: Headroom  # after the running jobs' claims and the reserve; may be negative
+    machine: Snapshot
+    signals: Readings
+    overload: str | None  # why nothing is admitted (memory floor, PSI), if so
+    held: tuple[str, ...]
+    settings: PolicyView
+    memory_limits: str  # how memory limits are enforced
+    gpus: tuple[Gpu, ...] | None  # the last reading; None: no job has wanted one
+    max_jobs: int
+    fork_server: Mapping[str, Any] | None  # the runner's; None: jobs are always spawned
+    running: tuple[RunningView, ...]
+    queue_head: tuple[QueuedView, ...]

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from jobserver import api
 from jobserver.api import _RENDER, _joined, _rendered_halves, job_document
+from jobserver.config import RESERVED_ROUTES
 from jobserver.jobs import Artifact, Attempt, Job, JobError, JobState, Progress, utcnow
 from tests.conftest import FakeProbe, Harness
 
@@ -463,9 +465,17 @@ def _sample_jobs() -> list[Job]:
 def test_a_document_rendered_in_halves_is_the_document_rendered_whole(
     reason: str | None,
 ) -> None:
-    # answer() joins the halves around the waiting_reason; job_version hashes the whole.
+    # _answer() joins the halves around the waiting_reason; job_version hashes the whole.
     for job in _sample_jobs():
         before, after = _rendered_halves(job)
         whole = _RENDER.encode(job_document(job, reason)).encode()
         assert _joined(before, _RENDER.encode(reason).encode(), after) == whole
         assert json.loads(whole) == json.loads(json.dumps(job_document(job, reason)))
+
+
+def test_a_task_route_cannot_shadow_an_api_route() -> None:
+    # So tutorial_routes may follow api.routes in any order: config refuses a task route
+    # on any path the API serves.
+    for route in api.routes:
+        path = getattr(route, "path", "")
+        assert any(path == r or path.startswith(r + "/") for r in RESERVED_ROUTES), path

@@ -55,11 +55,14 @@ ALLOWED = {
         "events",
         "metrics",
         "dashboard",
+        "scheduler",
     },
     "access": {"errors"},
-    "openapi": {"jobs", "store", "tasks", "api"},
+    # Describes api.routes (and the page's route) by endpoint: below api, unlike STYLE.md's
+    # table, which lists it with the modules api may use.
+    "openapi": {"jobs", "store", "tasks", "api", "dashboard", "__init__"},
     "events": {"jobs"},
-    "metrics": {"events", "jobs"},
+    "metrics": {"events", "jobs", "scheduler"},
     "dashboard": set(),
     "client": {"errors"},
     "server": {
@@ -111,7 +114,8 @@ FORBIDDEN = {
     "store.driver": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.sqlite": {"psycopg", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
-    "openapi": {"sqlalchemy", "starlette", "subprocess"},
+    # Reads starlette's Route objects (api.routes); never requests or responses.
+    "openapi": {"sqlalchemy", "subprocess"},
     "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
     "events": {"sqlalchemy", "starlette", "psutil", "subprocess"},
     "metrics": {"sqlalchemy", "starlette", "psutil", "subprocess"},

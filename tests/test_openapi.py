@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.routing import Route
 
-from jobserver import config, openapi
+from jobserver import api, config, openapi
 from jobserver.server import build
 from jobserver.store import migrate
 from tests.conftest import FakeProbe, ServerProcess, start_server, write_config
@@ -87,8 +87,35 @@ def httpx_get_document(application: Any) -> dict[str, Any]:
     return anyio.run(fetch)
 
 
+def test_every_route_of_the_api_has_an_operation() -> None:
+    served = {
+        (method, route.path)
+        for route in api.routes
+        if isinstance(route, Route)
+        for method in (route.methods or set()) - {"HEAD"}
+    }
+    rows = openapi.described(api.routes)
+    assert {(method, path) for method, path, _ in rows} == served
+    assert len(rows) == len(served)
+
+
+async def undescribed(request: Any) -> Any:
+    raise AssertionError("never served")
+
+
+def test_a_route_without_an_operation_is_refused() -> None:
+    with pytest.raises(LookupError, match=r"routes without an operation: \['POST /api/v1/new'\]"):
+        openapi.described([*api.routes, Route("/api/v1/new", undescribed, methods=["POST"])])
+
+
+def test_an_operation_without_a_route_is_refused() -> None:
+    routes = [r for r in api.routes if getattr(r, "endpoint", None) is not api.healthz]
+    with pytest.raises(LookupError, match=r"operations without a route: \['healthz'\]"):
+        openapi.described(routes)
+
+
 def test_scopes_in_the_document_are_the_scopes_enforced() -> None:
-    rules = openapi.access_rules(openapi.OPERATIONS)
+    rules = openapi.access_rules(openapi.described(api.routes))
     assert ("POST", "/api/v1/jobs", "submit") in rules
     assert ("POST", "/api/v1/jobs/{job_id}/cancel", "cancel") in rules
     assert ("GET", "/api/v1/system", "admin") in rules
