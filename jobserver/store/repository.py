@@ -257,7 +257,9 @@ class Store:
 
     async def queue_head(self, limit: int, now: datetime) -> list[QueueEntry]:
         """Queued jobs that may start now, highest priority first, then oldest."""
-        return await self.driver.read(lambda tx: _queue_head(tx, limit, now), quick=True)
+        return await self.driver.read(
+            lambda tx: _queue_head(tx, limit, now, QUEUE_PEEK), quick=True
+        )
 
     async def running(self) -> list[Job]:
         """The jobs this node's scheduler claimed and has not finished."""
@@ -467,7 +469,7 @@ class Store:
         called again if the transaction is retried, so it must only decide."""
 
         def claim(tx: Tx) -> list[Changed]:
-            head = _queue_head(tx, limit, now)
+            head = _queue_head(tx, limit, now, QUEUE_HEAD)
             chosen = set(choose(head))
             claimed = []
             for entry in head:
@@ -828,8 +830,8 @@ def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) 
         )
 
 
-def _queue_head(tx: Tx, limit: int, now: datetime) -> list[QueueEntry]:
-    rows = tx.rows(QUEUE_HEAD, {"limit": limit, "now": format_timestamp(now)})
+def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:
+    rows = tx.rows(statement, {"limit": limit, "now": format_timestamp(now)})
     head = sorted(rows, key=lambda row: (-row[2], row[0]))[:limit]
     return [
         QueueEntry(job_id, task, priority, _time(ready)) for job_id, task, priority, ready in head
@@ -1245,7 +1247,7 @@ NEXT_SLOT = (
 )
 
 
-def _queue_head_statement() -> sa.ClauseElement:
+def _queue_head_statement(*, lock: bool) -> sa.ClauseElement:
     """The queue head: two index walks that never touch a job that may not start yet: up
     to :limit jobs without run_after by priority then age (ix_jobs_ready), and up to
     :limit delayed jobs that are due, earliest due first (ix_jobs_delayed); the caller
@@ -1253,9 +1255,11 @@ def _queue_head_statement() -> sa.ClauseElement:
     once, the earliest due come first.  (One walk with run_after <= now as a filter read
     every delayed job queued ahead of the first ready one, on every scheduler wake: 13 ms
     with 100,000 delayed jobs.)  SQLite is told the partial indexes by name: without
-    statistics it prefers the plain (state, ...) ones.  PostgreSQL locks the rows it
-    reads, skipping rows another node holds; ``NO KEY UPDATE`` still lets a dependent's
-    foreign key point at them."""
+    statistics it prefers the plain (state, ...) ones.  With ``lock`` (a claim), PostgreSQL
+    locks the rows it reads, skipping rows another node holds; ``NO KEY UPDATE`` still
+    lets a dependent's foreign key point at them.  Without (a read), nothing is locked:
+    a read transaction may be read-only, where PostgreSQL refuses ``FOR ... UPDATE``,
+    and a read must never make a claim skip a job."""
     parent = jobs.alias("head_parent")
     blocked = sa.exists(
         sa.select(1)
@@ -1268,7 +1272,6 @@ def _queue_head_statement() -> sa.ClauseElement:
         .where(jobs.c.state == QUEUED_LITERAL, jobs.c.run_after.is_(None), ~blocked)
         .order_by(jobs.c.priority.desc(), jobs.c.id)
         .limit(sa.bindparam("limit", literal_execute=False))
-        .with_for_update(skip_locked=True, key_share=True)
     )
     later = sa.case(
         (jobs.c.run_after > jobs.c.created_at, jobs.c.run_after), else_=jobs.c.created_at
@@ -1284,9 +1287,12 @@ def _queue_head_statement() -> sa.ClauseElement:
         )
         .order_by(jobs.c.run_after)
         .limit(sa.bindparam("limit", literal_execute=False))
-        .with_for_update(skip_locked=True, key_share=True)
     )
+    if lock:
+        ready = ready.with_for_update(skip_locked=True, key_share=True)
+        delayed = delayed.with_for_update(skip_locked=True, key_share=True)
     return sa.union_all(sa.select(ready.subquery()), sa.select(delayed.subquery()))
 
 
-QUEUE_HEAD = _queue_head_statement()
+QUEUE_HEAD = _queue_head_statement(lock=True)  # a claim's: locks what it reads
+QUEUE_PEEK = _queue_head_statement(lock=False)  # a read's: the same rows, no locks
