@@ -16,12 +16,14 @@ ALLOWED = {
     "config": {"errors"},
     "tasks": {"errors", "config"},
     # The store package: the face (__init__), the repository over the driver seam, and
-    # the engines beneath it (store.sqlite).  Outside the package it is one name, "store".
-    "store": {"store.repository", "store.schema", "store.sqlite"},
+    # the engines beneath it (store.sqlite, store.postgres).  Outside the package it is one
+    # name, "store".
+    "store": {"store.repository", "store.schema", "store.sqlite", "store.postgres"},
     "store.schema": {"jobs"},
     "store.driver": {"errors"},
     "store.repository": {"errors", "jobs", "store.driver", "store.schema"},
     "store.sqlite": {"errors", "store.driver", "store.schema"},
+    "store.postgres": {"errors", "store.driver", "store.schema"},
     "resources": {"errors", "jobs"},
     # The runner's layer: output capture, the fork server's client, then launching.
     "capture": {"jobs", "reporting"},
@@ -110,6 +112,7 @@ FORBIDDEN = {
     "store.schema": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.driver": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.sqlite": {"psycopg", "starlette", "psutil", "subprocess"},
+    "store.postgres": {"sqlite3", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
     "openapi": {"sqlalchemy", "starlette", "subprocess"},
     "cgroups": {"sqlalchemy", "starlette", "psutil", "subprocess"},
