@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -84,11 +85,14 @@ Compiled = tuple[str, dict[str, Any]]
 
 class Compiler:
     """``statement → (sql, literal values)`` for one dialect, remembered for the statements
-    used most (a bounded map: statements built per call are compiled each time)."""
+    used most (a bounded map: statements built per call are compiled each time).  Used
+    from a driver's threads at once: a hit reads the map, a miss changes it under a lock
+    (two threads evicting at once would both delete the same oldest entry)."""
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self._kept: dict[sa.ClauseElement, Compiled] = {}
+        self._changing = threading.Lock()
 
     def __call__(self, statement: sa.ClauseElement) -> Compiled:
         found = self._kept.get(statement)
@@ -107,9 +111,10 @@ class Compiler:
         required = {bind.key for bind in compiled.binds.values() if bind.required}
         literals = {name: value for name, value in compiled.params.items() if name not in required}
         result = (str(compiled), literals)
-        if len(self._kept) >= COMPILED_KEPT:
-            del self._kept[next(iter(self._kept))]
-        self._kept[statement] = result
+        with self._changing:
+            if len(self._kept) >= COMPILED_KEPT:
+                del self._kept[next(iter(self._kept))]
+            self._kept[statement] = result
         return result
 
 
