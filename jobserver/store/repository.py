@@ -384,20 +384,17 @@ class Store:
             if new.depends_on:
                 _check_dependencies(tx, new.depends_on, owner)
             _insert_job(tx, values)
+            if key is not None:
+                original = _remember_key(tx, key, job_id, now)
+                if original is not None:
+                    # A submit with the same key committed while this one ran (drivers
+                    # whose writes run concurrently): its job is the original, this
+                    # transaction's row goes.
+                    tx.run(DELETE_JOB, {"job_id": job_id})
+                    return Changed(self._must_read(tx, original), None), False
             if new.depends_on:
                 for dep in new.depends_on:
                     tx.run(ADD_DEPENDENCY, {"v_job_id": job_id, "v_depends_on": dep})
-            if key is not None:
-                tx.run(
-                    REMEMBER_KEY,
-                    {
-                        "v_scope": key.scope,
-                        "v_key": key.key,
-                        "v_body_hash": key.body_hash,
-                        "v_job_id": job_id,
-                        "v_created_at": format_timestamp(now),
-                    },
-                )
             # A dependency may already have failed: the new job is cancelled at once.
             failed = tx.rows(FAILED_DEPENDENCY, {"job_id": job_id})
             if failed:
@@ -817,6 +814,29 @@ def _remembered_job(tx: Tx, key: IdempotencyKey, now: datetime) -> str | None:
     return str(job_id)
 
 
+def _remember_key(tx: Tx, key: IdempotencyKey, job_id: str, now: datetime) -> str | None:
+    """Store ``key`` for the new job ``job_id``; None if it was stored, else the job the
+    key already names (another submit stored it first and has committed: the insert
+    waits for it and then does nothing).  Raises Conflict like ``_remembered_job``."""
+    while True:
+        stored = tx.run(
+            REMEMBER_KEY,
+            {
+                "scope": key.scope,
+                "key": key.key,
+                "body_hash": key.body_hash,
+                "job_id": job_id,
+                "created_at": format_timestamp(now),
+            },
+        )
+        if stored:
+            return None
+        original = _remembered_job(tx, key, now)
+        if original is not None:
+            return original
+        # The stored key was past its window and is forgotten now: store ours again.
+
+
 def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) -> None:
     query = sa.select(jobs.c.id).where(
         jobs.c.id.in_(depends_on), sa.true() if owner is None else jobs.c.owner == owner
@@ -1130,7 +1150,14 @@ def _insert(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
 
 OPEN_ATTEMPT = _insert(attempts, ("job_id", "attempt", "started_at", "node"))
 ADD_DEPENDENCY = _insert(dependencies, ("job_id", "depends_on"))
-REMEMBER_KEY = _insert(idempotency_keys, ("scope", "key", "body_hash", "job_id", "created_at"))
+# Conflict-free (plain SQL that SQLite and PostgreSQL both accept, like FIRST_SLOT): of
+# two submits racing with one key, the second finds the first's key, never an error.
+REMEMBER_KEY = sa.text(
+    "INSERT INTO idempotency_keys (scope, key, body_hash, job_id, created_at) "
+    "VALUES (:scope, :key, :body_hash, :job_id, :created_at) "
+    "ON CONFLICT (scope, key) DO NOTHING"
+)
+DELETE_JOB = jobs.delete().where(jobs.c.id == sa.bindparam("job_id"))
 RECORD_RUN = _insert(
     task_runs,
     (
