@@ -37,8 +37,10 @@ from jobserver.store import (
     Store,
     TaskRun,
     migrate,
+    postgres,
 )
 from jobserver.store.driver import Driver
+from tests.conftest import postgresql_database
 
 pytestmark = pytest.mark.anyio
 
@@ -65,8 +67,15 @@ async def make_sqlite(tmp_path: Path) -> AsyncIterator[Callable[[], Driver]]:
     yield lambda: SqliteDriver(path)
 
 
-# PostgreSQL joins here: "postgresql": make_postgres (a fresh database per test).
-DRIVERS: dict[str, DriverFactory] = {"sqlite": make_sqlite}
+@asynccontextmanager
+async def make_postgresql(tmp_path: Path) -> AsyncIterator[Callable[[], Driver]]:
+    # A new database on the server per test, dropped after it (skipped, saying why, when
+    # no server is reachable, unless JOBSERVER_REQUIRE names postgresql).
+    with postgresql_database() as url:
+        yield lambda: postgres.PostgresDriver(url)
+
+
+DRIVERS: dict[str, DriverFactory] = {"sqlite": make_sqlite, "postgresql": make_postgresql}
 
 
 class Backend:
