@@ -1,15 +1,17 @@
 """The store on a real PostgreSQL server: what is PostgreSQL's own (the migrations'
-schema and views, how values are stored, errors, migrating under a lock).  The
-repository's behaviour on every driver is in test_store_contract.py.  Each test gets a
-database of its own (``postgresql_database``); without a reachable server they skip,
-unless ``JOBSERVER_REQUIRE`` names postgresql."""
+schema and views, how values are stored, errors, migrating under a lock, writes that
+race other transactions).  The repository's behaviour on every driver is in
+test_store_contract.py.  Each test gets a database of its own (``postgresql_database``);
+without a reachable server they skip, unless ``JOBSERVER_REQUIRE`` names postgresql."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -20,10 +22,11 @@ from alembic.script import ScriptDirectory
 
 from jobserver.errors import StorageUnavailable
 from jobserver.jobs import Job, JobError, JobState, new_job_id
-from jobserver.store import Finish, NewJob, Store, metadata, migrations_dir, postgres
+from jobserver.store import Finish, NewJob, Requeue, Store, metadata, migrations_dir, postgres
 from tests.conftest import postgresql_database
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -204,3 +207,78 @@ def test_nodes_starting_at_once_migrate_once() -> None:
             [(None, heads[0])] + [(heads[0], heads[0])] * 3, key=str
         )
         assert postgres.migrate(url) == (heads[0], heads[0])
+
+
+# -- writes that race another transaction ------------------------------------------------------
+# ``admin`` plays another node: it changes a job's row and holds the transaction open;
+# the store's write runs meanwhile, waits on the row, and must decide on what the other
+# transaction committed.
+
+
+async def blocked_behind(admin_url: str, write: Awaitable[T]) -> asyncio.Task[T]:
+    """Start ``write`` and return once it waits on a lock (or has finished)."""
+    task = asyncio.ensure_future(write)
+    deadline = time.monotonic() + 10
+    with psycopg.connect(postgres.conninfo(admin_url), autocommit=True) as watcher:
+        while not task.done():
+            (waiting,) = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone() or (0,)
+            if waiting:
+                break
+            assert time.monotonic() < deadline, "the write never waited on the lock"
+            await asyncio.sleep(0.01)
+    return task
+
+
+async def test_a_cancel_racing_a_claim_flags_the_claimed_job(
+    store: Store, admin: psycopg.Connection[Any], url: str
+) -> None:
+    job = await submit(store)
+    admin.execute(  # another node claims it, not yet committed
+        "UPDATE jobs SET state = 'running', attempts = 1, node = 'other', started_at = %s "
+        "WHERE id = %s",
+        [at(1), job.id],
+    )
+    cancel = await blocked_behind(url, store.request_cancel(job.id, at(2)))
+    admin.commit()
+    changed = await cancel
+    assert changed.job.state is JobState.RUNNING and changed.job.cancel_requested
+    assert (await store.get(job.id)).cancel_requested
+
+
+async def test_a_requeue_racing_a_cancel_request_cancels(
+    store: Store, admin: psycopg.Connection[Any], url: str
+) -> None:
+    job = await submit(store)
+    await store.claim_head(at(1), 10, lambda head: [job.id])
+    admin.execute(  # a client's cancel request, not yet committed
+        "UPDATE jobs SET cancel_requested_at = %s WHERE id = %s", [at(2), job.id]
+    )
+    requeue = await blocked_behind(
+        url, store.end_attempt(job.id, 1, Requeue("requeued: shutdown"), at(3))
+    )
+    admin.commit()
+    changed = await requeue
+    assert changed is not None and changed.job.state is JobState.CANCELLED
+
+
+async def test_a_dependent_submitted_while_its_parent_fails_is_cancelled(
+    store: Store, admin: psycopg.Connection[Any], url: str
+) -> None:
+    parent = await submit(store)
+    await store.claim_head(at(1), 10, lambda head: [parent.id])
+    admin.execute(  # the parent's attempt ends failed, not yet committed
+        "UPDATE jobs SET state = 'failed', finished_at = %s WHERE id = %s", [at(2), parent.id]
+    )
+    child = await blocked_behind(
+        url, store.submit(NewJob("t", {}, 0, 0, depends_on=(parent.id,)), new_job_id(), at(3))
+    )
+    admin.commit()
+    changed, created = await child
+    assert created
+    # Never queued forever behind a failed parent (CLUSTER-NOTES: 983 orphans in 1,000
+    # without a lock on the parent).
+    assert changed.job.state is JobState.CANCELLED
+    assert (await store.get(changed.job.id)).reason == f"dependency {parent.id} failed"

@@ -776,7 +776,9 @@ _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 def _owned(tx: Tx, job_id: str, owner: str | None) -> Job:
-    rows = tx.rows(JOB_BY_ID, {"job_id": job_id})
+    """The job, locked until the transaction ends: what the caller decides on it holds
+    when it writes (a claim on another connection waits)."""
+    rows = tx.rows(JOB_BY_ID_LOCKED, {"job_id": job_id})
     job = decode_job(rows[0]) if rows else None
     if job is None or (owner is not None and job.owner != owner):
         raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
@@ -838,8 +840,13 @@ def _remember_key(tx: Tx, key: IdempotencyKey, job_id: str, now: datetime) -> st
 
 
 def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) -> None:
-    query = sa.select(jobs.c.id).where(
-        jobs.c.id.in_(depends_on), sa.true() if owner is None else jobs.c.owner == owner
+    # FOR SHARE: a dependency cannot end until this submit commits, so a dependency that
+    # fails either is seen failed here or sees the new dependent in its cascade; never an
+    # orphan queued forever behind a failed job.
+    query = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.id.in_(depends_on), sa.true() if owner is None else jobs.c.owner == owner)
+        .with_for_update(read=True)
     )
     known = {row[0] for row in tx.rows(query)}
     missing = [dep for dep in depends_on if dep not in known]
@@ -1102,6 +1109,9 @@ HISTORY_COLUMNS = (
 DEPENDENCY_COLUMNS = (dependencies.c.depends_on, _PARENT.c.state)
 
 JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
+# A write that reads a job, decides, then writes it: no other transaction changes it in
+# between (``NO KEY UPDATE``: a dependent's foreign key may still point at it).
+JOB_BY_ID_LOCKED = JOB_BY_ID.with_for_update(key_share=True)
 HISTORY_OF = (
     sa.select(*HISTORY_COLUMNS)
     .where(attempts.c.job_id == sa.bindparam("job_id"))
@@ -1186,7 +1196,10 @@ SET_PROGRESS = (
         }
     )
 )
-CANCEL_FLAG = sa.select(jobs.c.cancel_requested_at).where(*_RUNNING_ATTEMPT)
+# Locked: a cancel request committed after this read cannot be dropped by the requeue.
+CANCEL_FLAG = (
+    sa.select(jobs.c.cancel_requested_at).where(*_RUNNING_ATTEMPT).with_for_update(key_share=True)
+)
 CLOSE_ATTEMPT = (
     attempts.update()
     .where(
