@@ -177,6 +177,14 @@ def test_modules_import_only_what_their_layer_allows() -> None:
         assert not external & FORBIDDEN.get(name, set()), f"{name} imports {external}"
 
 
+def test_only_the_postgresql_engine_imports_psycopg() -> None:
+    """psycopg belongs to store.postgres alone, as everything PostgreSQL does."""
+    for name, path in modules().items():
+        if name != "store.postgres":
+            external = {module.split(".")[0] for module in imports_of(path)}
+            assert "psycopg" not in external, f"{name} imports psycopg"
+
+
 # Private names we use on purpose: the standard library's (each says why where it is
 # used), a namedtuple's public _asdict, and the client's handle on its own Job objects.
 PRIVATE_ALLOWED = {
