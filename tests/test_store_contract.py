@@ -1,6 +1,6 @@
 """The store's contract: the repository run against every driver, with the same tests.
 
-Every driver (SQLite today, PostgreSQL next) must pass this file unchanged, the way
+Every driver (SQLite and PostgreSQL) must pass this file unchanged, the way
 River runs one driver test suite against each of its drivers.  A driver joins the suite
 by adding one entry to ``DRIVERS``: a factory that makes a fresh, migrated, empty
 database for one test and hands back how to open a ``Driver`` on it.  Tests speak only
