@@ -4,26 +4,29 @@ with its lifespan running, and a real server process on a free loopback port."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+import sqlalchemy as sa
 
 from jobserver import config
 from jobserver.jobs import Job, new_job_id, utcnow
 from jobserver.resources import Snapshot
 from jobserver.server import Application, build
-from jobserver.store import Changed, Finish, NewJob, Requeue, Store, migrate, open_store
+from jobserver.store import Changed, Finish, NewJob, Requeue, Store, migrate, open_store, postgres
 
 TESTS_DIR = Path(__file__).resolve().parent
 GiB = 2**30
@@ -247,6 +250,46 @@ async def end(
 ) -> Changed | None:
     """End the current attempt of ``job`` (as read or claimed) at ``now``."""
     return await store.end_attempt(job.id, job.attempts, ending, now or utcnow())
+
+
+# -- PostgreSQL: a fresh database per test ------------------------------------------------
+
+# The server tests create their databases on (any database of it: they connect there
+# only to create and drop their own).
+POSTGRESQL_SERVER = os.environ.get(
+    "JOBSERVER_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def postgresql_required() -> bool:
+    """CI sets ``JOBSERVER_REQUIRE=postgresql``: an unreachable server fails the tests
+    instead of skipping them, so CI cannot go green without running them."""
+    return "postgresql" in os.environ.get("JOBSERVER_REQUIRE", "")
+
+
+@contextmanager
+def postgresql_database(*, migrated: bool = True, server: str | None = None) -> Iterator[str]:
+    """The URL of a new database of its own on ``POSTGRESQL_SERVER`` (never an assumption
+    that the server is empty), migrated unless told not to, dropped afterwards even while
+    connected.  Skips when the server cannot be reached, unless PostgreSQL is required."""
+    server = server or POSTGRESQL_SERVER
+    try:
+        admin = psycopg.connect(server, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        reason = f"PostgreSQL is not reachable at {server}: {exc}".strip()
+        if postgresql_required():
+            pytest.fail(f"{reason} (JOBSERVER_REQUIRE=postgresql)", pytrace=False)
+        pytest.skip(f"{reason}; set JOBSERVER_TEST_POSTGRESQL to test on PostgreSQL")
+    name = f"jobserver_test_{secrets.token_hex(6)}"
+    try:
+        admin.execute(f"CREATE DATABASE {name}")
+        url = sa.engine.make_url(server).set(database=name)
+        if migrated:
+            postgres.migrate(url.render_as_string(hide_password=False))
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -16,12 +16,14 @@ ALLOWED = {
     "config": {"errors"},
     "tasks": {"errors", "config"},
     # The store package: the face (__init__), the repository over the driver seam, and
-    # the engines beneath it (store.sqlite).  Outside the package it is one name, "store".
-    "store": {"store.repository", "store.schema", "store.sqlite"},
+    # the engines beneath it (store.sqlite, store.postgres).  Outside the package it is one
+    # name, "store".
+    "store": {"store.repository", "store.schema", "store.sqlite", "store.postgres"},
     "store.schema": {"jobs"},
-    "store.driver": set(),
+    "store.driver": {"errors"},
     "store.repository": {"errors", "jobs", "store.driver", "store.schema"},
     "store.sqlite": {"errors", "store.driver", "store.schema"},
+    "store.postgres": {"errors", "store.driver", "store.schema"},
     "resources": {"errors", "jobs"},
     # The runner's layer: output capture, the fork server's client, then launching.
     "capture": {"jobs", "reporting"},
@@ -113,6 +115,7 @@ FORBIDDEN = {
     "store.schema": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.driver": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.sqlite": {"psycopg", "starlette", "psutil", "subprocess"},
+    "store.postgres": {"sqlite3", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},
     # Reads starlette's Route objects (api.routes); never requests or responses.
     "openapi": {"sqlalchemy", "subprocess"},
@@ -176,6 +179,14 @@ def test_modules_import_only_what_their_layer_allows() -> None:
         assert internal <= ALLOWED[name], f"{name} imports {internal - ALLOWED[name]}"
         external = {module.split(".")[0] for module in found}
         assert not external & FORBIDDEN.get(name, set()), f"{name} imports {external}"
+
+
+def test_only_the_postgresql_engine_imports_psycopg() -> None:
+    """psycopg belongs to store.postgres alone, as everything PostgreSQL does."""
+    for name, path in modules().items():
+        if name != "store.postgres":
+            external = {module.split(".")[0] for module in imports_of(path)}
+            assert "psycopg" not in external, f"{name} imports psycopg"
 
 
 # Private names we use on purpose: the standard library's (each says why where it is

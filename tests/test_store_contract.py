@@ -1,6 +1,6 @@
 """The store's contract: the repository run against every driver, with the same tests.
 
-Every driver (SQLite today, PostgreSQL next) must pass this file unchanged, the way
+Every driver (SQLite and PostgreSQL) must pass this file unchanged, the way
 River runs one driver test suite against each of its drivers.  A driver joins the suite
 by adding one entry to ``DRIVERS``: a factory that makes a fresh, migrated, empty
 database for one test and hands back how to open a ``Driver`` on it.  Tests speak only
@@ -37,8 +37,10 @@ from jobserver.store import (
     Store,
     TaskRun,
     migrate,
+    postgres,
 )
 from jobserver.store.driver import Driver
+from tests.conftest import postgresql_database
 
 pytestmark = pytest.mark.anyio
 
@@ -65,8 +67,15 @@ async def make_sqlite(tmp_path: Path) -> AsyncIterator[Callable[[], Driver]]:
     yield lambda: SqliteDriver(path)
 
 
-# PostgreSQL joins here: "postgresql": make_postgres (a fresh database per test).
-DRIVERS: dict[str, DriverFactory] = {"sqlite": make_sqlite}
+@asynccontextmanager
+async def make_postgresql(tmp_path: Path) -> AsyncIterator[Callable[[], Driver]]:
+    # A new database on the server per test, dropped after it (skipped, saying why, when
+    # no server is reachable, unless JOBSERVER_REQUIRE names postgresql).
+    with postgresql_database() as url:
+        yield lambda: postgres.PostgresDriver(url)
+
+
+DRIVERS: dict[str, DriverFactory] = {"sqlite": make_sqlite, "postgresql": make_postgresql}
 
 
 class Backend:

@@ -1,6 +1,7 @@
 """The job store: a dialect-neutral repository (``repository.Store``) over a narrow
-driver seam (``driver``); ``sqlite`` holds everything SQLite.  ``schema`` is the tables
-and migrating to them.  ``open_store`` is how the server gets one."""
+driver seam (``driver``); ``sqlite`` holds everything SQLite, ``postgres`` everything
+PostgreSQL.  ``schema`` is the tables and migrating to them.  ``open_store`` is how the
+server gets one (on SQLite; PostgreSQL is not wired into the server yet)."""
 
 from __future__ import annotations
 

@@ -21,14 +21,23 @@ operation raises (``NotFound``, ``Conflict``...) pass through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar, cast
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from jobserver.errors import StorageUnavailable
+
+log = logging.getLogger("jobserver.store")
 T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 Row = tuple[Any, ...]
 COMPILED_KEPT = 256  # statements a driver keeps compiled (those built once, and recent ones)
 
@@ -76,11 +85,14 @@ Compiled = tuple[str, dict[str, Any]]
 
 class Compiler:
     """``statement → (sql, literal values)`` for one dialect, remembered for the statements
-    used most (a bounded map: statements built per call are compiled each time)."""
+    used most (a bounded map: statements built per call are compiled each time).  Used
+    from a driver's threads at once: a hit reads the map, a miss changes it under a lock
+    (two threads evicting at once would both delete the same oldest entry)."""
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self._kept: dict[sa.ClauseElement, Compiled] = {}
+        self._changing = threading.Lock()
 
     def __call__(self, statement: sa.ClauseElement) -> Compiled:
         found = self._kept.get(statement)
@@ -99,9 +111,10 @@ class Compiler:
         required = {bind.key for bind in compiled.binds.values() if bind.required}
         literals = {name: value for name, value in compiled.params.items() if name not in required}
         result = (str(compiled), literals)
-        if len(self._kept) >= COMPILED_KEPT:
-            del self._kept[next(iter(self._kept))]
-        self._kept[statement] = result
+        with self._changing:
+            if len(self._kept) >= COMPILED_KEPT:
+                del self._kept[next(iter(self._kept))]
+            self._kept[statement] = result
         return result
 
 
@@ -116,3 +129,97 @@ class Driver(Protocol):
     async def write(self, op: Operation[T], *, batched: bool = True) -> T: ...
 
     async def close(self) -> None: ...
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+@dataclass
+class GroupCommitStats:
+    """Counters of the group commit: writes / transactions is the mean batch size."""
+
+    transactions: int = 0
+    rows: int = 0
+
+
+class Batches(Generic[Item, Result]):
+    """Writes that arrive while one transaction commits all go into the next.
+
+    A commit is a flush to disk (SQLite's synchronous=FULL, PostgreSQL's WAL): a
+    transaction per submit, claim or outcome would cap them at the disk's flush rate and
+    queue them behind each other.
+    ``commit`` writes a batch in one transaction and returns one result per item, in
+    order.  Each caller is answered only after the commit that holds its item (a 202
+    still means "durable").  A batch that fails is rolled back and its items retried one
+    transaction each, so one bad item never fails the others; a database that cannot be
+    written at all (``StorageUnavailable``) fails them all at once.  The batch runs in a
+    task of its own, so a caller that goes away (a client disconnecting) never cancels
+    the others' commit.
+    """
+
+    def __init__(self, commit: Callable[[list[Item]], Awaitable[list[Result]]], limit: int) -> None:
+        self._commit = commit
+        self._limit = limit
+        self._queued: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats = GroupCommitStats()
+
+    async def run(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def drain(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])  # wait() never raises the task's outcome
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[: self._limit], self._queued[self._limit :]
+                try:
+                    results = await self._counted([item for item, _ in batch])
+                except StorageUnavailable as exc:
+                    # Locked past the busy timeout, disk full, unreachable: one by one
+                    # would only wait that long again.
+                    for _, future in batch:
+                        _answer(future, exc)
+                    continue
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _answer(batch[0][1], exc)
+                        continue
+                    log.debug("a batch of %d writes failed (%s); one by one", len(batch), exc)
+                    for item, future in batch:
+                        try:
+                            (result,) = await self._counted([item])
+                        except Exception as one:
+                            _answer(future, one)
+                        else:
+                            _answer(future, result)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    _answer(future, result)
+        finally:
+            # Cancelled (the loop is closing): nobody is left waiting forever.
+            for _, future in batch + self._queued:
+                if not future.done():
+                    future.cancel()
+
+    async def _counted(self, items: list[Item]) -> list[Result]:
+        results = await self._commit(items)
+        self.stats.transactions += 1
+        self.stats.rows += len(items)
+        return results
+
+
+def _answer(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():  # its caller went away; the write is committed all the same
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

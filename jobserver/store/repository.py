@@ -257,7 +257,9 @@ class Store:
 
     async def queue_head(self, limit: int, now: datetime) -> list[QueueEntry]:
         """Queued jobs that may start now, highest priority first, then oldest."""
-        return await self.driver.read(lambda tx: _queue_head(tx, limit, now), quick=True)
+        return await self.driver.read(
+            lambda tx: _queue_head(tx, limit, now, QUEUE_PEEK), quick=True
+        )
 
     async def running(self) -> list[Job]:
         """The jobs this node's scheduler claimed and has not finished."""
@@ -382,20 +384,17 @@ class Store:
             if new.depends_on:
                 _check_dependencies(tx, new.depends_on, owner)
             _insert_job(tx, values)
+            if key is not None:
+                original = _remember_key(tx, key, job_id, now)
+                if original is not None:
+                    # A submit with the same key committed while this one ran (drivers
+                    # whose writes run concurrently): its job is the original, this
+                    # transaction's row goes.
+                    tx.run(DELETE_JOB, {"job_id": job_id})
+                    return Changed(self._must_read(tx, original), None), False
             if new.depends_on:
                 for dep in new.depends_on:
                     tx.run(ADD_DEPENDENCY, {"v_job_id": job_id, "v_depends_on": dep})
-            if key is not None:
-                tx.run(
-                    REMEMBER_KEY,
-                    {
-                        "v_scope": key.scope,
-                        "v_key": key.key,
-                        "v_body_hash": key.body_hash,
-                        "v_job_id": job_id,
-                        "v_created_at": format_timestamp(now),
-                    },
-                )
             # A dependency may already have failed: the new job is cancelled at once.
             failed = tx.rows(FAILED_DEPENDENCY, {"job_id": job_id})
             if failed:
@@ -467,7 +466,7 @@ class Store:
         called again if the transaction is retried, so it must only decide."""
 
         def claim(tx: Tx) -> list[Changed]:
-            head = _queue_head(tx, limit, now)
+            head = _queue_head(tx, limit, now, QUEUE_HEAD)
             chosen = set(choose(head))
             claimed = []
             for entry in head:
@@ -777,7 +776,9 @@ _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 def _owned(tx: Tx, job_id: str, owner: str | None) -> Job:
-    rows = tx.rows(JOB_BY_ID, {"job_id": job_id})
+    """The job, locked until the transaction ends: what the caller decides on it holds
+    when it writes (a claim on another connection waits)."""
+    rows = tx.rows(JOB_BY_ID_LOCKED, {"job_id": job_id})
     job = decode_job(rows[0]) if rows else None
     if job is None or (owner is not None and job.owner != owner):
         raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
@@ -815,9 +816,37 @@ def _remembered_job(tx: Tx, key: IdempotencyKey, now: datetime) -> str | None:
     return str(job_id)
 
 
+def _remember_key(tx: Tx, key: IdempotencyKey, job_id: str, now: datetime) -> str | None:
+    """Store ``key`` for the new job ``job_id``; None if it was stored, else the job the
+    key already names (another submit stored it first and has committed: the insert
+    waits for it and then does nothing).  Raises Conflict like ``_remembered_job``."""
+    while True:
+        stored = tx.run(
+            REMEMBER_KEY,
+            {
+                "scope": key.scope,
+                "key": key.key,
+                "body_hash": key.body_hash,
+                "job_id": job_id,
+                "created_at": format_timestamp(now),
+            },
+        )
+        if stored:
+            return None
+        original = _remembered_job(tx, key, now)
+        if original is not None:
+            return original
+        # The stored key was past its window and is forgotten now: store ours again.
+
+
 def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) -> None:
-    query = sa.select(jobs.c.id).where(
-        jobs.c.id.in_(depends_on), sa.true() if owner is None else jobs.c.owner == owner
+    # FOR SHARE: a dependency cannot end until this submit commits, so a dependency that
+    # fails either is seen failed here or sees the new dependent in its cascade; never an
+    # orphan queued forever behind a failed job.
+    query = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.id.in_(depends_on), sa.true() if owner is None else jobs.c.owner == owner)
+        .with_for_update(read=True)
     )
     known = {row[0] for row in tx.rows(query)}
     missing = [dep for dep in depends_on if dep not in known]
@@ -828,8 +857,8 @@ def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) 
         )
 
 
-def _queue_head(tx: Tx, limit: int, now: datetime) -> list[QueueEntry]:
-    rows = tx.rows(QUEUE_HEAD, {"limit": limit, "now": format_timestamp(now)})
+def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:
+    rows = tx.rows(statement, {"limit": limit, "now": format_timestamp(now)})
     head = sorted(rows, key=lambda row: (-row[2], row[0]))[:limit]
     return [
         QueueEntry(job_id, task, priority, _time(ready)) for job_id, task, priority, ready in head
@@ -1080,6 +1109,9 @@ HISTORY_COLUMNS = (
 DEPENDENCY_COLUMNS = (dependencies.c.depends_on, _PARENT.c.state)
 
 JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
+# A write that reads a job, decides, then writes it: no other transaction changes it in
+# between (``NO KEY UPDATE``: a dependent's foreign key may still point at it).
+JOB_BY_ID_LOCKED = JOB_BY_ID.with_for_update(key_share=True)
 HISTORY_OF = (
     sa.select(*HISTORY_COLUMNS)
     .where(attempts.c.job_id == sa.bindparam("job_id"))
@@ -1128,7 +1160,14 @@ def _insert(table: sa.Table, names: tuple[str, ...]) -> sa.Insert:
 
 OPEN_ATTEMPT = _insert(attempts, ("job_id", "attempt", "started_at", "node"))
 ADD_DEPENDENCY = _insert(dependencies, ("job_id", "depends_on"))
-REMEMBER_KEY = _insert(idempotency_keys, ("scope", "key", "body_hash", "job_id", "created_at"))
+# Conflict-free (plain SQL that SQLite and PostgreSQL both accept, like FIRST_SLOT): of
+# two submits racing with one key, the second finds the first's key, never an error.
+REMEMBER_KEY = sa.text(
+    "INSERT INTO idempotency_keys (scope, key, body_hash, job_id, created_at) "
+    "VALUES (:scope, :key, :body_hash, :job_id, :created_at) "
+    "ON CONFLICT (scope, key) DO NOTHING"
+)
+DELETE_JOB = jobs.delete().where(jobs.c.id == sa.bindparam("job_id"))
 RECORD_RUN = _insert(
     task_runs,
     (
@@ -1157,7 +1196,10 @@ SET_PROGRESS = (
         }
     )
 )
-CANCEL_FLAG = sa.select(jobs.c.cancel_requested_at).where(*_RUNNING_ATTEMPT)
+# Locked: a cancel request committed after this read cannot be dropped by the requeue.
+CANCEL_FLAG = (
+    sa.select(jobs.c.cancel_requested_at).where(*_RUNNING_ATTEMPT).with_for_update(key_share=True)
+)
 CLOSE_ATTEMPT = (
     attempts.update()
     .where(
@@ -1245,7 +1287,7 @@ NEXT_SLOT = (
 )
 
 
-def _queue_head_statement() -> sa.ClauseElement:
+def _queue_head_statement(*, lock: bool) -> sa.ClauseElement:
     """The queue head: two index walks that never touch a job that may not start yet: up
     to :limit jobs without run_after by priority then age (ix_jobs_ready), and up to
     :limit delayed jobs that are due, earliest due first (ix_jobs_delayed); the caller
@@ -1253,9 +1295,11 @@ def _queue_head_statement() -> sa.ClauseElement:
     once, the earliest due come first.  (One walk with run_after <= now as a filter read
     every delayed job queued ahead of the first ready one, on every scheduler wake: 13 ms
     with 100,000 delayed jobs.)  SQLite is told the partial indexes by name: without
-    statistics it prefers the plain (state, ...) ones.  PostgreSQL locks the rows it
-    reads, skipping rows another node holds; ``NO KEY UPDATE`` still lets a dependent's
-    foreign key point at them."""
+    statistics it prefers the plain (state, ...) ones.  With ``lock`` (a claim), PostgreSQL
+    locks the rows it reads, skipping rows another node holds; ``NO KEY UPDATE`` still
+    lets a dependent's foreign key point at them.  Without (a read), nothing is locked:
+    a read transaction may be read-only, where PostgreSQL refuses ``FOR ... UPDATE``,
+    and a read must never make a claim skip a job."""
     parent = jobs.alias("head_parent")
     blocked = sa.exists(
         sa.select(1)
@@ -1268,7 +1312,6 @@ def _queue_head_statement() -> sa.ClauseElement:
         .where(jobs.c.state == QUEUED_LITERAL, jobs.c.run_after.is_(None), ~blocked)
         .order_by(jobs.c.priority.desc(), jobs.c.id)
         .limit(sa.bindparam("limit", literal_execute=False))
-        .with_for_update(skip_locked=True, key_share=True)
     )
     later = sa.case(
         (jobs.c.run_after > jobs.c.created_at, jobs.c.run_after), else_=jobs.c.created_at
@@ -1284,9 +1327,12 @@ def _queue_head_statement() -> sa.ClauseElement:
         )
         .order_by(jobs.c.run_after)
         .limit(sa.bindparam("limit", literal_execute=False))
-        .with_for_update(skip_locked=True, key_share=True)
     )
+    if lock:
+        ready = ready.with_for_update(skip_locked=True, key_share=True)
+        delayed = delayed.with_for_update(skip_locked=True, key_share=True)
     return sa.union_all(sa.select(ready.subquery()), sa.select(delayed.subquery()))
 
 
-QUEUE_HEAD = _queue_head_statement()
+QUEUE_HEAD = _queue_head_statement(lock=True)  # a claim's: locks what it reads
+QUEUE_PEEK = _queue_head_statement(lock=False)  # a read's: the same rows, no locks

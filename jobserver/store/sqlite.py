@@ -29,24 +29,22 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite.base import SQLiteCompiler
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from jobserver.errors import ServerLocked, StorageUnavailable
-from jobserver.store.driver import Compiler, Operation, Tx
+from jobserver.store.driver import Batches, Compiler, Operation, Tx
 from jobserver.store.schema import pending_revisions, upgrade_to_head
 
 log = logging.getLogger("jobserver.store")
 T = TypeVar("T")
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 
 BUSY_TIMEOUT_MS = 10_000
 JOURNAL_SIZE_LIMIT = 64 * 2**20
@@ -281,98 +279,6 @@ def _checkpoint(database: Path) -> Checkpoint:
     except FileNotFoundError:
         after = 0
     return Checkpoint(bool(busy), int(pages), int(done), after)
-
-
-# -- group commit ------------------------------------------------------------------------
-
-
-@dataclass
-class GroupCommitStats:
-    """Counters of the group commit: writes / transactions is the mean batch size."""
-
-    transactions: int = 0
-    rows: int = 0
-
-
-class Batches(Generic[Item, Result]):
-    """Writes that arrive while one transaction commits all go into the next.
-
-    One commit with synchronous=FULL is an fsync: a transaction per submit, claim or
-    outcome would cap them at the disk's fsync rate and queue them behind each other.
-    ``commit`` writes a batch in one transaction and returns one result per item, in
-    order.  Each caller is answered only after the commit that holds its item (a 202
-    still means "durable").  A batch that fails is rolled back and its items retried one
-    transaction each, so one bad item never fails the others; a file that cannot be
-    written at all fails them all at once.  The batch runs in a task of its own, so a
-    caller that goes away (a client disconnecting) never cancels the others' commit.
-    """
-
-    def __init__(self, commit: Callable[[list[Item]], Awaitable[list[Result]]], limit: int) -> None:
-        self._commit = commit
-        self._limit = limit
-        self._queued: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.stats = GroupCommitStats()
-
-    async def run(self, item: Item) -> Result:
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queued.append((item, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def drain(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher])  # wait() never raises the task's outcome
-
-    async def _flush(self) -> None:
-        batch: list[tuple[Item, asyncio.Future[Result]]] = []
-        try:
-            while self._queued:
-                batch, self._queued = self._queued[: self._limit], self._queued[self._limit :]
-                try:
-                    results = await self._counted([item for item, _ in batch])
-                except StorageUnavailable as exc:
-                    # Locked past the busy timeout, disk full: one by one would only wait
-                    # that long again.
-                    for _, future in batch:
-                        _answer(future, exc)
-                    continue
-                except Exception as exc:
-                    if len(batch) == 1:
-                        _answer(batch[0][1], exc)
-                        continue
-                    log.debug("a batch of %d writes failed (%s); one by one", len(batch), exc)
-                    for item, future in batch:
-                        try:
-                            (result,) = await self._counted([item])
-                        except Exception as one:
-                            _answer(future, one)
-                        else:
-                            _answer(future, result)
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    _answer(future, result)
-        finally:
-            # Cancelled (the loop is closing): nobody is left waiting forever.
-            for _, future in batch + self._queued:
-                if not future.done():
-                    future.cancel()
-
-    async def _counted(self, items: list[Item]) -> list[Result]:
-        results = await self._commit(items)
-        self.stats.transactions += 1
-        self.stats.rows += len(items)
-        return results
-
-
-def _answer(future: asyncio.Future[Any], outcome: Any) -> None:
-    if future.done():  # its caller went away; the write is committed all the same
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 # -- the file: migrations, backups, the lock ----------------------------------------------
