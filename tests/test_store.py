@@ -62,9 +62,10 @@ def test_queue_head_reads_through_its_indexes_in_order(database: Path) -> None:
     # of ix_jobs_delayed in run_after order: no scan of the table, no sort, and never a
     # walk over jobs that are not due (issue 6).
     with sqlite3.connect(database) as db:
-        sql, literals = Compiler(dialect())(QUEUE_HEAD)
+        sql, literals, positions = Compiler(dialect())(QUEUE_HEAD)
+        values = {**literals, "limit": 10, "now": "2026"}
         rows = db.execute(
-            f"EXPLAIN QUERY PLAN {sql}", {**literals, "limit": 10, "now": "2026"}
+            f"EXPLAIN QUERY PLAN {sql}", [values[name] for name in positions or ()]
         ).fetchall()
     plan = " | ".join(row[-1] for row in rows)
     assert "SCAN jobs USING INDEX ix_jobs_ready" in plan

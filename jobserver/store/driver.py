@@ -73,14 +73,18 @@ class Tx:
             cursor.close()
 
     def _execute(self, statement: sa.ClauseElement, parameters: Mapping[str, Any]) -> Any:
-        sql, literals = self._compiled(statement)
+        sql, literals, positions = self._compiled(statement)
+        values = {**literals, **parameters} if literals else parameters
         cursor = self._connection.cursor()
-        cursor.execute(sql, {**literals, **parameters} if literals else parameters)
+        cursor.execute(sql, values if positions is None else [values[n] for n in positions])
         return cursor
 
 
 Operation = Callable[[Tx], T]
-Compiled = tuple[str, dict[str, Any]]
+# SQL, the values it carries, and the names of its parameters in order when the dialect's
+# paramstyle is positional (SQLite's qmark: a multi-row INSERT binds twice as fast as by
+# name), else None.
+Compiled = tuple[str, dict[str, Any], tuple[str, ...] | None]
 
 
 class Compiler:
@@ -110,7 +114,8 @@ class Compiler:
         # The caller binds the required parameters; the rest carry their values.
         required = {bind.key for bind in compiled.binds.values() if bind.required}
         literals = {name: value for name, value in compiled.params.items() if name not in required}
-        result = (str(compiled), literals)
+        positions = None if compiled.positiontup is None else tuple(compiled.positiontup)
+        result = (str(compiled), literals, positions)
         with self._changing:
             if len(self._kept) >= COMPILED_KEPT:
                 del self._kept[next(iter(self._kept))]

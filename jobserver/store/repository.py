@@ -47,7 +47,7 @@ from jobserver.jobs import (
     format_timestamp,
     parse_timestamp,
 )
-from jobserver.store.driver import Driver, Row, Tx
+from jobserver.store.driver import Batches, Driver, Row, Tx
 from jobserver.store.schema import (
     JOB_COLUMNS,
     QUEUED_LITERAL,
@@ -194,8 +194,13 @@ class Store:
         # Decoded jobs with the rows they came from: an unchanged job read again (a poll)
         # is not decoded again.  Keyed on the rows' values, never on an object.
         self._decoded: dict[str, tuple[tuple[Any, ...], Job]] = {}
+        # Plain submits that arrive while one batch is written go into the next, a few
+        # multi-row INSERTs for the lot: a statement per job cost twice the CPU.
+        self._submits: Batches[dict[str, Any], Job] = Batches(self._insert_many, SUBMITS_MAX)
+        self.submits = self._submits.stats
 
     async def close(self) -> None:
+        await self._submits.drain()  # what is queued is committed and answered
         await self.driver.close()
 
     # -- reads -----------------------------------------------------------------------
@@ -226,6 +231,13 @@ class Store:
                 del self._decoded[next(iter(self._decoded))]  # the oldest
             self._decoded[job_id] = (key, job)
         return job
+
+    async def _insert_many(self, rows: list[dict[str, Any]]) -> list[Job]:
+        await self.driver.write(lambda tx: _insert_rows(tx, rows))
+        # Decoded here, on the event loop: the writer's thread holds the GIL only for the
+        # statements, and the stored rows are the values plus the columns' defaults (no
+        # SELECT to read them back: that, and decoding it, cost more than building them).
+        return [decode_mapping(_INSERTED_DEFAULTS | row) for row in rows]
 
     def _must_read(self, tx: Tx, job_id: str) -> Job:
         job = self._read_job(tx, job_id)
@@ -372,7 +384,7 @@ class Store:
         if new.idempotency is None and not new.depends_on:
             # Nothing to read first: the row joins the next group commit, and the job is
             # built from the values and the columns' defaults, not read back.
-            job = await self.driver.write(lambda tx: _insert_job(tx, values))
+            job = await self._submits.run(values)
             return Changed(job, None), True
 
         def submit(tx: Tx) -> tuple[Changed, bool]:
@@ -770,6 +782,7 @@ class Store:
 # -- operations' pieces ------------------------------------------------------------------
 
 DECODED_JOBS = 256  # decoded jobs kept, with their rows
+SUBMITS_MAX = 256  # plain submits per batch: 2,816 parameters, under every driver's limit
 DECODED_TEXT = 16 * 1024  # characters of text a kept row may hold (args, result...)
 _ATTEMPTS = JOB_COLUMNS.index("attempts")
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
@@ -786,15 +799,28 @@ def _owned(tx: Tx, job_id: str, owner: str | None) -> Job:
 
 
 def _insert_job(tx: Tx, values: dict[str, Any]) -> Job:
-    tx.run(_insert_statement(tuple(values)), {f"v_{name}": value for name, value in values.items()})
-    # The stored row is the values plus the columns' defaults: no SELECT to read it back
-    # (that statement, and decoding it, cost more than building it).
+    _insert_rows(tx, [values])
     return decode_mapping(_INSERTED_DEFAULTS | values)
 
 
-@functools.cache
-def _insert_statement(names: tuple[str, ...]) -> sa.Insert:
-    return jobs.insert().values({name: sa.bindparam(f"v_{name}") for name in names})
+def _insert_rows(tx: Tx, rows: list[dict[str, Any]]) -> None:
+    """Insert rows that all have the same columns, in chunks of a power of two rows (a
+    few statements to compile and keep, whatever the batch's size)."""
+    names = tuple(rows[0])
+    start = 0
+    while start < len(rows):
+        count = 1 << ((len(rows) - start).bit_length() - 1)
+        chunk = rows[start : start + count]
+        parameters = {f"r{i}_{name}": row[name] for i, row in enumerate(chunk) for name in names}
+        tx.run(_insert_statement(names, count), parameters)
+        start += count
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_statement(names: tuple[str, ...], count: int) -> sa.Insert:
+    return jobs.insert().values(
+        [{name: sa.bindparam(f"r{i}_{name}") for name in names} for i in range(count)]
+    )
 
 
 def _remembered_job(tx: Tx, key: IdempotencyKey, now: datetime) -> str | None:

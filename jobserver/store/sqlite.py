@@ -65,7 +65,7 @@ class _Dialect(SQLiteDialect_pysqlite):
 
 
 def dialect() -> _Dialect:
-    return _Dialect(paramstyle="named")
+    return _Dialect(paramstyle="qmark")
 
 
 def _connect(database: Path, *, synchronous: str, timeout_ms: int, query_only: bool) -> Any:
