@@ -6,8 +6,8 @@ decides only *where and how* an operation runs: which connection, which thread, 
 transaction mode, whether several writes share one commit.  It knows no job.
 
 - ``read(op, quick=...)``: ``op`` in a read transaction (one consistent snapshot).
-  ``quick`` says the operation is a few index lookups, so a driver may run it on the
-  event loop itself.
+  ``quick`` says the operation is one statement of index lookups, so a driver may run it
+  on the event loop itself, outside a transaction (one statement is its own snapshot).
 - ``write(op, batched=...)``: ``op`` in a write transaction; when ``batched``, the driver
   may commit it together with other writes (every caller is answered after the commit
   that holds its write).  An operation that raises rolls back its own work only.
@@ -75,9 +75,10 @@ class Tx:
     def _execute(self, statement: sa.ClauseElement, parameters: Mapping[str, Any]) -> Any:
         sql, literals, positions = self._compiled(statement)
         values = {**literals, **parameters} if literals else parameters
-        cursor = self._connection.cursor()
-        cursor.execute(sql, values if positions is None else [values[n] for n in positions])
-        return cursor
+        # Connection.execute (sqlite3 and psycopg have it): one call less than cursor().
+        return self._connection.execute(
+            sql, values if positions is None else [values[n] for n in positions]
+        )
 
 
 Operation = Callable[[Tx], T]

@@ -214,17 +214,18 @@ class Store:
         return job
 
     def _read_job(self, tx: Tx, job_id: str) -> Job | None:
-        """The one way a job is read by id: its row, history and dependencies."""
-        found = tx.rows(JOB_BY_ID, {"job_id": job_id})
+        """The one way a job is read by id: its row with its history and dependencies,
+        in one statement (one snapshot, and one lookup on the event loop for a poll)."""
+        found = tx.rows(JOB_WITH_EXTRAS, {"job_id": job_id})
         if not found:
             return None
-        row = found[0]
-        history = tx.rows(HISTORY_OF, {"job_id": job_id}) if row[_ATTEMPTS] else []
-        deps = tx.rows(DEPENDENCIES_OF, {"job_id": job_id})
-        key = (row, *history, None, *deps)
+        key = tuple(found)
         remembered = self._decoded.get(job_id)
         if remembered is not None and remembered[0] == key:
             return remembered[1]
+        row = found[0][:_EXTRA]
+        history = sorted(extra[_EXTRA + 1 :] for extra in found if extra[_EXTRA] == "a")
+        deps = sorted(extra[_EXTRA + 5 : _EXTRA + 7] for extra in found if extra[_EXTRA] == "d")
         job = decode_job(row, history, deps)
         if sum(len(value) for value in row if isinstance(value, str)) <= DECODED_TEXT:
             if len(self._decoded) >= DECODED_JOBS:
@@ -784,7 +785,6 @@ class Store:
 DECODED_JOBS = 256  # decoded jobs kept, with their rows
 SUBMITS_MAX = 256  # plain submits per batch: 2,816 parameters, under every driver's limit
 DECODED_TEXT = 16 * 1024  # characters of text a kept row may hold (args, result...)
-_ATTEMPTS = JOB_COLUMNS.index("attempts")
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
@@ -1134,21 +1134,37 @@ HISTORY_COLUMNS = (
 )
 DEPENDENCY_COLUMNS = (dependencies.c.depends_on, _PARENT.c.state)
 
+
+def _job_with_extras() -> sa.Select[Any]:
+    """A job's row, once per attempt and dependency it has (or once alone): the row's
+    columns, then ``kind`` ('a' an attempt, 'd' a dependency, NULL neither), then the
+    attempt's HISTORY_COLUMNS, a dependency's id and state in the 5th and 6th of those."""
+    job_id: sa.BindParameter[str] = sa.bindparam("job_id")
+    kind = sa.literal_column("'a'", sa.Text).label("kind")
+    history = sa.select(kind, *HISTORY_COLUMNS).where(attempts.c.job_id == job_id)
+    nothing = [sa.null().cast(column.type) for column in HISTORY_COLUMNS]
+    deps = (
+        sa.select(
+            sa.literal_column("'d'", sa.Text),
+            *nothing[:4],
+            dependencies.c.depends_on,
+            _PARENT.c.state,
+            *nothing[6:],
+        )
+        .join(_PARENT, _PARENT.c.id == dependencies.c.depends_on)
+        .where(dependencies.c.job_id == job_id)
+    )
+    extras = sa.union_all(history, deps).subquery("extra")
+    return sa.select(jobs, *extras.c).outerjoin(extras, sa.true()).where(jobs.c.id == job_id)
+
+
+JOB_WITH_EXTRAS = _job_with_extras()
+_EXTRA = len(JOB_COLUMNS)  # where a JOB_WITH_EXTRAS row's extra columns begin
+
 JOB_BY_ID = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
 # A write that reads a job, decides, then writes it: no other transaction changes it in
 # between (``NO KEY UPDATE``: a dependent's foreign key may still point at it).
 JOB_BY_ID_LOCKED = JOB_BY_ID.with_for_update(key_share=True)
-HISTORY_OF = (
-    sa.select(*HISTORY_COLUMNS)
-    .where(attempts.c.job_id == sa.bindparam("job_id"))
-    .order_by(attempts.c.attempt)
-)
-DEPENDENCIES_OF = (
-    sa.select(*DEPENDENCY_COLUMNS)
-    .join(_PARENT, _PARENT.c.id == dependencies.c.depends_on)
-    .where(dependencies.c.job_id == sa.bindparam("job_id"))
-    .order_by(dependencies.c.depends_on)
-)
 
 
 @functools.cache

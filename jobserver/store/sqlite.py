@@ -120,7 +120,8 @@ class SqliteDriver:
     async def read(self, op: Operation[T], *, quick: bool = False) -> T:
         if quick:
             try:
-                return self._read_on(self._quick_connection(), op)
+                # One statement, its own snapshot: no BEGIN and COMMIT around it.
+                return op(Tx(self._quick_connection(), self._compiler))
             except sqlite3.OperationalError:
                 pass  # busy (or the quick connection broke): a reader thread waits
         return await self._on_reader_thread(op)
