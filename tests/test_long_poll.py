@@ -70,6 +70,9 @@ async def test_wait_returns_the_unchanged_document_after_the_timeout(
     async with make_harness() as h:
         job = await submit(h, "wait_for_file", path=str(tmp_path / "never"))
         running = await h.wait_for_state(job["id"], "running")
+        # The row shows running from the claim on; the start's event (which wakes waiters)
+        # is told once the process has started: let it pass before waiting.
+        await h.application.scheduler.starts_settled(timeout=10)
         reads = job_reads(h)
         started = time.monotonic()
         response = await h.client.get(f"/api/v1/jobs/{job['id']}?wait=1.5")
