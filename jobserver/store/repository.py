@@ -411,17 +411,8 @@ class Store:
             # A dependency may already have failed: the new job is cancelled at once.
             failed = tx.rows(FAILED_DEPENDENCY, {"job_id": job_id})
             if failed:
-                reason = f"dependency {failed[0][0]} {failed[0][1]}"
-                _set_state(
-                    tx,
-                    job_id,
-                    JobState.QUEUED,
-                    JobState.CANCELLED,
-                    finished_at=format_timestamp(now),
-                    reason=reason,
-                    error_type="DependencyFailed",
-                    error=reason,
-                )
+                parent, parent_state = failed[0]
+                _cancel_for_dependency(tx, job_id, parent, parent_state, now)
             return Changed(self._must_read(tx, job_id), None), True
 
         return await self.driver.write(submit, batched=False)
@@ -943,21 +934,28 @@ def _cascade(tx: Tx, job: Job, now: datetime) -> tuple[Job, ...]:
     while pending:
         cause, cause_state = pending.pop()
         for (dependent,) in tx.rows(QUEUED_DEPENDENTS, {"cause": cause}):
-            reason = f"dependency {cause} {cause_state}"
-            found = _set_state(
-                tx,
-                dependent,
-                JobState.QUEUED,
-                JobState.CANCELLED,
-                finished_at=format_timestamp(now),
-                reason=reason,
-                error_type="DependencyFailed",
-                error=reason,
-            )
+            found = _cancel_for_dependency(tx, dependent, cause, cause_state, now)
             if found is not None:
                 cancelled.append(found)
                 pending.append((dependent, JobState.CANCELLED.value))
     return tuple(cancelled)
+
+
+def _cancel_for_dependency(
+    tx: Tx, job_id: str, cause: str, cause_state: str, now: datetime
+) -> Job | None:
+    """queued → cancelled because the job it depends on, ``cause``, ended unsucceeded."""
+    reason = f"dependency {cause} {cause_state}"
+    return _set_state(
+        tx,
+        job_id,
+        JobState.QUEUED,
+        JobState.CANCELLED,
+        finished_at=format_timestamp(now),
+        reason=reason,
+        error_type="DependencyFailed",
+        error=reason,
+    )
 
 
 def _with_extras(tx: Tx, rows: list[Row]) -> list[Job]:
