@@ -32,20 +32,49 @@ from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import RESCUE, Checkpoint, Finish, NewJob, Requeue, SqliteDriver, Store
+from jobserver.store import (
+    RESCUE,
+    Changed,
+    Checkpoint,
+    Finish,
+    NewJob,
+    Requeue,
+    SqliteDriver,
+    Store,
+    forget_outcome,
+    kept_outcome,
+)
 
 log = logging.getLogger("jobserver.maintenance")
 
 
 async def rescue_interrupted(
-    store: Store, max_rescues: int, now: datetime, events: Events | None = None
+    store: Store,
+    max_rescues: int,
+    now: datetime,
+    events: Events | None = None,
+    jobs_dir: Path | None = None,
 ) -> list[Job]:
     """Requeue (or fail as lost) every job this node's previous run left running; returns
-    them.  A job whose cancel was acknowledged ends cancelled instead (``Requeue``)."""
+    them.  A job whose cancel was acknowledged ends cancelled instead (``Requeue``).  A
+    job whose attempt had ended but whose end the store could not take (kept in
+    ``jobs_dir``) gets that end instead: a finished job is not run again."""
     events = events or Events()
     rescued = []
     for job in await store.running():
         kill_leftovers(job)
+        job_dir = None if jobs_dir is None else jobs_dir / job.id
+        kept = None if job_dir is None else kept_outcome(job_dir, job.attempts)
+        if job_dir is not None and kept is not None:
+            change = await store.end_attempt(job.id, kept.attempt, kept.end, kept.now, kept.run)
+            forget_outcome(job_dir)
+            if change is not None:
+                reason = kept.reason
+                if change.job.state is JobState.CANCELLED and isinstance(kept.end, Requeue):
+                    reason = change.job.reason
+                _publish(events, change, f"{reason} (outcome kept while the store was down)")
+                rescued.append(change.job)
+            continue
         end: Finish | Requeue
         if job.rescues >= max_rescues:
             error = JobError(
@@ -65,11 +94,15 @@ async def rescue_interrupted(
         if change is not None:
             if change.job.state is JobState.CANCELLED:
                 reason = change.job.reason or reason
-            events.transition(change.job, change.source, reason=reason)
-            for dependent in change.cascaded:
-                events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
+            _publish(events, change, reason)
             rescued.append(change.job)
     return rescued
+
+
+def _publish(events: Events, change: Changed, reason: str | None) -> None:
+    events.transition(change.job, change.source, reason=reason)
+    for dependent in change.cascaded:
+        events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
 
 
 def kill_leftovers(job: Job) -> None:
