@@ -875,6 +875,11 @@ class Scheduler:
             async with asyncio.timeout(timeout):
                 await self._none_starting.wait()
 
+    def owned_attempts(self) -> frozenset[str] | None:
+        """The ids of the jobs whose attempt this server watches (their outcome being
+        written included), or None while a claimed job's start is in flight."""
+        return None if self._starting else frozenset(self._running)
+
     @contextlib.contextmanager
     def _start_in_flight(self) -> Iterator[None]:
         self._starting += 1

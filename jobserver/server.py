@@ -44,6 +44,7 @@ from jobserver.maintenance import (
     CronJob,
     CronService,
     Pruner,
+    Reconciler,
     WalCheckpointer,
     rescue_interrupted,
 )
@@ -230,6 +231,13 @@ def build(
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
     checkpointer = WalCheckpointer(driver, server_settings.wal_max_size)
+    reconciler = Reconciler(
+        store,
+        scheduler.owned_attempts,
+        settings.scheduler.max_rescues,
+        server_settings.jobs_dir,
+        events,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -243,6 +251,7 @@ def build(
         await pruner.start()
         await cron.start()
         await checkpointer.start()
+        await reconciler.start()
         loop = asyncio.get_running_loop()
         if handle_sighup:
             loop.add_signal_handler(signal.SIGHUP, runtime.reload)
@@ -252,6 +261,8 @@ def build(
             if handle_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await cron.stop()
+            # First: a stop leaves rows running on purpose (for the next start's rescue).
+            await reconciler.stop()
             await scheduler.drain(server_settings.shutdown_grace)
             await scheduler.stop()
             await runner.close()

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Dialect
 
 from jobserver.errors import StorageUnavailable
 from jobserver.jobs import utcnow
+from jobserver.maintenance import Reconciler
 from jobserver.store import OUTCOME_FILE, NewJob
 from jobserver.store.driver import Driver, Operation
 from tests.conftest import FakeProbe, GiB, insert
@@ -98,9 +99,12 @@ class FailingEnds:
     ``StorageUnavailable`` (what a full disk makes SQLite's writes do) ``failures`` times,
     or for as long as ``failing`` is set."""
 
-    def __init__(self, inner: Driver, failures: int = 0) -> None:
+    def __init__(
+        self, inner: Driver, failures: int = 0, error: type[Exception] = StorageUnavailable
+    ) -> None:
         self.inner = inner
         self.failures = failures
+        self.error = error
         self.failing = False
         self.failed = 0
 
@@ -115,11 +119,29 @@ class FailingEnds:
         if "end_attempt" in op.__qualname__ and (self.failing or self.failures > 0):
             self.failures -= 1
             self.failed += 1
-            raise StorageUnavailable("the database file cannot be written (disk full?)")
+            raise self.error("the database file cannot be written (disk full?)")
         return await self.inner.write(op, batched=batched)
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def reconciler(h: Any) -> Reconciler:
+    return Reconciler(
+        h.application.store,
+        h.application.scheduler.owned_attempts,
+        h.settings.scheduler.max_rescues,
+        h.settings.server.jobs_dir,
+    )
+
+
+async def no_attempt_left(h: Any) -> None:
+    """Wait until the scheduler watches no attempt: its outcome, file included, is settled
+    (the job's row shows the end as soon as it commits, a little before)."""
+    deadline = time.monotonic() + 30
+    while h.application.scheduler.owned_attempts() != frozenset():
+        assert time.monotonic() < deadline, "an attempt was never settled"
+        await anyio.sleep(0.02)
 
 
 async def stored_state(h: Any, job_id: str) -> str:
@@ -151,6 +173,8 @@ async def test_a_failed_outcome_write_is_kept_and_retried(
             assert time.monotonic() < deadline, "the outcome was never kept"
             await anyio.sleep(0.02)
         assert await stored_state(h, job_id) == "running"
+        # Its attempt is still this server's while the write is retried: not an orphan.
+        assert await reconciler(h).tick(utcnow()) == []
         document = json.loads(kept.read_text())
         assert document["attempt"] == 1
         assert document["end"]["state"] == "succeeded" and document["end"]["result"] == "done"
@@ -158,6 +182,7 @@ async def test_a_failed_outcome_write_is_kept_and_retried(
         driver.failing = False  # space is back
         job = await h.wait_for_state(job_id, "succeeded")
         assert job["result"] == "done" and job["attempts"] == 1
+        await no_attempt_left(h)
         assert not kept.exists()
 
 
@@ -174,6 +199,7 @@ async def test_one_failed_outcome_write_leaves_no_file(make_harness: Any) -> Non
         job = await h.wait_for_state(job_id, "succeeded", "failed")
         assert (job["state"], job["result"], job["attempts"]) == ("succeeded", 2, 1)
         assert drivers[0].failed == 1
+        await no_attempt_left(h)
         assert not (h.settings.server.jobs_dir / job_id / OUTCOME_FILE).exists()
         # The attempt is no longer this server's: nothing shows as running.
         assert (await h.client.get("/api/v1/system")).json()["jobs"]["running"] == 0
@@ -211,3 +237,37 @@ async def test_a_restart_applies_the_kept_outcome_instead_of_rerunning(
         assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "done once", 1)
         assert [entry["outcome"] for entry in job["history"]] == ["succeeded"]
         assert not kept.exists()
+
+
+async def test_the_reconciler_settles_a_running_row_no_attempt_owns(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    # An unexpected error (not the store being unavailable) drops the attempt's outcome:
+    # the row says running while nothing runs.
+    gate = tmp_path / "gate"
+    drivers: list[FailingEnds] = []
+
+    def wrap(inner: Driver) -> FailingEnds:
+        drivers.append(FailingEnds(inner, failures=1, error=RuntimeError))
+        return drivers[-1]
+
+    async with make_harness(tasks=GATED, wrap_driver=wrap) as h:
+        gate.write_text("go")
+        response = await h.client.post(
+            "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
+        )
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 30
+        while drivers[0].failed == 0:
+            assert time.monotonic() < deadline, "the write never failed"
+            await anyio.sleep(0.02)
+        await no_attempt_left(h)
+        assert await stored_state(h, job_id) == "running"
+
+        (settled,) = await reconciler(h).tick(utcnow())
+        assert (settled.id, settled.state.value, settled.rescues) == (job_id, "queued", 1)
+        assert "no longer watched" in (settled.reason or "")
+        h.application.scheduler.wake()
+        job = await h.wait_for_state(job_id, "succeeded")
+        assert (job["attempts"], job["result"]) == (2, "go")
+        assert [entry["outcome"] for entry in job["history"]] == ["interrupted", "succeeded"]
