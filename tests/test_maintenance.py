@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobserver.events import Events, Transition
+from jobserver.events import Events, NullRecorder, Transition
 from jobserver.jobs import JobState, utcnow
 from jobserver.maintenance import WalCheckpointer, rescue_interrupted
 from jobserver.resources import process_start_time
@@ -67,7 +67,7 @@ async def test_rescue_kills_the_leftover_and_requeues(
         await store.close()
 
 
-class Transitions:
+class Transitions(NullRecorder):
     """A recorder keeping every transition published (the recorder seam of Events)."""
 
     def __init__(self) -> None:
@@ -75,15 +75,6 @@ class Transitions:
 
     def transition(self, transition: Transition) -> None:
         self.seen.append(transition)
-
-    def admission(self, task: str) -> None:
-        pass
-
-    def hold(self, kind: str) -> None:
-        pass
-
-    def pressure_event(self, resource: str) -> None:
-        pass
 
 
 async def test_rescue_of_a_cancelled_job_publishes_running_to_cancelled(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,6 +145,34 @@ async def no_attempt_left(h: Any) -> None:
         await anyio.sleep(0.02)
 
 
+def failing_ends(drivers: list[FailingEnds], **options: Any) -> Callable[[Driver], Driver]:
+    """A ``wrap_driver`` for the harness that keeps the driver it made in ``drivers``."""
+
+    def wrap(inner: Driver) -> FailingEnds:
+        drivers.append(FailingEnds(inner, **options))
+        return drivers[-1]
+
+    return wrap
+
+
+async def end_while_failing(h: Any, driver: FailingEnds, gate: Path, text: str) -> tuple[str, Path]:
+    """Run a gated job, make the store refuse its end, end it: its id and the path of its
+    kept outcome, once kept."""
+    response = await h.client.post(
+        "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
+    )
+    job_id = response.json()["id"]
+    await h.wait_for_state(job_id, "running")
+    kept = h.settings.server.jobs_dir / job_id / OUTCOME_FILE
+    driver.failing = True
+    gate.write_text(text)
+    deadline = time.monotonic() + 30
+    while not kept.exists():
+        assert time.monotonic() < deadline, "the outcome was never kept"
+        await anyio.sleep(0.02)
+    return job_id, kept
+
+
 async def stored_state(h: Any, job_id: str) -> str:
     return str((await h.client.get(f"/api/v1/jobs/{job_id}")).json()["state"])
 
@@ -151,26 +180,13 @@ async def stored_state(h: Any, job_id: str) -> str:
 async def test_a_failed_outcome_write_is_kept_and_retried(
     make_harness: Any, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
     drivers: list[FailingEnds] = []
-
-    def wrap(inner: Driver) -> FailingEnds:
-        drivers.append(FailingEnds(inner))
-        return drivers[-1]
-
-    async with make_harness(tasks=GATED, wrap_driver=wrap) as h:
+    async with make_harness(tasks=GATED, wrap_driver=failing_ends(drivers)) as h:
         (driver,) = drivers
-        response = await h.client.post(
-            "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
-        )
-        job_id = response.json()["id"]
-        await h.wait_for_state(job_id, "running")
-        kept = h.settings.server.jobs_dir / job_id / OUTCOME_FILE
-        driver.failing = True
-        gate.write_text("done")
+        job_id, kept = await end_while_failing(h, driver, tmp_path / "gate", "done")
         deadline = time.monotonic() + 30
-        while not kept.exists() or driver.failed < 2:  # kept, and retried
-            assert time.monotonic() < deadline, "the outcome was never kept"
+        while driver.failed < 2:  # and retried
+            assert time.monotonic() < deadline, "the write was never retried"
             await anyio.sleep(0.02)
         assert await stored_state(h, job_id) == "running"
         # Its attempt is still this server's while the write is retried: not an orphan.
@@ -188,12 +204,7 @@ async def test_a_failed_outcome_write_is_kept_and_retried(
 
 async def test_one_failed_outcome_write_leaves_no_file(make_harness: Any) -> None:
     drivers: list[FailingEnds] = []
-
-    def wrap(inner: Driver) -> FailingEnds:
-        drivers.append(FailingEnds(inner, failures=1))
-        return drivers[-1]
-
-    async with make_harness(wrap_driver=wrap) as h:
+    async with make_harness(wrap_driver=failing_ends(drivers, failures=1)) as h:
         response = await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 2}})
         job_id = response.json()["id"]
         job = await h.wait_for_state(job_id, "succeeded", "failed")
@@ -210,25 +221,8 @@ async def test_a_restart_applies_the_kept_outcome_instead_of_rerunning(
 ) -> None:
     gate = tmp_path / "gate"
     drivers: list[FailingEnds] = []
-
-    def wrap(inner: Driver) -> FailingEnds:
-        drivers.append(FailingEnds(inner))
-        return drivers[-1]
-
-    async with make_harness(tasks=GATED, wrap_driver=wrap) as h:
-        driver = drivers[0]
-        response = await h.client.post(
-            "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
-        )
-        job_id = response.json()["id"]
-        await h.wait_for_state(job_id, "running")
-        kept = h.settings.server.jobs_dir / job_id / OUTCOME_FILE
-        driver.failing = True
-        gate.write_text("done once")
-        deadline = time.monotonic() + 30
-        while not kept.exists():
-            assert time.monotonic() < deadline, "the outcome was never kept"
-            await anyio.sleep(0.02)
+    async with make_harness(tasks=GATED, wrap_driver=failing_ends(drivers)) as h:
+        job_id, kept = await end_while_failing(h, drivers[0], gate, "done once")
     # Stopped with the store still failing: the row says running, the file says how it ended.
     assert kept.exists()
     gate.write_text("a second run would say this")
@@ -246,11 +240,7 @@ async def test_the_reconciler_settles_a_running_row_no_attempt_owns(
     # the row says running while nothing runs.
     gate = tmp_path / "gate"
     drivers: list[FailingEnds] = []
-
-    def wrap(inner: Driver) -> FailingEnds:
-        drivers.append(FailingEnds(inner, failures=1, error=RuntimeError))
-        return drivers[-1]
-
+    wrap = failing_ends(drivers, failures=1, error=RuntimeError)
     async with make_harness(tasks=GATED, wrap_driver=wrap) as h:
         gate.write_text("go")
         response = await h.client.post(
