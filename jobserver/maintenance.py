@@ -20,7 +20,7 @@ import logging
 import shutil
 import time
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,20 +32,59 @@ from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
-from jobserver.store import RESCUE, Checkpoint, Finish, NewJob, Requeue, SqliteDriver, Store
+from jobserver.store import (
+    RESCUE,
+    Changed,
+    Checkpoint,
+    Finish,
+    NewJob,
+    Requeue,
+    SqliteDriver,
+    Store,
+    forget_outcome,
+    kept_outcome,
+)
 
 log = logging.getLogger("jobserver.maintenance")
 
 
 async def rescue_interrupted(
-    store: Store, max_rescues: int, now: datetime, events: Events | None = None
+    store: Store,
+    max_rescues: int,
+    now: datetime,
+    events: Events | None = None,
+    jobs_dir: Path | None = None,
+    owned: Callable[[], Collection[str] | None] | None = None,
 ) -> list[Job]:
     """Requeue (or fail as lost) every job this node's previous run left running; returns
-    them.  A job whose cancel was acknowledged ends cancelled instead (``Requeue``)."""
+    them.  A job whose cancel was acknowledged ends cancelled instead (``Requeue``).  A
+    job whose attempt had ended but whose end the store could not take (kept in
+    ``jobs_dir``) gets that end instead: a finished job is not run again.
+
+    ``owned`` (the reconciler, while this server runs): the ids of the jobs whose attempt
+    this server watches, or None while a start is in flight; those are left alone.  It is
+    asked after the rows were read, for each job just before its processes are killed
+    (no await in between), so an attempt started since the read is never touched."""
     events = events or Events()
     rescued = []
     for job in await store.running():
+        if owned is not None:
+            mine = owned()
+            if mine is None or job.id in mine:
+                continue
         kill_leftovers(job)
+        job_dir = None if jobs_dir is None else jobs_dir / job.id
+        kept = None if job_dir is None else kept_outcome(job_dir, job.attempts)
+        if job_dir is not None and kept is not None:
+            change = await store.end_attempt(job.id, kept.attempt, kept.end, kept.now, kept.run)
+            forget_outcome(job_dir)
+            if change is not None:
+                reason = kept.reason
+                if change.job.state is JobState.CANCELLED and isinstance(kept.end, Requeue):
+                    reason = change.job.reason
+                _publish(events, change, f"{reason} (outcome kept while the store was down)")
+                rescued.append(change.job)
+            continue
         end: Finish | Requeue
         if job.rescues >= max_rescues:
             error = JobError(
@@ -56,20 +95,26 @@ async def rescue_interrupted(
             end = Finish(JobState.FAILED, error=error, reason="lost")
             reason = f"lost after {job.rescues} rescues"
         else:
-            reason = (
-                f"requeued after the server stopped while it ran "
-                f"(rescue {job.rescues + 1} of {max_rescues})"
+            why = (
+                "the server stopped while it ran"
+                if owned is None
+                else "this server no longer watched its attempt"
             )
+            reason = f"requeued after {why} (rescue {job.rescues + 1} of {max_rescues})"
             end = Requeue(reason, counts=RESCUE)
         change = await store.end_attempt(job.id, job.attempts, end, now)
         if change is not None:
             if change.job.state is JobState.CANCELLED:
                 reason = change.job.reason or reason
-            events.transition(change.job, change.source, reason=reason)
-            for dependent in change.cascaded:
-                events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
+            _publish(events, change, reason)
             rescued.append(change.job)
     return rescued
+
+
+def _publish(events: Events, change: Changed, reason: str | None) -> None:
+    events.transition(change.job, change.source, reason=reason)
+    for dependent in change.cascaded:
+        events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
 
 
 def kill_leftovers(job: Job) -> None:
@@ -114,6 +159,42 @@ class _Periodic:
             except Exception:
                 log.exception("%s tick failed; retrying on the next tick", self.name)
             await asyncio.sleep(self.interval)
+
+
+class Reconciler(_Periodic):
+    """Settles, without a restart, the jobs the store shows running on this node that no
+    attempt of this server watches (an outcome that could not be recorded, a launch that
+    failed half way), as the rescue after a restart would: a kept outcome if there is
+    one, else back to the queue counting a rescue."""
+
+    name = "reconciler"
+
+    def __init__(
+        self,
+        store: Store,
+        owned: Callable[[], Collection[str] | None],
+        max_rescues: int,
+        jobs_dir: Path,
+        events: Events | None = None,
+        *,
+        interval: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._owned = owned
+        self._max_rescues = max_rescues
+        self._jobs_dir = jobs_dir
+        self._events = events
+        self.interval = interval
+
+    async def tick(self, now: datetime) -> list[Job]:
+        """Settle every orphaned running job; returns them as stored after."""
+        settled = await rescue_interrupted(
+            self._store, self._max_rescues, now, self._events, self._jobs_dir, self._owned
+        )
+        for job in settled:
+            log.warning("job %s: running with no attempt watching it; %s", job.id, job.reason)
+        return settled
 
 
 class WalCheckpointer(_Periodic):

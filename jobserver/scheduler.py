@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -23,8 +24,17 @@ from typing import Any
 
 from jobserver.cgroups import JobCgroup, JobCgroups
 from jobserver.config import JobsSettings, SchedulerSettings, format_size
+from jobserver.errors import StorageUnavailable
 from jobserver.events import Events
-from jobserver.jobs import Artifact, Job, JobError, JobState, Outcome, format_timestamp, utcnow
+from jobserver.jobs import (
+    Artifact,
+    Job,
+    JobError,
+    JobState,
+    Outcome,
+    format_timestamp,
+    utcnow,
+)
 from jobserver.resources import (
     Gpu,
     GpuProbe,
@@ -37,17 +47,24 @@ from jobserver.resources import (
 from jobserver.runner import LaunchSpec, ProcessHandle, Runner, has_artifacts, list_artifacts
 from jobserver.store import (
     FAILURE,
+    OUTCOME_FILE,
     PRESSURE,
     Changed,
     Finish,
+    KeptOutcome,
     QueueEntry,
     Requeue,
     Store,
     TaskRun,
+    forget_outcome,
+    keep_outcome,
 )
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.scheduler")
+
+# Backoff of the retries of an outcome the store could not take (seconds).
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0
 
 # Requests such as 4 x 0.25 CPU must fit in 1.0 despite binary floating point.
 _CPU_EPSILON = 1e-9
@@ -858,6 +875,11 @@ class Scheduler:
             async with asyncio.timeout(timeout):
                 await self._none_starting.wait()
 
+    def owned_attempts(self) -> frozenset[str] | None:
+        """The ids of the jobs whose attempt this server watches (their outcome being
+        written included), or None while a claimed job's start is in flight."""
+        return None if self._starting else frozenset(self._running)
+
     @contextlib.contextmanager
     def _start_in_flight(self) -> Iterator[None]:
         self._starting += 1
@@ -1315,7 +1337,7 @@ class Scheduler:
                 wall_seconds=duration,
                 finished_at=now,
             )
-        change = await self._store.end_attempt(job.id, job.attempts, end, now, run)
+        change = await self._end_attempt(KeptOutcome(job.attempts, end, now, run, reason), job)
         if (
             change is not None
             and change.job.state is JobState.CANCELLED
@@ -1327,6 +1349,46 @@ class Scheduler:
             peaks = self._peaks.setdefault(job.task, [])
             peaks.insert(0, run.peak_rss)
             del peaks[self._settings.learn_window :]
+
+    async def _end_attempt(self, kept: KeptOutcome, job: Job) -> Changed | None:
+        """Write the attempt's end; while the store cannot take it, keep it in the job's
+        directory and retry with backoff (a stop gives up: the restart applies the file)."""
+        write = functools.partial(
+            self._store.end_attempt, job.id, kept.attempt, kept.end, kept.now, kept.run
+        )
+        try:
+            return await write()
+        except StorageUnavailable as exc:
+            log.error(
+                "job %s: could not store how attempt %d ended (%s); keeping it in %s and "
+                "retrying until the store can be written",
+                job.id,
+                kept.attempt,
+                exc,
+                self.job_dir(job.id) / OUTCOME_FILE,
+            )
+        try:
+            await asyncio.to_thread(keep_outcome, self.job_dir(job.id), kept)
+        except OSError as exc:  # the same full disk, often: the retries still hold it
+            log.error("job %s: could not keep its outcome in a file either: %s", job.id, exc)
+        delay = RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            try:
+                change = await write()
+            except StorageUnavailable:
+                if self._stopping:
+                    log.error(
+                        "job %s: stopping with its outcome unwritten; the next start "
+                        "applies it from its directory",
+                        job.id,
+                    )
+                    raise
+                continue
+            await asyncio.to_thread(forget_outcome, self.job_dir(job.id))
+            log.info("job %s: its outcome is stored now", job.id)
+            return change
 
     async def _store_progress(self, monotonic: float, only: _Attempt | None = None) -> None:
         """Write each running job's newest progress report, at most once per

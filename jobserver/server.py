@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, MappingProxyType
@@ -44,6 +44,7 @@ from jobserver.maintenance import (
     CronJob,
     CronService,
     Pruner,
+    Reconciler,
     WalCheckpointer,
     rescue_interrupted,
 )
@@ -52,6 +53,7 @@ from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
 from jobserver.scheduler import Scheduler
 from jobserver.store import DatabaseLock, SqliteDriver, Store, migrate, pending_migrations
+from jobserver.store.driver import Driver
 from jobserver.tasks import Registry
 
 log = logging.getLogger("jobserver")
@@ -197,17 +199,20 @@ def build(
     host: str | None = None,
     handle_sighup: bool = False,
     gpu_probe: GpuProbe | None = None,
+    wrap_driver: Callable[[SqliteDriver], Driver] | None = None,
 ) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe).
     ``host`` is the address the server will bind (it decides whether an empty tokens file
     means "open": only on loopback, or with ``allow_anonymous``).  ``handle_sighup``:
     reload config.toml on SIGHUP (``serve`` sets it; in-process tests do not, so as not
-    to take over the test runner's signals)."""
+    to take over the test runner's signals).  ``wrap_driver``: what the store writes
+    through, around the SQLite driver (tests inject faults there)."""
     server_settings = settings.server
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
     driver = SqliteDriver(server_settings.database, synchronous=server_settings.durability.upper())
-    store = Store(driver)
+    # Tests put a fault-injecting driver between the store and SQLite.
+    store = Store(driver if wrap_driver is None else wrap_driver(driver))
     metrics = Metrics()
     events = Events(metrics)
     scheduler = Scheduler(
@@ -226,10 +231,19 @@ def build(
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
     checkpointer = WalCheckpointer(driver, server_settings.wal_max_size)
+    reconciler = Reconciler(
+        store,
+        scheduler.owned_attempts,
+        settings.scheduler.max_rescues,
+        server_settings.jobs_dir,
+        events,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        rescued = await rescue_interrupted(store, settings.scheduler.max_rescues, utcnow(), events)
+        rescued = await rescue_interrupted(
+            store, settings.scheduler.max_rescues, utcnow(), events, server_settings.jobs_dir
+        )
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
         runner.open()  # the fork server imports the task modules while we start
@@ -237,6 +251,7 @@ def build(
         await pruner.start()
         await cron.start()
         await checkpointer.start()
+        await reconciler.start()
         loop = asyncio.get_running_loop()
         if handle_sighup:
             loop.add_signal_handler(signal.SIGHUP, runtime.reload)
@@ -246,6 +261,8 @@ def build(
             if handle_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await cron.stop()
+            # First: a stop leaves rows running on purpose (for the next start's rescue).
+            await reconciler.stop()
             await scheduler.drain(server_settings.shutdown_grace)
             await scheduler.stop()
             await runner.close()

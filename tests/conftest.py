@@ -305,12 +305,15 @@ def make_harness(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Ha
 
     @asynccontextmanager
     async def factory(
-        probe: FakeProbe | None = None, gpu_probe: Any = None, **overrides: Any
+        probe: FakeProbe | None = None,
+        gpu_probe: Any = None,
+        wrap_driver: Any = None,
+        **overrides: Any,
     ) -> AsyncIterator[Harness]:
         settings = config.load(write_config(tmp_path, **overrides))
         migrate(settings.server.database)
         fake = probe or FakeProbe()
-        application = build(settings, probe=fake, gpu_probe=gpu_probe)
+        application = build(settings, probe=fake, gpu_probe=gpu_probe, wrap_driver=wrap_driver)
         transport = httpx.ASGITransport(app=application.app)
         async with (
             application.app.router.lifespan_context(application.app),

@@ -69,6 +69,15 @@ def ignore_sigterm(seconds: float = 60) -> None:
     time.sleep(seconds)
 
 
+def stubborn(note: str, seconds: float = 60) -> None:
+    """Appends a line to ``note`` on every start, then ignores SIGTERM while it sleeps: a
+    test counts its runs and can keep a cancel waiting out the kill grace."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(note, "a") as file:
+        file.write("started\n")
+    time.sleep(seconds)
+
+
 def wait_for_file(path: str, timeout: float = 60) -> str:
     """Runs until ``path`` exists: lets a test decide when the job ends.  Says so first,
     so that its log exists while it runs."""

@@ -18,11 +18,13 @@ ALLOWED = {
     # The store package: the face (__init__), the repository over the driver seam, and
     # the engines beneath it (store.sqlite, store.postgres).  Outside the package it is one
     # name, "store".
-    "store": {"store.repository", "store.schema", "store.sqlite", "store.postgres"},
+    "store": {"store.repository", "store.schema", "store.sqlite", "store.postgres", "store.kept"},
     "store.schema": {"jobs"},
     "store.driver": {"errors"},
     "store.repository": {"errors", "jobs", "store.driver", "store.schema"},
     "store.sqlite": {"errors", "store.driver", "store.schema"},
+    # An attempt's end kept in a file while the database cannot take it.
+    "store.kept": {"jobs", "store.repository"},
     "store.postgres": {"errors", "store.driver", "store.schema"},
     "resources": {"errors", "jobs"},
     # The runner's layer: output capture, the fork server's client, then launching.
@@ -114,6 +116,7 @@ FORBIDDEN = {
     "store.repository": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.schema": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.driver": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
+    "store.kept": {"sqlite3", "psycopg", "starlette", "psutil", "subprocess"},
     "store.sqlite": {"psycopg", "starlette", "psutil", "subprocess"},
     "store.postgres": {"sqlite3", "starlette", "psutil", "subprocess"},
     "access": {"sqlalchemy", "subprocess", "psutil"},

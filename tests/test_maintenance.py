@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from jobserver.events import Events, NullRecorder, Transition
 from jobserver.jobs import JobState, utcnow
 from jobserver.maintenance import WalCheckpointer, rescue_interrupted
 from jobserver.resources import process_start_time
@@ -62,6 +63,38 @@ async def test_rescue_kills_the_leftover_and_requeues(
         job = await store.get(job_id)
         assert job.state is JobState.QUEUED and job.rescues == 1
         assert "rescue 1 of 3" in (job.reason or "")
+    finally:
+        await store.close()
+
+
+class Transitions(NullRecorder):
+    """A recorder keeping every transition published (the recorder seam of Events)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Transition] = []
+
+    def transition(self, transition: Transition) -> None:
+        self.seen.append(transition)
+
+
+async def test_rescue_of_a_cancelled_job_publishes_running_to_cancelled(tmp_path: Path) -> None:
+    migrate(tmp_path / "x.db")
+    store = open_store(tmp_path / "x.db")
+    try:
+        job_id = await running_job(store, None, None)
+        await store.request_cancel(job_id, utcnow())
+        recorder = Transitions()
+        rescued = await rescue_interrupted(store, 3, utcnow(), Events(recorder))
+        assert [(job.id, job.state) for job in rescued] == [(job_id, JobState.CANCELLED)]
+        (published,) = recorder.seen
+        assert (published.job_id, published.source, published.target) == (
+            job_id,
+            JobState.RUNNING,
+            JobState.CANCELLED,
+        )
+        assert published.reason is not None and "cancelled by request" in published.reason
+        job = await store.get(job_id)
+        assert job.state is JobState.CANCELLED and job.rescues == 0
     finally:
         await store.close()
 

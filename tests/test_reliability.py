@@ -5,6 +5,7 @@ disk."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import sqlite3
@@ -101,6 +102,98 @@ def test_second_signal_cuts_the_wait_short(
     assert row["state"] == "queued" and (row["rescues"], row["failures"]) == (0, 0)
 
 
+# -- an acknowledged cancel outlives a crash and a stop -----------------------------------------
+
+STUBBORN = {"stubborn": {"function": "sample_tasks:stubborn", "cpus": 0.1, "memory": "16MiB"}}
+
+
+def runs(note: Path) -> int:
+    """How many times the stubborn task started (it appends a line on each start)."""
+    return note.read_text().count("started") if note.exists() else 0
+
+
+def test_acknowledged_cancel_survives_sigkill_and_restart(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    # The task ignores SIGTERM and the kill grace is 10 minutes: the cancel is acknowledged
+    # and its SIGTERM sent, but the job is still running when the server is killed.
+    config_path = write_config(tmp_path, scheduler={"kill_grace": "10m"}, tasks=STUBBORN)
+    database = tmp_path / "data" / "jobserver.db"
+    note = tmp_path / "runs.txt"
+    server = server_factory(config_path)
+    job = submit(server.url, "stubborn", note=str(note))
+    wait_until(lambda: runs(note) == 1)
+    response = httpx.post(f"{server.url}/api/v1/jobs/{job['id']}/cancel", timeout=10)
+    assert response.status_code == 202, response.text
+    assert response.json()["cancel_requested"] is True
+    row = job_row(database, job["id"])
+    assert row["state"] == "running" and row["cancel_requested_at"] is not None
+    pid = row["pid"]
+
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=10)
+    wait_until(lambda: not alive(pid))
+    restarted = server_factory(config_path)
+    document = httpx.get(f"{restarted.url}/api/v1/jobs/{job['id']}", timeout=10).json()
+    assert document["state"] == "cancelled", document
+    assert document["attempts"] == 1
+    assert [entry["outcome"] for entry in document["history"]] == ["cancelled"]
+    # A job submitted after it runs to its start: the scheduler is live, yet the cancelled
+    # job never started again.
+    later = submit(restarted.url, "stubborn", note=str(tmp_path / "later.txt"), seconds=0)
+    wait_for_job(restarted.url, later["id"], "succeeded")
+    assert runs(note) == 1
+    assert job_row(database, job["id"])["rescues"] == 0
+
+
+def test_pending_cancel_survives_a_graceful_stop(tmp_path: Path, server_factory: Any) -> None:
+    # The cancel flag must be set while the scheduler has not acted on it yet.  An HTTP
+    # cancel wakes the scheduler at once, so the flag is set as an admin would, with
+    # sqlite3, and the scheduler reads such flags only every poll_interval / 2 (30 min).
+    config_path = write_config(
+        tmp_path,
+        server={"shutdown_grace": "0s"},
+        scheduler={"poll_interval": "1h", "max_jobs": 1},
+        tasks=STUBBORN,
+    )
+    database = tmp_path / "data" / "jobserver.db"
+    note = tmp_path / "runs.txt"
+    server = server_factory(config_path)
+    job = submit(server.url, "stubborn", note=str(note))
+    wait_until(lambda: runs(note) == 1)
+    # A second job waits for the one slot: the tick that says so has read the cancel
+    # flags (none yet), so the next read is 30 minutes away.
+    waiting = submit(server.url, "stubborn", note=str(tmp_path / "other.txt"))
+    wait_until(
+        lambda: (
+            "max_jobs"
+            in (
+                httpx.get(f"{server.url}/api/v1/jobs/{waiting['id']}", timeout=10).json()[
+                    "waiting_reason"
+                ]
+                or ""
+            )
+        )
+    )
+    with sqlite3.connect(database, timeout=10) as db:
+        db.execute("UPDATE jobs SET cancel_requested_at = started_at WHERE id = ?", (job["id"],))
+    document = httpx.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=10).json()
+    assert document["state"] == "running" and document["cancel_requested"] is True
+
+    # shutdown_grace 0: the stop terminates it as a shutdown (it ignores SIGTERM, so it is
+    # killed after kill_grace), a requeue that must keep the cancel.
+    assert server.stop(signal.SIGTERM) == 0
+    row = job_row(database, job["id"])
+    assert row["state"] == "cancelled", dict(row)
+    assert "cancelled by request" in row["reason"]
+    restarted = server_factory(config_path)
+    submit(restarted.url, "stubborn", note=str(tmp_path / "other.txt"))  # wakes the scheduler
+    wait_for_job(restarted.url, waiting["id"], "running")
+    document = httpx.get(f"{restarted.url}/api/v1/jobs/{job['id']}", timeout=10).json()
+    assert document["state"] == "cancelled" and document["attempts"] == 1
+    assert runs(note) == 1
+
+
 # -- leftovers after a crash -------------------------------------------------------------------
 
 
@@ -195,7 +288,10 @@ def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
         text=True,
     )
     if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+        reason = f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}"
+        if "tmpfs" in os.environ.get("JOBSERVER_REQUIRE", ""):
+            pytest.fail(f"{reason} (JOBSERVER_REQUIRE=tmpfs)", pytrace=False)
+        pytest.skip(reason)
     try:
         yield directory
     finally:
@@ -258,6 +354,55 @@ def test_disk_full_answers_503_and_recovers(tmp_path: Path, server_factory: Any)
                 db.execute("SELECT args FROM jobs WHERE id = ?", (before["id"],)).fetchone()[0]
                 == '{"a":1}'
             )
+
+
+def test_disk_full_while_a_job_runs_keeps_its_outcome_until_space_returns(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "4M") as disk:
+        config_path = write_config(
+            tmp_path,
+            server={
+                "database": str(disk / "jobs.db"),
+                "jobs_dir": str(disk / "jobs"),
+                "wal_max_size": "1MiB",
+            },
+            scheduler={"max_memory": "1GiB"},
+        )
+        gate = tmp_path / "gate"  # off the full disk: the test decides when the job ends
+        server = server_factory(config_path)
+        job = submit(server.url, "wait_for_file", path=str(gate))
+        wait_for_job(server.url, job["id"], "running")
+        wait_until(lambda: job_row(disk / "jobs.db", job["id"])["pid"] is not None)
+
+        filler = fill(disk)
+        # Submits use up what room the write-ahead log still had, until one is refused.
+        for i in range(200):
+            response = httpx.post(
+                f"{server.url}/api/v1/jobs", json={"task": "big", "args": {"a": i}}, timeout=30
+            )
+            assert response.status_code in (202, 503), response.text
+            if response.status_code == 503:
+                break
+        else:
+            raise AssertionError("the disk never filled up")
+
+        gate.write_text("finished on a full disk")
+        wait_until(lambda: "could not store how attempt 1 ended" in server.log(), timeout=30)
+        assert job_row(disk / "jobs.db", job["id"])["state"] == "running"
+
+        filler.unlink()
+        done = wait_for_job(server.url, job["id"], "succeeded", "failed", "queued", timeout=30)
+        assert (done["state"], done["result"], done["attempts"]) == (
+            "succeeded",
+            "finished on a full disk",
+            1,
+        )
+        assert [entry["outcome"] for entry in done["history"]] == ["succeeded"]
+        wait_until(lambda: not (disk / "jobs" / job["id"] / "outcome.json").exists())
+        assert server.stop() == 0
+        with sqlite3.connect(disk / "jobs.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 # -- durability setting ------------------------------------------------------------------------

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
+from sqlalchemy.engine import Dialect
 
+from jobserver.errors import StorageUnavailable
 from jobserver.jobs import utcnow
-from jobserver.store import NewJob
+from jobserver.maintenance import Reconciler
+from jobserver.store import OUTCOME_FILE, NewJob
+from jobserver.store.driver import Driver, Operation
 from tests.conftest import FakeProbe, GiB, insert
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 GATED = {"gated": {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "1GiB"}}
 
@@ -82,3 +90,174 @@ async def test_queued_job_of_a_removed_task_fails_clearly(make_harness: Any) -> 
         document = (await h.client.get(f"/api/v1/jobs/{job.id}")).json()
         assert document["state"] == "failed"
         assert "no longer in the config" in document["error"]["message"]
+
+
+# -- an outcome the store cannot take -------------------------------------------------------
+
+
+class FailingEnds:
+    """The real driver, except that the repository's ``end_attempt`` writes fail with
+    ``StorageUnavailable`` (what a full disk makes SQLite's writes do) ``failures`` times,
+    or for as long as ``failing`` is set."""
+
+    def __init__(
+        self, inner: Driver, failures: int = 0, error: type[Exception] = StorageUnavailable
+    ) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.error = error
+        self.failing = False
+        self.failed = 0
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.inner.dialect
+
+    async def read(self, op: Operation[T], *, quick: bool = False) -> T:
+        return await self.inner.read(op, quick=quick)
+
+    async def write(self, op: Operation[T], *, batched: bool = True) -> T:
+        if "end_attempt" in op.__qualname__ and (self.failing or self.failures > 0):
+            self.failures -= 1
+            self.failed += 1
+            raise self.error("the database file cannot be written (disk full?)")
+        return await self.inner.write(op, batched=batched)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def reconciler(h: Any) -> Reconciler:
+    return Reconciler(
+        h.application.store,
+        h.application.scheduler.owned_attempts,
+        h.settings.scheduler.max_rescues,
+        h.settings.server.jobs_dir,
+    )
+
+
+async def no_attempt_left(h: Any) -> None:
+    """Wait until the scheduler watches no attempt: its outcome, file included, is settled
+    (the job's row shows the end as soon as it commits, a little before)."""
+    deadline = time.monotonic() + 30
+    while h.application.scheduler.owned_attempts() != frozenset():
+        assert time.monotonic() < deadline, "an attempt was never settled"
+        await anyio.sleep(0.02)
+
+
+def failing_ends(drivers: list[FailingEnds], **options: Any) -> Callable[[Driver], Driver]:
+    """A ``wrap_driver`` for the harness that keeps the driver it made in ``drivers``."""
+
+    def wrap(inner: Driver) -> FailingEnds:
+        drivers.append(FailingEnds(inner, **options))
+        return drivers[-1]
+
+    return wrap
+
+
+async def end_while_failing(h: Any, driver: FailingEnds, gate: Path, text: str) -> tuple[str, Path]:
+    """Run a gated job, make the store refuse its end, end it: its id and the path of its
+    kept outcome, once kept."""
+    response = await h.client.post(
+        "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
+    )
+    job_id = response.json()["id"]
+    await h.wait_for_state(job_id, "running")
+    kept = h.settings.server.jobs_dir / job_id / OUTCOME_FILE
+    driver.failing = True
+    gate.write_text(text)
+    deadline = time.monotonic() + 30
+    while not kept.exists():
+        assert time.monotonic() < deadline, "the outcome was never kept"
+        await anyio.sleep(0.02)
+    return job_id, kept
+
+
+async def stored_state(h: Any, job_id: str) -> str:
+    return str((await h.client.get(f"/api/v1/jobs/{job_id}")).json()["state"])
+
+
+async def test_a_failed_outcome_write_is_kept_and_retried(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    drivers: list[FailingEnds] = []
+    async with make_harness(tasks=GATED, wrap_driver=failing_ends(drivers)) as h:
+        (driver,) = drivers
+        job_id, kept = await end_while_failing(h, driver, tmp_path / "gate", "done")
+        deadline = time.monotonic() + 30
+        while driver.failed < 2:  # and retried
+            assert time.monotonic() < deadline, "the write was never retried"
+            await anyio.sleep(0.02)
+        assert await stored_state(h, job_id) == "running"
+        # Its attempt is still this server's while the write is retried: not an orphan.
+        assert await reconciler(h).tick(utcnow()) == []
+        document = json.loads(kept.read_text())
+        assert document["attempt"] == 1
+        assert document["end"]["state"] == "succeeded" and document["end"]["result"] == "done"
+
+        driver.failing = False  # space is back
+        job = await h.wait_for_state(job_id, "succeeded")
+        assert job["result"] == "done" and job["attempts"] == 1
+        await no_attempt_left(h)
+        assert not kept.exists()
+
+
+async def test_one_failed_outcome_write_leaves_no_file(make_harness: Any) -> None:
+    drivers: list[FailingEnds] = []
+    async with make_harness(wrap_driver=failing_ends(drivers, failures=1)) as h:
+        response = await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 2}})
+        job_id = response.json()["id"]
+        job = await h.wait_for_state(job_id, "succeeded", "failed")
+        assert (job["state"], job["result"], job["attempts"]) == ("succeeded", 2, 1)
+        assert drivers[0].failed == 1
+        await no_attempt_left(h)
+        assert not (h.settings.server.jobs_dir / job_id / OUTCOME_FILE).exists()
+        # The attempt is no longer this server's: nothing shows as running.
+        assert (await h.client.get("/api/v1/system")).json()["jobs"]["running"] == 0
+
+
+async def test_a_restart_applies_the_kept_outcome_instead_of_rerunning(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    drivers: list[FailingEnds] = []
+    async with make_harness(tasks=GATED, wrap_driver=failing_ends(drivers)) as h:
+        job_id, kept = await end_while_failing(h, drivers[0], gate, "done once")
+    # Stopped with the store still failing: the row says running, the file says how it ended.
+    assert kept.exists()
+    gate.write_text("a second run would say this")
+    async with make_harness(tasks=GATED) as h:
+        job = (await h.client.get(f"/api/v1/jobs/{job_id}")).json()
+        assert (job["state"], job["result"], job["attempts"]) == ("succeeded", "done once", 1)
+        assert [entry["outcome"] for entry in job["history"]] == ["succeeded"]
+        assert not kept.exists()
+
+
+async def test_the_reconciler_settles_a_running_row_no_attempt_owns(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    # An unexpected error (not the store being unavailable) drops the attempt's outcome:
+    # the row says running while nothing runs.
+    gate = tmp_path / "gate"
+    drivers: list[FailingEnds] = []
+    wrap = failing_ends(drivers, failures=1, error=RuntimeError)
+    async with make_harness(tasks=GATED, wrap_driver=wrap) as h:
+        gate.write_text("go")
+        response = await h.client.post(
+            "/api/v1/jobs", json={"task": "gated", "args": {"path": str(gate)}}
+        )
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 30
+        while drivers[0].failed == 0:
+            assert time.monotonic() < deadline, "the write never failed"
+            await anyio.sleep(0.02)
+        await no_attempt_left(h)
+        assert await stored_state(h, job_id) == "running"
+
+        (settled,) = await reconciler(h).tick(utcnow())
+        assert (settled.id, settled.state.value, settled.rescues) == (job_id, "queued", 1)
+        assert "no longer watched" in (settled.reason or "")
+        h.application.scheduler.wake()
+        job = await h.wait_for_state(job_id, "succeeded")
+        assert (job["attempts"], job["result"]) == (2, "go")
+        assert [entry["outcome"] for entry in job["history"]] == ["interrupted", "succeeded"]

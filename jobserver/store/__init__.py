@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobserver.store.kept import (
+    OUTCOME_FILE,
+    KeptOutcome,
+    forget_outcome,
+    keep_outcome,
+    kept_outcome,
+)
 from jobserver.store.repository import (
     FAILURE,
     MAX_PAGE,
@@ -35,6 +42,7 @@ from jobserver.store.sqlite import (
 __all__ = [
     "FAILURE",
     "MAX_PAGE",
+    "OUTCOME_FILE",
     "PRESSURE",
     "RESCUE",
     "Changed",
@@ -42,6 +50,7 @@ __all__ = [
     "DatabaseLock",
     "Finish",
     "IdempotencyKey",
+    "KeptOutcome",
     "NewJob",
     "QueueEntry",
     "Requeue",
@@ -50,6 +59,9 @@ __all__ = [
     "TaskRun",
     "TaskStats",
     "dump_json",
+    "forget_outcome",
+    "keep_outcome",
+    "kept_outcome",
     "metadata",
     "migrate",
     "migrations_dir",
