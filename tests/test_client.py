@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -133,6 +134,94 @@ async def test_the_async_twin(server: ServerProcess, tmp_path: Path) -> None:
         assert (await blocked.refresh()).state == "cancelled"
         assert any(entry["task"] == "add" for entry in await client.stats())
         assert [j.id for j in await client.jobs(task="add")] == [job.id]
+
+
+def test_every_submit_option_reaches_the_server(server: ServerProcess) -> None:
+    with Client(server.url) as client:
+        parent = client.submit("add", a=1)
+        job = client.submit_job(
+            "add",
+            {"a": 2},
+            priority=7,
+            delay=3600,
+            depends_on=[parent.id],
+            max_retries=2,
+            timeout=50,
+            idempotency_key="k-1",
+        )
+        d = job.document
+        assert d["priority"] == 7 and d["max_retries"] == 2 and d["timeout"] == 50
+        assert d["depends_on"] == [parent.id] and d["run_after"] is not None
+        assert job.version  # the ETag of the submit answer: the first poll waits on it
+        again = client.submit_job("add", {"a": 2}, priority=7, delay=3600,
+                                  depends_on=[parent.id], max_retries=2, timeout=50,
+                                  idempotency_key="k-1")  # fmt: skip
+        assert again.id == job.id
+        at = datetime.now(UTC) + timedelta(hours=2)
+        later = client.submit_job("add", {"a": 3}, run_at=at)
+        assert later.document["run_after"].startswith(at.strftime("%Y-%m-%dT%H:%M"))
+        with pytest.raises(ValueError):
+            client.submit_job("add", {"a": 3}, run_at=datetime(2030, 1, 1))
+        with pytest.raises(ClientError) as caught:
+            client.submit_job("add", {"a": 3}, delay=-1)
+        assert caught.value.status == 422
+
+
+def test_bulk_retry_logs_and_artifacts(server: ServerProcess, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with Client(server.url) as client:
+        failed = [client.submit("fail", message=f"no {n}") for n in range(2)]
+        for job in failed:
+            with pytest.raises(JobFailed):
+                job.wait(timeout=WAIT)
+        queued = client.submit_job("add", {"a": 1}, delay=3600)
+        with pytest.raises(ClientError) as caught:
+            client.cancel_jobs()  # no criterion: refused, nothing cancelled
+        assert caught.value.status == 422
+        answer = client.cancel_jobs(task="add", state="queued")
+        assert answer["count"] == 1 and answer["ids"] == [queued.id]
+        assert queued.refresh().state == "cancelled"
+        answer = client.retry_jobs(task="fail", older_than=0)
+        assert sorted(answer["ids"]) == sorted(job.id for job in failed)
+        assert queued.retry().state == "queued"
+
+        files = client.submit("make_files", names=["a.txt", "b.bin"])
+        assert files.wait(timeout=WAIT) == 2
+        assert sorted(a["name"] for a in files.artifacts) == ["a.txt", "b.bin"]
+        saved = files.download("a.txt", tmp_path / "copy.txt")
+        assert saved.read_text() == "content of a.txt"
+        with pytest.raises(ClientError) as caught:
+            files.download("nosuch", tmp_path / "nosuch")
+        assert caught.value.status == 404 and not (tmp_path / "nosuch").exists()
+
+        waiting = client.submit("wait_for_file", path=str(gate))
+        followed = waiting.follow_logs()
+        first = next(followed)  # the log as it is being written
+        assert f"waiting for {gate}" in first
+        assert waiting.refresh().state == "running"
+        gate.write_text("done")
+        rest = "".join(followed)  # ends when the job does
+        assert waiting.refresh().state == "succeeded", rest
+        assert waiting.logs(tail=1).strip() == f"waiting for {gate}"
+
+
+@pytest.mark.anyio
+async def test_the_async_twin_covers_the_rest(server: ServerProcess, tmp_path: Path) -> None:
+    async with AsyncClient(server.url) as client:
+        job = await client.submit_job(
+            "make_files", {"names": ["x"]}, max_retries=1, timeout=60, idempotency_key="a"
+        )
+        assert await job.wait(timeout=WAIT) == 1
+        assert (await job.download("x", tmp_path / "x")).read_text() == "content of x"
+        assert (await job.logs(tail=0)) == ""
+        assert "".join([text async for text in job.follow_logs()]) == await job.logs()
+        delayed = await client.submit_job("add", {"a": 1}, delay=3600, priority=1)
+        assert (await client.cancel_jobs(all=True))["ids"] == [delayed.id]
+        assert (await client.retry_jobs(state=["cancelled"]))["ids"] == [delayed.id]
+        assert await delayed.wait(timeout=WAIT) == 1  # a retry drops the delay
+        with pytest.raises(ClientError) as caught:
+            await delayed.retry()  # it succeeded: nothing to retry
+        assert caught.value.status == 409
 
 
 # -- the CLI ---------------------------------------------------------------------------
