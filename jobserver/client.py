@@ -392,6 +392,11 @@ class Client:
         body = _answer(self.request("GET", "/api/v1/jobs", params=_list_params(state, task, limit)))
         return [Job.from_document(self, document) for document in body["jobs"]]
 
+    def tasks(self) -> list[dict[str, Any]]:
+        """The registered tasks: name, parameters (with types), resources, limits."""
+        tasks: list[dict[str, Any]] = _answer(self.request("GET", "/api/v1/tasks"))["tasks"]
+        return tasks
+
     def stats(self) -> list[dict[str, Any]]:
         """Per task: counts by state, success rate, p50/p95 duration, peak memory."""
         tasks: list[dict[str, Any]] = _answer(self.request("GET", "/api/v1/stats"))["tasks"]
@@ -574,6 +579,10 @@ class AsyncClient:
         params = _list_params(state, task, limit)
         body = _answer(await self.request("GET", "/api/v1/jobs", params=params))
         return [AsyncJob.from_document(self, document) for document in body["jobs"]]
+
+    async def tasks(self) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = _answer(await self.request("GET", "/api/v1/tasks"))["tasks"]
+        return tasks
 
     async def stats(self) -> list[dict[str, Any]]:
         tasks: list[dict[str, Any]] = _answer(await self.request("GET", "/api/v1/stats"))["tasks"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -297,3 +298,87 @@ def test_cli_exit_codes_mean_something(server: ServerProcess) -> None:
     assert bad_limit.returncode == 2 and "--limit" in bad_limit.stderr
     nowhere = cli(f"http://127.0.0.1:{free_port()}", "stats")
     assert nowhere.returncode == 3 and "cannot reach" in nowhere.stderr
+
+
+def test_cli_submit_wait_shows_running_for_a_job_without_progress(server: ServerProcess) -> None:
+    # The job is running before the CLI's first long poll: that poll must answer at once
+    # (it carries the submit answer's ETag), not wait for the job's end.
+    done = cli(server.url, "submit", "sleep", "seconds=3", "--wait")
+    assert done.returncode == 0, done.stderr
+    states = [line.split()[1] for line in done.stderr.splitlines() if line.count(" ") > 1][1:]
+    assert "running" in states and states[-1] == "succeeded", done.stderr
+
+
+def test_cli_ctrl_c_during_wait_leaves_the_job_running(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobserver", "submit", "wait_for_file", f"path={gate}", "--wait"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JOBSERVER_URL": server.url},
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        while not any(" running " in line for line in seen):
+            line = process.stderr.readline()
+            assert line, f"the CLI ended first: {seen}"
+            seen.append(line)
+        job_id = seen[0].split()[1].rstrip(";")
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        assert process.wait(timeout=WAIT) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+    assert f"job {job_id} keeps running" in rest
+    assert f"jobserver cancel {job_id}" in rest and "Traceback" not in rest
+    with Client(server.url) as client:
+        assert client.job(job_id).state == "running"
+        gate.write_text("done")
+        assert client.job(job_id).wait(timeout=WAIT) == "done"
+
+
+def test_cli_artifacts_lists_and_downloads(server: ServerProcess, tmp_path: Path) -> None:
+    with Client(server.url) as client:
+        job = client.submit("make_files", names=["a.txt", "b.bin"])
+        job.wait(timeout=WAIT)
+    listed = cli(server.url, "artifacts", job.id)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "a.txt", "b.bin"]
+    as_json = json.loads(cli(server.url, "artifacts", job.id, "--json").stdout)
+    assert [a["name"] for a in as_json] == ["a.txt", "b.bin"]
+
+    saved = cli(server.url, "artifacts", job.id, "b.bin", "-o", str(tmp_path / "copy"))
+    assert saved.returncode == 0, saved.stderr
+    assert (tmp_path / "copy").read_text() == "content of b.bin"
+    (tmp_path / "dir").mkdir()
+    into = cli(server.url, "artifacts", job.id, "a.txt", "-o", str(tmp_path / "dir"))
+    assert into.returncode == 0 and (tmp_path / "dir" / "a.txt").exists()
+    missing = cli(server.url, "artifacts", job.id, "nosuch", "-o", str(tmp_path / "n"))
+    assert missing.returncode == 4 and "nosuch" in missing.stderr
+    assert not (tmp_path / "n").exists()
+
+
+def test_cli_bulk_cancel_and_retry(server: ServerProcess) -> None:
+    with Client(server.url) as client:
+        queued = [client.submit_job("add", {"a": n}, delay=3600) for n in range(2)]
+        other = client.submit_job("sleep", {"seconds": 1}, delay=3600)
+    refused = cli(server.url, "cancel")
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    bad = cli(server.url, "cancel", "--task", "nosuch")
+    assert bad.returncode == 2 and "task" in bad.stderr
+    done = cli(server.url, "cancel", "--task", "add", "--state", "queued")
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split()) == sorted(job.id for job in queued)
+    assert "2 job(s)" in done.stderr
+    again = cli(server.url, "retry", "--state", "cancelled", "--json")
+    assert json.loads(again.stdout)["count"] == 2
+    with Client(server.url) as client:
+        assert client.job(other.id).state == "queued"
+        assert client.job(queued[0].id).state != "cancelled"
