@@ -260,16 +260,9 @@ async def healthz(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     api: Api = request.app.api
     body = await _read_json(api, request)
-    if not isinstance(body, dict):
-        raise ValidationError(
-            'the body must be a JSON object like {"task": "NAME", "args": {...}, "priority": 0}',
-            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
-        )
-    problems = [
-        {"field": key, "message": f"unknown field; allowed: {', '.join(SUBMIT_FIELDS)}"}
-        for key in body
-        if key not in SUBMIT_FIELDS
-    ]
+    problems = _unknown_fields(
+        body, SUBMIT_FIELDS, '{"task": "NAME", "args": {...}, "priority": 0}'
+    )
     name = body.get("task")
     if not isinstance(name, str):
         problems.append({"field": "task", "message": "required: the name of a task"})
@@ -447,16 +440,7 @@ async def _bulk_filter(api: Api, request: Request, allowed: tuple[JobState, ...]
     """The filter of a bulk cancel or retry body, checked: at least one criterion, or
     ``"all": true``, so that an empty body never touches every job by accident."""
     body = await _read_json(api, request)
-    if not isinstance(body, dict):
-        raise ValidationError(
-            'the body must be a JSON object like {"task": "NAME", "state": "queued"}',
-            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
-        )
-    problems = [
-        {"field": key, "message": f"unknown field; allowed: {', '.join(BULK_FIELDS)}"}
-        for key in body
-        if key not in BULK_FIELDS
-    ]
+    problems = _unknown_fields(body, BULK_FIELDS, '{"task": "NAME", "state": "queued"}')
     task = body.get("task")
     if task is not None and not (isinstance(task, str) and task in api.registry):
         problems.append({"field": "task", "message": "expected the name of a registered task"})
@@ -504,6 +488,21 @@ async def _bulk_filter(api: Api, request: Request, allowed: tuple[JobState, ...]
         created_before=min(cutoffs) if cutoffs else None,
         owner=_owner(request),
     )
+
+
+def _unknown_fields(body: Any, allowed: tuple[str, ...], example: str) -> list[dict[str, str]]:
+    """A problem for each field of ``body`` not in ``allowed``; raises unless ``body`` is
+    a JSON object (``example`` shows one)."""
+    if not isinstance(body, dict):
+        raise ValidationError(
+            f"the body must be a JSON object like {example}",
+            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
+        )
+    return [
+        {"field": key, "message": f"unknown field; allowed: {', '.join(allowed)}"}
+        for key in body
+        if key not in allowed
+    ]
 
 
 def _bulk_answer(changes: list[Changed]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 
@@ -47,6 +47,8 @@ __all__ = [
     "Job",
     "JobCancelled",
     "JobFailed",
+    "JobFilter",
+    "SubmitOptions",
     "WaitTimeout",
 ]
 
@@ -140,52 +142,69 @@ def _outcome(document: dict[str, Any]) -> Any:
     raise JobFailed(document)
 
 
+class SubmitOptions(TypedDict, total=False):
+    """The options of ``submit_job`` beside the task and its arguments (None: the
+    server's default)."""
+
+    priority: int
+    delay: float | None
+    run_at: datetime | str | None
+    depends_on: Sequence[str]
+    max_retries: int | None
+    timeout: float | None
+    idempotency_key: str | None
+
+
+class JobFilter(TypedDict, total=False):
+    """Which jobs ``cancel_jobs``/``retry_jobs`` act on: every criterion given must hold
+    (give at least one, or ``all=True``)."""
+
+    task: str | None
+    state: str | Sequence[str] | None
+    older_than: float | None
+    before: datetime | str | None
+    all: bool
+
+
 def _submission(
-    task: str,
-    args: dict[str, Any],
-    priority: int,
-    *,
-    delay: float | None,
-    run_at: datetime | str | None,
-    depends_on: Sequence[str],
-    max_retries: int | None,
-    timeout: float | None,
-    idempotency_key: str | None,
+    task: str, args: dict[str, Any], options: SubmitOptions
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The body and headers of a submit: options left at None are the server's defaults."""
     if not isinstance(task, str) or not task:
         raise ValueError("task must be the name of a registered task")
-    body: dict[str, Any] = {"task": task, "args": args, "priority": priority}
+    body: dict[str, Any] = {"task": task, "args": args, "priority": options.get("priority", 0)}
+    run_at = options.get("run_at")
     if isinstance(run_at, datetime):
         if run_at.tzinfo is None:
             raise ValueError("run_at needs a time zone (e.g. datetime.now(UTC))")
         run_at = run_at.isoformat()
-    optional = {"delay": delay, "run_at": run_at, "max_retries": max_retries, "timeout": timeout}
+    optional = {
+        "delay": options.get("delay"),
+        "run_at": run_at,
+        "max_retries": options.get("max_retries"),
+        "timeout": options.get("timeout"),
+    }
     body.update({key: value for key, value in optional.items() if value is not None})
-    if depends_on:
-        body["depends_on"] = list(depends_on)
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    return body, headers
+    if options.get("depends_on"):
+        body["depends_on"] = list(options.get("depends_on", ()))
+    key = options.get("idempotency_key")
+    return body, ({"Idempotency-Key": key} if key else {})
 
 
-def _bulk_body(
-    task: str | None,
-    state: str | Sequence[str] | None,
-    older_than: float | None,
-    before: datetime | str | None,
-    everything: bool,
-) -> dict[str, Any]:
+def _bulk_body(match: JobFilter) -> dict[str, Any]:
     """The filter of a bulk cancel or retry (the server refuses one with no criterion)."""
-    body: dict[str, Any] = {}
-    if task is not None:
-        body["task"] = task
+    body: dict[str, Any] = {
+        name: value
+        for name, value in match.items()
+        if value is not None and name in ("task", "older_than")
+    }
+    state = match.get("state")
     if state is not None:
         body["state"] = state if isinstance(state, str) else list(state)
-    if older_than is not None:
-        body["older_than"] = older_than
+    before = match.get("before")
     if before is not None:
         body["before"] = before.isoformat() if isinstance(before, datetime) else before
-    if everything:
+    if match.get("all"):
         body["all"] = True
     return body
 
@@ -359,27 +378,12 @@ class Client:
         """Submit ``task`` with keyword arguments; the job is stored when this returns."""
         return self.submit_job(task, args)
 
-    def submit_job(
-        self,
-        task: str,
-        args: dict[str, Any],
-        *,
-        priority: int = 0,
-        delay: float | None = None,
-        run_at: datetime | str | None = None,
-        depends_on: Sequence[str] = (),
-        max_retries: int | None = None,
-        timeout: float | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
+    def submit_job(self, task: str, args: dict[str, Any], **options: Unpack[SubmitOptions]) -> Job:
         """Submit with an argument dict and the options of ``POST /api/v1/jobs``: a
         priority (-1000..1000, higher runs first), ``delay`` seconds or ``run_at``,
         ``depends_on`` job ids, ``max_retries``, ``timeout`` seconds, and an
         ``idempotency_key`` (the same key and body return the original job)."""
-        body, headers = _submission(
-            task, args, priority, delay=delay, run_at=run_at, depends_on=depends_on,
-            max_retries=max_retries, timeout=timeout, idempotency_key=idempotency_key,
-        )  # fmt: skip
+        body, headers = _submission(task, args, options)
         return Job(self, self.request("POST", "/api/v1/jobs", json=body, headers=headers))
 
     def job(self, job_id: str) -> Job:
@@ -402,33 +406,18 @@ class Client:
         tasks: list[dict[str, Any]] = _answer(self.request("GET", "/api/v1/stats"))["tasks"]
         return tasks
 
-    def cancel_jobs(
-        self,
-        *,
-        task: str | None = None,
-        state: str | Sequence[str] | None = None,
-        older_than: float | None = None,
-        before: datetime | str | None = None,
-        all: bool = False,
-    ) -> dict[str, Any]:
+    def cancel_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
         """Cancel every queued or running job the filter selects (give at least one
         criterion, or ``all=True``); ``{"count", "ids", "truncated", "cascaded"}``."""
-        body = _bulk_body(task, state, older_than, before, all)
-        answer: dict[str, Any] = _answer(self.request("POST", "/api/v1/jobs/cancel", json=body))
-        return answer
+        return self._bulk("cancel", match)
 
-    def retry_jobs(
-        self,
-        *,
-        task: str | None = None,
-        state: str | Sequence[str] | None = None,
-        older_than: float | None = None,
-        before: datetime | str | None = None,
-        all: bool = False,
-    ) -> dict[str, Any]:
+    def retry_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
         """Run again every failed or cancelled job the filter selects; as ``cancel_jobs``."""
-        body = _bulk_body(task, state, older_than, before, all)
-        answer: dict[str, Any] = _answer(self.request("POST", "/api/v1/jobs/retry", json=body))
+        return self._bulk("retry", match)
+
+    def _bulk(self, verb: str, match: JobFilter) -> dict[str, Any]:
+        response = self.request("POST", f"/api/v1/jobs/{verb}", json=_bulk_body(match))
+        answer: dict[str, Any] = _answer(response)
         return answer
 
 
@@ -550,22 +539,9 @@ class AsyncClient:
         return await self.submit_job(task, args)
 
     async def submit_job(
-        self,
-        task: str,
-        args: dict[str, Any],
-        *,
-        priority: int = 0,
-        delay: float | None = None,
-        run_at: datetime | str | None = None,
-        depends_on: Sequence[str] = (),
-        max_retries: int | None = None,
-        timeout: float | None = None,
-        idempotency_key: str | None = None,
+        self, task: str, args: dict[str, Any], **options: Unpack[SubmitOptions]
     ) -> AsyncJob:
-        body, headers = _submission(
-            task, args, priority, delay=delay, run_at=run_at, depends_on=depends_on,
-            max_retries=max_retries, timeout=timeout, idempotency_key=idempotency_key,
-        )  # fmt: skip
+        body, headers = _submission(task, args, options)
         return AsyncJob(
             self, await self.request("POST", "/api/v1/jobs", json=body, headers=headers)
         )
@@ -588,31 +564,14 @@ class AsyncClient:
         tasks: list[dict[str, Any]] = _answer(await self.request("GET", "/api/v1/stats"))["tasks"]
         return tasks
 
-    async def cancel_jobs(
-        self,
-        *,
-        task: str | None = None,
-        state: str | Sequence[str] | None = None,
-        older_than: float | None = None,
-        before: datetime | str | None = None,
-        all: bool = False,
-    ) -> dict[str, Any]:
-        body = _bulk_body(task, state, older_than, before, all)
-        response = await self.request("POST", "/api/v1/jobs/cancel", json=body)
-        answer: dict[str, Any] = _answer(response)
-        return answer
+    async def cancel_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        return await self._bulk("cancel", match)
 
-    async def retry_jobs(
-        self,
-        *,
-        task: str | None = None,
-        state: str | Sequence[str] | None = None,
-        older_than: float | None = None,
-        before: datetime | str | None = None,
-        all: bool = False,
-    ) -> dict[str, Any]:
-        body = _bulk_body(task, state, older_than, before, all)
-        response = await self.request("POST", "/api/v1/jobs/retry", json=body)
+    async def retry_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        return await self._bulk("retry", match)
+
+    async def _bulk(self, verb: str, match: JobFilter) -> dict[str, Any]:
+        response = await self.request("POST", f"/api/v1/jobs/{verb}", json=_bulk_body(match))
         answer: dict[str, Any] = _answer(response)
         return answer
 
