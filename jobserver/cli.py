@@ -452,7 +452,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    if args.job_id is None:
+    if _filtered(args):
         return _bulk(args, "retry")
     with _client(args) as client:
         _show(client.job(args.job_id).retry().document, args.json)
@@ -698,7 +698,7 @@ def _show_job(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    if args.job_id is None:
+    if _filtered(args):
         return _bulk(args, "cancel")
     with _client(args) as client:
         job = client.job(args.job_id).cancel()
@@ -709,6 +709,18 @@ def _cancel(args: argparse.Namespace) -> int:
     else:
         print(f"{job.id}: cancel requested; its process is being stopped")
     return EXIT_OK
+
+
+def _filtered(args: argparse.Namespace) -> bool:
+    """Whether ``cancel``/``retry`` act on a filter rather than one job id (never both:
+    an id with a filter would silently ignore the filter)."""
+    criteria = [args.task, args.state, args.older_than, args.before]
+    given = any(value is not None for value in criteria) or args.all
+    if given and args.job_id is not None:
+        raise CommandFailed(
+            "give a job id or a filter (--task, --state, ...), not both", EXIT_USAGE
+        )
+    return args.job_id is None
 
 
 def _bulk(args: argparse.Namespace, verb: str) -> int:

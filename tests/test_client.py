@@ -371,6 +371,8 @@ def test_cli_bulk_cancel_and_retry(server: ServerProcess) -> None:
         other = client.submit_job("sleep", {"seconds": 1}, delay=3600)
     refused = cli(server.url, "cancel")
     assert refused.returncode == 2 and "--all" in refused.stderr
+    both = cli(server.url, "cancel", queued[0].id, "--task", "add")
+    assert both.returncode == 2 and "not both" in both.stderr
     bad = cli(server.url, "cancel", "--task", "nosuch")
     assert bad.returncode == 2 and "task" in bad.stderr
     done = cli(server.url, "cancel", "--task", "add", "--state", "queued")
