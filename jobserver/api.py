@@ -60,7 +60,16 @@ from jobserver.jobs import (
 from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jobserver.metrics import Metrics
 from jobserver.scheduler import SystemView
-from jobserver.store import MAX_PAGE, IdempotencyKey, NewJob, Store, TaskStats, dump_json
+from jobserver.store import (
+    MAX_PAGE,
+    Changed,
+    IdempotencyKey,
+    JobFilter,
+    NewJob,
+    Store,
+    TaskStats,
+    dump_json,
+)
 from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
@@ -82,6 +91,8 @@ MAX_TIMEOUT = 366 * 86400.0
 MAX_DEPENDENCIES = 100
 MAX_TAIL = 100_000
 IDEMPOTENCY_HEADER = "idempotency-key"
+BULK_FIELDS = ("task", "state", "older_than", "before", "all")
+MAX_BULK_IDS = 1000  # ids a bulk answer lists; its count counts them all
 ANONYMOUS_SCOPE = "anonymous"  # the Idempotency-Key scope of requests without a token
 FOLLOW_POLL = 0.2  # seconds between two looks at a followed log
 MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
@@ -249,16 +260,9 @@ async def healthz(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     api: Api = request.app.api
     body = await _read_json(api, request)
-    if not isinstance(body, dict):
-        raise ValidationError(
-            'the body must be a JSON object like {"task": "NAME", "args": {...}, "priority": 0}',
-            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
-        )
-    problems = [
-        {"field": key, "message": f"unknown field; allowed: {', '.join(SUBMIT_FIELDS)}"}
-        for key in body
-        if key not in SUBMIT_FIELDS
-    ]
+    problems = _unknown_fields(
+        body, SUBMIT_FIELDS, '{"task": "NAME", "args": {...}, "priority": 0}'
+    )
     name = body.get("task")
     if not isinstance(name, str):
         problems.append({"field": "task", "message": "required: the name of a task"})
@@ -398,6 +402,118 @@ async def retry_job(request: Request) -> Response:
     api.scheduler.wake()
     api.events.transition(job, change.source, reason=job.reason)
     return JSONDocument(_document(api, job), status_code=202, headers=_location(job))
+
+
+async def cancel_jobs(request: Request) -> Response:
+    api: Api = request.app.api
+    match = await _bulk_filter(api, request, (JobState.QUEUED, JobState.RUNNING))
+    changes = await api.store.cancel_matching(match, utcnow())
+    flagged = False
+    for change in changes:
+        job = change.job
+        if job.state is JobState.CANCELLED:
+            api.events.transition(job, change.source, reason=job.reason)
+            for dependent in change.cascaded:
+                api.events.transition(dependent, JobState.QUEUED, reason=dependent.reason)
+        else:
+            flagged = True
+            api.events.changed(job.id)
+    if flagged:
+        api.scheduler.cancel_requested()
+    log.info("bulk cancel: %d jobs changed", len(changes))
+    return JSONDocument(_bulk_answer(changes))
+
+
+async def retry_jobs(request: Request) -> Response:
+    api: Api = request.app.api
+    match = await _bulk_filter(api, request, (JobState.FAILED, JobState.CANCELLED))
+    changes = await api.store.retry_matching(match, utcnow())
+    for change in changes:
+        api.events.transition(change.job, change.source, reason=change.job.reason)
+    if changes:
+        api.scheduler.wake()
+    log.info("bulk retry: %d jobs requeued", len(changes))
+    return JSONDocument(_bulk_answer(changes))
+
+
+async def _bulk_filter(api: Api, request: Request, allowed: tuple[JobState, ...]) -> JobFilter:
+    """The filter of a bulk cancel or retry body, checked: at least one criterion, or
+    ``"all": true``, so that an empty body never touches every job by accident."""
+    body = await _read_json(api, request)
+    problems = _unknown_fields(body, BULK_FIELDS, '{"task": "NAME", "state": "queued"}')
+    task = body.get("task")
+    if task is not None and not (isinstance(task, str) and task in api.registry):
+        problems.append({"field": "task", "message": "expected the name of a registered task"})
+    states: tuple[JobState, ...] = ()
+    if "state" in body:
+        given = body["state"] if isinstance(body["state"], list) else [body["state"]]
+        names = [state.value for state in allowed]
+        if given and all(isinstance(name, str) and name in names for name in given):
+            states = tuple(JobState(name) for name in given)
+        else:
+            problems.append(
+                {"field": "state", "message": f"expected one or a list of {', '.join(names)}"}
+            )
+    cutoffs: list[datetime] = []
+    if "older_than" in body:
+        value = body["older_than"]
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e10:
+            cutoffs.append(utcnow() - timedelta(seconds=value))
+        else:
+            problems.append({"field": "older_than", "message": "expected seconds, >= 0"})
+    if "before" in body:
+        moment = _parse_run_at(body["before"])
+        if moment is None:
+            problems.append(
+                {"field": "before", "message": "expected an ISO 8601 time with a UTC offset"}
+            )
+        else:
+            cutoffs.append(moment)
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        problems.append({"field": "all", "message": "expected true or false"})
+    elif not everything and not problems and not (set(body) - {"all"}):
+        problems.append(
+            {
+                "field": "body",
+                "message": "give at least one of task, state, older_than, before; "
+                'or "all": true to mean every job',
+            }
+        )
+    if problems:
+        raise ValidationError("invalid filter", problems)
+    return JobFilter(
+        task=task,
+        states=states,
+        created_before=min(cutoffs) if cutoffs else None,
+        owner=_owner(request),
+    )
+
+
+def _unknown_fields(body: Any, allowed: tuple[str, ...], example: str) -> list[dict[str, str]]:
+    """A problem for each field of ``body`` not in ``allowed``; raises unless ``body`` is
+    a JSON object (``example`` shows one)."""
+    if not isinstance(body, dict):
+        raise ValidationError(
+            f"the body must be a JSON object like {example}",
+            [{"field": "body", "message": f"expected an object, got {_json_type(body)}"}],
+        )
+    return [
+        {"field": key, "message": f"unknown field; allowed: {', '.join(allowed)}"}
+        for key in body
+        if key not in allowed
+    ]
+
+
+def _bulk_answer(changes: list[Changed]) -> dict[str, Any]:
+    ids = [change.job.id for change in changes]
+    cascaded = [job.id for change in changes for job in change.cascaded]
+    return {
+        "count": len(ids),
+        "ids": ids[:MAX_BULK_IDS],
+        "truncated": len(ids) > MAX_BULK_IDS,
+        "cascaded": len(cascaded),
+    }
 
 
 async def job_logs(request: Request) -> Response:
@@ -546,6 +662,8 @@ routes: list[BaseRoute] = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/jobs/cancel", cancel_jobs, methods=["POST"]),
+    Route("/api/v1/jobs/retry", retry_jobs, methods=["POST"]),
     Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),

@@ -2,8 +2,9 @@
 
 ``serve``, ``migrate``, ``prune``, ``backup`` and ``token`` work on the local config and
 database, ``init`` writes a starter config; the client commands (``submit``, ``status``,
-``jobs``, ``show``, ``cancel``, ``retry``, ``logs``, ``stats``) speak HTTP to a running
-server like any other client, and never open the database.  They print tables for people
+``jobs``, ``show``, ``cancel``, ``retry``, ``logs``, ``artifacts``, ``stats``) speak HTTP
+to a running server through ``jobserver.client``, like any other client, and never open
+the database.  They print tables for people
 and, with ``--json``, the server's JSON documents for scripts.
 
 Exit codes: 0 done (for ``--wait``: the job succeeded); 1 the job failed or was
@@ -23,13 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from jobserver import __version__
 from jobserver.client import Client, ClientError, Job, JobFailed
 from jobserver.errors import JobServerError
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_SERVER, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"jobserver: {error.message}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
     sys.exit(code)
 
 
@@ -151,7 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     _job_command(commands, "status", "show a job", _status)
 
     # --- lifecycle (issue 4) ---
-    _job_command(commands, "retry", "run a failed or cancelled job again", _retry)
+    _bulk_command(
+        commands, "retry", "run a failed or cancelled job again (or every one a filter selects)",
+        _retry, ("failed", "cancelled"),
+    )  # fmt: skip
 
     logs = commands.add_parser("logs", help="print a job's log (stdout and stderr)")
     logs.add_argument("job_id")
@@ -159,6 +162,17 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     _url_option(logs)
     logs.set_defaults(run=_logs)
+
+    artifacts = commands.add_parser(
+        "artifacts", help="list a job's artifacts, or download one: JOB [NAME] [-o PATH]"
+    )
+    artifacts.add_argument("job_id")
+    artifacts.add_argument("name", nargs="?", help="the artifact to download")
+    artifacts.add_argument(
+        "-o", "--output", metavar="PATH", help="file or directory to save to (default: ./NAME)"
+    )
+    _client_options(artifacts)
+    artifacts.set_defaults(run=_artifacts)
 
     prune = commands.add_parser(
         "prune", help="delete finished jobs past their retention now (safe while serving)"
@@ -176,7 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     jobs.set_defaults(run=_jobs)
 
     _job_command(commands, "show", "show one job in full (error traceback included)", _show_job)
-    _job_command(commands, "cancel", "cancel a queued or running job", _cancel)
+    _bulk_command(
+        commands, "cancel", "cancel a queued or running job (or every one a filter selects)",
+        _cancel, ("queued", "running"),
+    )  # fmt: skip
 
     stats = commands.add_parser(
         "stats", help="per task: jobs, success rate, p50/p95 duration, peak memory"
@@ -209,6 +226,25 @@ def _job_command(commands: Any, name: str, help: str, run: Any) -> argparse.Argu
     _client_options(parser)
     parser.set_defaults(run=run)
     return parser
+
+
+def _bulk_command(commands: Any, name: str, help: str, run: Any, states: tuple[str, ...]) -> None:
+    """A client command on one job id, or on every job its filter options select."""
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help)
+    parser.add_argument("job_id", nargs="?", help="one job; or leave it out and filter")
+    parser.add_argument("--task", help="every job of this task")
+    parser.add_argument(
+        "--state", action="append", choices=states, help="every job in this state (repeatable)"
+    )
+    parser.add_argument(
+        "--older-than", type=float, metavar="SECONDS", help="submitted more than this ago"
+    )
+    parser.add_argument(
+        "--before", metavar="TIME", help='submitted before, e.g. "2030-01-31T03:00Z"'
+    )
+    parser.add_argument("--all", action="store_true", help="every job (when no filter is given)")
+    _client_options(parser)
+    parser.set_defaults(run=run)
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -331,38 +367,6 @@ def _token_revoke(args: argparse.Namespace) -> int:
 # -- client commands ------------------------------------------------------------------
 
 
-def _auth_headers(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """$JOBSERVER_TOKEN as a bearer token, plus ``extra``."""
-    token = os.environ.get("JOBSERVER_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return {**headers, **(extra or {})}
-
-
-def _request(method: str, url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
-    try:
-        response = httpx.request(method, url, timeout=30, headers=_auth_headers(headers), **kwargs)
-    except httpx.HTTPError as exc:
-        raise CommandFailed(
-            f"cannot reach {url}: {exc}; is the server running?", EXIT_SERVER
-        ) from None
-    try:
-        body = response.json()
-    except ValueError:
-        raise CommandFailed(
-            f"{method} {url} answered {response.status_code} without JSON", EXIT_SERVER
-        ) from None
-    if response.is_success:
-        return body
-    error = body.get("error", {}) if isinstance(body, dict) else {}
-    message = error.get("message", response.reason_phrase)
-    for problem in error.get("details") or [] if isinstance(error.get("details"), list) else []:
-        message += f"\n  {problem.get('field')}: {problem.get('message')}"
-    code = {404: EXIT_NOT_FOUND}.get(response.status_code, EXIT_SERVER)
-    if 400 <= response.status_code < 500 and response.status_code != 404:
-        code = EXIT_USAGE
-    raise CommandFailed(message, code)
-
-
 def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``key=value`` pairs to task arguments: JSON values, except that a parameter declared
     ``str`` takes the text as written (so ``dataset_id=007`` stays a string)."""
@@ -383,110 +387,108 @@ def parse_arguments(pairs: Sequence[str], params: Sequence[dict[str, Any]]) -> d
 
 
 def _submit(args: argparse.Namespace) -> int:
-    base = args.url.rstrip("/")
-    try:
-        tasks = _request("GET", f"{base}/api/v1/tasks")["tasks"]
-    except CommandFailed:
-        # A submit-only token may not read the task list: then every value is JSON-parsed,
-        # and the submit itself reports any real problem (an unreachable server included).
-        tasks = []
-    params: list[dict[str, Any]] = next(
-        (task["params"] for task in tasks if task["name"] == args.task), []
-    )
-    body: dict[str, Any] = {
-        "task": args.task,
-        "args": parse_arguments(args.arguments, params),
-        "priority": args.priority,
-    }
-    optional = {
-        "delay": args.delay,
-        "run_at": args.run_at,
-        "max_retries": args.max_retries,
-        "timeout": args.timeout,
-    }
-    body.update({key: value for key, value in optional.items() if value is not None})
-    if args.depends_on:
-        body["depends_on"] = args.depends_on
-    headers = {}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
-    job = _request("POST", f"{base}/api/v1/jobs", json=body, headers=headers)
-    if not args.wait:
-        _show(job, args.json)
-        return EXIT_OK
-    print(f"submitted {job['id']}; waiting…", file=sys.stderr)
-    bar = ProgressBar(sys.stderr)
     with _client(args) as client:
-        waiting = Job.from_document(client, job)
-        bar.update(waiting)
         try:
-            waiting.wait(on_change=bar.update)
+            tasks = client.tasks()
+        except ClientError as refused:
+            if refused.status is None:
+                raise
+            # A submit-only token may not read the task list: then every value is
+            # JSON-parsed, and the submit itself reports any real problem.
+            tasks = []
+        params: list[dict[str, Any]] = next(
+            (task["params"] for task in tasks if task["name"] == args.task), []
+        )
+        job = client.submit_job(
+            args.task,
+            parse_arguments(args.arguments, params),
+            priority=args.priority,
+            delay=args.delay,
+            run_at=args.run_at,
+            depends_on=args.depends_on,
+            max_retries=args.max_retries,
+            timeout=args.timeout,
+            idempotency_key=args.idempotency_key,
+        )
+        if not args.wait:
+            _show(job.document, args.json)
+            return EXIT_OK
+        print(f"submitted {job.id}; waiting…", file=sys.stderr)
+        bar = ProgressBar(sys.stderr)
+        bar.update(job)
+        try:
+            # The job keeps the submit answer's ETag: the first long poll returns at the
+            # job's first change (running), not at the one after it.
+            job.wait(on_change=bar.update)
         except JobFailed:
             pass  # reported below, like a success, from the final document
+        except KeyboardInterrupt:
+            bar.close()
+            print(
+                f"stopped waiting; job {job.id} keeps running on the server.\n"
+                f"  follow it:  jobserver status {job.id}\n"
+                f"  cancel it:  jobserver cancel {job.id}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
         finally:
             bar.close()
-        job = waiting.document
+    document = job.document
     if args.json:
-        print(json.dumps(job, indent=2, ensure_ascii=False))
-    elif job["state"] == "succeeded":
-        print(json.dumps(job["result"], indent=2, ensure_ascii=False))
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    elif document["state"] == "succeeded":
+        print(json.dumps(document["result"], indent=2, ensure_ascii=False))
     else:
-        error = job.get("error") or {}
-        print(f"{job['state']}: {error.get('message') or job.get('reason')}", file=sys.stderr)
-    return EXIT_OK if job["state"] == "succeeded" else EXIT_JOB_FAILED
+        error = document.get("error") or {}
+        message = error.get("message") or document.get("reason")
+        print(f"{document['state']}: {message}", file=sys.stderr)
+    return EXIT_OK if document["state"] == "succeeded" else EXIT_JOB_FAILED
 
 
 def _status(args: argparse.Namespace) -> int:
-    job = _request("GET", f"{args.url.rstrip('/')}/api/v1/jobs/{args.job_id}")
-    _show(job, args.json)
+    with _client(args) as client:
+        _show(client.job(args.job_id).document, args.json)
     return EXIT_OK
 
 
 def _retry(args: argparse.Namespace) -> int:
-    job = _request("POST", f"{args.url.rstrip('/')}/api/v1/jobs/{args.job_id}/retry")
-    _show(job, args.json)
+    if _filtered(args):
+        return _bulk(args, "retry")
+    with _client(args) as client:
+        _show(client.job(args.job_id).retry().document, args.json)
     return EXIT_OK
 
 
 def _logs(args: argparse.Namespace) -> int:
-    url = f"{args.url.rstrip('/')}/api/v1/jobs/{args.job_id}/logs"
-    params: dict[str, Any] = {}
-    if args.tail is not None:
-        params["tail"] = args.tail
-    if args.follow:
-        params["follow"] = 1
-    try:
-        # No read timeout when following: the stream is quiet while the job is.
-        with httpx.stream(
-            "GET", url, params=params, headers=_auth_headers(), timeout=httpx.Timeout(30, read=None)
-        ) as r:
-            if not r.is_success:
-                r.read()
-                _request_error(r, "GET", url)
-            for chunk in r.iter_bytes():
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
-    except httpx.HTTPError as exc:
-        raise CommandFailed(
-            f"cannot reach {url}: {exc}; is the server running?", EXIT_SERVER
-        ) from None
+    with _client(args) as client:
+        job = client.job(args.job_id)
+        if not args.follow:
+            sys.stdout.write(job.logs(tail=args.tail))
+            return EXIT_OK
+        for text in job.follow_logs(tail=args.tail):
+            sys.stdout.write(text)
+            sys.stdout.flush()
     return EXIT_OK
 
 
-def _request_error(response: httpx.Response, method: str, url: str) -> None:
-    """Raise CommandFailed for an error response, as ``_request`` does."""
-    try:
-        body = response.json()
-    except ValueError:
-        raise CommandFailed(
-            f"{method} {url} answered {response.status_code} without JSON", EXIT_SERVER
-        ) from None
-    error = body.get("error", {}) if isinstance(body, dict) else {}
-    message = error.get("message", response.reason_phrase)
-    code = EXIT_NOT_FOUND if response.status_code == 404 else EXIT_SERVER
-    if 400 <= response.status_code < 500 and response.status_code != 404:
-        code = EXIT_USAGE
-    raise CommandFailed(message, code)
+def _artifacts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id)
+        if args.name is None:
+            if args.json:
+                _print_json(job.artifacts)
+            elif not job.artifacts:
+                print(f"job {job.id} has no artifacts", file=sys.stderr)
+            else:
+                rows = [[a["name"], _size(a["size"]), a["sha256"]] for a in job.artifacts]
+                print(table(["NAME", "SIZE", "SHA-256"], rows))
+            return EXIT_OK
+        target = Path(args.output or Path(args.name).name)
+        if target.is_dir():
+            target /= Path(args.name).name
+        saved = job.download(args.name, target)
+    print(f"saved {args.name} to {saved} ({_size(saved.stat().st_size)})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -696,6 +698,8 @@ def _show_job(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    if _filtered(args):
+        return _bulk(args, "cancel")
     with _client(args) as client:
         job = client.job(args.job_id).cancel()
     if args.json:
@@ -704,6 +708,48 @@ def _cancel(args: argparse.Namespace) -> int:
         print(f"{job.id}: cancelled")
     else:
         print(f"{job.id}: cancel requested; its process is being stopped")
+    return EXIT_OK
+
+
+def _filtered(args: argparse.Namespace) -> bool:
+    """Whether ``cancel``/``retry`` act on a filter rather than one job id (never both:
+    an id with a filter would silently ignore the filter)."""
+    criteria = [args.task, args.state, args.older_than, args.before]
+    given = any(value is not None for value in criteria) or args.all
+    if given and args.job_id is not None:
+        raise CommandFailed(
+            "give a job id or a filter (--task, --state, ...), not both", EXIT_USAGE
+        )
+    return args.job_id is None
+
+
+def _bulk(args: argparse.Namespace, verb: str) -> int:
+    """``cancel``/``retry`` without a job id: every job the filter options select."""
+    criteria = [args.task, args.state, args.older_than, args.before]
+    if all(value is None for value in criteria) and not args.all:
+        raise CommandFailed(
+            f"{verb} what? give a job id, or a filter (--task, --state, --older-than, "
+            "--before), or --all for every job",
+            EXIT_USAGE,
+        )
+    with _client(args) as client:
+        operation = client.cancel_jobs if verb == "cancel" else client.retry_jobs
+        answer = operation(
+            task=args.task,
+            state=args.state,
+            older_than=args.older_than,
+            before=args.before,
+            all=args.all,
+        )
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    for job_id in answer["ids"]:
+        print(job_id)
+    more = " (more than listed)" if answer["truncated"] else ""
+    done = "cancelled or asked to stop" if verb == "cancel" else "queued again"
+    cascaded = f"; {answer['cascaded']} dependent(s) cancelled" if answer["cascaded"] else ""
+    print(f"{answer['count']} job(s) {done}{more}{cascaded}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -787,6 +833,7 @@ class ProgressBar:
         if self._live and self._last:
             self._stream.write("\n")
             self._stream.flush()
+        self._live = False  # closed: a second close writes nothing
 
 
 def _path(text: str) -> Path:

@@ -20,15 +20,20 @@ Exceptions (all ``errors.JobServerError``, so ``.code``, ``.message``, ``.detail
     └── JobCancelled   the job ended ``cancelled``
     WaitTimeout        ``wait(timeout=...)`` ran out first (also a ``TimeoutError``)
 
-This module only speaks HTTP: it works against a server on another box.
+This module only speaks HTTP: it works against a server on another box.  Every operation
+of the HTTP API has a method here (the CLI is built on it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 
@@ -42,6 +47,8 @@ __all__ = [
     "Job",
     "JobCancelled",
     "JobFailed",
+    "JobFilter",
+    "SubmitOptions",
     "WaitTimeout",
 ]
 
@@ -135,10 +142,116 @@ def _outcome(document: dict[str, Any]) -> Any:
     raise JobFailed(document)
 
 
-def _submission(task: str, args: dict[str, Any], priority: int) -> dict[str, Any]:
+class SubmitOptions(TypedDict, total=False):
+    """The options of ``submit_job`` beside the task and its arguments (None: the
+    server's default)."""
+
+    priority: int
+    delay: float | None
+    run_at: datetime | str | None
+    depends_on: Sequence[str]
+    max_retries: int | None
+    timeout: float | None
+    idempotency_key: str | None
+
+
+class JobFilter(TypedDict, total=False):
+    """Which jobs ``cancel_jobs``/``retry_jobs`` act on: every criterion given must hold
+    (give at least one, or ``all=True``)."""
+
+    task: str | None
+    state: str | Sequence[str] | None
+    older_than: float | None
+    before: datetime | str | None
+    all: bool
+
+
+def _submission(
+    task: str, args: dict[str, Any], options: SubmitOptions
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The body and headers of a submit: options left at None are the server's defaults."""
     if not isinstance(task, str) or not task:
         raise ValueError("task must be the name of a registered task")
-    return {"task": task, "args": args, "priority": priority}
+    body: dict[str, Any] = {"task": task, "args": args, "priority": options.get("priority", 0)}
+    run_at = options.get("run_at")
+    if isinstance(run_at, datetime):
+        if run_at.tzinfo is None:
+            raise ValueError("run_at needs a time zone (e.g. datetime.now(UTC))")
+        run_at = run_at.isoformat()
+    optional = {
+        "delay": options.get("delay"),
+        "run_at": run_at,
+        "max_retries": options.get("max_retries"),
+        "timeout": options.get("timeout"),
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if options.get("depends_on"):
+        body["depends_on"] = list(options.get("depends_on", ()))
+    key = options.get("idempotency_key")
+    return body, ({"Idempotency-Key": key} if key else {})
+
+
+def _bulk_body(match: JobFilter) -> dict[str, Any]:
+    """The filter of a bulk cancel or retry (the server refuses one with no criterion)."""
+    body: dict[str, Any] = {
+        name: value
+        for name, value in match.items()
+        if value is not None and name in ("task", "older_than")
+    }
+    state = match.get("state")
+    if state is not None:
+        body["state"] = state if isinstance(state, str) else list(state)
+    before = match.get("before")
+    if before is not None:
+        body["before"] = before.isoformat() if isinstance(before, datetime) else before
+    if match.get("all"):
+        body["all"] = True
+    return body
+
+
+def _logs_params(tail: int | None, follow: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {} if tail is None else {"tail": tail}
+    if follow:
+        params["follow"] = 1
+    return params
+
+
+# No read timeout when following a log: the stream is quiet while the job is.
+_FOLLOW_TIMEOUT = httpx.Timeout(30, read=None)
+
+
+class _Download:
+    """An artifact written to ``path`` as it arrives, checked against the server's
+    SHA-256 at the end (a short or corrupted copy raises and is removed)."""
+
+    def __init__(self, response: httpx.Response, path: Path) -> None:
+        self.path = path
+        self.expected = response.headers.get("x-checksum-sha256")
+        self.digest = hashlib.sha256()
+        self.file = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.file.write(chunk)
+
+    def close(self, complete: bool) -> Path:
+        self.file.close()
+        if complete and self.expected in (None, self.digest.hexdigest()):
+            return self.path
+        self.path.unlink(missing_ok=True)
+        if not complete:
+            raise ClientError(
+                f"the download of {self.path.name} was interrupted",
+                None,
+                code="unreachable",
+                status=None,
+            )
+        raise ClientError(
+            f"{self.path.name}: the downloaded bytes do not match the server's SHA-256",
+            {"expected": self.expected, "got": self.digest.hexdigest()},
+            code="checksum_mismatch",
+            status=None,
+        )
 
 
 def _list_params(state: str | None, task: str | None, limit: int) -> dict[str, Any]:
@@ -184,6 +297,14 @@ class _JobView:
     def progress(self) -> dict[str, Any] | None:
         """``{"fraction", "message", "updated_at"}`` where the server reports progress."""
         return self.document.get("progress")
+
+    @property
+    def artifacts(self) -> list[dict[str, Any]]:
+        """``{"name", "size", "sha256"}`` of each file the job left (see ``download``)."""
+        return list(self.document.get("artifacts") or [])
+
+    def _path(self, *parts: str) -> str:
+        return "/".join((f"/api/v1/jobs/{self.id}", *parts))
 
     def _update(self, response: httpx.Response) -> None:
         self.document = _answer(response)
@@ -241,14 +362,29 @@ class Client:
         except httpx.HTTPError as exc:
             raise _unreachable(self.url, exc) from exc
 
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A streamed response; an error answer raises ``ClientError`` before any byte."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    _answer(response)
+                yield response
+        except httpx.HTTPError as exc:
+            raise _unreachable(self.url, exc) from exc
+
     def submit(self, task: str, /, **args: Any) -> Job:
         """Submit ``task`` with keyword arguments; the job is stored when this returns."""
         return self.submit_job(task, args)
 
-    def submit_job(self, task: str, args: dict[str, Any], *, priority: int = 0) -> Job:
-        """Submit with an argument dict and a priority (-1000..1000, higher runs first)."""
-        response = self.request("POST", "/api/v1/jobs", json=_submission(task, args, priority))
-        return Job(self, response)
+    def submit_job(self, task: str, args: dict[str, Any], **options: Unpack[SubmitOptions]) -> Job:
+        """Submit with an argument dict and the options of ``POST /api/v1/jobs``: a
+        priority (-1000..1000, higher runs first), ``delay`` seconds or ``run_at``,
+        ``depends_on`` job ids, ``max_retries``, ``timeout`` seconds, and an
+        ``idempotency_key`` (the same key and body return the original job)."""
+        body, headers = _submission(task, args, options)
+        return Job(self, self.request("POST", "/api/v1/jobs", json=body, headers=headers))
 
     def job(self, job_id: str) -> Job:
         return Job(self, self.request("GET", f"/api/v1/jobs/{job_id}"))
@@ -260,10 +396,29 @@ class Client:
         body = _answer(self.request("GET", "/api/v1/jobs", params=_list_params(state, task, limit)))
         return [Job.from_document(self, document) for document in body["jobs"]]
 
+    def tasks(self) -> list[dict[str, Any]]:
+        """The registered tasks: name, parameters (with types), resources, limits."""
+        tasks: list[dict[str, Any]] = _answer(self.request("GET", "/api/v1/tasks"))["tasks"]
+        return tasks
+
     def stats(self) -> list[dict[str, Any]]:
         """Per task: counts by state, success rate, p50/p95 duration, peak memory."""
         tasks: list[dict[str, Any]] = _answer(self.request("GET", "/api/v1/stats"))["tasks"]
         return tasks
+
+    def cancel_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        """Cancel every queued or running job the filter selects (give at least one
+        criterion, or ``all=True``); ``{"count", "ids", "truncated", "cascaded"}``."""
+        return self._bulk("cancel", match)
+
+    def retry_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        """Run again every failed or cancelled job the filter selects; as ``cancel_jobs``."""
+        return self._bulk("retry", match)
+
+    def _bulk(self, verb: str, match: JobFilter) -> dict[str, Any]:
+        response = self.request("POST", f"/api/v1/jobs/{verb}", json=_bulk_body(match))
+        answer: dict[str, Any] = _answer(response)
+        return answer
 
 
 class Job(_JobView):
@@ -287,6 +442,40 @@ class Job(_JobView):
         """Cancel: a queued job at once, a running one when its process has stopped."""
         self._update(self._client.request("POST", f"/api/v1/jobs/{self.id}/cancel"))
         return self
+
+    def retry(self) -> Job:
+        """Run a failed or cancelled job again, as a new attempt."""
+        self._update(self._client.request("POST", self._path("retry")))
+        return self
+
+    def logs(self, tail: int | None = None) -> str:
+        """The job's log (stdout and stderr) so far; ``tail``: only the last lines."""
+        response = self._client.request("GET", self._path("logs"), params=_logs_params(tail, False))
+        if not response.is_success:
+            _answer(response)
+        return response.text
+
+    def follow_logs(self, tail: int | None = None) -> Iterator[str]:
+        """The log as it is written, until the job ends."""
+        with self._client.stream(
+            "GET", self._path("logs"), params=_logs_params(tail, True), timeout=_FOLLOW_TIMEOUT
+        ) as response:
+            yield from response.iter_text()
+
+    def download(self, name: str, path: str | Path | None = None) -> Path:
+        """Save the artifact ``name`` to ``path`` (default: ``name`` in the current
+        directory), checked against its SHA-256; returns the path."""
+        target = Path(name if path is None else path)
+        with self._client.stream("GET", self._path("artifacts", name)) as response:
+            download = _Download(response, target)
+            complete = False
+            try:
+                for chunk in response.iter_bytes():
+                    download.write(chunk)
+                complete = True
+            finally:
+                download.close(complete)
+        return target
 
     def wait(
         self,
@@ -349,9 +538,13 @@ class AsyncClient:
     async def submit(self, task: str, /, **args: Any) -> AsyncJob:
         return await self.submit_job(task, args)
 
-    async def submit_job(self, task: str, args: dict[str, Any], *, priority: int = 0) -> AsyncJob:
-        body = _submission(task, args, priority)
-        return AsyncJob(self, await self.request("POST", "/api/v1/jobs", json=body))
+    async def submit_job(
+        self, task: str, args: dict[str, Any], **options: Unpack[SubmitOptions]
+    ) -> AsyncJob:
+        body, headers = _submission(task, args, options)
+        return AsyncJob(
+            self, await self.request("POST", "/api/v1/jobs", json=body, headers=headers)
+        )
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, await self.request("GET", f"/api/v1/jobs/{job_id}"))
@@ -363,9 +556,35 @@ class AsyncClient:
         body = _answer(await self.request("GET", "/api/v1/jobs", params=params))
         return [AsyncJob.from_document(self, document) for document in body["jobs"]]
 
+    async def tasks(self) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = _answer(await self.request("GET", "/api/v1/tasks"))["tasks"]
+        return tasks
+
     async def stats(self) -> list[dict[str, Any]]:
         tasks: list[dict[str, Any]] = _answer(await self.request("GET", "/api/v1/stats"))["tasks"]
         return tasks
+
+    async def cancel_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        return await self._bulk("cancel", match)
+
+    async def retry_jobs(self, **match: Unpack[JobFilter]) -> dict[str, Any]:
+        return await self._bulk("retry", match)
+
+    async def _bulk(self, verb: str, match: JobFilter) -> dict[str, Any]:
+        response = await self.request("POST", f"/api/v1/jobs/{verb}", json=_bulk_body(match))
+        answer: dict[str, Any] = _answer(response)
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self._http.stream(method, path, **kwargs) as response:
+                if not response.is_success:
+                    await response.aread()
+                    _answer(response)
+                yield response
+        except httpx.HTTPError as exc:
+            raise _unreachable(self.url, exc) from exc
 
 
 class AsyncJob(_JobView):
@@ -386,6 +605,37 @@ class AsyncJob(_JobView):
     async def cancel(self) -> AsyncJob:
         self._update(await self._client.request("POST", f"/api/v1/jobs/{self.id}/cancel"))
         return self
+
+    async def retry(self) -> AsyncJob:
+        self._update(await self._client.request("POST", self._path("retry")))
+        return self
+
+    async def logs(self, tail: int | None = None) -> str:
+        params = _logs_params(tail, False)
+        response = await self._client.request("GET", self._path("logs"), params=params)
+        if not response.is_success:
+            _answer(response)
+        return response.text
+
+    async def follow_logs(self, tail: int | None = None) -> AsyncIterator[str]:
+        async with self._client.stream(
+            "GET", self._path("logs"), params=_logs_params(tail, True), timeout=_FOLLOW_TIMEOUT
+        ) as response:
+            async for text in response.aiter_text():
+                yield text
+
+    async def download(self, name: str, path: str | Path | None = None) -> Path:
+        target = Path(name if path is None else path)
+        async with self._client.stream("GET", self._path("artifacts", name)) as response:
+            download = _Download(response, target)
+            complete = False
+            try:
+                async for chunk in response.aiter_bytes():
+                    download.write(chunk)
+                complete = True
+            finally:
+                download.close(complete)
+        return target
 
     async def wait(
         self,

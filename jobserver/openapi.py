@@ -201,6 +201,16 @@ SCHEMAS: dict[str, Any] = {
             "system": {"$ref": "#/components/schemas/System"},
         },
     },
+    "BulkResult": {
+        "type": "object",
+        "required": ["count", "ids", "truncated", "cascaded"],
+        "properties": {
+            "count": {"type": "integer", "description": "jobs changed"},
+            "ids": {"type": "array", "items": _STRING, "description": "the first 1000"},
+            "truncated": {"type": "boolean", "description": "more changed than ids lists"},
+            "cascaded": {"type": "integer", "description": "dependents cancelled with them"},
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status", "version"],
@@ -267,7 +277,23 @@ _JOB_ID = {
 
 Endpoint = Callable[..., Any]
 
+
 # Every endpoint of api.routes, described; the document lists them in this order.
+def _bulk_filter(states: tuple[str, ...]) -> dict[str, Any]:
+    state = {"type": "string", "enum": list(states)}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "task": {**_STRING, "description": "a registered task's name"},
+            "state": {"oneOf": [state, {"type": "array", "items": state, "minItems": 1}]},
+            "older_than": {"type": "number", "minimum": 0, "description": "seconds since submit"},
+            "before": {"type": "string", "format": "date-time", "description": "submitted before"},
+            "all": {"type": "boolean", "description": "true: no criterion is needed"},
+        },
+    }
+
+
 OPERATIONS: Mapping[Endpoint, Operation] = {
     api.healthz: Operation(
         None,
@@ -347,6 +373,21 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         "Run a failed or cancelled job again, as a new attempt",
         {202: "Job", 404: None, 409: None},
         parameters=(_JOB_ID,),
+    ),
+    api.cancel_jobs: Operation(
+        "cancel",
+        "Cancel every queued or running job the filter selects (running ones are signalled)",
+        {200: "BulkResult", **dict.fromkeys(_BODY_ERRORS)},
+        body=_bulk_filter(("queued", "running")),
+        description='Give at least one criterion, or "all": true; jobs submitted after '
+        "the request are not touched.",
+    ),
+    api.retry_jobs: Operation(
+        "submit",
+        "Run again every failed or cancelled job the filter selects",
+        {200: "BulkResult", **dict.fromkeys(_BODY_ERRORS)},
+        body=_bulk_filter(("failed", "cancelled")),
+        description="A job whose dependency stays failed or cancelled is left as it is.",
     ),
     api.job_logs: Operation(
         "read",

@@ -383,3 +383,31 @@ async def test_lifecycle_routes_keep_clients_apart(make_harness: Any, tmp_path: 
             headers={**alice, "Idempotency-Key": "same-key"},
         )
         assert again.status_code == 200 and again.json()["id"] == job["id"]
+
+
+async def test_bulk_operations_touch_only_the_clients_own_jobs(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        alice, bob, reader = (
+            bearer(tokens["alice"]),
+            bearer(tokens["bob"]),
+            bearer(tokens["reader"]),
+        )
+        body = {"task": "sleep", "args": {"seconds": 1}, "delay": 3600}
+        alices = (await h.client.post("/api/v1/jobs", json=body, headers=alice)).json()
+        bobs = (await h.client.post("/api/v1/jobs", json=body, headers=bob)).json()
+
+        refused = await h.client.post("/api/v1/jobs/cancel", json={"all": True}, headers=reader)
+        assert refused.status_code == 403
+        assert "cancel" in refused.json()["error"]["message"]
+        refused = await h.client.post("/api/v1/jobs/retry", json={"all": True}, headers=reader)
+        assert refused.status_code == 403
+
+        answer = await h.client.post("/api/v1/jobs/cancel", json={"all": True}, headers=bob)
+        assert answer.json()["ids"] == [bobs["id"]]
+        still = await h.client.get(f"/api/v1/jobs/{alices['id']}", headers=alice)
+        assert still.json()["state"] == "queued"
+        answer = await h.client.post("/api/v1/jobs/retry", json={"all": True}, headers=alice)
+        assert answer.json()["count"] == 0  # bob's cancelled job is not alice's to retry

@@ -479,3 +479,95 @@ def test_a_task_route_cannot_shadow_an_api_route() -> None:
     for route in api.routes:
         path = getattr(route, "path", "")
         assert any(path == r or path.startswith(r + "/") for r in RESERVED_ROUTES), path
+
+
+# -- bulk cancel and retry -----------------------------------------------------------------
+
+
+async def test_bulk_cancel_cancels_queued_and_signals_running(make_harness: Any) -> None:
+    async with make_harness() as h:
+
+        async def post(body: dict[str, Any]) -> dict[str, Any]:
+            response = await h.client.post("/api/v1/jobs", json=body)
+            assert response.status_code == 202, response.text
+            return dict(response.json())
+
+        running = await post({"task": "sleep", "args": {"seconds": 60}})
+        await h.wait_for_state(running["id"], "running")
+        queued = [
+            await post({"task": "sleep", "args": {"seconds": 60}, "delay": 3600}) for _ in range(3)
+        ]
+        child = await post({"task": "add", "args": {"a": 1}, "depends_on": [queued[0]["id"]]})
+        other = await post({"task": "add", "args": {"a": 1}, "delay": 3600})
+
+        response = await h.client.post("/api/v1/jobs/cancel", json={"task": "sleep"})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["count"] == 4 and answer["truncated"] is False
+        assert answer["cascaded"] == 1
+        assert set(answer["ids"]) == {running["id"], *(job["id"] for job in queued)}
+        for job in queued:
+            assert (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()["state"] == "cancelled"
+        await h.wait_for_state(child["id"], "cancelled")
+        await h.wait_for_state(running["id"], "cancelled")  # the scheduler signalled it
+        assert (await h.client.get(f"/api/v1/jobs/{other['id']}")).json()["state"] == "queued"
+
+        # Retry what was cancelled, by state and task: the scheduler is woken for them.
+        response = await h.client.post(
+            "/api/v1/jobs/retry", json={"task": "sleep", "state": ["cancelled"]}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["count"] == 4
+        await h.wait_for_state(running["id"], "running")
+        for job in queued:  # a retry drops the delay: they run again
+            await h.wait_for_state(job["id"], "queued", "running")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("cancel", {}, "body"),
+        ("cancel", {"all": False}, "body"),
+        ("retry", {}, "body"),
+        ("cancel", [], "body"),
+        ("cancel", {"task": "nosuch"}, "task"),
+        ("cancel", {"state": "failed"}, "state"),
+        ("retry", {"state": ["queued"]}, "state"),
+        ("cancel", {"state": []}, "state"),
+        ("cancel", {"older_than": -1}, "older_than"),
+        ("cancel", {"older_than": "1h"}, "older_than"),
+        ("cancel", {"before": "yesterday"}, "before"),
+        ("cancel", {"before": "2030-01-01T00:00:00"}, "before"),  # no UTC offset
+        ("cancel", {"all": "yes"}, "all"),
+        ("cancel", {"tasks": "sleep"}, "tasks"),
+    ],
+)
+async def test_bad_bulk_filters_are_refused_and_change_nothing(
+    make_harness: Any, path: str, body: Any, field: str
+) -> None:
+    async with make_harness() as h:
+        job = (
+            await h.client.post(
+                "/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 1}, "delay": 3600}
+            )
+        ).json()
+        error = assert_error(
+            await h.client.post(f"/api/v1/jobs/{path}", json=body), 422, "validation_error"
+        )
+        assert field in [problem["field"] for problem in error["details"]]
+        assert (await h.client.get(f"/api/v1/jobs/{job['id']}")).json()["state"] == "queued"
+
+
+async def test_bulk_cancel_of_all_and_by_age(make_harness: Any) -> None:
+    async with make_harness() as h:
+        job = (
+            await h.client.post(
+                "/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 1}, "delay": 3600}
+            )
+        ).json()
+        young = await h.client.post("/api/v1/jobs/cancel", json={"older_than": 3600})
+        assert young.json() == {"count": 0, "ids": [], "truncated": False, "cascaded": 0}
+        old = await h.client.post("/api/v1/jobs/cancel", json={"before": "2000-01-01T00:00:00Z"})
+        assert old.json()["count"] == 0
+        everything = await h.client.post("/api/v1/jobs/cancel", json={"all": True})
+        assert everything.json()["ids"] == [job["id"]]

@@ -366,3 +366,27 @@ def make_server_with_recorder(tmp_path: Path) -> Iterator[tuple[str, list[str]]]
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def test_the_page_shows_each_tasks_queue_latency(
+    browser: Any, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    server = server_factory(write_config(tmp_path))
+    done = [_submit(server, "add", a=n) for n in range(3)]
+    for job_id in done:
+        poll_value(lambda job_id=job_id: _state(server, job_id) == "succeeded", "a job", 120)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'jobserver_job_queue_wait_seconds_count{task="add"} 3.0' in metrics
+
+    browser.get(server.url + "/")
+    row = '#latency tr[data-task="add"]'
+    poll_value(lambda: browser.find_elements(By.CSS_SELECTOR, row), what="the latency row")
+    cells = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, f"{row} td")]
+    assert cells[:2] == ["add", "3"], cells
+    assert cells[2].startswith(("≤", ">")) and cells[3].startswith(("≤", ">")), cells
+    bins = browser.find_elements(By.CSS_SELECTOR, f"{row} .histogram .bin")
+    assert len(bins) == 13  # the 12 bucket bounds and +Inf
+    assert any(b.get_attribute("style") == "height: 100%;" for b in bins)
+    assert not browser.find_elements(By.CSS_SELECTOR, '#latency tr[data-task="sleep"]')

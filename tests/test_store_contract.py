@@ -30,6 +30,7 @@ from jobserver.store import (
     RESCUE,
     Finish,
     IdempotencyKey,
+    JobFilter,
     NewJob,
     QueueEntry,
     Requeue,
@@ -39,6 +40,7 @@ from jobserver.store import (
     migrate,
     postgres,
 )
+from jobserver.store import repository as repo_module
 from jobserver.store.driver import Driver
 from tests.conftest import postgresql_database
 
@@ -792,6 +794,92 @@ async def test_retry_of_a_failed_job_requeues_it_with_failures_reset(repo: Store
     again = await claim(repo, job.id, at(6))
     assert again.attempts == 3
     assert [a.attempt for a in (await repo.get(job.id)).history] == [1, 2, 3]
+
+
+# -- 7b. bulk cancel and retry -------------------------------------------------------------
+
+
+async def test_cancel_matching_cancels_queued_flags_running_and_cascades(repo: Store) -> None:
+    queued = await submit(repo, new("a"))
+    running = await submit(repo, new("a"))
+    await claim(repo, running.id, at(1))
+    child = await submit(repo, new("b", depends_on=[queued.id]))
+    other_task = await submit(repo, new("b"))
+    later = await submit(repo, new("a"), now=at(10))  # submitted after the request
+
+    changes = await repo.cancel_matching(JobFilter(task="a"), at(5))
+    assert {(c.job.id, c.source, c.job.state) for c in changes} == {
+        (queued.id, JobState.QUEUED, JobState.CANCELLED),
+        (running.id, JobState.RUNNING, JobState.RUNNING),
+    }
+    (cancelled,) = [c for c in changes if c.job.id == queued.id]
+    assert [job.id for job in cancelled.cascaded] == [child.id]
+    assert (await repo.get(child.id)).state is JobState.CANCELLED
+    assert (await repo.get(running.id)).cancel_requested
+    assert await repo.cancel_requested() == {running.id}
+    assert (await repo.get(other_task.id)).state is JobState.QUEUED
+    assert (await repo.get(later.id)).state is JobState.QUEUED
+
+    # Again: nothing left to change (the running job is already flagged).
+    assert await repo.cancel_matching(JobFilter(task="a"), at(6)) == []
+
+
+async def test_bulk_filters_state_age_and_owner(repo: Store) -> None:
+    old = await submit(repo, new(owner="alice"), now=at(0))
+    young = await submit(repo, new(owner="alice"), now=at(50))
+    bobs = await submit(repo, new(owner="bob"), now=at(0))
+    running = await submit(repo, new(owner="alice"), now=at(0))
+    await claim(repo, running.id, at(1))
+
+    only_queued = JobFilter(states=(JobState.QUEUED,), created_before=at(10), owner="alice")
+    changes = await repo.cancel_matching(only_queued, at(60))
+    assert [c.job.id for c in changes] == [old.id]
+    assert (await repo.get(young.id)).state is JobState.QUEUED
+    assert (await repo.get(bobs.id)).state is JobState.QUEUED
+    assert not (await repo.get(running.id)).cancel_requested
+
+    # A state the operation does not apply to selects nothing.
+    assert await repo.cancel_matching(JobFilter(states=(JobState.FAILED,)), at(60)) == []
+    assert await repo.retry_matching(JobFilter(states=(JobState.QUEUED,)), at(60)) == []
+
+
+async def test_retry_matching_requeues_failed_and_cancelled_in_dependency_order(
+    repo: Store,
+) -> None:
+    parent = await submit(repo)
+    child = await submit(repo, new(depends_on=[parent.id]))
+    await run_to(repo, parent.id, Finish(JobState.FAILED), at(1), at(2))
+    lone = await submit(repo, new("other"))
+    await run_to(repo, lone.id, Finish(JobState.FAILED), at(3), at(4))
+    done = await submit(repo)
+    await run_to(repo, done.id, Finish(JobState.SUCCEEDED), at(5), at(6))
+
+    changes = await repo.retry_matching(JobFilter(task="t"), at(7))
+    assert [(c.job.id, c.source) for c in changes] == [
+        (parent.id, JobState.FAILED),
+        (child.id, JobState.CANCELLED),  # its parent was retried first
+    ]
+    assert all(c.job.state is JobState.QUEUED and c.job.failures == 0 for c in changes)
+    assert (await repo.get(lone.id)).state is JobState.FAILED
+    assert (await repo.get(done.id)).state is JobState.SUCCEEDED
+    assert await head_ids(repo, at(8)) == [parent.id]
+
+
+async def test_retry_matching_leaves_a_job_whose_dependency_stays_failed(repo: Store) -> None:
+    parent = await submit(repo, new("p"))
+    child = await submit(repo, new("c", depends_on=[parent.id]))
+    await run_to(repo, parent.id, Finish(JobState.FAILED), at(1), at(2))
+    assert await repo.retry_matching(JobFilter(task="c"), at(3)) == []
+    assert (await repo.get(child.id)).state is JobState.CANCELLED
+
+
+async def test_bulk_cancel_walks_more_than_one_batch(repo: Store) -> None:
+    count = repo_module.BULK_BATCH + 5
+    for _ in range(count):
+        await submit(repo)
+    changes = await repo.cancel_matching(JobFilter(task="t"), at(1))
+    assert len({c.job.id for c in changes}) == count
+    assert await repo.state_counts() == counts(cancelled=count)
 
 
 # -- 8. pagination -----------------------------------------------------------------------

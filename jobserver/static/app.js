@@ -256,6 +256,64 @@ async function loadTasks() {
   } catch (error) { /* refresh() reports connection problems */ }
 }
 
+// -- queue latency, from the server's Prometheus histogram ----------------------------
+
+const LATENCY_MS = 10000;
+const WAIT_BUCKET = /^jobserver_job_queue_wait_seconds_bucket\{([^}]*)\} (\S+)$/;
+
+// Per task: [[upper bound in seconds, cumulative count], ...] in bucket order.
+function queueWaits(text) {
+  const tasks = new Map();
+  for (const line of text.split("\n")) {
+    const match = WAIT_BUCKET.exec(line);
+    if (!match) continue;
+    const labels = {};
+    for (const [, name, value] of match[1].matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[name] = value;
+    if (!tasks.has(labels.task)) tasks.set(labels.task, []);
+    tasks.get(labels.task).push([labels.le === "+Inf" ? Infinity : Number(labels.le), Number(match[2])]);
+  }
+  return tasks;
+}
+
+// The bucket bound that the q-th fraction of starts waited at most (a histogram's answer).
+function bucketQuantile(buckets, q) {
+  const total = buckets[buckets.length - 1][1];
+  const found = buckets.find(([, count]) => count >= q * total);
+  if (!found) return "–";
+  const index = buckets.indexOf(found);
+  return found[0] === Infinity ? `> ${seconds(buckets[index - 1][0])}` : `≤ ${seconds(found[0])}`;
+}
+
+function latencyFigure(buckets) {
+  const counts = buckets.map(([, count], i) => count - (i ? buckets[i - 1][1] : 0));
+  const most = Math.max(1, ...counts);
+  return el("span", { class: "histogram", role: "img",
+    "aria-label": "starts per wait bucket, shortest wait on the left" },
+    ...counts.map((count, i) => {
+      const bound = buckets[i][0];
+      const bar = el("span", { class: "bin", title: `${count} started within ${bound === Infinity ? "longer" : seconds(bound)}` });
+      bar.style.height = `${Math.round((count / most) * 100)}%`;
+      return bar;
+    }));
+}
+
+async function loadLatency() {
+  try {
+    const { body } = await api("/metrics", { headers: { Accept: "text/plain" } });
+    const rows = [];
+    for (const [task, buckets] of [...queueWaits(body)].sort()) {
+      const total = buckets[buckets.length - 1][1];
+      if (!total) continue;
+      rows.push(el("tr", { "data-task": task },
+        el("td", {}, task), el("td", {}, String(total)),
+        el("td", { class: "p50" }, bucketQuantile(buckets, 0.5)),
+        el("td", { class: "p95" }, bucketQuantile(buckets, 0.95)),
+        el("td", { class: "opt" }, latencyFigure(buckets))));
+    }
+    fillTable("#latency", rows);
+  } catch (error) { /* refresh() reports connection problems */ }
+}
+
 // -- one job's detail -----------------------------------------------------------------
 
 function fact(name, value) {
@@ -425,7 +483,9 @@ function start() {
   document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeDetail(); });
   loadTasks();
   refresh();
+  loadLatency();
   setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
+  setInterval(() => { if (!document.hidden) loadLatency(); }, LATENCY_MS);
   setInterval(() => { if (!document.hidden) loadTasks(); }, 30000);
 }
 

@@ -182,6 +182,17 @@ class TaskStats:
     samples: int
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a bulk operation touches: every criterion given must hold.  ``states``
+    empty means every state the operation applies to; ``created_before`` bounds the age."""
+
+    task: str | None = None
+    states: tuple[JobState, ...] = ()
+    created_before: datetime | None = None
+    owner: str | None = None  # None: every client's jobs (an admin)
+
+
 Choose = Callable[[list[QueueEntry]], Sequence[str]]
 
 
@@ -725,6 +736,84 @@ class Store:
 
         return await self.driver.write(retry, batched=False)
 
+    async def cancel_matching(self, match: JobFilter, now: datetime) -> list[Changed]:
+        """Cancel every queued or running job that ``match`` selects, like
+        ``request_cancel`` does one (a running job is flagged; one already flagged is no
+        change).  Jobs submitted after ``now`` are not touched."""
+
+        def cancel(tx: Tx, job: Job) -> Changed | None:
+            if job.state is JobState.QUEUED:
+                cancelled = _set_state(
+                    tx,
+                    job.id,
+                    JobState.QUEUED,
+                    JobState.CANCELLED,
+                    finished_at=format_timestamp(now),
+                    reason="cancelled by request before it started",
+                )
+                if cancelled is None:  # cancelled by a cascade earlier in this batch
+                    return None
+                return Changed(cancelled, JobState.QUEUED, _cascade(tx, cancelled, now))
+            if job.cancel_requested:
+                return None
+            tx.run(REQUEST_CANCEL, {"job_id": job.id, "v_at": format_timestamp(now)})
+            return Changed(self._must_read(tx, job.id), job.state)
+
+        return await self._each_matching(match, _CANCELLABLE, now, cancel)
+
+    async def retry_matching(self, match: JobFilter, now: datetime) -> list[Changed]:
+        """Retry every failed or cancelled job that ``match`` selects, like ``retry`` does
+        one; a job whose dependency is still failed or cancelled (and not retried here
+        before it) is left as it is."""
+
+        def retry(tx: Tx, job: Job) -> Changed | None:
+            if tx.rows(FAILED_DEPENDENCY, {"job_id": job.id}):
+                return None
+            reason = f"retried by request (was {job.state.value})"
+            parameters = {"job_id": job.id, "w_state": job.state.value, "v_reason": reason}
+            if not tx.run(RETRY, parameters):
+                return None
+            return Changed(self._must_read(tx, job.id), job.state)
+
+        return await self._each_matching(match, _RETRIABLE, now, retry)
+
+    async def _each_matching(
+        self,
+        match: JobFilter,
+        allowed: tuple[JobState, ...],
+        now: datetime,
+        change: Callable[[Tx, Job], Changed | None],
+    ) -> list[Changed]:
+        """Apply ``change`` to each job ``match`` selects among ``allowed`` states, oldest
+        first, ``BULK_BATCH`` jobs per transaction (a long run never holds the writer for
+        long); each row is locked as it is read and each change is a compare-and-set."""
+        states = [state.value for state in (match.states or allowed) if state in allowed]
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.state.in_(states), jobs.c.created_at <= format_timestamp(now))
+            .order_by(jobs.c.id)
+            .limit(BULK_BATCH)
+            .with_for_update(key_share=True)
+        )
+        if match.task is not None:
+            query = query.where(jobs.c.task == match.task)
+        if match.created_before is not None:
+            query = query.where(jobs.c.created_at < format_timestamp(match.created_before))
+        if match.owner is not None:
+            query = query.where(jobs.c.owner == match.owner)
+
+        def batch(after: str, tx: Tx) -> tuple[list[Changed], str | None]:
+            rows = tx.rows(query.where(jobs.c.id > after))
+            changes = [found for row in rows if (found := change(tx, decode_job(row)))]
+            return changes, (rows[-1][0] if len(rows) == BULK_BATCH else None)
+
+        changes: list[Changed] = []
+        after: str | None = ""
+        while after is not None:
+            done, after = await self.driver.write(functools.partial(batch, after), batched=False)
+            changes += done
+        return changes
+
     # -- retention ---------------------------------------------------------------------
 
     async def prunable(
@@ -777,6 +866,9 @@ DECODED_JOBS = 256  # decoded jobs kept, with their rows
 SUBMITS_MAX = 256  # plain submits per batch: 2,816 parameters, under every driver's limit
 DECODED_TEXT = 16 * 1024  # characters of text a kept row may hold (args, result...)
 _ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value)
+BULK_BATCH = 200  # jobs per transaction of a bulk cancel or retry
+_CANCELLABLE = (JobState.QUEUED, JobState.RUNNING)
+_RETRIABLE = (JobState.FAILED, JobState.CANCELLED)
 
 
 def _owned(tx: Tx, job_id: str, owner: str | None) -> Job:
