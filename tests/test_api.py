@@ -3,10 +3,12 @@ file; the resource probe is fake so admissions do not depend on this machine's l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
 import sqlite3
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +16,17 @@ import pytest
 from jobserver import api
 from jobserver.api import _RENDER, _joined, _rendered_halves, job_document
 from jobserver.config import RESERVED_ROUTES
-from jobserver.jobs import Artifact, Attempt, Job, JobError, JobState, Progress, utcnow
+from jobserver.jobs import (
+    Artifact,
+    Attempt,
+    Job,
+    JobError,
+    JobState,
+    Progress,
+    new_job_id,
+    utcnow,
+)
+from jobserver.store import NewJob
 from tests.conftest import FakeProbe, Harness
 
 pytestmark = pytest.mark.anyio
@@ -479,3 +491,26 @@ def test_a_task_route_cannot_shadow_an_api_route() -> None:
     for route in api.routes:
         path = getattr(route, "path", "")
         assert any(path == r or path.startswith(r + "/") for r in RESERVED_ROUTES), path
+
+
+async def test_paging_with_the_largest_limit_sees_every_job_once(make_harness: Any) -> None:
+    # One page more than MAX_PAGE: the API asks the store for limit + 1 rows to learn
+    # whether a next page exists, so the store must not cap that below MAX_PAGE + 1.
+    async with make_harness() as h:
+        store = h.application.store
+        count = api.MAX_PAGE + 5
+        # Due tomorrow: they stay queued while the test pages.
+        new = NewJob("add", {"a": 1, "b": 2}, 0, 0, run_after=utcnow() + timedelta(days=1))
+        ids = [new_job_id() for _ in range(count)]
+        await asyncio.gather(*(store.submit(new, job_id, utcnow()) for job_id in ids))
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": str(api.MAX_PAGE), **({"cursor": cursor} if cursor else {})}
+            page = (await h.client.get("/api/v1/jobs", params=params)).json()
+            seen += [job["id"] for job in page["jobs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == count and set(seen) == set(ids)
+        assert sorted(seen, reverse=True) == seen

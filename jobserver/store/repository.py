@@ -256,8 +256,10 @@ class Store:
         owner: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the last id of the previous page (keyset pagination:
-        new jobs get larger ids, so they never shift a page being walked)."""
-        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(min(limit, MAX_PAGE))
+        new jobs get larger ids, so they never shift a page being walked).  At most
+        ``MAX_PAGE + 1`` jobs: a caller showing a full page asks for one more to learn
+        whether a next page exists."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(min(limit, MAX_PAGE + 1))
         if state is not None:
             query = query.where(jobs.c.state == state.value)
         if task is not None:
