@@ -40,6 +40,7 @@ from jobserver.access import principal_of
 from jobserver.errors import (
     ConfigError,
     Conflict,
+    Gone,
     InvalidTransition,
     JobServerError,
     NotFound,
@@ -143,6 +144,7 @@ class InputLimits:
 
 STATUS: dict[type[JobServerError], int] = {
     ValidationError: 422,
+    Gone: 410,  # before NotFound, of which it is a kind
     NotFound: 404,
     InvalidTransition: 409,
     Conflict: 409,

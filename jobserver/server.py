@@ -302,6 +302,7 @@ def build_pruner(settings: Settings, store: Store) -> Pruner:
         {name: t.retention for name, t in settings.tasks.items() if t.retention is not None},
         interval=settings.jobs.prune_interval,
         idempotency_window=settings.jobs.idempotency_window,
+        pruned_memory=settings.jobs.pruned_memory,
     )
 
 

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from jobserver import access, config
 from jobserver.access import RateLimiter, create_token, hash_secret, read_tokens, revoke_token
 from jobserver.errors import ConfigError
+from jobserver.jobs import format_timestamp, utcnow
 from jobserver.server import build, check_exposure
 from jobserver.store import migrate
 from tests.conftest import FakeProbe, write_config
@@ -383,3 +385,44 @@ async def test_lifecycle_routes_keep_clients_apart(make_harness: Any, tmp_path: 
             headers={**alice, "Idempotency-Key": "same-key"},
         )
         assert again.status_code == 200 and again.json()["id"] == job["id"]
+
+
+async def test_a_pruned_job_is_410_on_every_job_route_to_its_owner_only(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        alice, bob, admin = bearer(tokens["alice"]), bearer(tokens["bob"]), bearer(tokens["admin"])
+        submitted = await h.client.post(
+            "/api/v1/jobs", json={"task": "add", "args": {"a": 1}}, headers=alice
+        )
+        job_id = submitted.json()["id"]
+        deadline = time.monotonic() + 30
+        while (await h.client.get(f"/api/v1/jobs/{job_id}", headers=alice)).json()[
+            "state"
+        ] != "succeeded":
+            assert time.monotonic() < deadline, "the job never finished"
+            await anyio.sleep(0.02)
+        assert h.application.pruner is not None
+        later = utcnow() + timedelta(days=8)  # past the default retention of 7 days
+        assert await h.application.pruner.tick(later) == [job_id]
+        routes = [
+            ("GET", f"/api/v1/jobs/{job_id}"),
+            ("POST", f"/api/v1/jobs/{job_id}/cancel"),
+            ("POST", f"/api/v1/jobs/{job_id}/retry"),
+            ("GET", f"/api/v1/jobs/{job_id}/logs"),
+            ("GET", f"/api/v1/jobs/{job_id}/artifacts/out.txt"),
+            ("GET", f"/api/v1/jobs/{job_id}/events"),
+            ("GET", f"/api/v1/task-status/{job_id}"),
+        ]
+        for method, path in routes:
+            for headers in (alice, admin):
+                response = await h.client.request(method, path, headers=headers)
+                assert response.status_code == 410, (method, path, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "gone" and "pruned" in error["message"]
+                assert error["details"] == {"id": job_id, "pruned_at": format_timestamp(later)}
+            # Another client cannot tell it from an id never issued.
+            response = await h.client.request(method, path, headers=bob)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["code"] == "not_found"

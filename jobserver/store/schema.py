@@ -185,6 +185,17 @@ task_runs = sa.Table(
 )
 sa.Index("ix_task_runs_task_id", task_runs.c.task, task_runs.c.id)
 
+# The ids the pruner deleted, with their owner and when (migration 0008): a read of one
+# is answered "gone" rather than "not found"; forgotten after [jobs] pruned_memory.
+pruned_jobs = sa.Table(
+    "pruned_jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),
+    sa.Column("pruned_at", TIMESTAMP, nullable=False),
+)
+sa.Index("ix_pruned_jobs_pruned_at", pruned_jobs.c.pruned_at)
+
 JOB_COLUMNS = tuple(column.name for column in jobs.c)
 
 
