@@ -510,9 +510,15 @@ async def job_events(request: Request) -> Response:
 async def stats(request: Request) -> Response:
     api: Api = request.app.api
     found = {entry.task: entry for entry in await api.store.task_stats()}
+    figures = await api.scheduler.task_figures()
     names = sorted(set(found) | {task.name for task in api.registry})
     return JSONDocument(
-        {"tasks": [stats_document(name, found.get(name), api.registry) for name in names]}
+        {
+            "tasks": [
+                stats_document(name, found.get(name), api.registry, figures.get(name))
+                for name in names
+            ]
+        }
     )
 
 
@@ -1064,8 +1070,14 @@ def _wait_seconds(request: Request) -> float | None:
     return wait
 
 
-def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> dict[str, Any]:
-    """One task's entry in ``GET /api/v1/stats``."""
+def stats_document(
+    name: str,
+    stats: TaskStats | None,
+    registry: Registry,
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One task's entry in ``GET /api/v1/stats``; ``figures`` is the scheduler's view of
+    the task (``task_figures``): what admission really reserves, beside the config."""
     task = registry.get(name) if name in registry else None
     return {
         "task": name,
@@ -1080,6 +1092,8 @@ def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> di
         "samples": stats.samples if stats else 0,
         "memory_request": task.settings.memory if task else None,
         "cpus_request": task.settings.cpus if task else None,
+        "learned_memory": figures["learned"]["memory"] if figures else None,
+        "scheduled_with": dict(figures["scheduled_with"]) if figures else None,
     }
 
 

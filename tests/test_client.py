@@ -21,7 +21,7 @@ from jobserver.client import (
     JobFailed,
     WaitTimeout,
 )
-from tests.conftest import ServerProcess, free_port, write_config
+from tests.conftest import SAMPLE_TASKS, ServerProcess, free_port, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 # Real servers measure this machine: on a busy one a job may wait for CPU a while.
@@ -208,3 +208,21 @@ def test_cli_exit_codes_mean_something(server: ServerProcess) -> None:
     assert bad_limit.returncode == 2 and "--limit" in bad_limit.stderr
     nowhere = cli(f"http://127.0.0.1:{free_port()}", "stats")
     assert nowhere.returncode == 3 and "cannot reach" in nowhere.stderr
+
+
+def test_stats_request_is_what_admission_reserves(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    tasks = {
+        "add": SAMPLE_TASKS["add"],
+        "loose": {"function": "sample_tasks:add", "cpus": 0.1},  # no memory: the default
+    }
+    server = server_factory(
+        write_config(tmp_path, tasks=tasks, scheduler={"default_memory": "96MiB"})
+    )
+    stats = cli(server.url, "stats")
+    assert stats.returncode == 0, stats.stderr
+    lines = {line.split()[0]: line for line in stats.stdout.splitlines()}
+    assert lines["TASK"].split()[-1] == "REQUEST"
+    assert lines["add"].endswith("16.0 MiB")
+    assert lines["loose"].endswith("96.0 MiB (default)")

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobserver.events import JsonFormatter, Transition
 from jobserver.jobs import JobState, utcnow
 from jobserver.scheduler import hold_kind
-from tests.conftest import FakeProbe, GiB, Harness, ServerProcess, write_config
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, Harness, ServerProcess, write_config
 from tests.test_e2e import wait_until
 
 
@@ -171,6 +171,28 @@ def test_log_format_is_validated(tmp_path: Path) -> None:
 
 
 # -- statistics and the admin views ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_stats_say_what_admission_reserves(make_harness: Any) -> None:
+    tasks = {
+        "add": SAMPLE_TASKS["add"],
+        "loose": {"function": "sample_tasks:add", "cpus": 0.25},  # no memory declared
+    }
+    async with make_harness(tasks=tasks, scheduler={"default_memory": "96MiB"}) as h:
+        found = {e["task"]: e for e in (await h.client.get("/api/v1/stats")).json()["tasks"]}
+        assert found["add"]["scheduled_with"] == {
+            "cpus": 0.1,
+            "memory": 16 * 2**20,
+            "source": "declared",
+        }
+        loose = found["loose"]
+        assert loose["memory_request"] is None and loose["learned_memory"] is None
+        assert loose["scheduled_with"] == {
+            "cpus": 0.25,
+            "memory": 96 * 2**20,
+            "source": "default_memory",
+        }
 
 
 @pytest.mark.anyio
