@@ -863,6 +863,9 @@ def _document_halves(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
             for a in job.history
         ],
         "owner": job.owner,
+        "schedule": None
+        if job.schedule is None
+        else {"name": job.schedule, "slot": _time(job.schedule_slot)},
     }
 
 

@@ -91,6 +91,12 @@ SCHEMAS: dict[str, Any] = {
             "peak_rss": _nullable({"type": "integer"}),
             "cpu_seconds": _nullable({"type": "number"}),
             "owner": _nullable({"type": "string", "description": "the submitting token"}),
+            "schedule": {
+                "type": "object",
+                "nullable": True,
+                "description": "the [schedules.NAME] that fired the job, and the slot",
+                "properties": {"name": _STRING, "slot": _TIME},
+            },
             "timeout": _nullable({"type": "number", "description": "this job's own timeout"}),
             "depends_on": {"type": "array", "items": _STRING},
             "progress": {

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from jobserver import config
+from jobserver.api import job_document
 from jobserver.errors import ConfigError, Gone, InvalidTransition, NotFound
 from jobserver.jobs import (
     RETRY_TRANSITIONS,
     JobError,
     JobState,
     check_retry,
+    format_timestamp,
     new_job_id,
 )
 from jobserver.maintenance import CronJob, CronService, Pruner, latest_slot
@@ -168,6 +170,13 @@ async def test_scheduled_jobs_run_in_the_server(tmp_path: Path) -> None:
             while (job := await application.store.get(fired[0].id)).state is not JobState.SUCCEEDED:
                 await anyio.sleep(0.02)
         assert job.result == 7
+        # Once run, the reason no longer names the schedule; the document still does.
+        slot = now.replace(second=0)
+        assert job.reason is None and (job.schedule, job.schedule_slot) == ("every_minute", slot)
+        assert job_document(job, None)["schedule"] == {
+            "name": "every_minute",
+            "slot": format_timestamp(slot),
+        }
 
 
 @pytest.mark.parametrize(

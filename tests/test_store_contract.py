@@ -1001,6 +1001,20 @@ async def test_a_cron_slot_fires_exactly_once(repo: Store) -> None:
     assert await stored_ids(repo) == {first.id, second.id, hourly.id}
 
 
+async def test_a_fired_job_keeps_its_schedule_and_slot_for_life(repo: Store) -> None:
+    fired = await repo.fire_schedule("nightly", None, at(60), new(), new_job_id(), at(61))
+    assert fired is not None
+    assert (fired.schedule, fired.schedule_slot) == ("nightly", at(60))
+    # The reason changes with every transition; the schedule stays.
+    done = await run_to(repo, fired.id, Finish(JobState.SUCCEEDED), at(62), at(63))
+    assert done.reason is None
+    for job in (done, await repo.get(fired.id), *(await repo.page(limit=10))):
+        assert (job.schedule, job.schedule_slot) == ("nightly", at(60))
+    submitted = await submit(repo)
+    assert (submitted.schedule, submitted.schedule_slot) == (None, None)
+    assert (await repo.get(submitted.id)).schedule is None
+
+
 # -- 11. concurrent writers ----------------------------------------------------------------
 
 

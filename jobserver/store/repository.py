@@ -108,6 +108,8 @@ class NewJob:
     depends_on: tuple[str, ...] = ()
     idempotency: IdempotencyKey | None = None
     owner: str | None = None  # the token name submitting it; None: anonymous
+    schedule: str | None = None  # the schedule firing it (set by fire_schedule)
+    schedule_slot: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,11 @@ class Store:
             if not changed or new is None:
                 return None
             values = _new_job_values(new, job_id, now)
-            values["reason"] = f"scheduled by {name} for {slot_text}"
+            values.update(
+                reason=f"scheduled by {name} for {slot_text}",
+                schedule=name,
+                schedule_slot=slot_text,
+            )
             return _insert_job(tx, values)
 
         return await self.driver.write(fire, batched=False)
@@ -1053,6 +1059,8 @@ def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
         "timeout": None if new.timeout is None else float(new.timeout),
         "run_after": None if new.run_after is None else format_timestamp(new.run_after),
         "owner": new.owner,
+        "schedule": new.schedule,
+        "schedule_slot": None if new.schedule_slot is None else format_timestamp(new.schedule_slot),
     }
 
 
@@ -1141,6 +1149,8 @@ def decode_mapping(m: Any, history: Sequence[Row] = (), deps: Sequence[Row] = ()
         owner=m["owner"],
         pressure_requeues=m["pressure_requeues"],
         node=m["node"],
+        schedule=m["schedule"],
+        schedule_slot=_maybe_time(m["schedule_slot"]),
         history=tuple(
             Attempt(
                 attempt=attempt,

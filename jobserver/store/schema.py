@@ -102,6 +102,10 @@ jobs.append_column(sa.Column("artifacts", JSON_TEXT))
 # about an attempt compares (node, attempts), so a late write about an older attempt, or
 # from a node that no longer owns the job, changes nothing.
 jobs.append_column(sa.Column("node", sa.Text))
+# Migration 0009: the cron schedule that fired the job and the slot it fired for (NULL
+# for a job a client submitted).
+jobs.append_column(sa.Column("schedule", sa.Text))
+jobs.append_column(sa.Column("schedule_slot", TIMESTAMP))
 
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 # The queue head's two halves (migration 0006): jobs that may run now, and delayed ones.
