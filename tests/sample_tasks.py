@@ -69,6 +69,14 @@ def ignore_sigterm(seconds: float = 60) -> None:
     time.sleep(seconds)
 
 
+def ignore_sigterm_then_say(ready: str, seconds: float = 60) -> None:
+    """Ignores SIGTERM, then creates ``ready``: a test that waits for the file knows a
+    SIGTERM can no longer end it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
+    time.sleep(seconds)
+
+
 def wait_for_file(path: str, timeout: float = 60) -> str:
     """Runs until ``path`` exists: lets a test decide when the job ends.  Says so first,
     so that its log exists while it runs."""

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import sqlite3
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -389,6 +392,40 @@ async def test_cancel_escalates_to_sigkill(make_harness: Any) -> None:
         await h.client.post(f"/api/v1/jobs/{job['id']}/cancel")
         done = await h.wait_for_state(job["id"], "cancelled", timeout=15)
         assert done["state"] == "cancelled"
+
+
+async def test_cancel_and_timeout_log_the_sigkill_step(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobserver")
+    stubborn = {"function": "sample_tasks:ignore_sigterm_then_say", "cpus": 0.1}
+    tasks = {"stubborn": {**stubborn, "memory": "16MiB", "timeout": "1s"}}
+    timed_ready, cancel_ready = tmp_path / "timed", tmp_path / "cancel"
+    async with make_harness(scheduler={"kill_grace": "300ms"}, tasks=tasks) as h:
+        timed = (
+            await h.client.post(
+                "/api/v1/jobs", json={"task": "stubborn", "args": {"ready": str(timed_ready)}}
+            )
+        ).json()
+        body = {"task": "stubborn", "args": {"ready": str(cancel_ready)}, "timeout": 3600}
+        cancelled = (await h.client.post("/api/v1/jobs", json=body)).json()
+        deadline = time.monotonic() + 30
+        while not (cancel_ready.exists() and timed_ready.exists()):
+            assert time.monotonic() < deadline, "the jobs never started"
+            await asyncio.sleep(0.02)
+        await h.client.post(f"/api/v1/jobs/{cancelled['id']}/cancel")
+        await h.wait_for_state(cancelled["id"], "cancelled", timeout=15)
+        await h.wait_for_state(timed["id"], "failed", timeout=15)
+    for job_id, reason in ((cancelled["id"], "cancel"), (timed["id"], "timeout")):
+        lines = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job_id}")
+        ]
+        assert f"job {job_id}: sent SIGTERM to its process group ({reason})" in lines
+        killed = [line for line in lines if "SIGKILL" in line]
+        assert killed == [
+            f"job {job_id} (stubborn): still running 0.3 s after SIGTERM ({reason}); "
+            "sent SIGKILL to its process group"
+        ]
 
 
 async def test_timeout_fails_the_job(make_harness: Any) -> None:
