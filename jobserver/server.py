@@ -284,6 +284,7 @@ def build(
             limiter=None
             if server_settings.rate_limit is None
             else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
+            allow_anonymous=server_settings.allow_anonymous,
         ),
     )
     return Application(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -296,6 +297,53 @@ async def test_public_bind_with_tokens_revoked_stays_closed(tmp_path: Path) -> N
         assert response.status_code == 401
         assert "no tokens" in response.json()["error"]["message"]
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_revoking_the_last_token_keeps_a_loopback_server_closed(
+    make_harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobserver.access")
+    path = tmp_path / "tokens.json"
+    secret = create_token(path, "only", ["read"])
+
+    async def status(headers: dict[str, str] | None = None) -> int:
+        return (await h.client.get("/api/v1/jobs", headers=headers)).status_code
+
+    async def until(expected: int) -> None:
+        deadline = time.monotonic() + 10  # the file is re-read at most every 0.5 s
+        while await status() != expected:
+            assert time.monotonic() < deadline, f"never {expected}"
+            await anyio.sleep(0.02)
+
+    async with make_harness() as h:  # on loopback: open only while no tokens file exists
+        assert await status(bearer(secret)) == 200 and await status() == 401
+        assert "access: 1 token(s) in" in caplog.text
+        revoke_token(path, "only")
+        assert read_tokens(path) == [] and path.exists()
+        deadline = time.monotonic() + 10  # requests re-read the file every 0.5 s
+        while "has no tokens left (all revoked)" not in caplog.text:
+            assert time.monotonic() < deadline, "the revocation was never seen"
+            assert await status() == 401  # never open meanwhile
+            await anyio.sleep(0.02)
+        response = await h.client.get("/api/v1/jobs")
+        assert response.status_code == 401
+        assert "all revoked" in response.json()["error"]["message"]
+        # Removing the file says "no tokens here": a loopback server is open again.
+        path.unlink()
+        await until(200)
+        assert "open to anyone who can connect (loopback only)" in caplog.text
+
+
+async def test_allow_anonymous_opens_a_server_whose_tokens_were_all_revoked(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.json"
+    create_token(path, "only", ["read"])
+    revoke_token(path, "only")
+    async with make_harness() as h:
+        assert (await h.client.get("/api/v1/jobs")).status_code == 401
+    async with make_harness(server={"allow_anonymous": True}) as h:
+        assert (await h.client.get("/api/v1/jobs")).status_code == 200
 
 
 @pytest.mark.integration
