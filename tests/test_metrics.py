@@ -71,6 +71,17 @@ async def test_metrics_count_jobs_by_task_and_state(make_harness: Any) -> None:
 
 
 @pytest.mark.anyio
+async def test_metrics_have_no_created_series(make_harness: Any) -> None:
+    async with make_harness() as h:
+        await h.wait_for_state(await submit(h, "add", a=1), "succeeded")
+        text = (await h.client.get("/metrics")).text
+        # Counters and histograms with samples are there, their _created twins are not.
+        assert 'jobserver_jobs_submitted_total{task="add"} 1.0' in text
+        assert 'jobserver_job_duration_seconds_count{task="add"} 1.0' in text
+        assert "_created" not in text
+
+
+@pytest.mark.anyio
 async def test_holds_and_pressure_are_counted_by_kind_once(make_harness: Any) -> None:
     probe = FakeProbe(cpus=8, memory=4 * GiB)
     async with make_harness(probe=probe) as h:
