@@ -273,6 +273,7 @@ class TextFormatter(logging.Formatter):
 
 
 QUIET_LIBRARIES = ("alembic",)
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", ACCESS_LOGGER)
 
 
 def _uvicorn_name(record: logging.LogRecord) -> bool:
@@ -294,6 +295,11 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's records reach our handler (uvicorn is given no logging config of its own;
+    # this undoes one applied before, e.g. by an embedding program).
+    for name in UVICORN_LOGGERS:
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     # Libraries' own info lines (alembic's plugin set-up and every migration step) say
     # nothing an operator needs: jobserver logs what was migrated.  Shown at debug.
     for name in QUIET_LIBRARIES:

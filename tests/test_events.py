@@ -129,8 +129,15 @@ def test_uvicorn_and_alembic_lines_follow_our_format(log_format: str) -> None:
     flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
     saved_flags = {name: getattr(logging, name) for name in flags}
     stream = io.StringIO()
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_saved = {
+        name: (logger.handlers[:], logger.propagate, logger.level)
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        for logger in [logging.getLogger(name)]
+    }
     try:
         configure_logging("info", log_format)
+        uvicorn_error.setLevel(logging.INFO)  # what uvicorn.Config(log_level="info") sets
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
         logging.getLogger("alembic.runtime.plugins").info("setup plugin %s", "x")
         logging.getLogger("uvicorn.error").info("Started server process [%d]", 1)
@@ -140,6 +147,10 @@ def test_uvicorn_and_alembic_lines_follow_our_format(log_format: str) -> None:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
         logging.getLogger("alembic").setLevel(logging.NOTSET)
+        for name, (handlers, propagate, level) in uvicorn_saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
         for name, value in saved_flags.items():
             setattr(logging, name, value)
     lines = stream.getvalue().splitlines()
