@@ -13,9 +13,11 @@ The request handlers see only the ``Principal`` it stores in the ASGI scope; the
 to restrict a client to its own jobs.
 
 Scopes: ``submit``, ``read``, ``cancel``, ``admin``.  ``admin`` implies the others and sees
-every client's jobs.  Without any token configured the server is open (every request is
-an anonymous admin), which the server allows only on a loopback address unless
-``allow_anonymous = true``.
+every client's jobs.  Without any token configured (no tokens file) the server is open
+(every request is an anonymous admin), which the server allows only on a loopback address
+unless ``allow_anonymous = true``.  Once tokens have been configured (the file exists),
+revoking the last one does not reopen it: it refuses every request until a token is
+created, unless ``allow_anonymous = true``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,7 +196,14 @@ class TokenFile:
         self._stamp: tuple[int, int, int] | None = None
         self._tokens: list[Token] = []
         self._checked = 0.0
+        self.on_change: Callable[[], None] | None = None  # after a reload changed the tokens
         self.reload(strict=True)
+
+    @property
+    def configured(self) -> bool:
+        """Tokens have been set up here: the file exists, even with every token revoked
+        (``revoke_token`` leaves it, with an empty list)."""
+        return self._stamp is not None
 
     def tokens(self) -> list[Token]:
         now = time.monotonic()
@@ -212,13 +221,16 @@ class TokenFile:
         if stamp == self._stamp and self._checked:
             return
         try:
-            self._tokens = read_tokens(self.path)
+            tokens = read_tokens(self.path)
         except ConfigError:
             if strict:
                 raise
             log.exception("keeping the previous tokens")
             return
-        self._stamp = stamp
+        changed = (stamp is None, tokens) != (self._stamp is None, self._tokens)
+        self._tokens, self._stamp = tokens, stamp
+        if changed and self.on_change is not None:
+            self.on_change()
 
     def authenticate(self, secret: str) -> Token | None:
         presented = hash_secret(secret).encode()
@@ -291,8 +303,42 @@ def _compile(template: str) -> re.Pattern[str]:
 class Policy:
     tokens: TokenFile
     rules: tuple[Rule, ...]
-    open_without_tokens: bool  # no tokens configured: everyone is an anonymous admin
+    # No tokens file (never configured): everyone is an anonymous admin (loopback only,
+    # unless allow_anonymous).
+    open_without_tokens: bool
     limiter: RateLimiter | None = None
+    # server.allow_anonymous: open without tokens even once tokens were configured.
+    allow_anonymous: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens.on_change = self.log_state
+        self.log_state()
+
+    def anonymous(self, tokens: Sequence[Token]) -> bool:
+        """Whether a request without a token gets in (as the anonymous admin)."""
+        if tokens:
+            return False
+        return self.allow_anonymous or (self.open_without_tokens and not self.tokens.configured)
+
+    def log_state(self) -> None:
+        """One line on who gets in, at start and whenever the tokens file changes it."""
+        tokens, path = self.tokens.tokens(), self.tokens.path
+        if tokens:
+            log.info("access: %d token(s) in %s; every request needs one", len(tokens), path)
+        elif self.anonymous(tokens):
+            log.warning(
+                "access: no tokens in %s: open to anyone who can connect (%s)",
+                path,
+                "server.allow_anonymous = true" if self.allow_anonymous else "loopback only",
+            )
+        else:
+            log.warning(
+                "access: %s has no tokens left (all revoked): every request without a "
+                "valid token is refused (401); create one with `jobserver token create`, "
+                "or set server.allow_anonymous = true (or remove the file, on loopback) "
+                "to serve without tokens",
+                path,
+            )
 
     def required_scope(self, method: str, path: str) -> tuple[bool, str | None]:
         """(a rule matched, its scope).  HEAD is checked as GET."""
@@ -324,7 +370,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         tokens = policy.tokens.tokens()
-        if not tokens and policy.open_without_tokens:
+        if policy.anonymous(tokens):
             principal = ANONYMOUS
         else:
             secret = _bearer(scope)
@@ -336,8 +382,9 @@ class AccessMiddleware:
                 )
                 if not tokens:
                     message = (
-                        "this server has no tokens and listens on a non-loopback address; "
-                        "create one with `jobserver token create NAME --scopes ...`"
+                        "this server has no tokens (never created, or all revoked) and is "
+                        "not open to anonymous requests; create one with "
+                        "`jobserver token create NAME --scopes ...`"
                     )
                 await _deny(
                     scope,

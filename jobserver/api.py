@@ -40,6 +40,7 @@ from jobserver.access import principal_of
 from jobserver.errors import (
     ConfigError,
     Conflict,
+    Gone,
     InvalidTransition,
     JobServerError,
     NotFound,
@@ -154,6 +155,7 @@ class InputLimits:
 
 STATUS: dict[type[JobServerError], int] = {
     ValidationError: 422,
+    Gone: 410,  # before NotFound, of which it is a kind
     NotFound: 404,
     InvalidTransition: 409,
     Conflict: 409,
@@ -624,9 +626,15 @@ async def job_events(request: Request) -> Response:
 async def stats(request: Request) -> Response:
     api: Api = request.app.api
     found = {entry.task: entry for entry in await api.store.task_stats()}
+    figures = await api.scheduler.task_figures()
     names = sorted(set(found) | {task.name for task in api.registry})
     return JSONDocument(
-        {"tasks": [stats_document(name, found.get(name), api.registry) for name in names]}
+        {
+            "tasks": [
+                stats_document(name, found.get(name), api.registry, figures.get(name))
+                for name in names
+            ]
+        }
     )
 
 
@@ -973,6 +981,9 @@ def _document_halves(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
             for a in job.history
         ],
         "owner": job.owner,
+        "schedule": None
+        if job.schedule is None
+        else {"name": job.schedule, "slot": _time(job.schedule_slot)},
     }
 
 
@@ -1180,8 +1191,14 @@ def _wait_seconds(request: Request) -> float | None:
     return wait
 
 
-def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> dict[str, Any]:
-    """One task's entry in ``GET /api/v1/stats``."""
+def stats_document(
+    name: str,
+    stats: TaskStats | None,
+    registry: Registry,
+    figures: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One task's entry in ``GET /api/v1/stats``; ``figures`` is the scheduler's view of
+    the task (``task_figures``): what admission really reserves, beside the config."""
     task = registry.get(name) if name in registry else None
     return {
         "task": name,
@@ -1196,6 +1213,8 @@ def stats_document(name: str, stats: TaskStats | None, registry: Registry) -> di
         "samples": stats.samples if stats else 0,
         "memory_request": task.settings.memory if task else None,
         "cpus_request": task.settings.cpus if task else None,
+        "learned_memory": figures["learned"]["memory"] if figures else None,
+        "scheduled_with": dict(figures["scheduled_with"]) if figures else None,
     }
 
 

@@ -777,10 +777,21 @@ def _stats(args: argparse.Namespace) -> int:
             _size(entry["peak_rss_p95"]),
         ]
         row += [_size(entry.get("learned_memory"))] if learned else []
-        row += [_size(entry.get("memory_request"))]
+        row += [_reserved(entry)]
         rows.append(row)
     print(table(headers, rows))
     return EXIT_OK
+
+
+def _reserved(entry: dict[str, Any]) -> str:
+    """The memory admission reserves for the task's jobs (declared, learned, or the
+    scheduler's default_memory), and where it comes from when not the config."""
+    scheduled = entry.get("scheduled_with")
+    if not scheduled:  # a task no longer configured
+        return _size(entry.get("memory_request"))
+    source = scheduled["source"]
+    where = "" if source == "declared" else f" ({source.replace('_memory', '')})"
+    return _size(scheduled["memory"]) + where
 
 
 class ProgressBar:

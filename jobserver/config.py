@@ -249,6 +249,8 @@ class JobsSettings:
     retention: float = 7 * 86400.0  # finished jobs older than this are pruned
     prune_interval: float = 60.0
     idempotency_window: float = 86400.0  # how long an Idempotency-Key is remembered
+    # How long a pruned job's id answers 410 Gone (then 404, like an id never issued).
+    pruned_memory: float = 30 * 86400.0
     progress_interval: float = 1.0  # at most one stored progress update per job per interval
 
 
@@ -506,6 +508,7 @@ def _jobs(table: _Table) -> JobsSettings:
         idempotency_window=table.get(
             "idempotency_window", _positive(parse_duration), default.idempotency_window
         ),
+        pruned_memory=table.get("pruned_memory", _positive(parse_duration), default.pruned_memory),
         progress_interval=table.get("progress_interval", parse_duration, default.progress_interval),
     )
 

@@ -5,6 +5,7 @@
     ├── ValidationError       a request's content is wrong (bad args, bad field)
     │   └── UnknownTask       the named task is not registered
     ├── NotFound              no such job (or route)
+    │   └── Gone              the job existed and was pruned (retention)
     ├── InvalidTransition     the job's state does not allow the change (cancel a finished job)
     ├── Conflict              the request clashes with stored state (Idempotency-Key reuse)
     ├── ServerLocked          another server already serves this database file
@@ -46,6 +47,12 @@ class UnknownTask(ValidationError):
 
 class NotFound(JobServerError):
     code = "not_found"
+
+
+class Gone(NotFound):
+    """A job that retention deleted: no longer there, and not a typo either."""
+
+    code = "gone"
 
 
 class InvalidTransition(JobServerError):

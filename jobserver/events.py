@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, Protocol, cast
 
 from jobserver.jobs import Job, JobState
 
@@ -173,7 +173,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message_of(record),
         }
         transition = getattr(record, "transition", None)
         if isinstance(transition, dict):
@@ -184,23 +184,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False, default=str)
 
 
-class AccessFormatter(logging.Formatter):
-    """uvicorn's access line, to the character (``INFO:     127.0.0.1:5555 - "GET /path
-    HTTP/1.1" 200 OK``), for its ``uvicorn.access`` records.  uvicorn's own formatter
-    copies every record and looks the status phrase up in an enum, which with the logging
-    calls around it made the access log a tenth of each request's time (issue 6
-    profiles); this one formats the record's arguments directly.  No colours: the server
-    uses it only when its output is not a terminal."""
+_PHRASES: dict[int, str] = {
+    status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus
+}
+ACCESS_LOGGER = "uvicorn.access"
 
-    _PHRASES: ClassVar[dict[int, str]] = {
-        status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus
-    }
 
-    def format(self, record: logging.LogRecord) -> str:
-        client, method, path, version, status = cast(tuple[str, str, str, str, int], record.args)
-        prefix = f"{record.levelname}:".ljust(9)
-        answer = self._PHRASES.get(status) or f"{status} "
-        return f'{prefix} {client} - "{method} {path} HTTP/{version}" {answer}'
+def message_of(record: logging.LogRecord) -> str:
+    """The record's message; for uvicorn's access records, the text its own access
+    formatter writes after the level (``127.0.0.1:5555 - "GET /path HTTP/1.1" 200 OK``),
+    formatted from the record's arguments directly: uvicorn's formatter copies every
+    record and looks the phrase up in an enum, a tenth of each request's time with the
+    logging calls around it (issue 6 profiles)."""
+    if record.name != ACCESS_LOGGER or not isinstance(record.args, tuple):
+        return record.getMessage()
+    client, method, path, version, status = cast(tuple[str, str, str, str, int], record.args)
+    answer = _PHRASES.get(status) or f"{status} "
+    return f'{client} - "{method} {path} HTTP/{version}" {answer}'
 
 
 class PassStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -248,13 +248,20 @@ class PassStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class TextFormatter(logging.Formatter):
-    """``%(asctime)s %(levelname)s %(name)s: %(message)s``, the date and time part
-    formatted once a second rather than for every line (strftime was 1.3% of a submit's
-    time under load: issue 6 profile)."""
+    """``%(asctime)s %(levelname)s %(name)s: %(message)s`` for every logger, uvicorn's
+    included (its access lines with ``message_of``), the date and time part formatted
+    once a second rather than for every line (strftime was 1.3% of a submit's time under
+    load: issue 6 profile)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._second: tuple[int, str] = (-1, "")  # replaced whole: safe across threads
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name != ACCESS_LOGGER:
+            return super().format(record)
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {message_of(record)}"
+        return line if not record.exc_info else f"{line}\n{self.formatException(record.exc_info)}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second, text = self._second
@@ -265,9 +272,22 @@ class TextFormatter(logging.Formatter):
         return f"{text},{int(record.msecs):03d}"  # as logging.Formatter's default_msec_format
 
 
+QUIET_LIBRARIES = ("alembic",)
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", ACCESS_LOGGER)
+
+
+def _uvicorn_name(record: logging.LogRecord) -> bool:
+    """uvicorn logs its start and stop lines as ``uvicorn.error``: shown as ``uvicorn``,
+    since they are no errors."""
+    if record.name == "uvicorn.error":
+        record.name = "uvicorn"
+    return True
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """The root handler for ``jobserver serve``: plain lines, or JSON objects."""
     handler = PassStreamHandler()
+    handler.addFilter(_uvicorn_name)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -275,6 +295,17 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's records reach our handler (uvicorn is given no logging config of its own;
+    # this undoes one applied before, e.g. by an embedding program).
+    for name in UVICORN_LOGGERS:
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    # Libraries' own info lines (alembic's plugin set-up and every migration step) say
+    # nothing an operator needs: jobserver logs what was migrated.  Shown at debug.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+        )
     # Every request logs a line (the access log) and every submit another (its transition):
     # skip what no format of ours shows, the caller's frame, thread and process (the
     # logging HOWTO's "Optimization" section; issue 6 profile: a tenth of a submit's time

@@ -146,6 +146,8 @@ class Job:
 
     pressure_requeues: int = 0  # killed and requeued to protect the machine's memory
     node: str | None = None  # the node whose scheduler claimed the current attempt
+    schedule: str | None = None  # the [schedules.NAME] that fired it; None: submitted
+    schedule_slot: datetime | None = None  # the cron slot it was fired for
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,8 @@ class WalCheckpointer(_Periodic):
 class Pruner(_Periodic):
     """Deletes finished jobs older than their retention, with their attempts, dependency
     rows, idempotency keys (by cascade) and their directory (log, result, artifacts).
-    Queued and running jobs are never touched: the store deletes only terminal rows."""
+    Queued and running jobs are never touched: the store deletes only terminal rows.
+    Each pruned id is remembered (its reads answer 410 Gone) for ``pruned_memory``."""
 
     name = "pruner"
     BATCH = 500
@@ -253,6 +254,7 @@ class Pruner(_Periodic):
         *,
         interval: float = 60.0,
         idempotency_window: float = 86400.0,
+        pruned_memory: float = 30 * 86400.0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         super().__init__(clock)
@@ -262,6 +264,7 @@ class Pruner(_Periodic):
         self._per_task = dict(per_task)
         self.interval = interval
         self._idempotency_window = idempotency_window
+        self._pruned_memory = pruned_memory
 
     async def due(self, now: datetime) -> list[str]:
         """The ids a tick would prune now (at most one batch)."""
@@ -269,10 +272,11 @@ class Pruner(_Periodic):
 
     async def tick(self, now: datetime) -> list[str]:
         """Prune one batch; returns the ids deleted."""
-        deleted = await self._store.delete_finished(await self.due(now))
+        deleted = await self._store.delete_finished(await self.due(now), now)
         for job_id in deleted:
             await asyncio.to_thread(shutil.rmtree, self._jobs_dir / job_id, True)
         await self._store.forget_idempotency_keys(now - timedelta(seconds=self._idempotency_window))
+        await self._store.forget_pruned(now - timedelta(seconds=self._pruned_memory))
         if deleted:
             log.info("pruned %d finished job(s) past their retention", len(deleted))
         return deleted

@@ -5,6 +5,8 @@ for counters, base units ``_seconds`` and ``_bytes``).  Labels come only from sm
 sets: task names (from the config), job states, hold reason kinds and resource names, so
 the number of series stays bounded whatever jobs do.
 
+No ``_created`` series (see ``disable_created_metrics`` below).
+
 Counters and histograms are fed through the ``events.Recorder`` interface, which
 ``Metrics`` implements; gauges (jobs by state, capacity, free, reserved, used) are set
 from the store's counts and the scheduler's view when the endpoint is scraped.  Each
@@ -16,13 +18,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from jobserver.events import Transition
 from jobserver.jobs import TERMINAL_STATES, JobState
 from jobserver.scheduler import SystemView
 
 __all__ = ["CONTENT_TYPE", "HOLD_KINDS", "Metrics"]
+
+# Every counter and histogram would also export a ``_created`` series (its creation time,
+# a gauge that never changes): a series per label set that no query of ours uses.  The
+# library's switch is process-wide; this process exports only these metrics.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Why a queued job was not admitted, as the scheduler classifies its reasons.
 HOLD_KINDS = ("memory", "cpu", "max_jobs", "never_fits")

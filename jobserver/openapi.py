@@ -91,6 +91,12 @@ SCHEMAS: dict[str, Any] = {
             "peak_rss": _nullable({"type": "integer"}),
             "cpu_seconds": _nullable({"type": "number"}),
             "owner": _nullable({"type": "string", "description": "the submitting token"}),
+            "schedule": {
+                "type": "object",
+                "nullable": True,
+                "description": "the [schedules.NAME] that fired the job, and the slot",
+                "properties": {"name": _STRING, "slot": _TIME},
+            },
             "timeout": _nullable({"type": "number", "description": "this job's own timeout"}),
             "depends_on": {"type": "array", "items": _STRING},
             "progress": {
@@ -224,6 +230,7 @@ _ERROR_TEXT = {
     403: "the token lacks the scope this operation needs",
     404: "no such job (or it belongs to another client)",
     409: "the job's state does not allow this (or an Idempotency-Key reused with another body)",
+    410: "the job was pruned (past its retention); details.pruned_at says when",
     413: "the body or the args are larger than a configured limit (named in details)",
     415: "the body is not application/json",
     422: "invalid content, or a JSON limit exceeded (named in details)",
@@ -338,7 +345,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.get_job: Operation(
         "read",
         "Read one job; with ?wait=N, answer as soon as it changes (long polling)",
-        {200: "Job", 404: None, 422: None},
+        {200: "Job", 404: None, 410: None, 422: None},
         parameters=(
             _JOB_ID,
             {
@@ -359,19 +366,19 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.job_events: Operation(
         "read",
         "The job as Server-Sent Events: the document now and at every change, then 'end'",
-        {200: EVENTS, 404: None},
+        {200: EVENTS, 404: None, 410: None},
         parameters=(_JOB_ID,),
     ),
     api.cancel_job: Operation(
         "cancel",
         "Cancel a job: at once if queued (200), by signalling its processes if running (202)",
-        {200: "Job", 202: "Job", 404: None, 409: None},
+        {200: "Job", 202: "Job", 404: None, 409: None, 410: None},
         parameters=(_JOB_ID,),
     ),
     api.retry_job: Operation(
         "submit",
         "Run a failed or cancelled job again, as a new attempt",
-        {202: "Job", 404: None, 409: None},
+        {202: "Job", 404: None, 409: None, 410: None},
         parameters=(_JOB_ID,),
     ),
     api.cancel_jobs: Operation(
@@ -392,7 +399,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.job_logs: Operation(
         "read",
         "The job's stdout and stderr (text/plain); ?follow=1 streams until the job ends",
-        {200: TEXT, 404: None, 422: None},
+        {200: TEXT, 404: None, 410: None, 422: None},
         parameters=(
             _JOB_ID,
             {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0}},
@@ -402,7 +409,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.job_artifact: Operation(
         "read",
         "A file the job left in $JOBSERVER_OUTPUT_DIR (listed in its artifacts)",
-        {200: BINARY, 404: None},
+        {200: BINARY, 404: None, 410: None},
         parameters=(
             _JOB_ID,
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -411,7 +418,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.task_status: Operation(
         "read",
         "A job in the tutorial's (Celery's) terms",
-        {200: "TaskStatus", 404: None},
+        {200: "TaskStatus", 404: None, 410: None},
         parameters=({**_JOB_ID, "name": "task_id"},),
         tags=("tutorial",),
     ),

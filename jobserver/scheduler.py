@@ -692,6 +692,7 @@ class _Attempt:
     # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
     stop_reason: str | None = None
     kill_at: float | None = None  # monotonic deadline for SIGKILL after SIGTERM
+    escalated: bool = False  # SIGKILL sent after SIGTERM (and logged)
     progress_stored: int = 0  # the handle's progress_seq last written to the store
     progress_stored_at: float = float("-inf")  # monotonic
     memory_limit: int | None = None
@@ -807,6 +808,7 @@ class Scheduler:
 
     async def start(self) -> None:
         if self._loop_task is None:
+            self._warn_without_gpus()
             self._stopping = False
             self._admitting = True
             self._loop_task = asyncio.create_task(self._loop(), name="jobserver-scheduler")
@@ -829,7 +831,10 @@ class Scheduler:
         if watchers:
             _, pending = await asyncio.wait(watchers, timeout=self._settings.kill_grace)
             for attempt in attempts:
-                attempt.handle.signal_tree(signal.SIGKILL)
+                if attempt.watcher in pending:
+                    self._escalate(attempt)
+                else:  # ended: anything it left in its group goes too
+                    attempt.handle.signal_tree(signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending)
         self._remove_leftover_cgroups()
@@ -975,7 +980,7 @@ class Scheduler:
                 )
                 self._kill(attempt, "memory_limit")
             if attempt.kill_at is not None and monotonic >= attempt.kill_at:
-                attempt.handle.signal_tree(signal.SIGKILL)
+                self._escalate(attempt)
 
     def _terminate(self, attempt: _Attempt, reason: str) -> None:
         attempt.stop_reason = reason
@@ -985,6 +990,21 @@ class Scheduler:
             attempt.handle.signal_tree(signal.SIGCONT)
             attempt.paused = False
         log.info("job %s: sent SIGTERM to its process group (%s)", attempt.job.id, reason)
+
+    def _escalate(self, attempt: _Attempt) -> None:
+        """SIGKILL for a tree still there ``kill_grace`` after its SIGTERM; sent on every
+        tick until the attempt ends, logged once."""
+        attempt.handle.signal_tree(signal.SIGKILL)
+        if not attempt.escalated:
+            attempt.escalated = True
+            log.warning(
+                "job %s (%s): still running %g s after SIGTERM (%s); sent SIGKILL to its "
+                "process group",
+                attempt.job.id,
+                attempt.job.task,
+                self._settings.kill_grace,
+                attempt.stop_reason,
+            )
 
     def _kill(self, attempt: _Attempt, reason: str) -> None:
         attempt.stop_reason = reason
@@ -1543,6 +1563,34 @@ class Scheduler:
     def _running_jobs(self) -> list[RunningJob]:
         return [a.as_running_job() for a in self._running.values()]
 
+    def _no_gpus(self) -> str | None:
+        """Why this server sees no GPUs at all (NVML absent or failing), or None."""
+        if self._gpu_probe is None:
+            return "GPU support is not set up"
+        if self._gpu_probe.gpus() is not None:
+            return None
+        return getattr(self._gpu_probe, "problem", None) or "NVML does not answer"
+
+    def _warn_without_gpus(self) -> None:
+        """At start: tasks that ask for GPUs on a server that cannot see any are refused
+        at submit (or wait, with ``gpu_may_appear``); say so before a client finds out."""
+        names = [t.name for t in self._registry if t.settings.gpus or t.settings.gpu_memory]
+        why = self._no_gpus() if names else None
+        if why is None:
+            return
+        then = (
+            "their jobs wait until a GPU appears (gpu_may_appear)"
+            if self._settings.gpu_may_appear
+            else "their submits are refused"
+        )
+        log.warning(
+            "task(s) %s ask for GPUs but this server cannot see any (%s): %s; install an "
+            "NVIDIA driver and jobserver[gpu]",
+            ", ".join(names),
+            why,
+            then,
+        )
+
     def gpu_problem(self, task: Task) -> str | None:
         """Why a job of ``task`` cannot be accepted now (it needs GPUs and there is no
         NVML, and the config does not say one may appear), or None."""
@@ -1550,12 +1598,9 @@ class Scheduler:
             return None
         if self._settings.gpu_may_appear:
             return None
-        if self._gpu_probe is not None:
-            if self._gpu_probe.gpus() is not None:
-                return None
-            why = getattr(self._gpu_probe, "problem", None) or "NVML does not answer"
-        else:
-            why = "GPU support is not set up"
+        why = self._no_gpus()
+        if why is None:
+            return None
         return (
             f"task {task.name!r} needs GPUs but this server cannot see any ({why}); install "
             "an NVIDIA driver and jobserver[gpu], or set scheduler.gpu_may_appear = true to "

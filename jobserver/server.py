@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import gc
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, load
 from jobserver.errors import ConfigError, ValidationError
-from jobserver.events import AccessFormatter, Events, configure_logging
+from jobserver.events import Events, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
     CronJob,
@@ -303,6 +301,7 @@ def build(
             limiter=None
             if server_settings.rate_limit is None
             else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
+            allow_anonymous=server_settings.allow_anonymous,
         ),
     )
     return Application(
@@ -319,6 +318,7 @@ def build_pruner(settings: Settings, store: Store) -> Pruner:
         {name: t.retention for name, t in settings.tasks.items() if t.retention is not None},
         interval=settings.jobs.prune_interval,
         idempotency_window=settings.jobs.idempotency_window,
+        pruned_memory=settings.jobs.pruned_memory,
     )
 
 
@@ -433,8 +433,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             port=settings.server.port if port is None else port,
             access_log=settings.server.access_log,
             log_level=settings.server.log_level,
-            # JSON logs: uvicorn's records go through our root handler instead of its own.
-            log_config=None if settings.server.log_format == "json" else _uvicorn_logging(),
+            # uvicorn's records go through our root handler: one format for every line.
+            log_config=None,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
@@ -456,16 +456,6 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         return 0 if server.started else 1
     finally:
         lock.release()
-
-
-def _uvicorn_logging() -> dict[str, Any]:
-    """uvicorn's logging config for text logs; its access lines written by our cheaper
-    formatter (the same text) unless they go to a terminal, which keeps uvicorn's colours."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    if not sys.stdout.isatty():
-        config["formatters"]["access"] = {"()": AccessFormatter}
-        config["handlers"]["access"]["class"] = "jobserver.events.PassStreamHandler"
-    return config
 
 
 def upgrade(database: Path) -> Path | None:

@@ -186,3 +186,11 @@ def cuda_report() -> dict[str, Any]:
     report["device_count"] = torch.cuda.device_count()
     report["sum"] = float((ones @ ones).sum().item())
     return report
+
+
+def ignore_sigterm_then_say(ready: str, seconds: float = 60) -> None:
+    """Ignores SIGTERM, then creates ``ready``: a test that waits for the file knows a
+    SIGTERM can no longer end it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
+    time.sleep(seconds)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from jobserver import access, config
 from jobserver.access import RateLimiter, create_token, hash_secret, read_tokens, revoke_token
 from jobserver.errors import ConfigError
+from jobserver.jobs import format_timestamp, utcnow
 from jobserver.server import build, check_exposure
 from jobserver.store import migrate
 from tests.conftest import FakeProbe, write_config
@@ -296,6 +299,53 @@ async def test_public_bind_with_tokens_revoked_stays_closed(tmp_path: Path) -> N
         assert (await client.get("/healthz")).status_code == 200
 
 
+async def test_revoking_the_last_token_keeps_a_loopback_server_closed(
+    make_harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobserver.access")
+    path = tmp_path / "tokens.json"
+    secret = create_token(path, "only", ["read"])
+
+    async def status(headers: dict[str, str] | None = None) -> int:
+        return (await h.client.get("/api/v1/jobs", headers=headers)).status_code
+
+    async def until(expected: int) -> None:
+        deadline = time.monotonic() + 10  # the file is re-read at most every 0.5 s
+        while await status() != expected:
+            assert time.monotonic() < deadline, f"never {expected}"
+            await anyio.sleep(0.02)
+
+    async with make_harness() as h:  # on loopback: open only while no tokens file exists
+        assert await status(bearer(secret)) == 200 and await status() == 401
+        assert "access: 1 token(s) in" in caplog.text
+        revoke_token(path, "only")
+        assert read_tokens(path) == [] and path.exists()
+        deadline = time.monotonic() + 10  # requests re-read the file every 0.5 s
+        while "has no tokens left (all revoked)" not in caplog.text:
+            assert time.monotonic() < deadline, "the revocation was never seen"
+            assert await status() == 401  # never open meanwhile
+            await anyio.sleep(0.02)
+        response = await h.client.get("/api/v1/jobs")
+        assert response.status_code == 401
+        assert "all revoked" in response.json()["error"]["message"]
+        # Removing the file says "no tokens here": a loopback server is open again.
+        path.unlink()
+        await until(200)
+        assert "open to anyone who can connect (loopback only)" in caplog.text
+
+
+async def test_allow_anonymous_opens_a_server_whose_tokens_were_all_revoked(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.json"
+    create_token(path, "only", ["read"])
+    revoke_token(path, "only")
+    async with make_harness() as h:
+        assert (await h.client.get("/api/v1/jobs")).status_code == 401
+    async with make_harness(server={"allow_anonymous": True}) as h:
+        assert (await h.client.get("/api/v1/jobs")).status_code == 200
+
+
 @pytest.mark.integration
 def test_cli_uses_jobserver_token(tmp_path: Path, server_factory: Any) -> None:
     config_path = write_config(tmp_path)
@@ -411,3 +461,44 @@ async def test_bulk_operations_touch_only_the_clients_own_jobs(
         assert still.json()["state"] == "queued"
         answer = await h.client.post("/api/v1/jobs/retry", json={"all": True}, headers=alice)
         assert answer.json()["count"] == 0  # bob's cancelled job is not alice's to retry
+
+
+async def test_a_pruned_job_is_410_on_every_job_route_to_its_owner_only(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    tokens = make_tokens(tmp_path)
+    async with make_harness() as h:
+        alice, bob, admin = bearer(tokens["alice"]), bearer(tokens["bob"]), bearer(tokens["admin"])
+        submitted = await h.client.post(
+            "/api/v1/jobs", json={"task": "add", "args": {"a": 1}}, headers=alice
+        )
+        job_id = submitted.json()["id"]
+        deadline = time.monotonic() + 30
+        while (await h.client.get(f"/api/v1/jobs/{job_id}", headers=alice)).json()[
+            "state"
+        ] != "succeeded":
+            assert time.monotonic() < deadline, "the job never finished"
+            await anyio.sleep(0.02)
+        assert h.application.pruner is not None
+        later = utcnow() + timedelta(days=8)  # past the default retention of 7 days
+        assert await h.application.pruner.tick(later) == [job_id]
+        routes = [
+            ("GET", f"/api/v1/jobs/{job_id}"),
+            ("POST", f"/api/v1/jobs/{job_id}/cancel"),
+            ("POST", f"/api/v1/jobs/{job_id}/retry"),
+            ("GET", f"/api/v1/jobs/{job_id}/logs"),
+            ("GET", f"/api/v1/jobs/{job_id}/artifacts/out.txt"),
+            ("GET", f"/api/v1/jobs/{job_id}/events"),
+            ("GET", f"/api/v1/task-status/{job_id}"),
+        ]
+        for method, path in routes:
+            for headers in (alice, admin):
+                response = await h.client.request(method, path, headers=headers)
+                assert response.status_code == 410, (method, path, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "gone" and "pruned" in error["message"]
+                assert error["details"] == {"id": job_id, "pruned_at": format_timestamp(later)}
+            # Another client cannot tell it from an id never issued.
+            response = await h.client.request(method, path, headers=bob)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["code"] == "not_found"

@@ -3,10 +3,15 @@ file; the resource probe is fake so admissions do not depend on this machine's l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import re
 import sqlite3
+import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +19,17 @@ import pytest
 from jobserver import api
 from jobserver.api import _RENDER, _joined, _rendered_halves, job_document
 from jobserver.config import RESERVED_ROUTES
-from jobserver.jobs import Artifact, Attempt, Job, JobError, JobState, Progress, utcnow
+from jobserver.jobs import (
+    Artifact,
+    Attempt,
+    Job,
+    JobError,
+    JobState,
+    Progress,
+    new_job_id,
+    utcnow,
+)
+from jobserver.store import NewJob
 from tests.conftest import FakeProbe, Harness
 
 pytestmark = pytest.mark.anyio
@@ -379,6 +394,40 @@ async def test_cancel_escalates_to_sigkill(make_harness: Any) -> None:
         assert done["state"] == "cancelled"
 
 
+async def test_cancel_and_timeout_log_the_sigkill_step(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobserver")
+    stubborn = {"function": "sample_tasks:ignore_sigterm_then_say", "cpus": 0.1}
+    tasks = {"stubborn": {**stubborn, "memory": "16MiB", "timeout": "1s"}}
+    timed_ready, cancel_ready = tmp_path / "timed", tmp_path / "cancel"
+    async with make_harness(scheduler={"kill_grace": "300ms"}, tasks=tasks) as h:
+        timed = (
+            await h.client.post(
+                "/api/v1/jobs", json={"task": "stubborn", "args": {"ready": str(timed_ready)}}
+            )
+        ).json()
+        body = {"task": "stubborn", "args": {"ready": str(cancel_ready)}, "timeout": 3600}
+        cancelled = (await h.client.post("/api/v1/jobs", json=body)).json()
+        deadline = time.monotonic() + 30
+        while not (cancel_ready.exists() and timed_ready.exists()):
+            assert time.monotonic() < deadline, "the jobs never started"
+            await asyncio.sleep(0.02)
+        await h.client.post(f"/api/v1/jobs/{cancelled['id']}/cancel")
+        await h.wait_for_state(cancelled["id"], "cancelled", timeout=15)
+        await h.wait_for_state(timed["id"], "failed", timeout=15)
+    for job_id, reason in ((cancelled["id"], "cancel"), (timed["id"], "timeout")):
+        lines = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job_id}")
+        ]
+        assert f"job {job_id}: sent SIGTERM to its process group ({reason})" in lines
+        killed = [line for line in lines if "SIGKILL" in line]
+        assert killed == [
+            f"job {job_id} (stubborn): still running 0.3 s after SIGTERM ({reason}); "
+            "sent SIGKILL to its process group"
+        ]
+
+
 async def test_timeout_fails_the_job(make_harness: Any) -> None:
     tasks = {
         "slow": {
@@ -571,3 +620,26 @@ async def test_bulk_cancel_of_all_and_by_age(make_harness: Any) -> None:
         assert old.json()["count"] == 0
         everything = await h.client.post("/api/v1/jobs/cancel", json={"all": True})
         assert everything.json()["ids"] == [job["id"]]
+
+
+async def test_paging_with_the_largest_limit_sees_every_job_once(make_harness: Any) -> None:
+    # One page more than MAX_PAGE: the API asks the store for limit + 1 rows to learn
+    # whether a next page exists, so the store must not cap that below MAX_PAGE + 1.
+    async with make_harness() as h:
+        store = h.application.store
+        count = api.MAX_PAGE + 5
+        # Due tomorrow: they stay queued while the test pages.
+        new = NewJob("add", {"a": 1, "b": 2}, 0, 0, run_after=utcnow() + timedelta(days=1))
+        ids = [new_job_id() for _ in range(count)]
+        await asyncio.gather(*(store.submit(new, job_id, utcnow()) for job_id in ids))
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": str(api.MAX_PAGE), **({"cursor": cursor} if cursor else {})}
+            page = (await h.client.get("/api/v1/jobs", params=params)).json()
+            seen += [job["id"] for job in page["jobs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == count and set(seen) == set(ids)
+        assert sorted(seen, reverse=True) == seen

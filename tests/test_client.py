@@ -23,7 +23,7 @@ from jobserver.client import (
     JobFailed,
     WaitTimeout,
 )
-from tests.conftest import ServerProcess, free_port, write_config
+from tests.conftest import SAMPLE_TASKS, ServerProcess, free_port, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 # Real servers measure this machine: on a busy one a job may wait for CPU a while.
@@ -384,3 +384,21 @@ def test_cli_bulk_cancel_and_retry(server: ServerProcess) -> None:
     with Client(server.url) as client:
         assert client.job(other.id).state == "queued"
         assert client.job(queued[0].id).state != "cancelled"
+
+
+def test_stats_request_is_what_admission_reserves(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    tasks = {
+        "add": SAMPLE_TASKS["add"],
+        "loose": {"function": "sample_tasks:add", "cpus": 0.1},  # no memory: the default
+    }
+    server = server_factory(
+        write_config(tmp_path, tasks=tasks, scheduler={"default_memory": "96MiB"})
+    )
+    stats = cli(server.url, "stats")
+    assert stats.returncode == 0, stats.stderr
+    lines = {line.split()[0]: line for line in stats.stdout.splitlines()}
+    assert lines["TASK"].split()[-1] == "REQUEST"
+    assert lines["add"].endswith("16.0 MiB")
+    assert lines["loose"].endswith("96.0 MiB (default)")

@@ -138,7 +138,10 @@ def test_prune_cli_beside_a_running_server(tmp_path: Path, server_factory: Any) 
     pruned = run_cli("prune", "--config", str(config_path))
     assert pruned.returncode == 0 and pruned.stdout.split() == [old["id"]]
     assert not (tmp_path / "data" / "jobs" / old["id"]).exists()
-    assert httpx.get(f"{server.url}/api/v1/jobs/{old['id']}").status_code == 404
+    # The server is told that the id was pruned, not that it never existed.
+    gone = httpx.get(f"{server.url}/api/v1/jobs/{old['id']}")
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "gone"
+    assert gone.json()["error"]["details"]["id"] == old["id"]
     assert httpx.get(f"{server.url}/api/v1/jobs/{new['id']}").json()["state"] == "succeeded"
     assert httpx.get(f"{server.url}/api/v1/jobs/{running['id']}").json()["state"] == "running"
     gate.write_text("x")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -16,11 +18,12 @@ import uvicorn.logging
 from jobserver.cli import ProgressBar
 from jobserver.client import Job as ClientJob
 from jobserver.events import (
-    AccessFormatter,
     Events,
+    JsonFormatter,
     PassStreamHandler,
     TextFormatter,
     Transition,
+    configure_logging,
 )
 from jobserver.jobs import Job, JobState, utcnow
 
@@ -100,14 +103,65 @@ def test_cli_progress_bar_uses_the_jobs_progress() -> None:
 
 @pytest.mark.parametrize("status", [200, 202, 404, 422, 503, 599])
 @pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
-def test_access_formatter_writes_uvicorns_line(status: int, level: int) -> None:
+def test_access_lines_carry_uvicorns_text_in_our_formats(status: int, level: int) -> None:
     fmt = uvicorn.config.LOGGING_CONFIG["formatters"]["access"]["fmt"]
     theirs = uvicorn.logging.AccessFormatter(fmt, use_colors=False)
     args = ("127.0.0.1:5555", "GET", "/api/v1/jobs/01A?wait=5", "1.1", status)
     record = logging.LogRecord(
         "uvicorn.access", level, "", 0, '%s - "%s %s HTTP/%s" %d', args, None
     )
-    assert AccessFormatter().format(record) == theirs.format(record)
+    record.created, record.msecs = 1_800_000_000.25, 250.0
+    # uvicorn's line is "LEVEL:    <text>"; ours puts our time, level and logger first.
+    text = theirs.format(record).split(" ", 1)[1].lstrip()
+    ours = TextFormatter()
+    assert (
+        ours.format(record)
+        == f"{ours.formatTime(record)} {record.levelname} uvicorn.access: {text}"
+    )
+    assert json.loads(JsonFormatter().format(record))["message"] == text
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_uvicorn_and_alembic_lines_follow_our_format(log_format: str) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    # configure_logging also turns off what no format of ours shows: put it back after.
+    flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved_flags = {name: getattr(logging, name) for name in flags}
+    stream = io.StringIO()
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_saved = {
+        name: (logger.handlers[:], logger.propagate, logger.level)
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        for logger in [logging.getLogger(name)]
+    }
+    try:
+        configure_logging("info", log_format)
+        uvicorn_error.setLevel(logging.INFO)  # what uvicorn.Config(log_level="info") sets
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        logging.getLogger("alembic.runtime.plugins").info("setup plugin %s", "x")
+        logging.getLogger("uvicorn.error").info("Started server process [%d]", 1)
+        logging.getLogger("jobserver").info("ours")
+        root.handlers[0].flush()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger("alembic").setLevel(logging.NOTSET)
+        for name, (handlers, propagate, level) in uvicorn_saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        for name, value in saved_flags.items():
+            setattr(logging, name, value)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and not any("plugin" in line for line in lines)  # no alembic chatter
+    if log_format == "json":
+        documents = [json.loads(line) for line in lines]
+        assert [d["logger"] for d in documents] == ["uvicorn", "jobserver"]
+        assert all(d["time"].endswith("Z") for d in documents)
+    else:
+        pattern = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO (uvicorn|jobserver): "
+        assert all(re.match(pattern, line) for line in lines), lines
 
 
 def _pass_handler() -> tuple[logging.Logger, io.StringIO]:

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from jobserver import config
-from jobserver.errors import ConfigError, InvalidTransition
+from jobserver.api import job_document
+from jobserver.errors import ConfigError, Gone, InvalidTransition, NotFound
 from jobserver.jobs import (
     RETRY_TRANSITIONS,
     JobError,
     JobState,
     check_retry,
+    format_timestamp,
     new_job_id,
 )
 from jobserver.maintenance import CronJob, CronService, Pruner, latest_slot
@@ -168,6 +170,13 @@ async def test_scheduled_jobs_run_in_the_server(tmp_path: Path) -> None:
             while (job := await application.store.get(fired[0].id)).state is not JobState.SUCCEEDED:
                 await anyio.sleep(0.02)
         assert job.result == 7
+        # Once run, the reason no longer names the schedule; the document still does.
+        slot = now.replace(second=0)
+        assert job.reason is None and (job.schedule, job.schedule_slot) == ("every_minute", slot)
+        assert job_document(job, None)["schedule"] == {
+            "name": "every_minute",
+            "slot": format_timestamp(slot),
+        }
 
 
 @pytest.mark.parametrize(
@@ -247,6 +256,7 @@ def test_jobs_table_keys(tmp_path: Path) -> None:
             "retention": "1d",
             "prune_interval": "10s",
             "idempotency_window": "1h",
+            "pruned_memory": "2d",
             "progress_interval": "500ms",
         },
     )
@@ -254,8 +264,12 @@ def test_jobs_table_keys(tmp_path: Path) -> None:
     assert (jobs.retry_base, jobs.retry_cap, jobs.max_retries_limit) == (2.0, 60.0, 5)
     assert (jobs.max_log_size, jobs.retention, jobs.prune_interval) == (2**20, 86400.0, 10.0)
     assert (jobs.idempotency_window, jobs.progress_interval) == (3600.0, 0.5)
+    assert jobs.pruned_memory == 2 * 86400.0
     with pytest.raises(ConfigError, match=r"jobs\.retention"):
         config.load(write_config(tmp_path, jobs={"retention": 0}))
+    for bad in (0, "-1d", "soon"):
+        with pytest.raises(ConfigError, match=r"jobs\.pruned_memory"):
+            config.load(write_config(tmp_path, jobs={"pruned_memory": bad}))
     with pytest.raises(ConfigError, match=r"unknown key jobs\.keep"):
         config.load(write_config(tmp_path, jobs={"keep": 1}))
 
@@ -298,6 +312,22 @@ async def test_pruner_deletes_old_finished_jobs_only(store: Store, tmp_path: Pat
         attempts = {row[0] for row in db.execute("SELECT job_id FROM attempts")}
     assert attempts == {recent, kept_longer, running}
     assert await pruner.tick(now) == []
+
+
+async def test_pruner_remembers_pruned_ids_for_pruned_memory(store: Store, tmp_path: Path) -> None:
+    job_id = await finished_job(store, "a", T0, JobState.SUCCEEDED)
+    pruner = Pruner(store, tmp_path / "jobs", 3600.0, {}, pruned_memory=600.0)
+    pruned_at = T0 + timedelta(hours=2)
+    assert await pruner.tick(pruned_at) == [job_id]
+    with pytest.raises(Gone):
+        await store.get(job_id)
+    await pruner.tick(pruned_at + timedelta(seconds=599))
+    with pytest.raises(Gone):
+        await store.get(job_id)
+    await pruner.tick(pruned_at + timedelta(seconds=601))
+    with pytest.raises(NotFound) as missing:
+        await store.get(job_id)
+    assert not isinstance(missing.value, Gone)
 
 
 def test_shipped_config_lifecycle_defaults_and_example(tmp_path: Path) -> None:

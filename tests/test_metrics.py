@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobserver.events import JsonFormatter, Transition
 from jobserver.jobs import JobState, utcnow
 from jobserver.scheduler import hold_kind
-from tests.conftest import FakeProbe, GiB, Harness, ServerProcess, write_config
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, Harness, ServerProcess, write_config
 from tests.test_e2e import wait_until
 
 
@@ -68,6 +68,17 @@ async def test_metrics_count_jobs_by_task_and_state(make_harness: Any) -> None:
         assert m["jobserver_capacity_memory_bytes", ()] == 16 * GiB
         assert m["jobserver_reserved_memory_bytes", ()] == 0
         assert m["jobserver_free_cpus", ()] == 8
+
+
+@pytest.mark.anyio
+async def test_metrics_have_no_created_series(make_harness: Any) -> None:
+    async with make_harness() as h:
+        await h.wait_for_state(await submit(h, "add", a=1), "succeeded")
+        text = (await h.client.get("/metrics")).text
+        # Counters and histograms with samples are there, their _created twins are not.
+        assert 'jobserver_jobs_submitted_total{task="add"} 1.0' in text
+        assert 'jobserver_job_duration_seconds_count{task="add"} 1.0' in text
+        assert "_created" not in text
 
 
 @pytest.mark.anyio
@@ -171,6 +182,28 @@ def test_log_format_is_validated(tmp_path: Path) -> None:
 
 
 # -- statistics and the admin views ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_stats_say_what_admission_reserves(make_harness: Any) -> None:
+    tasks = {
+        "add": SAMPLE_TASKS["add"],
+        "loose": {"function": "sample_tasks:add", "cpus": 0.25},  # no memory declared
+    }
+    async with make_harness(tasks=tasks, scheduler={"default_memory": "96MiB"}) as h:
+        found = {e["task"]: e for e in (await h.client.get("/api/v1/stats")).json()["tasks"]}
+        assert found["add"]["scheduled_with"] == {
+            "cpus": 0.1,
+            "memory": 16 * 2**20,
+            "source": "declared",
+        }
+        loose = found["loose"]
+        assert loose["memory_request"] is None and loose["learned_memory"] is None
+        assert loose["scheduled_with"] == {
+            "cpus": 0.25,
+            "memory": 96 * 2**20,
+            "source": "default_memory",
+        }
 
 
 @pytest.mark.anyio

@@ -5,6 +5,7 @@ child processes; a fake probe sets the machine where the test must control it.""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from jobserver.cgroups import JobCgroups
 from jobserver.resources import Gpu, NvmlProbe, Snapshot
-from tests.conftest import FakeProbe, GiB
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB
 
 pytestmark = pytest.mark.anyio
 MiB = 2**20
@@ -417,6 +418,28 @@ async def test_gpu_task_without_nvml_is_rejected_at_submit(make_harness: Any) ->
         assert "needs GPUs but this server cannot see any" in error["message"]
         assert "nvidia-ml-py" in error["message"]
         assert (await h.client.get("/api/v1/jobs")).json()["jobs"] == []
+
+
+@pytest.mark.parametrize("may_appear", [False, True])
+async def test_gpu_tasks_without_nvml_are_warned_about_at_start(
+    make_harness: Any, caplog: pytest.LogCaptureFixture, may_appear: bool
+) -> None:
+    probe = FakeGpus()
+    probe.devices, probe.problem = None, "the optional nvidia-ml-py package is not installed"
+    tasks = {"cuda": {**CUDA, "gpus": 1}, "add": SAMPLE_TASKS["add"]}
+    caplog.set_level(logging.WARNING, logger="jobserver")
+    async with make_harness(gpu_probe=probe, tasks=tasks, scheduler={"gpu_may_appear": may_appear}):
+        pass
+    (warning,) = [m for m in caplog.messages if "ask for GPUs" in m]
+    assert warning.startswith("task(s) cuda ask for GPUs but this server cannot see any (the ")
+    assert ("wait until a GPU appears" in warning) is may_appear
+    caplog.clear()
+    # GPUs visible, or no task asking for one: nothing to say.
+    async with make_harness(gpu_probe=FakeGpus(80), tasks=tasks):
+        pass
+    async with make_harness(gpu_probe=probe, tasks={"add": SAMPLE_TASKS["add"]}):
+        pass
+    assert not [m for m in caplog.messages if "GPU" in m]
 
 
 async def test_gpu_task_waits_when_a_gpu_may_appear(make_harness: Any) -> None:

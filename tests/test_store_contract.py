@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from jobserver.errors import Conflict, InvalidTransition, NotFound, ValidationError
+from jobserver.errors import Conflict, Gone, InvalidTransition, NotFound, ValidationError
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id
 from jobserver.store import (
     FAILURE,
@@ -985,9 +985,9 @@ async def test_delete_finished_deletes_only_still_finished_jobs_with_their_histo
     await repo.retry(retried.id, at(7200))  # no longer finished when the delete comes
 
     candidates = [*prunable, queued.id, running.id, "01NOSUCHJOB000000000000000"]
-    deleted = await repo.delete_finished(candidates)
+    deleted = await repo.delete_finished(candidates, at(7200))
     assert sorted(deleted) == sorted([done.id, failed.id])
-    assert await repo.delete_finished([]) == []
+    assert await repo.delete_finished([], at(7200)) == []
     for job_id in (done.id, failed.id):
         assert await absent(repo, job_id)
     assert (await repo.get(retried.id)).state is JobState.QUEUED
@@ -1004,6 +1004,50 @@ async def test_delete_finished_deletes_only_still_finished_jobs_with_their_histo
     assert again.attempts == 1
     (attempt,) = (await repo.get(done.id)).history
     assert attempt.started_at == at(7301) and attempt.finished_at is None
+
+
+async def test_a_pruned_job_is_gone_with_when_to_its_owner_only(repo: Store) -> None:
+    mine = await submit(repo, new(owner="alice"))
+    await run_to(repo, mine.id, Finish(JobState.FAILED), at(0), at(1))
+    open_job = await submit(repo)
+    await run_to(repo, open_job.id, Finish(JobState.SUCCEEDED), at(0), at(1))
+    never = "01NOSUCHJOB000000000000000"
+    deleted = await repo.delete_finished([mine.id, open_job.id, never], at(7200))
+    assert sorted(deleted) == sorted([mine.id, open_job.id])
+
+    for job_id, owner in ((mine.id, None), (mine.id, "alice"), (open_job.id, None)):
+        with pytest.raises(Gone) as gone:
+            await repo.get(job_id, owner=owner)
+        assert gone.value.details == {"id": job_id, "pruned_at": format_timestamp(at(7200))}
+        # The writes a client can ask for say the same.
+        with pytest.raises(Gone):
+            await repo.request_cancel(job_id, at(7201), owner=owner)
+        with pytest.raises(Gone):
+            await repo.retry(job_id, at(7201), owner=owner)
+    # Another client learns nothing (as for a stored job of someone else's), and an id
+    # that named no job stays unknown.
+    for job_id, owner in ((mine.id, "bob"), (open_job.id, "bob"), (never, None)):
+        with pytest.raises(NotFound) as missing:
+            await repo.get(job_id, owner=owner)
+        assert not isinstance(missing.value, Gone)
+        with pytest.raises(NotFound) as missing:
+            await repo.request_cancel(job_id, at(7201), owner=owner)
+        assert not isinstance(missing.value, Gone)
+
+
+async def test_pruned_ids_are_forgotten_after_their_memory(repo: Store) -> None:
+    first, second = await submit(repo), await submit(repo)
+    for job in (first, second):
+        await run_to(repo, job.id, Finish(JobState.SUCCEEDED), at(0), at(1))
+    await repo.delete_finished([first.id], at(100))
+    await repo.delete_finished([second.id], at(200))
+    assert await repo.forget_pruned(at(100)) == 0  # strictly before
+    assert await repo.forget_pruned(at(150)) == 1
+    with pytest.raises(NotFound) as missing:
+        await repo.get(first.id)
+    assert not isinstance(missing.value, Gone)
+    with pytest.raises(Gone):
+        await repo.get(second.id)
 
 
 # -- 10. cron slots ------------------------------------------------------------------------
@@ -1043,6 +1087,20 @@ async def test_a_cron_slot_fires_exactly_once(repo: Store) -> None:
     assert hourly is not None
     assert await repo.schedule_slots() == {"nightly": slot3, "hourly": slot1}
     assert await stored_ids(repo) == {first.id, second.id, hourly.id}
+
+
+async def test_a_fired_job_keeps_its_schedule_and_slot_for_life(repo: Store) -> None:
+    fired = await repo.fire_schedule("nightly", None, at(60), new(), new_job_id(), at(61))
+    assert fired is not None
+    assert (fired.schedule, fired.schedule_slot) == ("nightly", at(60))
+    # The reason changes with every transition; the schedule stays.
+    done = await run_to(repo, fired.id, Finish(JobState.SUCCEEDED), at(62), at(63))
+    assert done.reason is None
+    for job in (done, await repo.get(fired.id), *(await repo.page(limit=10))):
+        assert (job.schedule, job.schedule_slot) == ("nightly", at(60))
+    submitted = await submit(repo)
+    assert (submitted.schedule, submitted.schedule_slot) == (None, None)
+    assert (await repo.get(submitted.id)).schedule is None
 
 
 # -- 11. concurrent writers ----------------------------------------------------------------

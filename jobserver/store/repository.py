@@ -19,7 +19,9 @@ callers publish every transition.
 Beside ``jobs``: ``attempts`` (one row per start of a job's process), ``dependencies``
 (read by the queue head, so a job whose dependencies have not all succeeded is never
 admitted), ``schedules`` (the last cron slot fired), ``idempotency_keys`` and
-``task_runs`` (what each measured attempt used).  Deleting a job cascades to its rows.
+``task_runs`` (what each measured attempt used).  Deleting a job cascades to its rows;
+the pruner's delete leaves a row in ``pruned_jobs`` (id, owner, when), so that a read of
+that id raises ``Gone`` instead of ``NotFound`` until the row is forgotten.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from jobserver.errors import Conflict, InvalidTransition, NotFound, ValidationError
+from jobserver.errors import Conflict, Gone, InvalidTransition, NotFound, ValidationError
 from jobserver.jobs import (
     TERMINAL_STATES,
     Artifact,
@@ -55,6 +57,7 @@ from jobserver.store.schema import (
     dependencies,
     idempotency_keys,
     jobs,
+    pruned_jobs,
     schedules,
     task_runs,
 )
@@ -105,6 +108,8 @@ class NewJob:
     depends_on: tuple[str, ...] = ()
     idempotency: IdempotencyKey | None = None
     owner: str | None = None  # the token name submitting it; None: anonymous
+    schedule: str | None = None  # the schedule firing it (set by fire_schedule)
+    schedule_slot: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -218,11 +223,21 @@ class Store:
 
     async def get(self, job_id: str, *, owner: str | None = None) -> Job:
         """The job; with ``owner``, only if that client submitted it (else ``NotFound``,
-        so that a client cannot even learn that another client's id exists)."""
-        job = await self.driver.read(lambda tx: self._read_job(tx, job_id), quick=True)
-        if job is None or (owner is not None and job.owner != owner):
+        so that a client cannot even learn that another client's id exists).  A job the
+        pruner deleted raises ``Gone`` (to its owner only)."""
+
+        def read(tx: Tx) -> Job | NotFound:
+            job = self._read_job(tx, job_id)
+            if job is None:
+                return _missing(tx, job_id, owner)
+            return job
+
+        found = await self.driver.read(read, quick=True)
+        if isinstance(found, NotFound):
+            raise found
+        if owner is not None and found.owner != owner:
             raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
-        return job
+        return found
 
     def _read_job(self, tx: Tx, job_id: str) -> Job | None:
         """The one way a job is read by id: its row with its history and dependencies,
@@ -267,8 +282,10 @@ class Store:
         owner: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the last id of the previous page (keyset pagination:
-        new jobs get larger ids, so they never shift a page being walked)."""
-        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(min(limit, MAX_PAGE))
+        new jobs get larger ids, so they never shift a page being walked).  At most
+        ``MAX_PAGE + 1`` jobs: a caller showing a full page asks for one more to learn
+        whether a next page exists."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(min(limit, MAX_PAGE + 1))
         if state is not None:
             query = query.where(jobs.c.state == state.value)
         if task is not None:
@@ -460,7 +477,11 @@ class Store:
             if not changed or new is None:
                 return None
             values = _new_job_values(new, job_id, now)
-            values["reason"] = f"scheduled by {name} for {slot_text}"
+            values.update(
+                reason=f"scheduled by {name} for {slot_text}",
+                schedule=name,
+                schedule_slot=slot_text,
+            )
             return _insert_job(tx, values)
 
         return await self.driver.write(fire, batched=False)
@@ -839,19 +860,32 @@ class Store:
             lambda tx: [row[0] for query in queries for row in tx.rows(query)]
         )
 
-    async def delete_finished(self, job_ids: list[str]) -> list[str]:
+    async def delete_finished(self, job_ids: list[str], now: datetime) -> list[str]:
         """Delete these jobs if they are still finished (with their attempts, dependency
-        rows and idempotency keys, by cascade); returns the ids deleted."""
+        rows and idempotency keys, by cascade), remembering each id as pruned ``now`` in
+        the same transaction; returns the ids deleted."""
         if not job_ids:
             return []
         terminal = [state.value for state in TERMINAL_STATES]
         statement = (
             jobs.delete()
             .where(jobs.c.id.in_(job_ids), jobs.c.state.in_(terminal))
-            .returning(jobs.c.id)
+            .returning(jobs.c.id, jobs.c.owner)
         )
-        rows = await self.driver.write(lambda tx: tx.rows(statement), batched=False)
-        return [row[0] for row in rows]
+        pruned_at = format_timestamp(now)
+
+        def delete(tx: Tx) -> list[str]:
+            rows = tx.rows(statement)
+            for job_id, owner in rows:
+                tx.run(REMEMBER_PRUNED, {"id": job_id, "owner": owner, "pruned_at": pruned_at})
+            return [job_id for job_id, _ in rows]
+
+        return await self.driver.write(delete, batched=False)
+
+    async def forget_pruned(self, before: datetime) -> int:
+        """Forget the pruned ids pruned before ``before`` (they read as unknown again)."""
+        statement = pruned_jobs.delete().where(pruned_jobs.c.pruned_at < format_timestamp(before))
+        return await self.driver.write(lambda tx: tx.run(statement), batched=False)
 
     async def forget_idempotency_keys(self, before: datetime) -> int:
         statement = idempotency_keys.delete().where(
@@ -875,10 +909,27 @@ def _owned(tx: Tx, job_id: str, owner: str | None) -> Job:
     """The job, locked until the transaction ends: what the caller decides on it holds
     when it writes (a claim on another connection waits)."""
     rows = tx.rows(JOB_BY_ID_LOCKED, {"job_id": job_id})
-    job = decode_job(rows[0]) if rows else None
-    if job is None or (owner is not None and job.owner != owner):
+    if not rows:
+        raise _missing(tx, job_id, owner)
+    job = decode_job(rows[0])
+    if owner is not None and job.owner != owner:
         raise NotFound(f"no job with id {job_id!r}", {"id": job_id})
     return job
+
+
+def _missing(tx: Tx, job_id: str, owner: str | None) -> NotFound:
+    """What to raise for an id that names no stored job: ``Gone`` with when it was pruned
+    if the pruner deleted it (and, with ``owner``, it was that client's), else
+    ``NotFound``."""
+    found = tx.rows(PRUNED_BY_ID, {"job_id": job_id})
+    if found and (owner is None or found[0][0] == owner):
+        pruned_at = format_timestamp(_time(found[0][1]))
+        return Gone(
+            f"job {job_id!r} was pruned at {pruned_at} (past its retention): its state, "
+            "result and files are no longer kept",
+            {"id": job_id, "pruned_at": pruned_at},
+        )
+    return NotFound(f"no job with id {job_id!r}", {"id": job_id})
 
 
 def _insert_job(tx: Tx, values: dict[str, Any]) -> Job:
@@ -1100,6 +1151,8 @@ def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
         "timeout": None if new.timeout is None else float(new.timeout),
         "run_after": None if new.run_after is None else format_timestamp(new.run_after),
         "owner": new.owner,
+        "schedule": new.schedule,
+        "schedule_slot": None if new.schedule_slot is None else format_timestamp(new.schedule_slot),
     }
 
 
@@ -1188,6 +1241,8 @@ def decode_mapping(m: Any, history: Sequence[Row] = (), deps: Sequence[Row] = ()
         owner=m["owner"],
         pressure_requeues=m["pressure_requeues"],
         node=m["node"],
+        schedule=m["schedule"],
+        schedule_slot=_maybe_time(m["schedule_slot"]),
         history=tuple(
             Attempt(
                 attempt=attempt,
@@ -1300,6 +1355,15 @@ REMEMBER_KEY = sa.text(
     "ON CONFLICT (scope, key) DO NOTHING"
 )
 DELETE_JOB = jobs.delete().where(jobs.c.id == sa.bindparam("job_id"))
+PRUNED_BY_ID = sa.select(pruned_jobs.c.owner, pruned_jobs.c.pruned_at).where(
+    pruned_jobs.c.id == sa.bindparam("job_id")
+)
+# Plain SQL both dialects accept (like REMEMBER_KEY): an id pruned again (a test's reused
+# id; never a server's, whose ids are new) is remembered with its latest pruning.
+REMEMBER_PRUNED = sa.text(
+    "INSERT INTO pruned_jobs (id, owner, pruned_at) VALUES (:id, :owner, :pruned_at) "
+    "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, pruned_at = excluded.pruned_at"
+)
 RECORD_RUN = _insert(
     task_runs,
     (

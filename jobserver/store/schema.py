@@ -102,6 +102,10 @@ jobs.append_column(sa.Column("artifacts", JSON_TEXT))
 # about an attempt compares (node, attempts), so a late write about an older attempt, or
 # from a node that no longer owns the job, changes nothing.
 jobs.append_column(sa.Column("node", sa.Text))
+# Migration 0009: the cron schedule that fired the job and the slot it fired for (NULL
+# for a job a client submitted).
+jobs.append_column(sa.Column("schedule", sa.Text))
+jobs.append_column(sa.Column("schedule_slot", TIMESTAMP))
 
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 # The queue head's two halves (migration 0006): jobs that may run now, and delayed ones.
@@ -184,6 +188,17 @@ task_runs = sa.Table(
     sa.Column("finished_at", TIMESTAMP, nullable=False),
 )
 sa.Index("ix_task_runs_task_id", task_runs.c.task, task_runs.c.id)
+
+# The ids the pruner deleted, with their owner and when (migration 0008): a read of one
+# is answered "gone" rather than "not found"; forgotten after [jobs] pruned_memory.
+pruned_jobs = sa.Table(
+    "pruned_jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),
+    sa.Column("pruned_at", TIMESTAMP, nullable=False),
+)
+sa.Index("ix_pruned_jobs_pruned_at", pruned_jobs.c.pruned_at)
 
 JOB_COLUMNS = tuple(column.name for column in jobs.c)
 
