@@ -693,6 +693,8 @@ def test_a_forked_grandchild_that_left_the_group_dies_on_restart(
     job = submit(server.url, "fork_escaped", pid_file=str(pid_file))
     wait_until(lambda: pid_file.exists() and pid_file.read_text() != "")
     grandchild = int(pid_file.read_text())
+    # The pid is recorded once the start is answered: the job may have run ahead of it.
+    wait_until(lambda: job_row(database, job["id"])["pid"] is not None)
     leader = int(job_row(database, job["id"])["pid"])
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=10)
