@@ -583,7 +583,7 @@ def _client_error_text(error: ClientError) -> str:
 
 
 def _client_error_exit(error: ClientError) -> int:
-    if error.status == 404:
+    if error.status in (404, 410):  # never issued, or pruned since
         return EXIT_NOT_FOUND
     if error.status is not None and 400 <= error.status < 500:
         return EXIT_USAGE

@@ -142,6 +142,10 @@ def test_prune_cli_beside_a_running_server(tmp_path: Path, server_factory: Any) 
     gone = httpx.get(f"{server.url}/api/v1/jobs/{old['id']}")
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "gone"
     assert gone.json()["error"]["details"]["id"] == old["id"]
+    # The CLI says so too, with the exit code of a job that does not exist.
+    shown = run_cli("status", old["id"], "--url", server.url)
+    assert shown.returncode == 4, (shown.returncode, shown.stderr)
+    assert "pruned" in shown.stderr
     assert httpx.get(f"{server.url}/api/v1/jobs/{new['id']}").json()["state"] == "succeeded"
     assert httpx.get(f"{server.url}/api/v1/jobs/{running['id']}").json()["state"] == "running"
     gate.write_text("x")
