@@ -219,3 +219,21 @@ def test_no_private_attribute_of_a_library_is_used() -> None:
             if ast.unparse(node) not in PRIVATE_ALLOWED:
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node)}")
     assert found == []
+
+
+def test_every_package_is_shipped() -> None:
+    """pyproject lists packages by name: a new subpackage missing there works in an
+    editable install and is absent from a real one."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    found = {
+        "jobserver." + ".".join(init.parent.relative_to(PACKAGE).parts)
+        for init in PACKAGE.rglob("__init__.py")
+        if init.parent != PACKAGE
+    }
+    assert found <= listed, f"missing from pyproject.toml's packages: {sorted(found - listed)}"
