@@ -361,6 +361,9 @@ async def test_cancel_running_job_kills_its_tree(make_harness: Any, tmp_path: An
             )
         ).json()
         await h.wait_for_state(job["id"], "running")
+        # The row says running from the claim on; the process is started by this event
+        # loop just after, so let that happen before the blocking wait below.
+        await h.application.scheduler.starts_settled(timeout=10)
         from tests.test_e2e import wait_until
 
         wait_until(lambda: pid_file.exists() and pid_file.read_text() != "")
