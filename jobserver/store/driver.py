@@ -57,7 +57,7 @@ class Tx:
 
     def rows(self, statement: sa.ClauseElement, parameters: Mapping[str, Any] = {}) -> list[Row]:
         """The rows the statement returns, as tuples."""
-        cursor = self._execute(statement, parameters)
+        cursor = self._cursor(statement, parameters)
         try:
             rows: list[Row] = cursor.fetchall()  # DB-API drivers give tuples by default
             return rows
@@ -66,13 +66,13 @@ class Tx:
 
     def run(self, statement: sa.ClauseElement, parameters: Mapping[str, Any] = {}) -> int:
         """How many rows the statement changed."""
-        cursor = self._execute(statement, parameters)
+        cursor = self._cursor(statement, parameters)
         try:
             return int(cursor.rowcount)
         finally:
             cursor.close()
 
-    def _execute(self, statement: sa.ClauseElement, parameters: Mapping[str, Any]) -> Any:
+    def _cursor(self, statement: sa.ClauseElement, parameters: Mapping[str, Any]) -> Any:
         sql, literals, positions = self._compiled(statement)
         values = {**literals, **parameters} if literals else parameters
         # Connection.execute (sqlite3 and psycopg have it): one call less than cursor().
