@@ -666,15 +666,17 @@ async def start_task(task: Task, request: Request) -> Response:
 
 # The API, in matching order: the routes polled and submitted to most come first.  The
 # tasks' own routes (``tutorial_routes``) follow them; openapi.py describes every route.
+# Starlette tries routes in order: the polls come first (each route passed costs a regex
+# match); a path that fits several routes goes to the one whose method fits.
 routes: list[BaseRoute] = [
+    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs", list_jobs, methods=["GET"]),
     Route("/api/v1/jobs/cancel", cancel_jobs, methods=["POST"]),
     Route("/api/v1/jobs/retry", retry_jobs, methods=["POST"]),
-    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-    Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
     Route("/api/v1/tasks", list_tasks, methods=["GET"]),
     Route("/api/v1/system", system, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
