@@ -194,3 +194,9 @@ def ignore_sigterm_then_say(ready: str, seconds: float = 60) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Path(ready).touch()
     time.sleep(seconds)
+
+
+def fail_when_file(path: str, timeout: float = 60) -> None:
+    """Runs until ``path`` exists, then fails: lets a test decide when a job fails."""
+    wait_for_file(path, timeout)
+    raise RuntimeError(f"{path} appeared")
