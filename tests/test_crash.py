@@ -1,5 +1,6 @@
-"""The crash loop: SIGKILL a real server at random moments while clients submit and poll
-and jobs run and finish; restart it; check that nothing was lost or went backwards.
+"""The crash loop: SIGKILL a real server at random moments while clients submit, poll,
+cancel and retry and jobs run and finish; restart it; check that nothing was lost or went
+backwards, that every acknowledged cancel and retry held, and that no job is stuck.
 
 The kill schedule comes from a seeded RNG; the seed and every kill are printed (and kept
 in ``crash-log.txt`` in the test's directory), so a failure can be replayed with
@@ -16,6 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ CRASH_TASKS = {
     "fail": {"function": "sample_tasks:fail", "cpus": 0.1, "memory": "16MiB"},
 }
 MAX_ACCEPTED = 400  # keeps the final drain short on a 2-core machine
+# Cancels go to jobs that succeed unless cancelled, retries to jobs that always fail: each
+# job's end then tells which of the two acted on it.
+CANCELLED_TASKS = ("add", "sleep")
+RETRIED_TASKS = ("fail",)
 
 
 @dataclass
@@ -46,6 +52,10 @@ class Ledger:
     violations: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
     url: str = ""
+    # Per job, the answers its cancels and retries got: the status, or None when the
+    # server was killed before it answered.
+    cancels: dict[str, list[int | None]] = field(default_factory=dict)
+    retries: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 def expected_result(task: str, args: dict[str, Any]) -> tuple[str, Any]:
@@ -61,10 +71,15 @@ def client(ledger: Ledger, seed: int, stop: threading.Event) -> None:
     with httpx.Client(timeout=5) as http:
         while not stop.is_set():
             pause = rng.uniform(0.005, 0.03)
+            action = rng.random()
             try:
-                if rng.random() < 0.15 and len(ledger.accepted) < MAX_ACCEPTED:
+                if action < 0.15 and len(ledger.accepted) < MAX_ACCEPTED:
                     submit_one(http, ledger, rng)
                     pause = rng.uniform(0.1, 0.4)  # spread submissions over the whole run
+                elif action < 0.17:
+                    change_one(http, ledger, rng, "cancel", CANCELLED_TASKS, ledger.cancels)
+                elif action < 0.18:
+                    change_one(http, ledger, rng, "retry", RETRIED_TASKS, ledger.retries)
                 elif ledger.accepted:
                     poll_one(http, ledger, rng)
             except httpx.HTTPError:
@@ -102,15 +117,77 @@ def poll_one(http: httpx.Client, ledger: Ledger, rng: random.Random) -> None:
     observe(ledger, job_id, response.json())
 
 
+def change_one(
+    http: httpx.Client,
+    ledger: Ledger,
+    rng: random.Random,
+    verb: str,
+    tasks: tuple[str, ...],
+    answers: dict[str, list[int | None]],
+) -> None:
+    """Cancel or retry one of the accepted jobs of ``tasks``, noting the answer: one not
+    seen finished for a cancel, one seen failed for a retry, if there is one."""
+    with ledger.lock:
+        candidates = [job_id for job_id, (task, _) in ledger.accepted.items() if task in tasks]
+        finished = set(ledger.terminal_seen)
+        likely = [c for c in candidates if (c in finished) == (verb == "retry")]
+        if not candidates:
+            return
+        job_id = rng.choice(likely or candidates)
+        # Noted before it is sent: a retried job may leave its final state from now on.
+        answers.setdefault(job_id, []).append(None)
+    response = http.post(f"{ledger.url}/api/v1/jobs/{job_id}/{verb}")
+    with ledger.lock:
+        answers[job_id][-1] = response.status_code
+    if response.status_code >= 500:
+        ledger.server_errors.append(f"{verb} {response.status_code} {response.text}")
+    elif response.status_code not in (200, 202, 409):
+        ledger.violations.append(f"{verb} {job_id} answered {response.status_code}")
+
+
 def observe(ledger: Ledger, job_id: str, job: dict[str, Any]) -> None:
     state = job["state"]
     seen = (state, job["result"])
     with ledger.lock:
         before = ledger.terminal_seen.get(job_id)
-        if before is not None and before != seen:
+        # A client's retry is the one way out of a final state (back to queued).
+        retried = job_id in ledger.retries and state not in TERMINAL
+        if before is not None and before != seen and not retried:
             ledger.violations.append(f"{job_id} went from terminal {before} to {seen}")
         elif state in TERMINAL:
             ledger.terminal_seen[job_id] = seen
+
+
+def check_cancels(job: dict[str, Any], result: Any, answers: list[int | None]) -> str | None:
+    """What is wrong with the end of a job that succeeds unless cancelled, given the
+    answers its cancels got (docs/guarantees.md): None if nothing."""
+    state, history = job["state"], [entry["outcome"] for entry in job["history"]]
+    if state == "succeeded":
+        if job["result"] != result:
+            return "a wrong result"
+        if 200 in answers:
+            return "succeeded after a cancel answered 200 (cancelled while queued)"
+        # 202 and then succeeded: the process had finished on its own; that it did not
+        # start after the cancel is checked in the file.
+    elif state == "cancelled":
+        if not answers or set(answers) == {409}:
+            return "cancelled, yet no cancel was acknowledged or lost in a kill"
+        if history and history[-1] not in ("cancelled", "interrupted"):
+            return f"cancelled after an attempt that ended {history[-1]}"
+    else:
+        return f"ended {state}"
+    return None
+
+
+def check_retries(job: dict[str, Any], answers: list[int | None]) -> str | None:
+    """What is wrong with the attempts of a job that always fails, given the answers its
+    retries got: one failed attempt more for each retry acknowledged, and at most one
+    more for each retry whose answer a kill cut off."""
+    failed = [entry["outcome"] for entry in job["history"]].count("failed")
+    acknowledged, unknown = answers.count(202), answers.count(None)
+    if not 1 + acknowledged <= failed <= 1 + acknowledged + unknown:
+        return f"{failed} failed attempts for {acknowledged} retries told 202, {unknown} cut off"
+    return None
 
 
 def test_sigkill_loop_loses_nothing(tmp_path: Path) -> None:
@@ -193,11 +270,18 @@ def test_sigkill_loop_loses_nothing(tmp_path: Path) -> None:
     for job_id, (task, args) in ledger.accepted.items():
         state, result = expected_result(task, args)
         job = final[job_id]
+        assert len(job["history"]) == job["attempts"], (context, job)
+        if job_id in ledger.cancels:
+            problem = check_cancels(job, result, ledger.cancels[job_id])
+            assert problem is None, (context, problem, ledger.cancels[job_id], job)
+            continue
         assert job["state"] == state, (context, job)
         if state == "succeeded":
             assert job["result"] == result, (context, job)
         else:
             assert job["error"]["message"] == args["message"], (context, job)
+            problem = check_retries(job, ledger.retries.get(job_id, []))
+            assert problem is None, (context, problem, ledger.retries.get(job_id), job)
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", context
         stored = {row[0] for row in db.execute("SELECT id FROM jobs")}
@@ -208,6 +292,15 @@ def test_sigkill_loop_loses_nothing(tmp_path: Path) -> None:
                 "AND finished_at IS NOT NULL"
             )
         }
+        # An acknowledged cancel is never followed by a start (a rescue included).
+        started_after_cancel = db.execute(
+            "SELECT jobs.id, attempts.attempt FROM jobs JOIN attempts ON attempts.job_id = jobs.id "
+            "WHERE attempts.started_at > jobs.cancel_requested_at"
+        ).fetchall()
     assert set(ledger.accepted) <= stored, context
     assert set(ledger.accepted) <= terminal, context
+    assert not started_after_cancel, (context, started_after_cancel)
+    told = Counter(status for answers in ledger.cancels.values() for status in answers)
+    retried = Counter(status for answers in ledger.retries.values() for status in answers)
+    record(f"cancels answered {dict(told)}; retries answered {dict(retried)}")
     record(f"crash loop passed: {cycle} kills, {len(ledger.accepted)} jobs, seed {seed}")
