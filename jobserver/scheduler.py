@@ -208,8 +208,11 @@ def plan(
       then subtract its request from free and go on.  A job that does not fit does
       not block later, smaller jobs (skip ahead) ...
     - ... unless it has waited ``starvation_after`` or longer: then it reserves its
-      request (and a job slot; an exclusive job reserves the whole machine) against
-      every later job, which waits "held for job ...".
+      request (and a job slot, and as many GPUs as it asks for: a later job gets
+      devices only while that many stay free; an exclusive job reserves the whole
+      machine) against every later job, which waits "held for job ...".  A job that
+      can never start (more than the capacity, or than the machine's GPUs) reserves
+      nothing.
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
@@ -263,7 +266,7 @@ def plan(
     busy = len(running)  # jobs running or admitted so far
 
     # Reservations made by starving jobs for the jobs behind them.
-    reserved_cpus, reserved_memory, reserved_slots = 0.0, 0, 0
+    reserved_cpus, reserved_memory, reserved_slots, reserved_gpus = 0.0, 0, 0, 0
     holders: list[str] = []  # "job 01J… (waiting 5m)"
     hold_everything = False  # a starving exclusive job: nothing behind it may start
 
@@ -274,7 +277,9 @@ def plan(
     waiting: dict[str, str] = {}
     for job in queue_head:
         rules = limits.tasks.get(job.task, _NO_TASK_LIMITS)
-        reason = _never_fits(job.request, capacity_cpus, capacity_memory, snapshot, limits)
+        reason = _never_fits(
+            job.request, capacity_cpus, capacity_memory, snapshot, limits
+        ) or _gpus_never_fit(job.request, gpus)
         blocked = reason is None  # waits for something that running jobs will free
         if reason is None and overload is not None:
             reason, blocked = overload, False
@@ -311,6 +316,7 @@ def plan(
                 and slots - reserved_slots > 0
                 and job.request.cpus <= free_cpus - reserved_cpus + _CPU_EPSILON
                 and job.request.memory <= free_memory - reserved_memory
+                and (not picked or len(gpus or ()) - len(taken_gpus) - reserved_gpus >= len(picked))
             )
             if not fits_after_holds:
                 more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
@@ -340,6 +346,7 @@ def plan(
             reserved_cpus += job.request.cpus
             reserved_memory += job.request.memory
             reserved_slots += 1
+            reserved_gpus += job.request.gpu_count
             hold_everything = hold_everything or rules.exclusive
             reason += (
                 f"; waiting {_format_duration(job.waited)}, past starvation_after "
@@ -359,6 +366,28 @@ def plan(
     )
 
 
+def _gpus_never_fit(request: Request, gpus: Sequence[Gpu] | None) -> str | None:
+    """Why the machine's GPUs can never serve ``request``, or None (also when NVML does
+    not answer: the GPUs may appear)."""
+    count = request.gpu_count
+    if not count or gpus is None:
+        return None
+    if count > len(gpus):
+        return f"needs {count} GPU(s) but the machine has {len(gpus)}: it can never start"
+    big_enough = [gpu for gpu in gpus if gpu.memory_total >= request.gpu_memory]
+    if len(big_enough) < count:
+        largest = max(gpu.memory_total for gpu in gpus)
+        return (
+            f"needs {count} GPU(s){_each(request)} but {len(big_enough)} of the machine's GPUs "
+            f"have that much memory at all (largest {format_size(largest)}): it can never start"
+        )
+    return None
+
+
+def _each(request: Request) -> str:
+    return f" with {format_size(request.gpu_memory)} free each" if request.gpu_memory else ""
+
+
 def _pick_gpus(
     request: Request, gpus: Sequence[Gpu] | None, taken: set[int]
 ) -> tuple[tuple[int, ...], str | None]:
@@ -366,22 +395,12 @@ def _pick_gpus(
     count = request.gpu_count
     if gpus is None:
         return (), f"waiting for {count} GPU(s): NVML does not answer (no GPU driver yet)"
-    each = f" with {format_size(request.gpu_memory)} free each" if request.gpu_memory else ""
-    if count > len(gpus):
-        return (), f"needs {count} GPU(s) but the machine has {len(gpus)}: it can never start"
-    big_enough = [gpu for gpu in gpus if gpu.memory_total >= request.gpu_memory]
-    if len(big_enough) < count:
-        largest = max(gpu.memory_total for gpu in gpus)
-        return (), (
-            f"needs {count} GPU(s){each} but {len(big_enough)} of the machine's GPUs have "
-            f"that much memory at all (largest {format_size(largest)}): it can never start"
-        )
     fitting = sorted(
         (gpu for gpu in gpus if gpu.index not in taken and gpu.memory_free >= request.gpu_memory),
         key=lambda gpu: (-gpu.memory_free, gpu.index),
     )
     if len(fitting) < count:
-        return (), f"waiting for GPUs: needs {count}{each}, {len(fitting)} available"
+        return (), f"waiting for GPUs: needs {count}{_each(request)}, {len(fitting)} available"
     return tuple(sorted(gpu.index for gpu in fitting[:count])), None
 
 

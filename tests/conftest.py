@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import psycopg
@@ -252,6 +252,63 @@ async def end(
     return await store.end_attempt(job.id, job.attempts, ending, now or utcnow())
 
 
+# -- skips: allowed on a user's machine, failures where JOBSERVER_REQUIRE forbids them ---
+
+# What a machine may lack, each a kind of skip.  The development and CI machines have all
+# but a GPU: .ci/run sets JOBSERVER_REQUIRE to every other kind, so that CI cannot go
+# green by skipping.
+SKIP_KINDS = frozenset(
+    {"root", "cgroup", "tmpfs", "setpriv", "memory", "chromium", "sqlite3", "postgresql", "gpu"}
+)
+
+
+def required_kinds() -> frozenset[str]:
+    """The kinds ``JOBSERVER_REQUIRE`` (comma-separated) names; an unknown one is an error,
+    so that a typo cannot let a skip through."""
+    named = {kind.strip() for kind in os.environ.get("JOBSERVER_REQUIRE", "").split(",")}
+    named.discard("")
+    unknown = named - SKIP_KINDS
+    if unknown:
+        raise pytest.UsageError(
+            f"JOBSERVER_REQUIRE names {', '.join(sorted(unknown))}; "
+            f"known kinds: {', '.join(sorted(SKIP_KINDS))}"
+        )
+    return frozenset(named)
+
+
+def skip_for_want_of(kind: str, reason: str) -> NoReturn:
+    """Skip this test because the machine lacks ``kind`` (one of ``SKIP_KINDS``), saying
+    why; where ``JOBSERVER_REQUIRE`` names that kind, fail with the same reason instead.
+    Every skip in the tests goes through here (tests/test_skips.py checks)."""
+    if kind not in SKIP_KINDS:
+        raise ValueError(f"unknown skip kind {kind!r}; one of {', '.join(sorted(SKIP_KINDS))}")
+    if kind in required_kinds():
+        pytest.fail(
+            f"{reason} (JOBSERVER_REQUIRE names {kind}: this machine must have it)",
+            pytrace=False,
+        )
+    pytest.skip(reason)
+
+
+def needs(kind: str, missing: bool, reason: str) -> pytest.MarkDecorator:
+    """A decorator: the test runs when nothing is ``missing``; otherwise it goes through
+    ``skip_for_want_of(kind, reason)`` as it is set up (``pytest.mark.skipif`` cannot fail)."""
+    return pytest.mark.needs(kind=kind, missing=missing, reason=reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs(kind, missing, reason): skip or fail for want of kind (see needs())"
+    )
+    required_kinds()  # a typo in JOBSERVER_REQUIRE stops the run at once
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        if mark.kwargs["missing"]:
+            skip_for_want_of(mark.kwargs["kind"], mark.kwargs["reason"])
+
+
 # -- PostgreSQL: a fresh database per test ------------------------------------------------
 
 # The server tests create their databases on (any database of it: they connect there
@@ -259,12 +316,6 @@ async def end(
 POSTGRESQL_SERVER = os.environ.get(
     "JOBSERVER_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-
-
-def postgresql_required() -> bool:
-    """CI sets ``JOBSERVER_REQUIRE=postgresql``: an unreachable server fails the tests
-    instead of skipping them, so CI cannot go green without running them."""
-    return "postgresql" in os.environ.get("JOBSERVER_REQUIRE", "")
 
 
 @contextmanager
@@ -277,9 +328,9 @@ def postgresql_database(*, migrated: bool = True, server: str | None = None) -> 
         admin = psycopg.connect(server, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         reason = f"PostgreSQL is not reachable at {server}: {exc}".strip()
-        if postgresql_required():
-            pytest.fail(f"{reason} (JOBSERVER_REQUIRE=postgresql)", pytrace=False)
-        pytest.skip(f"{reason}; set JOBSERVER_TEST_POSTGRESQL to test on PostgreSQL")
+        skip_for_want_of(
+            "postgresql", f"{reason}; set JOBSERVER_TEST_POSTGRESQL to test on PostgreSQL"
+        )
     name = f"jobserver_test_{secrets.token_hex(6)}"
     try:
         admin.execute(f"CREATE DATABASE {name}")

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from jobserver import dashboard
-from tests.conftest import ARTIFACTS, ServerProcess, poll_value, write_config
+from tests.conftest import ARTIFACTS, ServerProcess, poll_value, skip_for_want_of, write_config
 
 STATIC = Path(dashboard.__file__).parent / dashboard.STATIC_DIR
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -87,9 +87,10 @@ def _artifacts_dir() -> Path:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip(
+        skip_for_want_of(
+            "chromium",
             f"Chromium or its driver is not installed ({CHROMIUM}, {CHROMEDRIVER}); "
-            "install Debian's chromium and chromium-driver (.ci/run does) to run this test"
+            "install Debian's chromium and chromium-driver (.ci/run does) to run this test",
         )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, write_config
+from tests.conftest import ServerProcess, needs, write_config
 from tests.test_e2e import run_cli, submit, wait_for_job, wait_until
 
 pytestmark = pytest.mark.integration
@@ -160,7 +160,7 @@ def test_prune_cli_beside_a_running_server(tmp_path: Path, server_factory: Any) 
     assert missing.returncode == 2 and "no database" in missing.stderr
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@needs("setpriv", shutil.which("setpriv") is None, "needs setpriv (util-linux)")
 def test_a_command_dies_with_a_killed_server(tmp_path: Path, server_factory: Any) -> None:
     from tests.test_e2e import alive
 

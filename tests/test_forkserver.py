@@ -27,7 +27,7 @@ from jobserver.runner import (
     Runner,
     allowed_environment,
 )
-from tests.conftest import SAMPLE_TASKS, TESTS_DIR, Harness, write_config
+from tests.conftest import SAMPLE_TASKS, TESTS_DIR, Harness, needs, skip_for_want_of, write_config
 from tests.test_e2e import alive, job_row, submit, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -552,7 +552,7 @@ async def test_rlimits_and_the_cgroup_apply_to_forked_jobs(make_harness: Any) ->
         assert me["ppid"] != os.getpid()  # forked
         assert me["nofile"] == 64
         if cgroups is None:
-            pytest.skip("no writable memory cgroup here: the cgroup join is not checked")
+            skip_for_want_of("cgroup", "no writable memory cgroup here: the join is not checked")
         # cgroup v1: the memory controller's line; v2: the unified line.
         lines = me["cgroup"].splitlines()
         joined = [line for line in lines if ":memory:" in line or line.startswith("0::")]
@@ -629,9 +629,11 @@ async def test_reload_starts_a_new_fork_server_and_the_old_one_finishes_its_jobs
         await until(lambda: not Path(f"/proc/{old}").exists())
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not Path("/sys/fs/cgroup/pids/cgroup.procs").exists(),
-    reason="needs root and the cgroup v1 pids controller to make fork() fail",
+@needs("root", os.geteuid() != 0, "needs root to make fork() fail in a pids cgroup")
+@needs(
+    "cgroup",
+    not Path("/sys/fs/cgroup/pids/cgroup.procs").exists(),
+    "needs the cgroup v1 pids controller to make fork() fail",
 )
 async def test_a_failed_fork_fails_the_job_as_spawn_failed(make_harness: Any) -> None:
     group = Path(f"/sys/fs/cgroup/pids/jobserver-test-{uuid.uuid4().hex[:8]}")

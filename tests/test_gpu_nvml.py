@@ -4,6 +4,7 @@ probe).  Skipped where NVML finds no GPU: run on a GPU host with
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,16 +13,17 @@ from typing import Any
 import pytest
 
 from jobserver.resources import NvmlProbe
-from tests.conftest import GiB
+from tests.conftest import GiB, needs, skip_for_want_of
 from tests.test_scheduling import GATED, _reason, poll, submit
 
 REAL_GPUS = NvmlProbe().gpus()
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(
+    needs(
+        "gpu",
         not REAL_GPUS,
-        reason="needs an NVIDIA GPU, its driver and nvidia-ml-py (pip install jobserver[gpu])",
+        "needs an NVIDIA GPU, its driver and nvidia-ml-py (pip install jobserver[gpu])",
     ),
 ]
 
@@ -34,7 +36,7 @@ def test_nvml_reads_what_nvidia_smi_shows() -> None:
         assert gpu.name
         assert 0 < gpu.memory_free <= gpu.memory_total
     if shutil.which("nvidia-smi") is None:
-        pytest.skip("nvidia-smi is not installed")
+        skip_for_want_of("gpu", "nvidia-smi is not installed")
     query = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
     lines = subprocess.run(query, capture_output=True, text=True, check=True).stdout.split("\n")
     smi = [line.split(", ") for line in lines if line.strip()]
@@ -87,7 +89,8 @@ async def test_more_gpu_memory_than_any_gpu_has_never_starts(make_harness: Any) 
 async def test_a_preloaded_torch_module_runs_cuda_in_each_forked_job(make_harness: Any) -> None:
     # torch imported once by the fork server (no CUDA context there), CUDA initialised
     # in each forked job on the device the scheduler gave it.
-    pytest.importorskip("torch")
+    if importlib.util.find_spec("torch") is None:
+        skip_for_want_of("gpu", "torch is not installed")
     task = {"function": "torch_tasks:matmul_on_gpu", "cpus": 0.1, "memory": "64MiB", "gpus": 1}
     async with make_harness(gpu_probe=NvmlProbe(), tasks={"matmul": task}) as h:
         assert h.application.runner is not None

@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from jobserver.api import InputLimits, _within_limits, check_json_limits
 from jobserver.errors import JobServerError
 from jobserver.server import build
 from jobserver.tasks import Registry
-from tests.conftest import TESTS_DIR, write_config
+from tests.conftest import SAMPLE_TASKS, TESTS_DIR, needs, skip_for_want_of, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -303,7 +305,7 @@ def _readable_by_others(path: Path) -> bool:
     return bool(path.stat().st_mode & 0o004)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="run_as needs the server to run as root")
+@needs("root", os.geteuid() != 0, "run_as needs the server to run as root")
 def test_drop_privileges_sets_uid_gid_and_groups() -> None:
     import pwd
     import subprocess
@@ -322,22 +324,44 @@ def test_drop_privileges_sets_uid_gid_and_groups() -> None:
     assert 0 not in groups
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="run_as needs the server to run as root")
-@pytest.mark.skipif(
-    not _readable_by_others(Path(os.__file__)),
-    reason="this Python's standard library is not readable by other users (it lives under "
-    "a private home directory), so a job cannot start as 'nobody' here",
-)
+def python_others_can_run() -> str | None:
+    """This Python if another user can read its standard library, else a system Python of
+    the same version that they can (this one may live under a private home directory,
+    as pyenv's under /root does on the CI machine); None if there is neither."""
+    for candidate in (
+        sys.executable,
+        f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}",
+    ):
+        found = subprocess.run(
+            [candidate, "-c", "import os; print(os.__file__)"], capture_output=True, text=True
+        )
+        if found.returncode == 0 and _readable_by_others(Path(found.stdout.strip())):
+            return candidate
+    return None
+
+
+@needs("root", os.geteuid() != 0, "run_as needs the server to run as root")
 async def test_run_as_drops_to_that_user(make_harness: Any) -> None:
     import pwd
 
+    python = python_others_can_run()
+    if python is None:
+        skip_for_want_of(
+            "root",
+            "no Python here whose standard library other users may read: no job "
+            "can start as 'nobody'",
+        )
     nobody = pwd.getpwnam("nobody")
     # The job writes its result in jobs_dir: put it where that user can reach it (pytest's
     # tmp_path is private to root).
     jobs_dir = Path(tempfile.mkdtemp(prefix="jobserver-run-as-"))
     jobs_dir.chmod(0o755)
+    # The task runs under a Python that user can read (the task's own ``python``).
+    identity = {**SAMPLE_TASKS["identity"], "python": python}
     try:
-        async with make_harness(server={"run_as": "nobody", "jobs_dir": str(jobs_dir)}) as h:
+        async with make_harness(
+            server={"run_as": "nobody", "jobs_dir": str(jobs_dir)}, tasks={"identity": identity}
+        ) as h:
             response = await h.client.post("/api/v1/jobs", json={"task": "identity", "args": {}})
             seen = (await h.wait_for_state(response.json()["id"], "succeeded"))["result"]
             assert seen["uid"] == nobody.pw_uid and seen["gid"] == nobody.pw_gid
@@ -355,8 +379,8 @@ def test_run_as_unknown_user_is_a_config_error(tmp_path: Path) -> None:
         build(settings)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="run_as needs the server to run as root")
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+@needs("root", os.geteuid() != 0, "run_as needs the server to run as root")
+@needs("setpriv", shutil.which("setpriv") is None, "setpriv (util-linux) is missing")
 async def test_command_tasks_run_as_that_user_under_the_rlimits(make_harness: Any) -> None:
     import pwd
 

@@ -20,7 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobserver.events import JsonFormatter, Transition
 from jobserver.jobs import JobState, utcnow
 from jobserver.scheduler import hold_kind
-from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, Harness, ServerProcess, write_config
+from tests.conftest import (
+    SAMPLE_TASKS,
+    FakeProbe,
+    GiB,
+    Harness,
+    ServerProcess,
+    skip_for_want_of,
+    write_config,
+)
 from tests.test_e2e import wait_until
 
 
@@ -241,7 +249,7 @@ async def test_admin_views_answer_the_common_questions(make_harness: Any, tmp_pa
         await h.wait_for_state(running, "running")
         database = h.settings.server.database
         if shutil.which("sqlite3") is None:
-            pytest.skip("the sqlite3 shell is not installed (.ci/run installs it)")
+            skip_for_want_of("sqlite3", "the sqlite3 shell is not installed (.ci/run installs it)")
         # The sqlite3 shell, as an admin runs it beside the live server.
         shell = subprocess.run(
             ["sqlite3", "-readonly", "-json", str(database), "SELECT * FROM jobs_running;"],

@@ -5,7 +5,6 @@ disk."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import sqlite3
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, write_config
+from tests.conftest import ServerProcess, skip_for_want_of, write_config
 from tests.test_e2e import alive, job_row, submit, wait_for_job, wait_until
 
 pytestmark = pytest.mark.integration
@@ -388,17 +387,14 @@ def test_reader_and_writer_in_a_shell_do_not_stop_the_server(
 def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot create a small file system for this test")
+        skip_for_want_of("tmpfs", "no mount command: cannot create a small file system here")
     made = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
         capture_output=True,
         text=True,
     )
     if made.returncode != 0:
-        reason = f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}"
-        if "tmpfs" in os.environ.get("JOBSERVER_REQUIRE", ""):
-            pytest.fail(f"{reason} (JOBSERVER_REQUIRE=tmpfs)", pytrace=False)
-        pytest.skip(reason)
+        skip_for_want_of("tmpfs", f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
     try:
         yield directory
     finally:

@@ -25,6 +25,7 @@ from jobserver.resources import (
     process_start_time,
     tree_usage,
 )
+from tests.conftest import skip_for_want_of
 
 GiB = 1024**3
 MiB = 1024**2
@@ -69,7 +70,7 @@ def host_cpus() -> float:
 
 def needs_host_memory(size: int) -> None:
     if psutil.virtual_memory().available < size:
-        pytest.skip("the fake limits assume a host with more memory available")
+        skip_for_want_of("memory", "the fake limits assume a host with more memory available")
 
 
 # -- fake trees --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -273,7 +273,17 @@ memory_amounts = st.one_of(
     st.sampled_from([0, 256 * MiB, 512 * MiB, GiB, 2 * GiB, 4 * GiB]),
     st.integers(min_value=0, max_value=16 * GiB),
 )
-requests = st.builds(Request, cpus=cpu_amounts, memory=memory_amounts)
+plain_requests = st.builds(Request, cpus=cpu_amounts, memory=memory_amounts)
+# Most jobs ask for no GPU; some for one or more devices, some with free memory on each.
+requests = st.builds(
+    Request,
+    cpus=cpu_amounts,
+    memory=memory_amounts,
+    gpus=st.sampled_from([0, 0, 0, 0, 1, 1, 2, 3]),
+    gpu_memory=st.sampled_from([0, 0, 0, 8 * GiB, 20 * GiB, 40 * GiB]),
+)
+Scenario = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, list[Gpu] | None]
+
 # Parts of the machine that other processes use.
 fractions = st.sampled_from([0.0, 0.0, 0.1, 0.3, 0.6, 1.0])
 any_fractions = fractions | st.floats(min_value=0.0, max_value=1.0)
@@ -296,7 +306,37 @@ def running_job(draw: st.DrawFn, index: int) -> RunningJob:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits]:
+def machine_gpus(draw: st.DrawFn) -> list[Gpu] | None:
+    """None (NVML does not answer) or up to four devices, each partly in use."""
+    if draw(st.integers(0, 5)) == 0:
+        return None
+    devices = []
+    for index in range(draw(st.integers(0, 4))):
+        total = draw(st.sampled_from([16 * GiB, 40 * GiB, 80 * GiB]))
+        free = draw(st.sampled_from([0, 8 * GiB, 20 * GiB, total]) | st.integers(0, total))
+        devices.append(Gpu(index, "gpu", total, min(free, total)))
+    return devices
+
+
+def give_devices(
+    running: list[RunningJob], gpus: list[Gpu] | None, order: list[int]
+) -> list[RunningJob]:
+    """Running jobs holding the devices their requests asked for, none shared (``order``
+    says which devices go first); a job that could not have got its devices asks for none."""
+    free = [index for index in order if gpus is not None and index < len(gpus)]
+    given = []
+    for job in running:
+        count = job.request.gpu_count
+        if count and len(free) >= count:
+            devices, free = tuple(sorted(free[:count])), free[count:]
+            given.append(replace(job, gpu_devices=devices))
+        else:
+            given.append(replace(job, request=replace(job.request, gpus=0, gpu_memory=0)))
+    return given
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
     queue_requests = draw(st.lists(requests, max_size=30))
     size = len(queue_requests)
     priorities = sorted(draw(st.lists(st.integers(-3, 3), min_size=size, max_size=size)))
@@ -304,7 +344,12 @@ def scenarios(draw: st.DrawFn) -> tuple[list[QueuedJob], list[RunningJob], Snaps
         QueuedJob(id=f"q{i:04d}", task="t", priority=p, request=r)
         for i, (p, r) in enumerate(zip(reversed(priorities), queue_requests, strict=True))
     ]
-    running = [draw(running_job(i)) for i in range(draw(st.integers(0, 6)))]
+    gpus = draw(machine_gpus())
+    running = give_devices(
+        [draw(running_job(i)) for i in range(draw(st.integers(0, 6)))],
+        gpus,
+        draw(st.permutations(range(4))),
+    )
 
     cpu_capacity = draw(
         st.sampled_from([1.0, 2.0, 4.0, 8.0, 16.0, 64.0])
@@ -343,10 +388,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[QueuedJob], list[RunningJob], Snaps
         reserve_cpus=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
         reserve_memory=draw(st.sampled_from([0, 256 * MiB, GiB])),
     )
-    return queue, running, machine, configured
-
-
-Scenario = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits]
+    return queue, running, machine, configured, gpus
 
 
 def _admitted(queue: list[QueuedJob], result: Plan) -> list[QueuedJob]:
@@ -354,11 +396,81 @@ def _admitted(queue: list[QueuedJob], result: Plan) -> list[QueuedJob]:
     return [by_id[job_id] for job_id in result.admit]
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """What is free before this plan's admissions, worked out here from the snapshot, the
+    running jobs and the limits, without ``plan()``'s own figures (its docstring's rule)."""
+
+    capacity_cpus: float
+    capacity_memory: int
+    declared_cpus: float  # capacity - running jobs' claims - reserve
+    declared_memory: int
+    live_cpus: float  # the snapshot's free - running jobs' not-yet-used parts - reserve
+    live_memory: int
+
+
+def accounting(running: list[RunningJob], machine: Snapshot, configured: Limits) -> Accounting:
+    capacity_cpus = machine.cpu_capacity
+    if configured.max_cpus is not None:
+        capacity_cpus = min(capacity_cpus, configured.max_cpus)
+    capacity_memory = machine.memory_capacity
+    if configured.max_memory is not None:
+        capacity_memory = min(capacity_memory, configured.max_memory)
+    claimed_cpus = sum(max(job.request.cpus, job.cpus_used) for job in running)
+    claimed_memory = sum(max(job.request.memory, job.memory_used) for job in running)
+    unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
+    unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
+    return Accounting(
+        capacity_cpus=capacity_cpus,
+        capacity_memory=capacity_memory,
+        declared_cpus=capacity_cpus - claimed_cpus - configured.reserve_cpus,
+        declared_memory=capacity_memory - claimed_memory - configured.reserve_memory,
+        live_cpus=machine.cpu_idle - unused_cpus - configured.reserve_cpus,
+        live_memory=machine.memory_available - unused_memory - configured.reserve_memory,
+    )
+
+
+def free_gpus(
+    gpus: list[Gpu] | None, running: list[RunningJob], result: Plan, gpu_memory: int
+) -> int:
+    """Devices no running or admitted job holds, with ``gpu_memory`` free."""
+    if gpus is None:
+        return 0
+    taken = {index for job in running for index in job.gpu_devices}
+    taken |= {index for devices in result.devices.values() for index in devices}
+    return sum(1 for gpu in gpus if gpu.index not in taken and gpu.memory_free >= gpu_memory)
+
+
+def fits_what_is_left(
+    job: QueuedJob,
+    running: list[RunningJob],
+    admitted: list[QueuedJob],
+    machine: Snapshot,
+    configured: Limits,
+    gpus: list[Gpu] | None,
+    result: Plan,
+) -> bool:
+    """Whether ``job`` fits what the admissions left: CPUs, memory and GPUs."""
+    free = accounting(running, machine, configured)
+    if running or admitted:
+        left_cpus = min(free.declared_cpus, free.live_cpus)
+    else:  # CPU is compressible: an idle server's first job needs declared room only.
+        left_cpus = free.declared_cpus
+    left_cpus -= sum(queued.request.cpus for queued in admitted)
+    left_memory = min(free.declared_memory, free.live_memory)
+    left_memory -= sum(queued.request.memory for queued in admitted)
+    return (
+        job.request.cpus <= left_cpus + 1e-9
+        and job.request.memory <= left_memory
+        and free_gpus(gpus, running, result, job.request.gpu_memory) >= job.request.gpu_count
+    )
+
+
 @settings(max_examples=400, deadline=None)
 @given(scenarios())
 def test_every_job_is_admitted_or_waits_with_a_reason(scenario: Scenario) -> None:
-    queue, running, machine, configured = scenario
-    result = plan(queue, running, machine, configured)
+    queue, running, machine, configured, gpus = scenario
+    result = plan(queue, running, machine, configured, gpus=gpus)
     assert len(set(result.admit)) == len(result.admit)
     assert set(result.admit).isdisjoint(result.waiting)
     assert set(result.admit) | set(result.waiting) == {job.id for job in queue}
@@ -372,69 +484,76 @@ def test_every_job_is_admitted_or_waits_with_a_reason(scenario: Scenario) -> Non
 @settings(max_examples=1000, deadline=None)
 @given(scenarios())
 def test_never_admits_beyond_capacity_or_live_free(scenario: Scenario) -> None:
-    queue, running, machine, configured = scenario
-    result = plan(queue, running, machine, configured)
+    queue, running, machine, configured, gpus = scenario
+    result = plan(queue, running, machine, configured, gpus=gpus)
     admitted = _admitted(queue, result)
     if not admitted:
         return
-    capacity_cpus = machine.cpu_capacity
-    if configured.max_cpus is not None:
-        capacity_cpus = min(capacity_cpus, configured.max_cpus)
-    capacity_memory = machine.memory_capacity
-    if configured.max_memory is not None:
-        capacity_memory = min(capacity_memory, configured.max_memory)
+    free = accounting(running, machine, configured)
     admitted_cpus = sum(job.request.cpus for job in admitted)
     admitted_memory = sum(job.request.memory for job in admitted)
-
-    claimed_cpus = sum(max(job.request.cpus, job.cpus_used) for job in running)
-    claimed_memory = sum(max(job.request.memory, job.memory_used) for job in running)
-    assert admitted_cpus + claimed_cpus <= capacity_cpus - configured.reserve_cpus + TOLERANCE
-    assert admitted_memory + claimed_memory <= capacity_memory - configured.reserve_memory
-
-    unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
-    unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
-    live_cpus = machine.cpu_idle - unused_cpus - configured.reserve_cpus
+    assert admitted_cpus <= free.declared_cpus + TOLERANCE
+    assert admitted_memory <= free.declared_memory
     if running:
-        assert admitted_cpus <= live_cpus + TOLERANCE
+        assert admitted_cpus <= free.live_cpus + TOLERANCE
         assert result.headroom.cpus >= -TOLERANCE
     else:
         # CPU is compressible: a server running none of its jobs may start its first job on
         # CPUs that other programs keep busy, but no more than that one beyond live free.
         first = admitted[0].request.cpus
-        assert admitted_cpus <= max(first, live_cpus) + TOLERANCE
-        assert result.headroom.cpus >= min(0.0, live_cpus - first) - TOLERANCE
-    assert admitted_memory <= (machine.memory_available - unused_memory - configured.reserve_memory)
+        assert admitted_cpus <= max(first, free.live_cpus) + TOLERANCE
+        assert result.headroom.cpus >= min(0.0, free.live_cpus - first) - TOLERANCE
+    assert admitted_memory <= free.live_memory
     assert result.headroom.memory >= 0
+
+
+@settings(max_examples=1000, deadline=None)
+@given(scenarios())
+def test_gpus_are_never_shared_or_short_of_memory(scenario: Scenario) -> None:
+    queue, running, machine, configured, gpus = scenario
+    result = plan(queue, running, machine, configured, gpus=gpus)
+    admitted = _admitted(queue, result)
+    assert set(result.devices) == {job.id for job in admitted if job.request.gpu_count}
+    held = [index for job in running for index in job.gpu_devices]
+    handed = [index for devices in result.devices.values() for index in devices]
+    assert len(set(held + handed)) == len(held) + len(handed), (held, result.devices)
+    by_index = {gpu.index: gpu for gpu in gpus or []}
+    for job in admitted:
+        devices = result.devices.get(job.id, ())
+        assert len(devices) == job.request.gpu_count
+        for index in devices:
+            assert by_index[index].memory_free >= job.request.gpu_memory, (job, by_index[index])
 
 
 @settings(max_examples=400, deadline=None)
 @given(scenarios())
 def test_never_more_than_max_jobs(scenario: Scenario) -> None:
-    queue, running, machine, configured = scenario
-    result = plan(queue, running, machine, configured)
+    queue, running, machine, configured, gpus = scenario
+    result = plan(queue, running, machine, configured, gpus=gpus)
     assert len(result.admit) <= max(0, configured.max_jobs - len(running))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(scenarios())
 def test_never_an_idle_machine_while_a_fitting_job_waits(scenario: Scenario) -> None:
-    queue, running, machine, configured = scenario
-    result = plan(queue, running, machine, configured)
-    slot_free = len(running) + len(result.admit) < configured.max_jobs
+    """A waiting job must not fit what is left after the admissions, with a job slot and
+    its GPUs free.  What is left is worked out here, not read from plan()'s headroom, so
+    a plan() that starts too little and reports too little left fails too."""
+    queue, running, machine, configured, gpus = scenario
+    result = plan(queue, running, machine, configured, gpus=gpus)
+    admitted = _admitted(queue, result)
+    slot_free = len(running) + len(admitted) < configured.max_jobs
     for job in queue:
         if job.id in result.waiting:
-            fits = (
-                job.request.cpus <= result.headroom.cpus + 1e-9
-                and job.request.memory <= result.headroom.memory
-            )
-            assert not (slot_free and fits), (job, result.waiting[job.id], result.headroom)
+            fits = fits_what_is_left(job, running, admitted, machine, configured, gpus, result)
+            assert not (slot_free and fits), (job, result.waiting[job.id])
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     count=st.integers(min_value=1, max_value=100),
     fits=st.integers(min_value=1, max_value=8),
-    request=requests.filter(lambda r: r.memory >= MiB and r.cpus >= 0.1),
+    request=plain_requests.filter(lambda r: r.memory >= MiB and r.cpus >= 0.1),
 )
 def test_a_burst_admits_what_fits_then_nothing_until_usage_is_measured(
     count: int, fits: int, request: Request
@@ -640,10 +759,8 @@ TASKS = ("a", "b", "c")
 
 
 @st.composite
-def rich_scenarios(
-    draw: st.DrawFn,
-) -> tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState]:
-    queue, running, machine, configured = draw(scenarios())
+def rich_scenarios(draw: st.DrawFn) -> Rich:
+    queue, running, machine, configured, gpus = draw(scenarios())
     queue = [
         replace(
             job,
@@ -672,29 +789,24 @@ def rich_scenarios(
     state = PlanState(
         frozenset(draw(st.sets(st.sampled_from([MEMORY, CPU, FLOOR, MEMORY_PSI, CPU_PSI]))))
     )
-    return queue, running, machine, configured, state
+    return queue, running, machine, configured, state, gpus
 
 
-Rich = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState]
+Rich = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState, list[Gpu] | None]
 
 
 @settings(max_examples=600, deadline=None)
 @given(rich_scenarios())
 def test_full_rules_never_overcommit_and_always_say_why(scenario: Rich) -> None:
-    queue, running, machine, configured, state = scenario
-    result = plan(queue, running, machine, configured, state)
+    queue, running, machine, configured, state, gpus = scenario
+    result = plan(queue, running, machine, configured, state, gpus)
     admitted = _admitted(queue, result)
     assert set(result.admit) | set(result.waiting) == {job.id for job in queue}
     assert all(re.search(r"\d", reason) for reason in result.waiting.values())
     assert len(running) + len(admitted) <= max(configured.max_jobs, len(running))
-    capacity_memory = machine.memory_capacity
-    if configured.max_memory is not None:
-        capacity_memory = min(capacity_memory, configured.max_memory)
-    claimed = sum(max(job.request.memory, job.memory_used) for job in running)
     if admitted:
-        assert sum(j.request.memory for j in admitted) + claimed <= (
-            capacity_memory - configured.reserve_memory
-        )
+        free = accounting(running, machine, configured)
+        assert sum(j.request.memory for j in admitted) <= free.declared_memory
         assert result.overload is None
     # max_concurrency
     for name, task_rules in configured.tasks.items():
@@ -708,16 +820,14 @@ def test_full_rules_never_overcommit_and_always_say_why(scenario: Rich) -> None:
         assert admitted == []
     if any(job.task in exclusive for job in admitted):
         assert running == [] and len(admitted) == 1
-    # Nothing fitting waits unexplained: a waiting job that fits the headroom with a slot
-    # free names the rule that holds it.
+    # Nothing fitting waits unexplained: a waiting job that fits what is left (worked out
+    # here) with a slot free names the rule that holds it.
     slot_free = len(running) + len(admitted) < configured.max_jobs
     for job in queue:
         reason = result.waiting.get(job.id)
         if reason is None or not slot_free:
             continue
-        if job.request.cpus <= result.headroom.cpus + 1e-9 and (
-            job.request.memory <= result.headroom.memory
-        ):
+        if fits_what_is_left(job, running, admitted, machine, configured, gpus, result):
             assert re.match(
                 r"(task limit|exclusive|held for|memory floor|PSI|.*hysteresis margin)", reason
             ), (job, reason)
@@ -726,19 +836,34 @@ def test_full_rules_never_overcommit_and_always_say_why(scenario: Rich) -> None:
 @settings(max_examples=600, deadline=None)
 @given(rich_scenarios())
 def test_starvation_guard_holds(scenario: Rich) -> None:
-    queue, running, machine, configured, _ = scenario
+    queue, running, machine, configured, _, gpus = scenario
     configured = replace(configured, starvation_after=300.0)
-    result = plan(queue, running, machine, configured)  # no held state: no margins
+    result = plan(queue, running, machine, configured, gpus=gpus)  # no held state: no margins
     starving = [
         i
         for i, job in enumerate(queue)
         if job.id in result.waiting and "past starvation_after" in result.waiting[job.id]
     ]
-    if starving:
-        first = starving[0]
-        # Nothing behind the first starving job took resources or a slot from it.
-        behind = {job.id for job in queue[first + 1 :]}
-        assert not behind & set(result.admit), (queue[first], result)
+    if not starving:
+        return
+    # Nothing behind the first starving job took resources, devices or a slot from it: a
+    # job behind it starts only when it waits for GPUs alone, and leaves it enough devices.
+    holder = queue[starving[0]]
+    # A job that can never start reserves nothing: it would hold the rest for ever.
+    assert "can never start" not in result.waiting[holder.id], (holder, result)
+    behind = set(result.admit) & {job.id for job in queue[starving[0] + 1 :]}
+    if not behind:
+        return
+    assert not configured.tasks[holder.task].exclusive, (holder, result)
+    admitted = _admitted(queue, result)
+    assert len(running) + len(admitted) < configured.max_jobs, (holder, result)
+    without_gpus = replace(holder, request=replace(holder.request, gpus=0, gpu_memory=0))
+    assert fits_what_is_left(without_gpus, running, admitted, machine, configured, gpus, result)
+    assert holder.request.gpu_count > 0, (holder, result)
+    if behind & set(result.devices):
+        held = {index for job in running for index in job.gpu_devices}
+        handed = {index for devices in result.devices.values() for index in devices}
+        assert len(gpus or []) - len(held | handed) >= holder.request.gpu_count, (holder, result)
 
 
 @settings(max_examples=300, deadline=None)
@@ -785,3 +910,32 @@ def test_gpu_jobs_get_free_devices_with_enough_memory() -> None:
     blind = plan([one, job(5)], [], snapshot(), limits(), gpus=None)
     assert blind.admit == ("q0005",)
     assert "NVML does not answer" in blind.waiting["q0002"]
+
+
+def test_a_starving_gpu_job_keeps_the_devices_it_waits_for() -> None:
+    gpus = [
+        Gpu(0, "g", 80 * GiB, 80 * GiB),
+        Gpu(1, "g", 80 * GiB, 80 * GiB),
+        Gpu(2, "g", 80 * GiB, 80 * GiB),
+    ]
+    running = [replace(started(job(0)), request=Request(0.5, GiB, gpus=2), gpu_devices=(1, 2))]
+    configured = replace(limits(), starvation_after=300.0)
+    pair = QueuedJob("q0001", "t", 0, Request(0.5, GiB, gpus=2), waited=600.0)
+    single = QueuedJob("q0002", "t", 0, Request(0.5, GiB, gpus=1))
+    result = plan([pair, single, job(3)], running, snapshot(), configured, gpus=gpus)
+    # The later one-GPU job would take device 0, which the starving pair needs; the
+    # CPU-only job takes nothing it needs.
+    assert result.admit == ("q0003",)
+    assert result.waiting["q0002"].startswith("held for job q0001 (waiting 10m)")
+    # Not yet starving: the single job passes it.
+    young = plan([replace(pair, waited=60.0), single], running, snapshot(), configured, gpus=gpus)
+    assert young.admit == ("q0002",)
+
+
+def test_a_gpu_job_that_can_never_start_reserves_nothing() -> None:
+    gpus = [Gpu(0, "g", 80 * GiB, 80 * GiB)]
+    configured = replace(limits(max_jobs=1), starvation_after=300.0)
+    too_many = QueuedJob("q0001", "t", 0, Request(0.5, GiB, gpus=2), waited=600.0)
+    result = plan([too_many, job(2)], [], snapshot(), configured, gpus=gpus)
+    assert result.admit == ("q0002",)
+    assert result.waiting["q0001"] == "needs 2 GPU(s) but the machine has 1: it can never start"

@@ -15,7 +15,7 @@ import pytest
 
 from jobserver.cgroups import JobCgroups
 from jobserver.resources import Gpu, NvmlProbe, Snapshot
-from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, skip_for_want_of
 
 pytestmark = pytest.mark.anyio
 MiB = 2**20
@@ -71,7 +71,7 @@ async def document(h: Any, job_id: str) -> dict[str, Any]:
 
 async def test_memory_limit_in_a_cgroup_ends_in_an_oom_kill(make_harness: Any) -> None:
     if JobCgroups.detect() is None:
-        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+        skip_for_want_of("cgroup", "no writable memory cgroup here (needs root or a delegated one)")
     tasks = {"hog": {**HOG, "memory_limit": "64MiB"}, "add": {"function": "sample_tasks:add"}}
     async with make_harness(tasks=tasks) as h:
         view = (await h.client.get("/api/v1/system")).json()
@@ -460,7 +460,7 @@ def test_nvml_probe_without_nvidia_ml_py_reports_why() -> None:
     import importlib.util
 
     if importlib.util.find_spec("pynvml") is not None:
-        pytest.skip("nvidia-ml-py is installed here")
+        skip_for_want_of("gpu", "nvidia-ml-py is installed here: the probe without it is not seen")
     probe = NvmlProbe()
     assert probe.gpus() is None
     assert probe.problem == "the optional nvidia-ml-py package is not installed"
