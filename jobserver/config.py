@@ -207,7 +207,7 @@ class SchedulerSettings:
     learn_percentile: float = 95.0  # of recent peak RSS per task
     learn_margin: float = 1.2  # learned request = percentile x margin
     learn_window: int = 20  # recent finished runs per task that count
-    job_cgroups: bool = True  # per-job cgroup for memory_limit where writable
+    job_cgroups: bool = True  # a cgroup per job where writable: exact peak, memory_limit
     gpu_may_appear: bool = False  # without NVML, GPU jobs wait instead of being rejected
 
 

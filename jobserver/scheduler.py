@@ -44,7 +44,14 @@ from jobserver.resources import (
     process_start_time,
     tree_usage,
 )
-from jobserver.runner import LaunchSpec, ProcessHandle, Runner, has_artifacts, list_artifacts
+from jobserver.runner import (
+    ExitUsage,
+    LaunchSpec,
+    ProcessHandle,
+    Runner,
+    has_artifacts,
+    list_artifacts,
+)
 from jobserver.store import (
     FAILURE,
     OUTCOME_FILE,
@@ -521,6 +528,32 @@ def pressure_victim(running: Sequence[RunningJob]) -> RunningJob | None:
     if not running:
         return None
     return min(running, key=lambda job: (job.priority, -job.started, job.id))
+
+
+def measured_use(
+    sampled_peak: int,
+    sampled_cpu: float,
+    reaped: ExitUsage | None,
+    cgroup_peak: int | None,
+) -> tuple[int, float]:
+    """An ended attempt's peak memory (bytes) and CPU seconds, from the kernel where it
+    can tell, however short the job.
+
+    - Peak: the job's cgroup's own high-water mark where it had one (exact for the whole
+      tree; it misses only what a spawned interpreter used before it joined, which the
+      reaped figure holds).  Otherwise the larger of the sampled tree RSS (which sums
+      the processes alive at a sample, and misses a job shorter than the sampling
+      period) and the reaped ``ru_maxrss`` (exact however short, but the largest single
+      process of the tree, not their sum; a forked job's is counted less what it
+      inherited from the fork server).
+    - CPU: the larger of the sampled tree's and the reaped process's own account (which
+      covers every descendant it waited for).
+    """
+    peak = max(sampled_peak, reaped.max_rss if reaped is not None else 0)
+    if cgroup_peak is not None:
+        peak = max(cgroup_peak, reaped.max_rss if reaped is not None else 0)
+    cpu = max(sampled_cpu, reaped.cpu_seconds if reaped is not None else 0.0)
+    return peak, cpu
 
 
 def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> int | None:
@@ -1113,7 +1146,9 @@ class Scheduler:
         task = self._registry.get(job.task)
         limit = task.settings.memory_limit
         group = None
-        if limit is not None and self._cgroups is not None and self._settings.job_cgroups:
+        if self._cgroups is not None and self._settings.job_cgroups:
+            # Every job, limited or not: its cgroup's peak is the exact figure its task
+            # learns from (sampling misses short jobs and counts shared pages twice).
             group = self._cgroups.create(job.id, limit)
         spec = LaunchSpec(
             job.id,
@@ -1320,11 +1355,16 @@ class Scheduler:
         oom_killed = (
             outcome.error is not None
             and attempt.cgroup is not None
+            and attempt.memory_limit is not None
             and outcome.signal == signal.SIGKILL
             and attempt.cgroup.oom_kills() > 0
         )
-        if oom_killed and attempt.cgroup is not None:
-            attempt.peak_rss = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
+        peak_rss, cpu_seconds = measured_use(
+            attempt.peak_rss,
+            attempt.cpu_seconds,
+            attempt.handle.usage,
+            None if attempt.cgroup is None else attempt.cgroup.peak(),
+        )
         jobs_settings = self._jobs_settings
         ending = AttemptEnd(
             job=job,
@@ -1334,8 +1374,8 @@ class Scheduler:
             timeout=attempt.timeout,
             oom_killed=oom_killed,
             memory_limit=attempt.memory_limit,
-            peak_rss=attempt.peak_rss,
-            cpu_seconds=attempt.cpu_seconds,
+            peak_rss=peak_rss,
+            cpu_seconds=cpu_seconds,
             artifacts=artifacts,
             retry_on_timeout=task is not None and task.settings.retry_on_timeout,
             retry_base=(task and task.settings.retry_base) or jobs_settings.retry_base,
@@ -1346,14 +1386,15 @@ class Scheduler:
         )
         end, reason = decide_ending(ending)
         run = None
-        if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
+        if peak_rss > 0 and attempt.stop_reason != "shutdown":
+            # Written in the transaction that ends the attempt: no write of its own.
             run = TaskRun(
                 task=job.task,
                 job_id=job.id,
                 attempt=job.attempts,
                 outcome="requeued" if isinstance(end, Requeue) else end.state.value,
-                peak_rss=attempt.peak_rss,
-                cpu_seconds=attempt.cpu_seconds,
+                peak_rss=peak_rss,
+                cpu_seconds=cpu_seconds,
                 wall_seconds=duration,
                 finished_at=now,
             )

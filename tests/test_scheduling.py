@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,64 @@ async def test_runs_over_the_declared_request_raise_it(make_harness: Any) -> Non
             "memory": done["peak_rss"],
             "source": "learned",
         }
+
+
+@pytest.mark.parametrize(
+    ("job_cgroups", "fork_server"),
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["cgroup-forked", "cgroup-spawned", "rusage-forked", "rusage-spawned"],
+)
+async def test_sub_second_jobs_are_measured_and_learned_from(
+    make_harness: Any, job_cgroups: bool, fork_server: bool
+) -> None:
+    """Jobs that end long before the first usage sample (poll_interval / 2) still get the
+    kernel's figure: the cgroup's peak, or wait4's rusage where there is no cgroup (for
+    a spawned job only above the server's own peak: until its exec, a spawned child
+    runs in the server's memory, which the kernel counts as the child's peak)."""
+    if job_cgroups and JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    mib = 40
+    if not (job_cgroups or fork_server):
+        mib += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    tasks = {"hog": {"function": "sample_tasks:hold_memory", "cpus": 0.1}}
+    settings = {"job_cgroups": job_cgroups, "poll_interval": "2s", "learn_margin": 1.0}
+    async with make_harness(
+        tasks=tasks, scheduler=settings, server={"fork_server": fork_server}
+    ) as h:
+        if fork_server:
+            assert await h.application.runner.fork_server_ready()
+        peaks = []
+        for _ in range(3):
+            job_id = await submit(h, "hog", mib=mib, seconds=0)
+            done = await h.wait_for_state(job_id, "succeeded")
+            assert done["peak_rss"] >= mib * MiB
+            peaks.append(done["peak_rss"])
+        figures = await poll(lambda: _learned_runs(h, 3))
+        assert figures["learned"]["peak_rss_max"] == max(peaks)
+        assert figures["scheduled_with"]["memory"] == max(peaks)  # p95 of 3, margin 1
+        assert figures["scheduled_with"]["source"] == "learned"
+        if fork_server and job_cgroups:
+            # The cgroup counts what the job allocated, not the fork server's pages.
+            assert max(peaks) < 40 * MiB + 32 * MiB
+
+
+async def test_a_job_of_several_processes_is_measured_whole_in_its_cgroup(
+    make_harness: Any,
+) -> None:
+    """wait4's ru_maxrss is the largest single process; the job's cgroup counts the whole
+    tree, so a job of two processes holding 60 MiB each at once is measured at 120 MiB."""
+    if JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    tasks = {"two": {"function": "sample_tasks:hold_memory_in_two", "cpus": 0.1}}
+    async with make_harness(tasks=tasks, scheduler={"poll_interval": "2s"}) as h:
+        job_id = await submit(h, "two", mib=60)
+        done = await h.wait_for_state(job_id, "succeeded")
+        assert done["peak_rss"] >= 120 * MiB
+
+
+async def _learned_runs(h: Any, runs: int) -> dict[str, Any] | None:
+    task = dict((await h.client.get("/api/v1/tasks")).json()["tasks"][0])
+    return task if task["learned"]["runs"] >= runs else None
 
 
 async def _learned(h: Any) -> dict[str, Any] | None:
