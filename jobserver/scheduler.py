@@ -566,6 +566,87 @@ def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> in
     return int(ordered[rank - 1] * margin)
 
 
+@dataclass(frozen=True)
+class MemoryRequest:
+    """The memory request admission uses for a task, where it came from and why."""
+
+    memory: int
+    source: str  # "declared" | "learned" | "default_memory"
+    why: str
+
+
+def memory_request(
+    declared: int | None,
+    peaks: Sequence[int],
+    percentile: float,
+    margin: float,
+    fallback: int,
+    *,
+    memory_limit: int | None = None,
+    limit_in_kernel: bool = False,
+    usable: int | None = None,
+) -> MemoryRequest:
+    """The memory request the scheduler uses for a task, and why.
+
+    Its declared request, unless it declares none (then the ``percentile`` of its recent
+    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
+    used more than it declares (then the larger of the two).  A learned figure is capped:
+
+    - at ``memory_limit`` where the kernel enforces it (a per-job cgroup): the job can
+      never hold more;
+    - at ``memory_limit`` plus the largest measured overshoot where the limit is enforced
+      by sampling: a job can grow past it between two samples, and that much it really
+      held before it was killed;
+    - at ``usable`` (capacity after reserve): a run that used more than the machine has
+      (a killed outlier, or a lowered ``max_memory``) must not leave the task's jobs
+      waiting for ever; capped there, a job starts when the machine is otherwise free.
+
+    A declared request is never changed (one above capacity is the config's to fix).
+    """
+    learned = learned_memory(peaks, percentile, margin)
+    if learned is None or (declared is not None and max(peaks) <= declared):
+        if declared is None:
+            return MemoryRequest(
+                fallback,
+                "default_memory",
+                f"no memory declared and no measured run: default_memory {format_size(fallback)}",
+            )
+        detail = "no measured run yet" if not peaks else "no recent run used more"
+        return MemoryRequest(declared, "declared", f"declared {format_size(declared)}; {detail}")
+    why = [
+        f"p{percentile:g} of the last {len(peaks)} run(s)' peaks x learn_margin {margin:g} "
+        f"= {format_size(learned)}"
+    ]
+    if declared is not None:
+        why[0] = f"a recent run used more than declared {format_size(declared)}; " + why[0]
+    memory = learned
+    if memory_limit is not None:
+        if limit_in_kernel:
+            cap = memory_limit
+            because = f"memory_limit {format_size(memory_limit)}, which the kernel enforces"
+        else:
+            overshoot = max(0, max(peaks) - memory_limit)
+            cap = memory_limit + overshoot
+            because = (
+                f"memory_limit {format_size(memory_limit)} + the measured overshoot "
+                f"{format_size(overshoot)} (the limit is enforced by sampling: a job can "
+                "grow past it before it is caught)"
+            )
+        if memory > cap:
+            memory = cap
+            why.append(f"capped at {because}")
+    if usable is not None and memory > max(usable, declared or 0):
+        memory = max(usable, declared or 0)
+        why.append(
+            f"capped at the capacity after reserve {format_size(usable)}: a run used more "
+            "than fits, so its jobs start only when the machine is otherwise free"
+        )
+    if declared is not None and memory <= declared:
+        why.append(f"never below the declared {format_size(declared)}")
+        return MemoryRequest(declared, "declared", "; ".join(why))
+    return MemoryRequest(memory, "learned", "; ".join(why))
+
+
 def effective_memory(
     declared: int | None,
     peaks: Sequence[int],
@@ -573,18 +654,8 @@ def effective_memory(
     margin: float,
     fallback: int,
 ) -> int:
-    """The memory request the scheduler uses for a task.
-
-    Its declared request, unless it declares none (then the ``percentile`` of its recent
-    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
-    used more than it declares (then the larger of the two).
-    """
-    learned = learned_memory(peaks, percentile, margin)
-    if declared is None:
-        return learned if learned is not None else fallback
-    if learned is not None and max(peaks) > declared:
-        return max(declared, learned)
-    return declared
+    """``memory_request``'s figure, uncapped (no limit, no capacity)."""
+    return memory_request(declared, peaks, percentile, margin, fallback).memory
 
 
 # -- The Scheduler service: applies plan() through the store and the runner ------------
@@ -1054,7 +1125,7 @@ class Scheduler:
         # What planning reads, taken on the event loop: choose() runs in the database's
         # thread, inside the claim's transaction, while watchers change _running.
         running = self._running_jobs()
-        requests = {task.name: self._request(task) for task in self._registry}
+        requests = {task.name: self._request(task, snapshot) for task in self._registry}
         limits, state = self._limits, self._plan_state
         chosen: list[tuple[Plan, list[QueuedJob], list[QueueEntry]]] = []
 
@@ -1186,7 +1257,7 @@ class Scheduler:
         attempt = _Attempt(
             job,
             handle,
-            self._request(task),
+            self._request(task, self._last_snapshot),
             job.timeout if job.timeout is not None else task.settings.timeout,
             monotonic,
             memory_limit=limit,
@@ -1277,54 +1348,68 @@ class Scheduler:
             for task in self._registry
         }
 
-    def _request(self, task: Task) -> Request:
-        s = self._settings
-        gpu_memory = task.settings.gpu_memory or 0
+    def _request(self, task: Task, snapshot: Snapshot | None) -> Request:
         peaks = (self._peaks or {}).get(task.name, [])
-        memory = effective_memory(
+        return Request(
+            cpus=task.settings.cpus,
+            memory=self._memory_request(task, peaks, snapshot).memory,
+            gpus=task.settings.gpus,
+            gpu_memory=task.settings.gpu_memory or 0,
+        )
+
+    def _memory_request(
+        self, task: Task, peaks: Sequence[int], snapshot: Snapshot | None
+    ) -> MemoryRequest:
+        s, limits = self._settings, self._limits
+        usable = None
+        if snapshot is not None:
+            capacity = snapshot.memory_capacity
+            if limits.max_memory is not None:
+                capacity = min(capacity, limits.max_memory)
+            usable = capacity - limits.reserve_memory
+        return memory_request(
             task.settings.memory,
             peaks,
             s.learn_percentile,
             s.learn_margin,
             s.default_memory,
-        )
-        return Request(
-            cpus=task.settings.cpus, memory=memory, gpus=task.settings.gpus, gpu_memory=gpu_memory
+            memory_limit=task.settings.memory_limit,
+            limit_in_kernel=self._cgroups is not None and s.job_cgroups,
+            usable=usable,
         )
 
     async def task_figures(self) -> dict[str, dict[str, Any]]:
-        """Per task: declared requests and limits beside what its recent runs used."""
+        """Per task: declared requests and limits beside what its recent runs used, and
+        the request admission uses, with why."""
         s = self._settings
+        snapshot = self._last_snapshot or self._probe.snapshot()
         figures: dict[str, dict[str, Any]] = {}
         for task in self._registry:
             runs = await self._store.recent_runs(task.name, s.learn_window)
             peaks = [run.peak_rss for run in runs]
-            declared = task.settings.memory
-            learned = learned_memory(peaks, s.learn_percentile, s.learn_margin)
-            used = effective_memory(
-                declared, peaks, s.learn_percentile, s.learn_margin, s.default_memory
-            )
-            if declared is None:
-                source = "learned" if learned is not None else "default_memory"
-            else:
-                source = "learned" if used != declared else "declared"
+            used = self._memory_request(task, peaks, snapshot)
             figures[task.name] = {
                 "declared": {
                     "cpus": task.settings.cpus,
-                    "memory": declared,
+                    "memory": task.settings.memory,
                     "memory_limit": task.settings.memory_limit,
                     "max_concurrency": task.settings.max_concurrency,
                     "exclusive": task.settings.exclusive,
                 },
                 "learned": {
                     "runs": len(runs),
-                    "memory": learned,
+                    "memory": learned_memory(peaks, s.learn_percentile, s.learn_margin),
                     "peak_rss_max": max(peaks) if peaks else None,
                     "peak_rss_percentile": _percentile(peaks, s.learn_percentile),
                     "cpu_seconds_median": _median([run.cpu_seconds for run in runs]),
                     "wall_seconds_median": _median([run.wall_seconds for run in runs]),
                 },
-                "scheduled_with": {"cpus": task.settings.cpus, "memory": used, "source": source},
+                "scheduled_with": {
+                    "cpus": task.settings.cpus,
+                    "memory": used.memory,
+                    "source": used.source,
+                    "why": used.why,
+                },
             }
         return figures
 

@@ -25,6 +25,7 @@ from jobserver.scheduler import (
     TaskLimits,
     effective_memory,
     learned_memory,
+    memory_request,
     plan,
     pressure_victim,
 )
@@ -632,6 +633,67 @@ def test_learned_memory_and_effective_request() -> None:
     assert effective_memory(512 * MiB, [400 * MiB], 95, 1.5, 256 * MiB) == 512 * MiB
     # Runs used more than declared: the learned figure.
     assert effective_memory(512 * MiB, [600 * MiB], 95, 1.2, 256 * MiB) == 720 * MiB
+
+
+def test_a_learned_request_is_capped_by_a_kernel_enforced_limit() -> None:
+    # The cgroup's peak never passes the limit, but the margin would.
+    found = memory_request(
+        64 * MiB, [100 * MiB], 95, 1.2, 256 * MiB, memory_limit=100 * MiB, limit_in_kernel=True
+    )
+    assert found.memory == 100 * MiB and found.source == "learned"
+    assert "capped at memory_limit 100.0 MiB, which the kernel enforces" in found.why
+
+
+def test_a_sampled_limit_caps_at_the_limit_plus_the_measured_overshoot() -> None:
+    """The issue's repro: a run killed at 212.9 MiB taught 255.4 MiB (x 1.2)."""
+    peak = int(212.9 * MiB)
+    found = memory_request(64 * MiB, [peak], 95, 1.2, 256 * MiB, memory_limit=100 * MiB)
+    assert found.memory == peak
+    assert "memory_limit 100.0 MiB + the measured overshoot 112.9 MiB" in found.why
+    assert "enforced by sampling" in found.why
+    # ... and after max_memory is lowered below it, capped at the capacity: never stuck.
+    found = memory_request(
+        64 * MiB, [peak], 95, 1.2, 256 * MiB, memory_limit=100 * MiB, usable=200 * MiB
+    )
+    assert found.memory == 200 * MiB
+    assert "capped at the capacity after reserve 200.0 MiB" in found.why
+
+
+@given(
+    declared=st.none() | st.integers(1, 4 * GiB),
+    peaks=st.lists(st.integers(1, 8 * GiB), max_size=20),
+    margin=st.floats(1.0, 10.0),
+    limit=st.none() | st.integers(1, 4 * GiB),
+    in_kernel=st.booleans(),
+    usable=st.integers(1, 8 * GiB),
+)
+def test_a_learned_request_never_leaves_a_task_stuck_above_capacity(
+    declared: int | None,
+    peaks: list[int],
+    margin: float,
+    limit: int | None,
+    in_kernel: bool,
+    usable: int,
+) -> None:
+    found = memory_request(
+        declared,
+        peaks,
+        95,
+        margin,
+        256 * MiB,
+        memory_limit=limit,
+        limit_in_kernel=in_kernel,
+        usable=usable,
+    )
+    if declared is not None:
+        assert found.memory >= declared
+    if found.source == "learned":
+        assert found.memory <= max(usable, declared or 0)
+        if limit is not None and in_kernel:
+            assert found.memory <= max(limit, declared or 0)
+        if limit is not None and not in_kernel:
+            assert found.memory <= max(limit, *peaks, declared or 0)
+    assert found.why
 
 
 # -- properties of the full rule set -------------------------------------------------------

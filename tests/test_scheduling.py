@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from jobserver.cgroups import JobCgroups
+from jobserver.config import format_size
 from jobserver.resources import Gpu, NvmlProbe, Snapshot
 from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB
 
@@ -256,6 +257,7 @@ async def test_a_task_without_a_memory_request_learns_one(make_harness: Any) -> 
             "cpus": 0.1,
             "memory": 256 * MiB,
             "source": "default_memory",
+            "why": "no memory declared and no measured run: default_memory 256.0 MiB",
         }
         job_id = await submit(h, "hog", mib=100, seconds=1.0)
         done = await h.wait_for_state(job_id, "succeeded")
@@ -280,6 +282,8 @@ async def test_runs_over_the_declared_request_raise_it(make_harness: Any) -> Non
             "cpus": 0.1,
             "memory": done["peak_rss"],
             "source": "learned",
+            "why": "a recent run used more than declared 32.0 MiB; p95 of the last 1 run(s)' "
+            f"peaks x learn_margin 1 = {format_size(done['peak_rss'])}",
         }
 
 
@@ -334,6 +338,49 @@ async def test_a_job_of_several_processes_is_measured_whole_in_its_cgroup(
         job_id = await submit(h, "two", mib=60)
         done = await h.wait_for_state(job_id, "succeeded")
         assert done["peak_rss"] >= 120 * MiB
+
+
+async def test_a_killed_outlier_never_leaves_a_task_stuck(make_harness: Any) -> None:
+    """The issue's repro: memory 64 MiB, memory_limit 100 MiB, no cgroups; a run killed
+    far past the limit must not teach a request that keeps the next small job waiting
+    for ever once max_memory is lowered."""
+    tasks = {"hog": {**HOG, "memory": "64MiB", "memory_limit": "100MiB"}}
+    async with make_harness(tasks=tasks, scheduler={"job_cgroups": False}) as h:
+        killed = await submit(h, "hog", mib=300, seconds=60)
+        done = await h.wait_for_state(killed, "failed", timeout=60)
+        assert done["error"]["type"] == "MemoryLimitExceeded"
+        peak = done["peak_rss"]
+        assert peak > 100 * MiB
+        figures = await poll(lambda: _learned_runs(h, 1))
+        used = figures["scheduled_with"]
+        # The limit plus the measured overshoot (the peak), not the peak x 1.2.
+        assert figures["learned"]["memory"] == int(peak * 1.2)
+        assert used["memory"] == peak and used["source"] == "learned"
+        assert "+ the measured overshoot" in used["why"]
+        assert "enforced by sampling" in used["why"]
+
+        response = await h.client.patch(
+            "/api/v1/system", json={"scheduler": {"max_memory": f"{peak // MiB - 10}MiB"}}
+        )
+        assert response.status_code == 200, response.text
+        small = await submit(h, "hog", mib=1, seconds=0)
+        assert (await h.wait_for_state(small, "succeeded"))["result"] == 1
+        figures = await poll(lambda: _learned_runs(h, 2))
+        assert "capped at the capacity after reserve" in figures["scheduled_with"]["why"]
+
+
+async def test_a_kernel_enforced_limit_caps_the_learned_request(make_harness: Any) -> None:
+    if JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    tasks = {"hog": {**HOG, "memory": "32MiB", "memory_limit": "64MiB"}}
+    async with make_harness(tasks=tasks) as h:
+        killed = await submit(h, "hog", mib=300, seconds=60)
+        done = await h.wait_for_state(killed, "failed", timeout=60)
+        assert done["reason"] == "oom_killed"
+        figures = await poll(lambda: _learned_runs(h, 1))
+        assert figures["learned"]["memory"] > 64 * MiB  # the peak x 1.2
+        assert figures["scheduled_with"]["memory"] == 64 * MiB
+        assert "which the kernel enforces" in figures["scheduled_with"]["why"]
 
 
 async def _learned_runs(h: Any, runs: int) -> dict[str, Any] | None:
