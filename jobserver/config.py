@@ -714,6 +714,18 @@ def _nullable_table(
     return _NullableTable(table, nulls)
 
 
+def error_at(origin: str | os.PathLike[str], key: str, message: str) -> ConfigError:
+    """A ``ConfigError`` about the dotted ``key`` (``"scheduler.memory_floor"``) of the
+    config file ``origin``, at its line (best effort), or of a change from ``origin``
+    (``"PATCH /api/v1/system"``, no file to read)."""
+    path = Path(origin)
+    try:
+        lines = _locate_keys(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        lines = {}
+    return _Source(path, lines).error(_split_key(key), message)
+
+
 # --- reading one table ---------------------------------------------------------------
 
 

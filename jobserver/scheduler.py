@@ -396,14 +396,17 @@ def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[
     """The overload signals that stop admission now, each (name, reason).
 
     A signal that stopped the previous plan holds until it clears its threshold by the
-    hysteresis fraction: available memory above floor x (1 + h), pressure below limit x
-    (1 - h).
+    hysteresis fraction: available memory above floor + h x min(floor, memory capacity -
+    floor) (floor x (1 + h), unless that is more than the machine could ever have
+    available: then h of the room above the floor), pressure below limit x (1 - h).
+    Every resume threshold can be reached.
     """
     found: list[tuple[str, str]] = []
     h = limits.hysteresis
     floor = limits.memory_floor
     if floor > 0:
-        threshold = int(floor * (1 + h)) if FLOOR in held else floor
+        room = max(0, snapshot.memory_capacity - floor)
+        threshold = floor + int(h * min(floor, room)) if FLOOR in held else floor
         available = snapshot.memory_available
         if available < threshold:
             text = (
@@ -432,6 +435,51 @@ def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[
                 )
             found.append((name, text))
     return found
+
+
+def admission_problems(settings: SchedulerSettings, snapshot: Snapshot) -> list[tuple[str, str]]:
+    """The ``[scheduler]`` keys, each with why, that make it impossible for anything to be
+    admitted on the machine of ``snapshot`` (refused at start, reload and PATCH)."""
+    problems: list[tuple[str, str]] = []
+    machine = snapshot.memory_capacity
+    if settings.memory_floor > 0 and settings.memory_floor >= machine:
+        problems.append(
+            (
+                "scheduler.memory_floor",
+                f"memory_floor {format_size(settings.memory_floor)} is not below this "
+                f"machine's memory {format_size(machine)}: available memory can never "
+                "reach it, so no job would ever start; lower it (0 turns the floor off)",
+            )
+        )
+    memory = machine if settings.max_memory is None else min(machine, settings.max_memory)
+    if settings.reserve_memory >= memory:
+        capped = settings.max_memory is not None and settings.max_memory < machine
+        problems.append(
+            (
+                "scheduler.reserve_memory",
+                f"reserve_memory {format_size(settings.reserve_memory)} leaves nothing of "
+                f"the {format_size(memory)} jobs may use"
+                + (" (max_memory)" if capped else "")
+                + ": no job would ever start; lower reserve_memory"
+                + (" or raise max_memory" if capped else ""),
+            )
+        )
+    cpus = snapshot.cpu_capacity
+    if settings.max_cpus is not None:
+        cpus = min(cpus, settings.max_cpus)
+    if settings.reserve_cpus >= cpus:
+        capped = settings.max_cpus is not None and settings.max_cpus < snapshot.cpu_capacity
+        problems.append(
+            (
+                "scheduler.reserve_cpus",
+                f"reserve_cpus {settings.reserve_cpus:g} leaves nothing of the {cpus:g} "
+                "CPUs jobs may use"
+                + (" (max_cpus)" if capped else "")
+                + ": no job would ever start; lower reserve_cpus"
+                + (" or raise max_cpus" if capped else ""),
+            )
+        )
+    return problems
 
 
 def _never_fits(
@@ -849,6 +897,8 @@ class Scheduler:
         self._jobs_dir = jobs_dir
         self._clock = clock
         self._cgroups = cgroups
+        # Whether the caller looked for writable cgroups (it does not while they are off).
+        self._cgroups_looked_for = cgroups is not None or settings.job_cgroups
         self._gpu_probe = gpu_probe
         self._gpus: tuple[Gpu, ...] | None = None  # the last reading, when some job wanted one
         self._limits = self._make_limits()
@@ -900,10 +950,17 @@ class Scheduler:
             },
         )
 
+    def admission_problems(self, settings: SchedulerSettings) -> list[tuple[str, str]]:
+        """``admission_problems`` of ``settings`` on this machine, as it is now."""
+        return admission_problems(settings, self._probe.snapshot())
+
     def reconfigure(self, settings: SchedulerSettings) -> None:
         """Use new settings (and the registry's current task settings) from the next tick."""
         if settings.learn_window != self._settings.learn_window:
             self._peaks = None  # reread with the new window
+        if settings.job_cgroups and not self._cgroups_looked_for:
+            # Turned on since the start (which did not look for them while off).
+            self._cgroups, self._cgroups_looked_for = JobCgroups.detect(), True
         self._settings = settings
         self._limits = self._make_limits()
         self.wake()
@@ -1656,11 +1713,7 @@ class Scheduler:
                 learn_window=s.learn_window,
                 default_memory=s.default_memory,
             ),
-            memory_limits=(
-                self._cgroups.describe()
-                if self._cgroups is not None and s.job_cgroups
-                else "sampling (no writable per-job cgroup)"
-            ),
+            memory_limits=self._memory_limits(),
             gpus=self._gpus,
             max_jobs=limits.max_jobs,
             fork_server=self._runner.fork_server_state(),
@@ -1685,6 +1738,14 @@ class Scheduler:
                 for job_id in self._head[:VIEW_HEAD_SIZE]
             ),
         )
+
+    def _memory_limits(self) -> str:
+        """How jobs are measured and memory limits enforced, for the system view."""
+        if not self._settings.job_cgroups:
+            return "sampling (per-job cgroups turned off in config: job_cgroups = false)"
+        if self._cgroups is None:
+            return "sampling (per-job cgroups are not writable here)"
+        return self._cgroups.describe()
 
     def _running_jobs(self) -> list[RunningJob]:
         return [a.as_running_job() for a in self._running.values()]

@@ -496,6 +496,38 @@ def test_memory_floor_stops_admission_and_holds_with_hysteresis() -> None:
     assert plan(queue, [], pressured(memory_available=2 * GiB + 100 * MiB), configured).admit
 
 
+def test_the_floor_resume_threshold_can_be_reached_on_the_machine() -> None:
+    """The issue's case: memory_floor just under what is available, and floor x (1 + h) =
+    24.7 GiB above the machine's 23.5 GiB: admission, once stopped, never resumed."""
+    total = int(23.5 * GiB)
+    configured = replace(limits(), memory_floor=int(22.5 * GiB), hysteresis=0.1)
+    queue = [job(1, memory=MiB)]
+    low = plan(queue, [], snapshot(memory=total, memory_available=22 * GiB), configured)
+    assert low.admit == () and FLOOR in low.state.held
+    # Held: resumes at the floor + h x the room above it (22.6 GiB), below the total.
+    band = plan(
+        queue, [], snapshot(memory=total, memory_available=int(22.55 * GiB)), configured, low.state
+    )
+    assert band.admit == ()
+    assert "held until above 22.6 GiB" in band.waiting["q0001"]
+    back = plan(queue, [], snapshot(memory=total, memory_available=23 * GiB), configured, low.state)
+    assert back.admit == ("q0001",)
+
+
+@given(
+    total=st.integers(GiB, 64 * GiB),
+    floor_fraction=st.floats(0.01, 0.99),
+    hysteresis=st.floats(0.0, 1.0),
+)
+def test_every_held_floor_resumes_once_all_memory_is_available(
+    total: int, floor_fraction: float, hysteresis: float
+) -> None:
+    configured = replace(limits(), memory_floor=int(total * floor_fraction), hysteresis=hysteresis)
+    held = PlanState(frozenset({FLOOR}))
+    found = plan([job(1, memory=MiB)], [], snapshot(memory=total), configured, held)
+    assert found.admit == ("q0001",)
+
+
 def test_psi_limits_stop_admission_with_hysteresis() -> None:
     configured = replace(
         limits(), memory_pressure_limit=20.0, cpu_pressure_limit=50.0, hysteresis=0.25

@@ -16,8 +16,9 @@ import pytest
 
 from jobserver.cgroups import JobCgroups
 from jobserver.config import format_size
+from jobserver.errors import ConfigError
 from jobserver.resources import Gpu, NvmlProbe, Snapshot
-from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, write_config
 
 pytestmark = pytest.mark.anyio
 MiB = 2**20
@@ -461,6 +462,90 @@ async def test_patch_system_rejects_bad_changes_and_changes_nothing(
         after = (await h.client.get("/api/v1/system")).json()
         assert after["max_jobs"] == before["max_jobs"] == 2
         assert after["settings"] == before["settings"]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "key", "message"),
+    [
+        ({"memory_floor": "16GiB"}, "scheduler.memory_floor", "available memory can never reach"),
+        ({"reserve_memory": "20GiB"}, "scheduler.reserve_memory", "leaves nothing of the 16.0"),
+        (
+            {"max_memory": "1GiB", "reserve_memory": "1GiB"},
+            "scheduler.reserve_memory",
+            "or raise max_memory",
+        ),
+        ({"reserve_cpus": 8}, "scheduler.reserve_cpus", "leaves nothing of the 8 CPUs"),
+    ],
+)
+async def test_settings_that_could_never_admit_anything_are_refused(
+    make_harness: Any, tmp_path: Path, scheduler: dict[str, Any], key: str, message: str
+) -> None:
+    """At start (naming the key, file and line), and by PATCH (a 422, nothing changed);
+    the fake machine has 8 CPUs and 16 GiB."""
+    with pytest.raises(ConfigError) as refused:
+        async with make_harness(tasks={"gated": GATED}, scheduler=scheduler):
+            pass
+    assert refused.value.details is not None
+    assert refused.value.details["key"] == key
+    assert refused.value.details["file"] == str(tmp_path / "config.toml")
+    line = refused.value.details["line"]
+    assert isinstance(line, int)
+    name = key.split(".")[1]
+    assert (tmp_path / "config.toml").read_text().splitlines()[line - 1].startswith(name)
+    assert message in refused.value.message and "no job would ever start" in refused.value.message
+
+    async with make_harness(tasks={"gated": GATED}) as h:
+        before = (await h.client.get("/api/v1/system")).json()["settings"]
+        response = await h.client.patch("/api/v1/system", json={"scheduler": scheduler})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["details"]["key"] == key and message in error["message"]
+        assert (await h.client.get("/api/v1/system")).json()["settings"] == before
+
+
+async def test_a_reload_that_could_never_admit_anything_keeps_the_running_settings(
+    make_harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_harness(tasks={"gated": GATED}, scheduler={"max_jobs": 3}) as h:
+        runtime = h.application.runtime
+        assert runtime is not None
+        write_config(tmp_path, tasks={"gated": GATED}, scheduler={"memory_floor": "32GiB"})
+        caplog.set_level(logging.ERROR, logger="jobserver")
+        assert runtime.reload() == []
+        assert "failed; keeping the running settings" in caplog.text
+        assert "config.toml:" in caplog.text and "memory_floor 32.0 GiB is not below" in caplog.text
+        view = (await h.client.get("/api/v1/system")).json()
+        assert view["max_jobs"] == 3 and view["signals"]["memory_floor"]["value"] != 32 * GiB
+
+
+@pytest.mark.parametrize(
+    ("job_cgroups", "expected"),
+    [
+        (False, "sampling (per-job cgroups turned off in config: job_cgroups = false)"),
+        (True, None),
+    ],
+)
+async def test_the_system_view_says_why_memory_is_sampled(
+    make_harness: Any, job_cgroups: bool, expected: str | None
+) -> None:
+    async with make_harness(tasks={"gated": GATED}, scheduler={"job_cgroups": job_cgroups}) as h:
+        found = (await h.client.get("/api/v1/system")).json()["memory_limits"]
+        detected = JobCgroups.detect()
+        if expected is None:  # on: cgroups where writable, else it says they are not
+            expected = (
+                "sampling (per-job cgroups are not writable here)"
+                if detected is None
+                else detected.describe()
+            )
+        assert found == expected
+        if not job_cgroups and detected is not None:
+            # Turned on at run time: looked for then, and used.
+            response = await h.client.patch(
+                "/api/v1/system", json={"scheduler": {"job_cgroups": True}}
+            )
+            assert response.status_code == 200, response.text
+            found = (await h.client.get("/api/v1/system")).json()["memory_limits"]
+            assert found.startswith("cgroup v")
 
 
 async def test_patch_system_needs_json(make_harness: Any) -> None:
