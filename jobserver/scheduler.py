@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -38,6 +39,7 @@ from jobserver.jobs import (
 from jobserver.resources import (
     Gpu,
     GpuProbe,
+    OutsideCpu,
     Probe,
     Snapshot,
     children_map,
@@ -201,17 +203,23 @@ def plan(
       just-started job holds its full request until its measured use catches up, so a
       burst is never all admitted in one tick.
     - declared free = capacity - sum of claims - reserve.
-    - live free = the snapshot's free now (``cpu_idle``, ``memory_available``)
-      - sum of not-yet-used parts - reserve.
-    - free = min(declared free, live free).
+    - live free = the snapshot's free now (``memory_available``) - sum of not-yet-used
+      parts - reserve.
+    - free memory = min(declared free, live free).
+    - CPU is compressible, so it follows declared requests against capacity: free CPUs =
+      capacity - the running jobs' requests - reserve - ``cpu_outside`` (the CPUs busy
+      outside our jobs, averaged over a window longer than a job's start-up).  No live
+      idle reading: a starting job's own burst (imports, faulting its memory in) must not
+      hold back the next; PSI cpu pressure (``cpu_pressure_limit``) is the overload
+      signal.
     - Overload stops every admission: available memory below ``memory_floor``, or PSI
       memory / cpu pressure above its limit.  Once tripped, a signal holds until it
       clears the threshold by the ``hysteresis`` fraction (no flapping).
     - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
       its task is under ``max_concurrency``, no exclusive job runs (and, for an
       exclusive job, nothing runs at all), and its request fits free for both CPUs and
-      memory (and the live reading holds 1 + ``hysteresis`` times it for a resource
-      the previous plan was short of);
+      memory (and the live memory reading holds 1 + ``hysteresis`` times it if the
+      previous plan was short of memory);
       then subtract its request from free and go on.  A job that does not fit does
       not block later, smaller jobs (skip ahead) ...
     - ... unless it has waited ``starvation_after`` or longer: then it reserves its
@@ -220,10 +228,9 @@ def plan(
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
-    - CPU is compressible, memory is not: while this server runs none of its jobs, the
-      live CPU reading does not hold back the first job (declared accounting alone
-      decides), so programs outside jobserver that keep the CPUs busy slow jobs down
-      but never stall the queue.
+    - While this server runs none of its jobs, the outside load does not hold back the
+      first job (declared accounting alone decides), so programs outside jobserver that
+      keep the CPUs busy slow jobs down but never stall the queue.
     - Every job not admitted gets a reason with numbers.
 
     Because free only shrinks during the walk, a waiting job never fits the final
@@ -238,17 +245,24 @@ def plan(
     if limits.max_memory is not None:
         capacity_memory = min(capacity_memory, limits.max_memory)
 
-    claimed_cpus = sum(max(job.request.cpus, job.cpus_used) for job in running)
+    # CPU is compressible: declared requests against capacity, less the load outside our
+    # jobs averaged over a window longer than a job's start-up (never the live idle
+    # reading, which a starting job's own burst empties).  Memory is not: it keeps the
+    # live reading too.
+    outside_cpus = snapshot.cpu_outside or 0.0
+    declared_cpus = capacity_cpus - sum(job.request.cpus for job in running) - limits.reserve_cpus
+    free_cpus = declared_cpus - outside_cpus
     claimed_memory = sum(max(job.request.memory, job.memory_used) for job in running)
-    unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
 
     # The live reading alone: what hysteresis margins apply to (it is what hovers).
-    live_cpus = snapshot.cpu_idle - unused_cpus - limits.reserve_cpus
     live_memory = snapshot.memory_available - unused_memory - limits.reserve_memory
-    declared_cpus = capacity_cpus - claimed_cpus - limits.reserve_cpus
-    free_cpus = min(declared_cpus, live_cpus)
     free_memory = min(capacity_memory - claimed_memory - limits.reserve_memory, live_memory)
+    cpu_note = (
+        f" ({outside_cpus:.2f} busy outside jobserver's jobs, on average)"
+        if outside_cpus >= 0.005
+        else ""
+    )
 
     overloaded = _overload(snapshot, limits, state.held)
     overload = "; ".join(reason for _, reason in overloaded) or None
@@ -303,10 +317,10 @@ def plan(
                 job.request,
                 declared_cpus if idle_server else free_cpus,
                 free_memory,
-                math.inf if idle_server else live_cpus,
                 live_memory,
                 state.held,
                 margin,
+                "" if idle_server else cpu_note,
             )
             held |= short
         picked: tuple[int, ...] = ()
@@ -328,7 +342,6 @@ def plan(
             busy += 1
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
-            live_cpus -= job.request.cpus
             live_memory -= job.request.memory
             per_task[job.task] = count + 1
             if picked:
@@ -520,14 +533,16 @@ def _shortfall(
     request: Request,
     free_cpus: float,
     free_memory: int,
-    live_cpus: float,
     live_memory: int,
     held: frozenset[str] = frozenset(),
     margin: float = 1.0,
+    cpu_note: str = "",
 ) -> tuple[str | None, set[str]]:
     """Why ``request`` does not fit what is free now (None if it fits), and the resources
-    it is short of.  For a resource in ``held`` the live reading must also hold ``margin``
-    times the request (declared accounting is exact; the live reading is what hovers)."""
+    it is short of.  For memory in ``held`` the live reading must also hold ``margin``
+    times the request (declared accounting is exact; the live reading is what hovers).
+    CPU has no live reading here: its free figure is declared requests against capacity
+    less a windowed average, which does not hover."""
     problems = []
     short: set[str] = set()
     memory_need = request.memory * margin if MEMORY in held else request.memory
@@ -540,15 +555,11 @@ def _shortfall(
             f"waiting for memory: needs {format_size(request.memory)}{extra}, "
             f"{format_size(max(0, free_memory))} free after reserve"
         )
-    cpu_need = request.cpus * margin if CPU in held else request.cpus
-    if request.cpus > free_cpus + _CPU_EPSILON or cpu_need > live_cpus + _CPU_EPSILON:
+    if request.cpus > free_cpus + _CPU_EPSILON:
         short.add(CPU)
-        extra = ""
-        if request.cpus <= free_cpus + _CPU_EPSILON:
-            extra = f" (+{cpu_need - request.cpus:.2f} hysteresis margin)"
         problems.append(
-            f"waiting for CPU: needs {request.cpus:.2f} CPU{extra}, "
-            f"{_format_cpus(free_cpus)} free after reserve"
+            f"waiting for CPU: needs {request.cpus:.2f} CPU, "
+            f"{_format_cpus(free_cpus)} free after reserve{cpu_note}"
         )
     return "; ".join(problems) or None, short
 
@@ -709,6 +720,14 @@ def effective_memory(
 # -- The Scheduler service: applies plan() through the store and the runner ------------
 
 QUEUE_HEAD_SIZE = 200
+# Seconds over which the CPU load outside our jobs is averaged before it shrinks the CPU
+# capacity admission uses.  Longer than a job's start-up burst, measured on the
+# development machine (2 vCPU): a forked job starts in milliseconds of CPU, a spawned
+# Python job in 0.05 s, and faulting memory in costs ~0.6 s of CPU per GiB (1 GiB: 0.6
+# s CPU, 0.6-0.9 s wall; a 2 GiB job under contention took 7 s to show its full RSS).
+# Over 20 s such a burst moves the average by a few hundredths of a CPU per GiB, while
+# a program that keeps a CPU busy shows in full within the window.
+OUTSIDE_CPU_WINDOW = 20.0
 _OVERLOAD = frozenset({FLOOR, MEMORY_PSI, CPU_PSI})
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
@@ -912,6 +931,7 @@ class Scheduler:
         self._pressure_ticks = 0  # consecutive ticks under memory pressure
         self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
         self._leftover_cgroups: list[JobCgroup] = []
+        self._outside = OutsideCpu(OUTSIDE_CPU_WINDOW)
         self._wakeup = asyncio.Event()
         # Claimed jobs whose process is being started (the runner awaits the fork server).
         self._starting = 0
@@ -1083,9 +1103,21 @@ class Scheduler:
             await self._enforce(monotonic)
             self._remove_leftover_cgroups()
             if self._admitting:
-                snapshot = self._probe.snapshot()
+                snapshot = self._outside_cpu(self._probe.snapshot(), monotonic)
                 await self._admit(now, monotonic, snapshot)
                 self._relieve_pressure(snapshot)
+
+    def _outside_cpu(self, snapshot: Snapshot, monotonic: float) -> Snapshot:
+        """``snapshot`` with ``cpu_outside``: the CPUs busy with anything but our jobs,
+        averaged over ``OUTSIDE_CPU_WINDOW`` (what plan() subtracts from capacity)."""
+        ours = sum(attempt.cpus_used for attempt in self._running.values())
+        busy = snapshot.cpu_capacity - snapshot.cpu_idle
+        outside = self._outside.update(monotonic, busy, ours)
+        sources = {
+            **snapshot.sources,
+            "cpu_outside": f"average over {self._outside.window:g} s of busy CPUs less our jobs'",
+        }
+        return dataclasses.replace(snapshot, cpu_outside=outside, sources=sources)
 
     def _sample_usage(self, monotonic: float) -> None:
         children: dict[int, list[int]] | None = None
@@ -1686,6 +1718,7 @@ class Scheduler:
                     cap_memory, snapshot.memory_capacity, limits.max_memory, "memory_capacity"
                 ),
                 cpu_idle=Reading(snapshot.cpu_idle, sources.get("cpu_idle")),
+                cpu_outside=Reading(snapshot.cpu_outside, sources.get("cpu_outside")),
                 memory_available=Reading(
                     snapshot.memory_available, sources.get("memory_available")
                 ),
@@ -1838,6 +1871,7 @@ class Readings:
     cpu_capacity: Reading
     memory_capacity: Reading
     cpu_idle: Reading
+    cpu_outside: Reading  # busy outside our jobs, windowed: what CPU admission subtracts
     memory_available: Reading
     memory_pressure: PressureReading
     cpu_pressure: PressureReading

@@ -213,6 +213,28 @@ async def test_psi_pressure_stops_admission(make_harness: Any) -> None:
         await h.wait_for_state(job_id, "succeeded")
 
 
+async def test_cpu_admission_subtracts_the_averaged_outside_load(make_harness: Any) -> None:
+    """Other programs keep 7.5 of the fake machine's 8 CPUs busy: the system view shows
+    it averaged, and a job that needs more than what is left waits saying so (the first
+    job, on an otherwise idle server, starts anyway: CPU is compressible)."""
+    probe = FakeProbe(cpus=8)
+    probe.snapshot_value = dataclasses.replace(probe.snapshot_value, cpu_idle=0.5)
+    tasks = {"gated": {**GATED, "cpus": 1}}
+    async with make_harness(probe=probe, tasks=tasks) as h:
+        first = await submit(h, "gated", path="/nonexistent-gate")
+        await h.wait_for_state(first, "running")
+        second = await submit(h, "gated", path="/nonexistent-gate")
+        reason = await poll(lambda: _reason(h, second))
+        assert reason.startswith("waiting for CPU: needs 1.00 CPU, 0.00 free after reserve (")
+        assert "busy outside jobserver's jobs, on average)" in reason
+        signal = (await h.client.get("/api/v1/system")).json()["signals"]["cpu_outside"]
+        assert signal["source"].startswith("average over 20 s")
+        assert 6.0 <= signal["value"] <= 7.5
+        await h.client.post(f"/api/v1/jobs/{first}/cancel")
+        await h.client.post(f"/api/v1/jobs/{second}/cancel")
+        await h.wait_for_state(first, "cancelled")
+
+
 async def _reason(h: Any, job_id: str) -> str | None:
     found = await document(h, job_id)
     reason = found.get("waiting_reason")
