@@ -4,7 +4,9 @@
 run (a) by jobserver's scheduler, with each task declaring its memory, and (b) with the
 resource checks off and a fixed max_jobs = N for N = 1..8 (what ``celery --concurrency=N``
 does).  For each: makespan, peak total RSS of the jobs, cap violations (episodes of the
-jobs' total RSS above the cap, sampled every 20 ms), and kills.
+jobs' total RSS above the cap, sampled every 20 ms), and kills; and the workload's own
+lower bound: the larger of the memory it holds (GiB x s) over the cap and the CPU time of
+faulting its pages in (measured here per GiB) over the cores.
 
 The whole run (server and jobs) happens inside a memory cgroup "box" of --box (7 GiB)
 so that a fixed N that overshoots cannot take the shared machine down: past the box
@@ -53,6 +55,31 @@ class Result:
     kills: int
     failed: int
     succeeded: int
+
+
+def fault_seconds_per_gib(mib: int = 256) -> float:
+    """CPU seconds this machine spends faulting in one GiB (measured in a child process,
+    as the jobs do it)."""
+    report = "import resource\nr = resource.getrusage(resource.RUSAGE_SELF)\n"
+    report += "print(r.ru_utime + r.ru_stime)\n"
+    touch = f"b = bytearray({mib} * 2**20)\nmemoryview(b)[::4096] = b'\\x01' * (len(b) // 4096)\n"
+
+    def cpu_of(code: str) -> float:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return float(done.stdout)
+
+    used, base = cpu_of(touch + report), cpu_of(report)
+    return max(0.0, used - base) * 1024 / mib
+
+
+def lower_bounds(
+    jobs: list[tuple[int, float]], cap: int, cpus: int, per_gib: float
+) -> tuple[float, float]:
+    """No schedule can finish sooner than either figure (seconds): the memory the jobs hold,
+    GiB x s, over the cap; the CPU time of faulting their pages in, over the cores."""
+    memory = sum((size + OVERHEAD_MIB) * 2**20 * seconds for size, seconds in jobs) / cap
+    faulting = sum(size for size, _ in jobs) / 1024 * per_gib / cpus
+    return memory, faulting
 
 
 def workload(jobs: int, seed: int) -> list[tuple[int, float]]:
@@ -274,6 +301,13 @@ def main() -> None:
     finally:
         if box is not None:
             box.close()
+    memory_bound, cpu_bound = lower_bounds(
+        jobs, cap, psutil.cpu_count() or 1, fault_seconds_per_gib()
+    )
+    print(
+        f"Lower bound: {max(memory_bound, cpu_bound):.1f} s (memory held {memory_bound:.1f} s = "
+        f"GiB x s / cap; page faults {cpu_bound:.1f} s = fault CPU time / cores)\n"
+    )
     print("| run | makespan | peak total RSS | cap violations (time over cap) | kills | failed |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:

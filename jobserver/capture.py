@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 import os
+import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -199,16 +201,37 @@ class Capture:
         return _outcome(exit_code, self._result)
 
 
-async def wait_for_exit(pid: int, on_exit: Any) -> int:
-    """The raw wait status of our own child ``pid``, without a thread per child: a pidfd
-    becomes readable when the process exits (Linux 5.3+); elsewhere, a thread blocks in
-    waitpid."""
+@dataclass(frozen=True)
+class ExitUsage:
+    """What the kernel counted for a reaped process (``wait4``'s rusage): exact however
+    short the process lived, where sampling its tree may never have seen it."""
+
+    # Bytes: the largest resident set of the process *or of any one* of its reaped
+    # descendants (the kernel keeps a maximum, not a sum, across processes).
+    max_rss: int
+    # User + system CPU seconds of the process and all its reaped descendants.
+    cpu_seconds: float
+
+
+def exit_usage(usage: resource.struct_rusage, inherited: int = 0) -> ExitUsage:
+    """``usage`` as an ``ExitUsage``, less ``inherited`` bytes of resident set that the
+    process had from its parent at the fork (Linux counts ``ru_maxrss`` in KiB)."""
+    return ExitUsage(
+        max_rss=max(0, usage.ru_maxrss * 1024 - inherited),
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+    )
+
+
+async def wait_for_exit(pid: int, on_exit: Any) -> tuple[int, ExitUsage]:
+    """The raw wait status of our own child ``pid`` and what the kernel counted for it,
+    without a thread per child: a pidfd becomes readable when the process exits (Linux
+    5.3+); elsewhere, a thread blocks in wait4."""
     loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
-        return status
+        _, status, usage = await loop.run_in_executor(None, os.wait4, pid, 0)
+        return status, exit_usage(usage)
     exited: asyncio.Future[None] = loop.create_future()
 
     def on_readable() -> None:
@@ -222,8 +245,8 @@ async def wait_for_exit(pid: int, on_exit: Any) -> int:
         loop.remove_reader(pidfd)
         os.close(pidfd)
     on_exit()
-    _, status = os.waitpid(pid, 0)
-    return status
+    _, status, usage = os.wait4(pid, 0)
+    return status, exit_usage(usage)
 
 
 def _outcome(exit_code: int, result: bytearray | None) -> Outcome:

@@ -1,4 +1,5 @@
-"""Per-job cgroups: a memory limit the kernel enforces on one job's whole process tree.
+"""Per-job cgroups: the kernel's own measure of one job's whole process tree (its peak
+memory), and a memory limit the kernel enforces on it.
 
 ``JobCgroups.detect()`` finds where this server may create child cgroups of its own
 memory cgroup:
@@ -22,7 +23,9 @@ outside the limit (a pid written by the server after the spawn could lose that r
 After the job, ``remove`` kills whatever is still in the cgroup (a grandchild that left
 the process group with ``setsid`` included) and removes the directory.
 
-Nothing here decides which job gets a limit; the scheduler does.
+Every job gets one where they can be made (its ``peak`` is the exact figure learned
+requests use, however short the job); nothing here decides which job gets a limit: the
+scheduler does.
 """
 
 from __future__ import annotations
@@ -136,16 +139,18 @@ class JobCgroups:
             return None
         return cls(parent, version)
 
-    def create(self, job_id: str, memory_limit: int) -> JobCgroup | None:
-        """A fresh cgroup for ``job_id`` limited to ``memory_limit`` bytes; None (and a log
-        line) if the kernel refuses."""
+    def create(self, job_id: str, memory_limit: int | None = None) -> JobCgroup | None:
+        """A fresh cgroup for ``job_id``, limited to ``memory_limit`` bytes (None: only
+        measured); None (and a log line) if the kernel refuses."""
         path = self.parent / job_id
         group = JobCgroup(path, self.version)
         try:
             if path.exists():  # left by an earlier attempt of the same job
                 group.remove()
             path.mkdir()
-            if self.version == "cgroup v2":
+            if memory_limit is None:
+                pass
+            elif self.version == "cgroup v2":
                 (path / "memory.max").write_text(str(memory_limit))
                 with contextlib.suppress(OSError):  # no swap controller: nothing to cap
                     (path / "memory.swap.max").write_text("0")

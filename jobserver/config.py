@@ -208,7 +208,7 @@ class SchedulerSettings:
     learn_percentile: float = 95.0  # of recent peak RSS per task
     learn_margin: float = 1.2  # learned request = percentile x margin
     learn_window: int = 20  # recent finished runs per task that count
-    job_cgroups: bool = True  # per-job cgroup for memory_limit where writable
+    job_cgroups: bool = True  # a cgroup per job where writable: exact peak, memory_limit
     gpu_may_appear: bool = False  # without NVML, GPU jobs wait instead of being rejected
 
 
@@ -713,6 +713,18 @@ def _nullable_table(
         nulls = []
     table = _Table(source, key, value, fields)
     return _NullableTable(table, nulls)
+
+
+def error_at(origin: str | os.PathLike[str], key: str, message: str) -> ConfigError:
+    """A ``ConfigError`` about the dotted ``key`` (``"scheduler.memory_floor"``) of the
+    config file ``origin``, at its line (best effort), or of a change from ``origin``
+    (``"PATCH /api/v1/system"``, no file to read)."""
+    path = Path(origin)
+    try:
+        lines = _locate_keys(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        lines = {}
+    return _Source(path, lines).error(_split_key(key), message)
 
 
 # --- reading one table ---------------------------------------------------------------

@@ -23,7 +23,7 @@ from functools import cache
 from typing import Any
 
 import jobserver.forkserver as forkserver
-from jobserver.capture import wait_for_exit
+from jobserver.capture import ExitUsage, wait_for_exit
 from jobserver.jobs import signal_name
 
 log = logging.getLogger("jobserver")
@@ -67,6 +67,8 @@ class ForkClient:
         self._starts: dict[int, asyncio.Future[int]] = {}
         # Per job pid, until released: its exit code, or (str) why it will never come.
         self._exits: dict[int, asyncio.Future[int | str]] = {}
+        # Per job pid, until reaped: what the kernel counted for it (None: nobody knows).
+        self._usages: dict[int, asyncio.Future[ExitUsage | None]] = {}
         self._abandoned: set[int] = set()  # started for a start() that was cancelled
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
         self._writing = False
@@ -128,13 +130,20 @@ class ForkClient:
     async def exit_code(self, pid: int) -> int | str:
         return await self._exits[pid]
 
-    def release(self, pid: int) -> None:
-        """We will never signal ``pid``'s group again: the fork server may reap it."""
+    def release(self, pid: int) -> asyncio.Future[ExitUsage | None]:
+        """We will never signal ``pid``'s group again: the fork server may reap it.  The
+        answer: what the kernel counted for the job process, once the fork server has
+        reaped it (None if it cannot tell: it died, or this job was not its own)."""
         self._exits.pop(pid, None)
         self._abandoned.discard(pid)
+        usage = self._usages.get(pid)
+        if usage is None:
+            usage = self._loop.create_future()
+            usage.set_result(None)
         if self.alive:
             self._send({"op": forkserver.RELEASE, "pid": pid})
             self._close_if_idle()
+        return usage
 
     def retire(self) -> None:
         """Start no more jobs here; close once the running ones are released (SIGHUP)."""
@@ -212,6 +221,7 @@ class ForkClient:
             pid = int(message["pid"])
             started = self._starts.pop(message["id"])
             self._exits[pid] = self._loop.create_future()
+            self._usages[pid] = self._loop.create_future()
             if started.done():  # its start() was cancelled: nobody will wait for it
                 self._abandoned.add(pid)
                 self.signal_group(pid, signal.SIGKILL)
@@ -228,6 +238,11 @@ class ForkClient:
                 exited.set_result(int(message["code"]))
             if pid in self._abandoned:
                 self.release(pid)
+        elif op == forkserver.REAPED:
+            reaped = self._usages.pop(int(message["pid"]), None)
+            if reaped is not None and not reaped.done():
+                usage = ExitUsage(int(message["max_rss"]), float(message["cpu_seconds"]))
+                reaped.set_result(usage)
 
     def _died(self) -> None:
         """The socket ended without our asking: the fork server died, and its jobs with it
@@ -259,6 +274,10 @@ class ForkClient:
                 os.close(fd)
         self._outbox.clear()
         self._sock.close()
+        for usage in self._usages.values():  # never reaped by it now: no figures
+            if not usage.done():
+                usage.set_result(None)
+        self._usages.clear()
         for started in self._starts.values():
             if not started.done():
                 message = f"the fork server {why} before the job started"
@@ -267,7 +286,7 @@ class ForkClient:
 
     async def _bury(self, expected: bool) -> None:
         """Reap the fork server; then every job it still had ends with an error saying so."""
-        status = await wait_for_exit(self.pid, lambda: None)
+        status, _ = await wait_for_exit(self.pid, lambda: None)
         how = _describe_exit(os.waitstatus_to_exitcode(status))
         waiting = [exited for exited in self._exits.values() if not exited.done()]
         for exited in waiting:

@@ -20,7 +20,10 @@ fork server → runner
     imported (until then the runner spawns jobs instead of waiting);
     ``{"op": "started", "id": N, "pid": P}`` or ``{"op": "failed", "id": N, "errno": E,
     "error": TEXT}``; ``{"op": "exited", "pid": P, "code": C}`` (C as
-    ``os.waitstatus_to_exitcode`` gives it: negative for a signal).
+    ``os.waitstatus_to_exitcode`` gives it: negative for a signal);
+    ``{"op": "reaped", "pid": P, "max_rss": BYTES, "cpu_seconds": S}`` once P is reaped
+    (after its release): what the kernel counted for the job process and its reaped
+    descendants (``wait4``), less the resident set it inherited from us at the fork.
 
 Each forked process leaves the fork server's fds and session behind, takes the pipes as
 its fds 1 and 2, the progress fd and the result fd, the job's environment and fresh stdio
@@ -30,7 +33,9 @@ server already and, given ``--jobs-dir DIR`` before the modules, made the next j
 directory as ``DIR/.spare-PID``, which it renames to the job's.  When a job process
 exits, the fork server kills what it left in its process group and reports the exit, but
 keeps the zombie until the runner answers ``release``: until then the pid, and so the
-group id, cannot be reused while the server may still signal that group.
+group id, cannot be reused while the server may still signal that group.  The reap is
+where the kernel's own figures for the job (peak resident set, CPU time) can be read:
+the ``reaped`` message carries them.
 
 The fork server asks for SIGKILL when the server dies, and every job it forks asks for
 SIGKILL when the fork server dies.  When the runner closes the socket it kills the groups
@@ -49,6 +54,7 @@ import gc
 import io
 import json
 import os
+import resource
 import selectors
 import shutil
 import signal
@@ -70,7 +76,7 @@ SOCKET_FD = 3  # where the runner puts the fork server's end of the socket
 JOB_ID_ENV = "JOBSERVER_JOB_ID"
 JOB_ID_ROOM = "-" * 64
 MAX_MESSAGE = 128 * 1024  # bytes in one datagram; larger args go in the spec's file
-READY, STARTED, FAILED, EXITED = "ready", "started", "failed", "exited"
+READY, STARTED, FAILED, EXITED, REAPED = "ready", "started", "failed", "exited", "reaped"
 SPARE = "spare"  # what the selector holds for the spare's pidfd
 START, RELEASE = "start", "release"
 # Signal dispositions the fork server changes for itself; each job process gets back what
@@ -163,6 +169,9 @@ class ForkServer:
         self._pidfds: dict[int, int] = {}  # running child -> its pidfd
         self._unreleased: set[int] = set()  # exited, zombie kept until "release"
         self._released_early: set[int] = set()  # released while running: reap at exit
+        # Per child: its resident set when it got its job, bytes.  A forked process's
+        # ru_maxrss counts the pages it still shares with us; this much is taken off it.
+        self._inherited: dict[int, int] = {}
         # A process forked ahead of the next start request, waiting for its job on a
         # socket of its own: a start then costs a send, not a fork (issue 6, dispatch).
         self._spare: _Spare | None = None
@@ -232,12 +241,15 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:
             become()
+        # Read at once: the child has copied only page tables so far (a spare is read
+        # again when it gets its job).
+        self._inherited[pid] = _resident(pid)
         try:
             return pid, os.pidfd_open(pid)
         except OSError:
             # It cannot be watched, so it must not run (it is our child, unreaped).
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            self._reap(pid)
             raise
 
     def _fork_spare(self) -> None:
@@ -261,6 +273,7 @@ class ForkServer:
             return None
         self._spare = None
         self._selector.unregister(spare.pidfd)
+        self._inherited[spare.pid] = _resident(spare.pid)  # it waited: nothing is its own yet
         try:
             socket.send_fds(spare.sock, [encode(message)], fds)
         except OSError:  # it died: fork the job instead
@@ -279,7 +292,7 @@ class ForkServer:
         spare.sock.close()  # a spare still waiting sees the end of its socket and exits
         with contextlib.suppress(ProcessLookupError):
             os.kill(spare.pid, signal.SIGKILL)
-        os.waitpid(spare.pid, 0)
+        self._reap(spare.pid)
         os.close(spare.pidfd)
         if self._jobs_dir is not None:
             _remove_dir(_spare_dir(self._jobs_dir, spare.pid))
@@ -296,7 +309,7 @@ class ForkServer:
         kill_group(pid)
         if pid in self._released_early:
             self._released_early.discard(pid)
-            os.waitpid(pid, 0)
+            self._reap_and_report(pid)
             return
         self._unreleased.add(pid)
         self.send({"op": EXITED, "pid": pid, "code": exit_code(info)})
@@ -304,9 +317,26 @@ class ForkServer:
     def _release(self, pid: int) -> None:
         if pid in self._unreleased:
             self._unreleased.discard(pid)
-            os.waitpid(pid, 0)
+            self._reap_and_report(pid)
         elif pid in self._pidfds:
             self._released_early.add(pid)
+
+    def _reap(self, pid: int) -> resource.struct_rusage:
+        _, _, usage = os.wait4(pid, 0)
+        self._inherited.pop(pid, None)
+        return usage
+
+    def _reap_and_report(self, pid: int) -> None:
+        inherited = self._inherited.get(pid, 0)
+        usage = self._reap(pid)
+        self.send(
+            {
+                "op": REAPED,
+                "pid": pid,
+                "max_rss": max(0, usage.ru_maxrss * 1024 - inherited),
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            }
+        )
 
     def send(self, message: dict[str, Any]) -> None:
         # Failing, the runner is gone: the next read sees the end of the socket.
@@ -441,6 +471,18 @@ def _remove_spare_dirs(jobs_dir: str) -> None:
         for entry in entries:
             if entry.name.startswith(SPARE_DIR_PREFIX):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident(pid: int) -> int:
+    """``pid``'s resident set now, bytes (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def kill_group(pid: int) -> None:

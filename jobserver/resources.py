@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -61,6 +62,9 @@ class Snapshot:
     memory_pressure: float | None
     cpu_pressure: float | None
     sources: Mapping[str, str]
+    # CPUs busy with work other than our jobs, as a moving average (``OutsideCpu``); None:
+    # not measured (the probe alone does not know which CPU time is our jobs').
+    cpu_outside: float | None = None
 
 
 class Probe(Protocol):
@@ -248,6 +252,37 @@ class MachineProbe:
             cache = _read_keyed(directory / "memory.stat", cache_keys) or 0
             found.append((limit, limit - max(0, usage - cache)))
         return found
+
+
+# -- outside CPU load ---------------------------------------------------------------------
+
+
+class OutsideCpu:
+    """The CPUs used by everything but our jobs, averaged over the last ``window`` seconds.
+
+    Each reading is the busy CPUs (capacity - idle) less what our jobs used; readings are
+    weighted by the time since the previous one, so a burst of ticks (every submit and
+    exit wakes the scheduler) counts no more than the seconds it covers.  A job's start-up
+    (its interpreter, faulting its memory in) shows here before its first usage sample
+    does; over a window much longer than that burst it hardly moves the average.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._readings: deque[tuple[float, float, float]] = deque()  # (time, weight, CPUs)
+        self._last: float | None = None
+
+    def update(self, now: float, busy: float, ours: float) -> float:
+        """Add a reading at monotonic ``now``; the average over the window."""
+        weight = 1.0 if self._last is None else max(0.0, now - self._last)
+        self._last = now
+        self._readings.append((now, weight, max(0.0, busy - ours)))
+        while self._readings and now - self._readings[0][0] > self.window:
+            self._readings.popleft()
+        total = sum(weight for _, weight, _ in self._readings)
+        if total <= 0:
+            return self._readings[-1][2]
+        return sum(weight * cpus for _, weight, cpus in self._readings) / total
 
 
 # -- cgroup location --------------------------------------------------------------------

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from typing import Any
 
 import jobserver.forkserver as forkserver
 from jobserver.capture import Capture, JobLog, wait_for_exit
+from jobserver.capture import ExitUsage as ExitUsage  # the scheduler reads handle.usage
 from jobserver.errors import ConfigError
 from jobserver.forkclient import ForkClient, fits, fork_server_supported
 from jobserver.jobs import (
@@ -81,19 +83,32 @@ PROGRESS_FD = 3
 # The child's end of the result pipe (the spec's ``result_fd``): child.py writes the outcome
 # there.  A pipe, not a file: creating a file costs ~0.4 ms of kernel CPU on some disks.
 RESULT_FD = 4
+REAP_TIMEOUT = 5.0  # seconds a forked job's outcome waits for its kernel figures
 RESULT_SLACK = 1 << 20  # bytes of result pipe kept beyond max_result_size (see _result_limit)
 
 
 class ProcessHandle:
     """One running attempt.  ``wait`` reaps it; until then its pid (and so its process
     group id) cannot be reused, which makes ``signal_tree`` safe.  Its pipes are read
-    by ``capture``."""
+    by ``capture``.  After ``wait``, ``usage`` holds what the kernel counted for the job
+    process and its reaped descendants (None if the fork server could not tell)."""
 
-    def __init__(self, pid: int, capture: Capture, forked_by: ForkClient | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        capture: Capture,
+        forked_by: ForkClient | None = None,
+        spawner_peak: int = 0,
+    ) -> None:
         self.pid = pid
+        # posix_spawn runs the child in our memory until its exec (vfork), and the kernel
+        # counts our resident set as the child's peak then: a reaped ru_maxrss not above
+        # our own peak at the spawn may be ours, not the job's.
+        self._spawner_peak = spawner_peak
         self.capture = capture
         self._reaped = False
         self._forked_by = forked_by  # None: our own child, spawned
+        self.usage: ExitUsage | None = None
 
     @property
     def progress(self) -> tuple[float | None, str] | None:
@@ -114,17 +129,28 @@ class ProcessHandle:
             os.killpg(self.pid, signum)
 
     async def wait(self) -> Outcome:
+        reaped: asyncio.Future[ExitUsage | None] | None = None
         try:
             if self._forked_by is None:
-                exit_code = os.waitstatus_to_exitcode(await wait_for_exit(self.pid, self._on_exit))
+                status, usage = await wait_for_exit(self.pid, self._on_exit)
+                exit_code = os.waitstatus_to_exitcode(status)
+                if usage.max_rss <= self._spawner_peak:
+                    usage = ExitUsage(0, usage.cpu_seconds)  # unknown, see __init__
+                self.usage = usage
             else:
                 # The fork server killed what the job left in its group, as _on_exit does.
                 answer = await self._forked_by.exit_code(self.pid)
         finally:
             self._reaped = True
             if self._forked_by is not None:
-                self._forked_by.release(self.pid)
+                reaped = self._forked_by.release(self.pid)
             self.capture.close()
+        if reaped is not None:
+            # The fork server answers a release at once (it has just reported the exit);
+            # without an answer the job's figures are the sampled ones.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REAP_TIMEOUT):
+                    self.usage = await reaped
         if self._forked_by is not None:
             if isinstance(answer, str):
                 return Outcome(error=JobError("Killed", answer))
@@ -322,6 +348,7 @@ class Runner:
         file_actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         for write, numbers in zip(writes, targets, strict=True):
             file_actions += [(os.POSIX_SPAWN_DUP2, write, number) for number in numbers]
+        spawner_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         try:
             pid = os.posix_spawn(program, argv, env, file_actions=file_actions, setsid=True)
         except BaseException:
@@ -345,7 +372,7 @@ class Runner:
         else:
             out_read, err_read = reads
             capture.watch_command(job_log, out_read, err_read)
-        return ProcessHandle(pid, capture)
+        return ProcessHandle(pid, capture, spawner_peak=spawner_peak)
 
     async def _fork(self, spec: LaunchSpec, request: dict[str, Any]) -> ProcessHandle:
         server = self._current_fork_server()

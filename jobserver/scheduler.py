@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -38,13 +39,21 @@ from jobserver.jobs import (
 from jobserver.resources import (
     Gpu,
     GpuProbe,
+    OutsideCpu,
     Probe,
     Snapshot,
     children_map,
     process_start_time,
     tree_usage,
 )
-from jobserver.runner import LaunchSpec, ProcessHandle, Runner, has_artifacts, list_artifacts
+from jobserver.runner import (
+    ExitUsage,
+    LaunchSpec,
+    ProcessHandle,
+    Runner,
+    has_artifacts,
+    list_artifacts,
+)
 from jobserver.store import (
     FAILURE,
     OUTCOME_FILE,
@@ -194,17 +203,23 @@ def plan(
       just-started job holds its full request until its measured use catches up, so a
       burst is never all admitted in one tick.
     - declared free = capacity - sum of claims - reserve.
-    - live free = the snapshot's free now (``cpu_idle``, ``memory_available``)
-      - sum of not-yet-used parts - reserve.
-    - free = min(declared free, live free).
+    - live free = the snapshot's free now (``memory_available``) - sum of not-yet-used
+      parts - reserve.
+    - free memory = min(declared free, live free).
+    - CPU is compressible, so it follows declared requests against capacity: free CPUs =
+      capacity - the running jobs' requests - reserve - ``cpu_outside`` (the CPUs busy
+      outside our jobs, averaged over a window longer than a job's start-up).  No live
+      idle reading: a starting job's own burst (imports, faulting its memory in) must not
+      hold back the next; PSI cpu pressure (``cpu_pressure_limit``) is the overload
+      signal.
     - Overload stops every admission: available memory below ``memory_floor``, or PSI
       memory / cpu pressure above its limit.  Once tripped, a signal holds until it
       clears the threshold by the ``hysteresis`` fraction (no flapping).
     - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
       its task is under ``max_concurrency``, no exclusive job runs (and, for an
       exclusive job, nothing runs at all), and its request fits free for both CPUs and
-      memory (and the live reading holds 1 + ``hysteresis`` times it for a resource
-      the previous plan was short of);
+      memory (and the live memory reading holds 1 + ``hysteresis`` times it if the
+      previous plan was short of memory);
       then subtract its request from free and go on.  A job that does not fit does
       not block later, smaller jobs (skip ahead) ...
     - ... unless it has waited ``starvation_after`` or longer: then it reserves its
@@ -216,10 +231,9 @@ def plan(
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
-    - CPU is compressible, memory is not: while this server runs none of its jobs, the
-      live CPU reading does not hold back the first job (declared accounting alone
-      decides), so programs outside jobserver that keep the CPUs busy slow jobs down
-      but never stall the queue.
+    - While this server runs none of its jobs, the outside load does not hold back the
+      first job (declared accounting alone decides), so programs outside jobserver that
+      keep the CPUs busy slow jobs down but never stall the queue.
     - Every job not admitted gets a reason with numbers.
 
     Because free only shrinks during the walk, a waiting job never fits the final
@@ -234,17 +248,24 @@ def plan(
     if limits.max_memory is not None:
         capacity_memory = min(capacity_memory, limits.max_memory)
 
-    claimed_cpus = sum(max(job.request.cpus, job.cpus_used) for job in running)
+    # CPU is compressible: declared requests against capacity, less the load outside our
+    # jobs averaged over a window longer than a job's start-up (never the live idle
+    # reading, which a starting job's own burst empties).  Memory is not: it keeps the
+    # live reading too.
+    outside_cpus = snapshot.cpu_outside or 0.0
+    declared_cpus = capacity_cpus - sum(job.request.cpus for job in running) - limits.reserve_cpus
+    free_cpus = declared_cpus - outside_cpus
     claimed_memory = sum(max(job.request.memory, job.memory_used) for job in running)
-    unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
 
     # The live reading alone: what hysteresis margins apply to (it is what hovers).
-    live_cpus = snapshot.cpu_idle - unused_cpus - limits.reserve_cpus
     live_memory = snapshot.memory_available - unused_memory - limits.reserve_memory
-    declared_cpus = capacity_cpus - claimed_cpus - limits.reserve_cpus
-    free_cpus = min(declared_cpus, live_cpus)
     free_memory = min(capacity_memory - claimed_memory - limits.reserve_memory, live_memory)
+    cpu_note = (
+        f" ({outside_cpus:.2f} busy outside jobserver's jobs, on average)"
+        if outside_cpus >= 0.005
+        else ""
+    )
 
     overloaded = _overload(snapshot, limits, state.held)
     overload = "; ".join(reason for _, reason in overloaded) or None
@@ -301,10 +322,10 @@ def plan(
                 job.request,
                 declared_cpus if idle_server else free_cpus,
                 free_memory,
-                math.inf if idle_server else live_cpus,
                 live_memory,
                 state.held,
                 margin,
+                "" if idle_server else cpu_note,
             )
             held |= short
         picked: tuple[int, ...] = ()
@@ -327,7 +348,6 @@ def plan(
             busy += 1
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
-            live_cpus -= job.request.cpus
             live_memory -= job.request.memory
             per_task[job.task] = count + 1
             if picked:
@@ -408,14 +428,17 @@ def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[
     """The overload signals that stop admission now, each (name, reason).
 
     A signal that stopped the previous plan holds until it clears its threshold by the
-    hysteresis fraction: available memory above floor x (1 + h), pressure below limit x
-    (1 - h).
+    hysteresis fraction: available memory above floor + h x min(floor, memory capacity -
+    floor) (floor x (1 + h), unless that is more than the machine could ever have
+    available: then h of the room above the floor), pressure below limit x (1 - h).
+    Every resume threshold can be reached.
     """
     found: list[tuple[str, str]] = []
     h = limits.hysteresis
     floor = limits.memory_floor
     if floor > 0:
-        threshold = int(floor * (1 + h)) if FLOOR in held else floor
+        room = max(0, snapshot.memory_capacity - floor)
+        threshold = floor + int(h * min(floor, room)) if FLOOR in held else floor
         available = snapshot.memory_available
         if available < threshold:
             text = (
@@ -444,6 +467,51 @@ def _overload(snapshot: Snapshot, limits: Limits, held: frozenset[str]) -> list[
                 )
             found.append((name, text))
     return found
+
+
+def admission_problems(settings: SchedulerSettings, snapshot: Snapshot) -> list[tuple[str, str]]:
+    """The ``[scheduler]`` keys, each with why, that make it impossible for anything to be
+    admitted on the machine of ``snapshot`` (refused at start, reload and PATCH)."""
+    problems: list[tuple[str, str]] = []
+    machine = snapshot.memory_capacity
+    if settings.memory_floor > 0 and settings.memory_floor >= machine:
+        problems.append(
+            (
+                "scheduler.memory_floor",
+                f"memory_floor {format_size(settings.memory_floor)} is not below this "
+                f"machine's memory {format_size(machine)}: available memory can never "
+                "reach it, so no job would ever start; lower it (0 turns the floor off)",
+            )
+        )
+    memory = machine if settings.max_memory is None else min(machine, settings.max_memory)
+    if settings.reserve_memory >= memory:
+        capped = settings.max_memory is not None and settings.max_memory < machine
+        problems.append(
+            (
+                "scheduler.reserve_memory",
+                f"reserve_memory {format_size(settings.reserve_memory)} leaves nothing of "
+                f"the {format_size(memory)} jobs may use"
+                + (" (max_memory)" if capped else "")
+                + ": no job would ever start; lower reserve_memory"
+                + (" or raise max_memory" if capped else ""),
+            )
+        )
+    cpus = snapshot.cpu_capacity
+    if settings.max_cpus is not None:
+        cpus = min(cpus, settings.max_cpus)
+    if settings.reserve_cpus >= cpus:
+        capped = settings.max_cpus is not None and settings.max_cpus < snapshot.cpu_capacity
+        problems.append(
+            (
+                "scheduler.reserve_cpus",
+                f"reserve_cpus {settings.reserve_cpus:g} leaves nothing of the {cpus:g} "
+                "CPUs jobs may use"
+                + (" (max_cpus)" if capped else "")
+                + ": no job would ever start; lower reserve_cpus"
+                + (" or raise max_cpus" if capped else ""),
+            )
+        )
+    return problems
 
 
 def _never_fits(
@@ -484,14 +552,16 @@ def _shortfall(
     request: Request,
     free_cpus: float,
     free_memory: int,
-    live_cpus: float,
     live_memory: int,
     held: frozenset[str] = frozenset(),
     margin: float = 1.0,
+    cpu_note: str = "",
 ) -> tuple[str | None, set[str]]:
     """Why ``request`` does not fit what is free now (None if it fits), and the resources
-    it is short of.  For a resource in ``held`` the live reading must also hold ``margin``
-    times the request (declared accounting is exact; the live reading is what hovers)."""
+    it is short of.  For memory in ``held`` the live reading must also hold ``margin``
+    times the request (declared accounting is exact; the live reading is what hovers).
+    CPU has no live reading here: its free figure is declared requests against capacity
+    less a windowed average, which does not hover."""
     problems = []
     short: set[str] = set()
     memory_need = request.memory * margin if MEMORY in held else request.memory
@@ -504,15 +574,11 @@ def _shortfall(
             f"waiting for memory: needs {format_size(request.memory)}{extra}, "
             f"{format_size(max(0, free_memory))} free after reserve"
         )
-    cpu_need = request.cpus * margin if CPU in held else request.cpus
-    if request.cpus > free_cpus + _CPU_EPSILON or cpu_need > live_cpus + _CPU_EPSILON:
+    if request.cpus > free_cpus + _CPU_EPSILON:
         short.add(CPU)
-        extra = ""
-        if request.cpus <= free_cpus + _CPU_EPSILON:
-            extra = f" (+{cpu_need - request.cpus:.2f} hysteresis margin)"
         problems.append(
-            f"waiting for CPU: needs {request.cpus:.2f} CPU{extra}, "
-            f"{_format_cpus(free_cpus)} free after reserve"
+            f"waiting for CPU: needs {request.cpus:.2f} CPU, "
+            f"{_format_cpus(free_cpus)} free after reserve{cpu_note}"
         )
     return "; ".join(problems) or None, short
 
@@ -542,6 +608,32 @@ def pressure_victim(running: Sequence[RunningJob]) -> RunningJob | None:
     return min(running, key=lambda job: (job.priority, -job.started, job.id))
 
 
+def measured_use(
+    sampled_peak: int,
+    sampled_cpu: float,
+    reaped: ExitUsage | None,
+    cgroup_peak: int | None,
+) -> tuple[int, float]:
+    """An ended attempt's peak memory (bytes) and CPU seconds, from the kernel where it
+    can tell, however short the job.
+
+    - Peak: the job's cgroup's own high-water mark where it had one (exact for the whole
+      tree; it misses only what a spawned interpreter used before it joined, which the
+      reaped figure holds).  Otherwise the larger of the sampled tree RSS (which sums
+      the processes alive at a sample, and misses a job shorter than the sampling
+      period) and the reaped ``ru_maxrss`` (exact however short, but the largest single
+      process of the tree, not their sum; a forked job's is counted less what it
+      inherited from the fork server).
+    - CPU: the larger of the sampled tree's and the reaped process's own account (which
+      covers every descendant it waited for).
+    """
+    peak = max(sampled_peak, reaped.max_rss if reaped is not None else 0)
+    if cgroup_peak is not None:
+        peak = max(cgroup_peak, reaped.max_rss if reaped is not None else 0)
+    cpu = max(sampled_cpu, reaped.cpu_seconds if reaped is not None else 0.0)
+    return peak, cpu
+
+
 def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> int | None:
     """``percentile`` (nearest rank) of the recent peak RSS values, times ``margin``; None
     without history."""
@@ -552,6 +644,87 @@ def learned_memory(peaks: Sequence[int], percentile: float, margin: float) -> in
     return int(ordered[rank - 1] * margin)
 
 
+@dataclass(frozen=True)
+class MemoryRequest:
+    """The memory request admission uses for a task, where it came from and why."""
+
+    memory: int
+    source: str  # "declared" | "learned" | "default_memory"
+    why: str
+
+
+def memory_request(
+    declared: int | None,
+    peaks: Sequence[int],
+    percentile: float,
+    margin: float,
+    fallback: int,
+    *,
+    memory_limit: int | None = None,
+    limit_in_kernel: bool = False,
+    usable: int | None = None,
+) -> MemoryRequest:
+    """The memory request the scheduler uses for a task, and why.
+
+    Its declared request, unless it declares none (then the ``percentile`` of its recent
+    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
+    used more than it declares (then the larger of the two).  A learned figure is capped:
+
+    - at ``memory_limit`` where the kernel enforces it (a per-job cgroup): the job can
+      never hold more;
+    - at ``memory_limit`` plus the largest measured overshoot where the limit is enforced
+      by sampling: a job can grow past it between two samples, and that much it really
+      held before it was killed;
+    - at ``usable`` (capacity after reserve): a run that used more than the machine has
+      (a killed outlier, or a lowered ``max_memory``) must not leave the task's jobs
+      waiting for ever; capped there, a job starts when the machine is otherwise free.
+
+    A declared request is never changed (one above capacity is the config's to fix).
+    """
+    learned = learned_memory(peaks, percentile, margin)
+    if learned is None or (declared is not None and max(peaks) <= declared):
+        if declared is None:
+            return MemoryRequest(
+                fallback,
+                "default_memory",
+                f"no memory declared and no measured run: default_memory {format_size(fallback)}",
+            )
+        detail = "no measured run yet" if not peaks else "no recent run used more"
+        return MemoryRequest(declared, "declared", f"declared {format_size(declared)}; {detail}")
+    why = [
+        f"p{percentile:g} of the last {len(peaks)} run(s)' peaks x learn_margin {margin:g} "
+        f"= {format_size(learned)}"
+    ]
+    if declared is not None:
+        why[0] = f"a recent run used more than declared {format_size(declared)}; " + why[0]
+    memory = learned
+    if memory_limit is not None:
+        if limit_in_kernel:
+            cap = memory_limit
+            because = f"memory_limit {format_size(memory_limit)}, which the kernel enforces"
+        else:
+            overshoot = max(0, max(peaks) - memory_limit)
+            cap = memory_limit + overshoot
+            because = (
+                f"memory_limit {format_size(memory_limit)} + the measured overshoot "
+                f"{format_size(overshoot)} (the limit is enforced by sampling: a job can "
+                "grow past it before it is caught)"
+            )
+        if memory > cap:
+            memory = cap
+            why.append(f"capped at {because}")
+    if usable is not None and memory > max(usable, declared or 0):
+        memory = max(usable, declared or 0)
+        why.append(
+            f"capped at the capacity after reserve {format_size(usable)}: a run used more "
+            "than fits, so its jobs start only when the machine is otherwise free"
+        )
+    if declared is not None and memory <= declared:
+        why.append(f"never below the declared {format_size(declared)}")
+        return MemoryRequest(declared, "declared", "; ".join(why))
+    return MemoryRequest(memory, "learned", "; ".join(why))
+
+
 def effective_memory(
     declared: int | None,
     peaks: Sequence[int],
@@ -559,23 +732,21 @@ def effective_memory(
     margin: float,
     fallback: int,
 ) -> int:
-    """The memory request the scheduler uses for a task.
-
-    Its declared request, unless it declares none (then the ``percentile`` of its recent
-    ``peaks`` times ``margin``, or ``fallback`` without history) or one of its recent runs
-    used more than it declares (then the larger of the two).
-    """
-    learned = learned_memory(peaks, percentile, margin)
-    if declared is None:
-        return learned if learned is not None else fallback
-    if learned is not None and max(peaks) > declared:
-        return max(declared, learned)
-    return declared
+    """``memory_request``'s figure, uncapped (no limit, no capacity)."""
+    return memory_request(declared, peaks, percentile, margin, fallback).memory
 
 
 # -- The Scheduler service: applies plan() through the store and the runner ------------
 
 QUEUE_HEAD_SIZE = 200
+# Seconds over which the CPU load outside our jobs is averaged before it shrinks the CPU
+# capacity admission uses.  Longer than a job's start-up burst, measured on the
+# development machine (2 vCPU): a forked job starts in milliseconds of CPU, a spawned
+# Python job in 0.05 s, and faulting memory in costs ~0.6 s of CPU per GiB (1 GiB: 0.6
+# s CPU, 0.6-0.9 s wall; a 2 GiB job under contention took 7 s to show its full RSS).
+# Over 20 s such a burst moves the average by a few hundredths of a CPU per GiB, while
+# a program that keeps a CPU busy shows in full within the window.
+OUTSIDE_CPU_WINDOW = 20.0
 _OVERLOAD = frozenset({FLOOR, MEMORY_PSI, CPU_PSI})
 VIEW_HEAD_SIZE = 10
 RETRY_BASE_SECONDS = 1.0
@@ -764,6 +935,8 @@ class Scheduler:
         self._jobs_dir = jobs_dir
         self._clock = clock
         self._cgroups = cgroups
+        # Whether the caller looked for writable cgroups (it does not while they are off).
+        self._cgroups_looked_for = cgroups is not None or settings.job_cgroups
         self._gpu_probe = gpu_probe
         self._gpus: tuple[Gpu, ...] | None = None  # the last reading, when some job wanted one
         self._limits = self._make_limits()
@@ -777,6 +950,7 @@ class Scheduler:
         self._pressure_ticks = 0  # consecutive ticks under memory pressure
         self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
         self._leftover_cgroups: list[JobCgroup] = []
+        self._outside = OutsideCpu(OUTSIDE_CPU_WINDOW)
         self._wakeup = asyncio.Event()
         # Claimed jobs whose process is being started (the runner awaits the fork server).
         self._starting = 0
@@ -815,10 +989,17 @@ class Scheduler:
             },
         )
 
+    def admission_problems(self, settings: SchedulerSettings) -> list[tuple[str, str]]:
+        """``admission_problems`` of ``settings`` on this machine, as it is now."""
+        return admission_problems(settings, self._probe.snapshot())
+
     def reconfigure(self, settings: SchedulerSettings) -> None:
         """Use new settings (and the registry's current task settings) from the next tick."""
         if settings.learn_window != self._settings.learn_window:
             self._peaks = None  # reread with the new window
+        if settings.job_cgroups and not self._cgroups_looked_for:
+            # Turned on since the start (which did not look for them while off).
+            self._cgroups, self._cgroups_looked_for = JobCgroups.detect(), True
         self._settings = settings
         self._limits = self._make_limits()
         self.wake()
@@ -941,9 +1122,21 @@ class Scheduler:
             await self._enforce(monotonic)
             self._remove_leftover_cgroups()
             if self._admitting:
-                snapshot = self._probe.snapshot()
+                snapshot = self._outside_cpu(self._probe.snapshot(), monotonic)
                 await self._admit(now, monotonic, snapshot)
                 self._relieve_pressure(snapshot)
+
+    def _outside_cpu(self, snapshot: Snapshot, monotonic: float) -> Snapshot:
+        """``snapshot`` with ``cpu_outside``: the CPUs busy with anything but our jobs,
+        averaged over ``OUTSIDE_CPU_WINDOW`` (what plan() subtracts from capacity)."""
+        ours = sum(attempt.cpus_used for attempt in self._running.values())
+        busy = snapshot.cpu_capacity - snapshot.cpu_idle
+        outside = self._outside.update(monotonic, busy, ours)
+        sources = {
+            **snapshot.sources,
+            "cpu_outside": f"average over {self._outside.window:g} s of busy CPUs less our jobs'",
+        }
+        return dataclasses.replace(snapshot, cpu_outside=outside, sources=sources)
 
     def _sample_usage(self, monotonic: float) -> None:
         children: dict[int, list[int]] | None = None
@@ -1040,7 +1233,7 @@ class Scheduler:
         # What planning reads, taken on the event loop: choose() runs in the database's
         # thread, inside the claim's transaction, while watchers change _running.
         running = self._running_jobs()
-        requests = {task.name: self._request(task) for task in self._registry}
+        requests = {task.name: self._request(task, snapshot) for task in self._registry}
         limits, state = self._limits, self._plan_state
         chosen: list[tuple[Plan, list[QueuedJob], list[QueueEntry]]] = []
 
@@ -1132,7 +1325,9 @@ class Scheduler:
         task = self._registry.get(job.task)
         limit = task.settings.memory_limit
         group = None
-        if limit is not None and self._cgroups is not None and self._settings.job_cgroups:
+        if self._cgroups is not None and self._settings.job_cgroups:
+            # Every job, limited or not: its cgroup's peak is the exact figure its task
+            # learns from (sampling misses short jobs and counts shared pages twice).
             group = self._cgroups.create(job.id, limit)
         spec = LaunchSpec(
             job.id,
@@ -1170,7 +1365,7 @@ class Scheduler:
         attempt = _Attempt(
             job,
             handle,
-            self._request(task),
+            self._request(task, self._last_snapshot),
             job.timeout if job.timeout is not None else task.settings.timeout,
             monotonic,
             memory_limit=limit,
@@ -1261,54 +1456,68 @@ class Scheduler:
             for task in self._registry
         }
 
-    def _request(self, task: Task) -> Request:
-        s = self._settings
-        gpu_memory = task.settings.gpu_memory or 0
+    def _request(self, task: Task, snapshot: Snapshot | None) -> Request:
         peaks = (self._peaks or {}).get(task.name, [])
-        memory = effective_memory(
+        return Request(
+            cpus=task.settings.cpus,
+            memory=self._memory_request(task, peaks, snapshot).memory,
+            gpus=task.settings.gpus,
+            gpu_memory=task.settings.gpu_memory or 0,
+        )
+
+    def _memory_request(
+        self, task: Task, peaks: Sequence[int], snapshot: Snapshot | None
+    ) -> MemoryRequest:
+        s, limits = self._settings, self._limits
+        usable = None
+        if snapshot is not None:
+            capacity = snapshot.memory_capacity
+            if limits.max_memory is not None:
+                capacity = min(capacity, limits.max_memory)
+            usable = capacity - limits.reserve_memory
+        return memory_request(
             task.settings.memory,
             peaks,
             s.learn_percentile,
             s.learn_margin,
             s.default_memory,
-        )
-        return Request(
-            cpus=task.settings.cpus, memory=memory, gpus=task.settings.gpus, gpu_memory=gpu_memory
+            memory_limit=task.settings.memory_limit,
+            limit_in_kernel=self._cgroups is not None and s.job_cgroups,
+            usable=usable,
         )
 
     async def task_figures(self) -> dict[str, dict[str, Any]]:
-        """Per task: declared requests and limits beside what its recent runs used."""
+        """Per task: declared requests and limits beside what its recent runs used, and
+        the request admission uses, with why."""
         s = self._settings
+        snapshot = self._last_snapshot or self._probe.snapshot()
         figures: dict[str, dict[str, Any]] = {}
         for task in self._registry:
             runs = await self._store.recent_runs(task.name, s.learn_window)
             peaks = [run.peak_rss for run in runs]
-            declared = task.settings.memory
-            learned = learned_memory(peaks, s.learn_percentile, s.learn_margin)
-            used = effective_memory(
-                declared, peaks, s.learn_percentile, s.learn_margin, s.default_memory
-            )
-            if declared is None:
-                source = "learned" if learned is not None else "default_memory"
-            else:
-                source = "learned" if used != declared else "declared"
+            used = self._memory_request(task, peaks, snapshot)
             figures[task.name] = {
                 "declared": {
                     "cpus": task.settings.cpus,
-                    "memory": declared,
+                    "memory": task.settings.memory,
                     "memory_limit": task.settings.memory_limit,
                     "max_concurrency": task.settings.max_concurrency,
                     "exclusive": task.settings.exclusive,
                 },
                 "learned": {
                     "runs": len(runs),
-                    "memory": learned,
+                    "memory": learned_memory(peaks, s.learn_percentile, s.learn_margin),
                     "peak_rss_max": max(peaks) if peaks else None,
                     "peak_rss_percentile": _percentile(peaks, s.learn_percentile),
                     "cpu_seconds_median": _median([run.cpu_seconds for run in runs]),
                     "wall_seconds_median": _median([run.wall_seconds for run in runs]),
                 },
-                "scheduled_with": {"cpus": task.settings.cpus, "memory": used, "source": source},
+                "scheduled_with": {
+                    "cpus": task.settings.cpus,
+                    "memory": used.memory,
+                    "source": used.source,
+                    "why": used.why,
+                },
             }
         return figures
 
@@ -1339,11 +1548,16 @@ class Scheduler:
         oom_killed = (
             outcome.error is not None
             and attempt.cgroup is not None
+            and attempt.memory_limit is not None
             and outcome.signal == signal.SIGKILL
             and attempt.cgroup.oom_kills() > 0
         )
-        if oom_killed and attempt.cgroup is not None:
-            attempt.peak_rss = max(attempt.peak_rss, attempt.cgroup.peak() or 0)
+        peak_rss, cpu_seconds = measured_use(
+            attempt.peak_rss,
+            attempt.cpu_seconds,
+            attempt.handle.usage,
+            None if attempt.cgroup is None else attempt.cgroup.peak(),
+        )
         jobs_settings = self._jobs_settings
         ending = AttemptEnd(
             job=job,
@@ -1353,8 +1567,8 @@ class Scheduler:
             timeout=attempt.timeout,
             oom_killed=oom_killed,
             memory_limit=attempt.memory_limit,
-            peak_rss=attempt.peak_rss,
-            cpu_seconds=attempt.cpu_seconds,
+            peak_rss=peak_rss,
+            cpu_seconds=cpu_seconds,
             artifacts=artifacts,
             retry_on_timeout=task is not None and task.settings.retry_on_timeout,
             retry_base=(task and task.settings.retry_base) or jobs_settings.retry_base,
@@ -1365,14 +1579,15 @@ class Scheduler:
         )
         end, reason = decide_ending(ending)
         run = None
-        if attempt.peak_rss > 0 and attempt.stop_reason != "shutdown":
+        if peak_rss > 0 and attempt.stop_reason != "shutdown":
+            # Written in the transaction that ends the attempt: no write of its own.
             run = TaskRun(
                 task=job.task,
                 job_id=job.id,
                 attempt=job.attempts,
                 outcome="requeued" if isinstance(end, Requeue) else end.state.value,
-                peak_rss=attempt.peak_rss,
-                cpu_seconds=attempt.cpu_seconds,
+                peak_rss=peak_rss,
+                cpu_seconds=cpu_seconds,
                 wall_seconds=duration,
                 finished_at=now,
             )
@@ -1522,6 +1737,7 @@ class Scheduler:
                     cap_memory, snapshot.memory_capacity, limits.max_memory, "memory_capacity"
                 ),
                 cpu_idle=Reading(snapshot.cpu_idle, sources.get("cpu_idle")),
+                cpu_outside=Reading(snapshot.cpu_outside, sources.get("cpu_outside")),
                 memory_available=Reading(
                     snapshot.memory_available, sources.get("memory_available")
                 ),
@@ -1549,11 +1765,7 @@ class Scheduler:
                 learn_window=s.learn_window,
                 default_memory=s.default_memory,
             ),
-            memory_limits=(
-                self._cgroups.describe()
-                if self._cgroups is not None and s.job_cgroups
-                else "sampling (no writable per-job cgroup)"
-            ),
+            memory_limits=self._memory_limits(),
             gpus=self._gpus,
             max_jobs=limits.max_jobs,
             fork_server=self._runner.fork_server_state(),
@@ -1578,6 +1790,14 @@ class Scheduler:
                 for job_id in self._head[:VIEW_HEAD_SIZE]
             ),
         )
+
+    def _memory_limits(self) -> str:
+        """How jobs are measured and memory limits enforced, for the system view."""
+        if not self._settings.job_cgroups:
+            return "sampling (per-job cgroups turned off in config: job_cgroups = false)"
+        if self._cgroups is None:
+            return "sampling (per-job cgroups are not writable here)"
+        return self._cgroups.describe()
 
     def _running_jobs(self) -> list[RunningJob]:
         return [a.as_running_job() for a in self._running.values()]
@@ -1670,6 +1890,7 @@ class Readings:
     cpu_capacity: Reading
     memory_capacity: Reading
     cpu_idle: Reading
+    cpu_outside: Reading  # busy outside our jobs, windowed: what CPU admission subtracts
     memory_available: Reading
     memory_pressure: PressureReading
     cpu_pressure: PressureReading

@@ -37,7 +37,7 @@ from jobserver.access import (
 from jobserver.api import InputLimits, Shutdown, create_app
 from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
-from jobserver.config import ServerSettings, Settings, apply_changes, load
+from jobserver.config import ServerSettings, Settings, apply_changes, error_at, load
 from jobserver.errors import ConfigError, ValidationError
 from jobserver.events import Events, configure_logging
 from jobserver.jobs import utcnow
@@ -52,7 +52,7 @@ from jobserver.maintenance import (
 from jobserver.metrics import Metrics
 from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
-from jobserver.scheduler import Scheduler
+from jobserver.scheduler import Scheduler, admission_problems
 from jobserver.store import DatabaseLock, SqliteDriver, Store, migrate, pending_migrations
 from jobserver.store.driver import Driver
 from jobserver.tasks import Registry
@@ -170,7 +170,7 @@ class Runtime:
 
     def change(self, changes: Any, origin: str) -> list[str]:
         """Apply a JSON change; ConfigError (nothing changed) if any value is bad."""
-        return self._use(apply_changes(self.settings, changes, origin), origin)
+        return self._use(apply_changes(self.settings, changes, origin), origin, origin)
 
     def reload(self) -> list[str]:
         """Reread the config file (SIGHUP).  A bad file is logged and ignored: the running
@@ -211,9 +211,14 @@ class Runtime:
             scheduler=fresh.scheduler,
             tasks=MappingProxyType({**self.settings.tasks, **kept}),
         )
-        return self._use(merged, origin)
+        try:
+            return self._use(merged, origin, self.settings.path)
+        except ConfigError as exc:
+            log.error("%s failed; keeping the running settings: %s", origin, exc.message)
+            return []
 
-    def _use(self, new: Settings, origin: str) -> list[str]:
+    def _use(self, new: Settings, origin: str, where: str | Path) -> list[str]:
+        check_admission(self._scheduler.admission_problems(new.scheduler), where)
         changed = _differences(self.settings, new)
         self.settings = new
         self._registry.update_settings(new.tasks)
@@ -222,6 +227,13 @@ class Runtime:
             "configuration changed by %s: %s", origin, "; ".join(changed) or "nothing changed"
         )
         return changed
+
+
+def check_admission(problems: Sequence[tuple[str, str]], where: str | Path) -> None:
+    """ConfigError (naming the key, and its line in the file ``where``) for the first of
+    ``admission_problems``: settings that could never admit anything on this machine."""
+    for key, message in problems:
+        raise error_at(where, key, message)
 
 
 def _differences(old: Settings, new: Settings) -> list[str]:
@@ -258,6 +270,8 @@ def build(
     to take over the test runner's signals).  ``wrap_driver``: what the store writes
     through, around the SQLite driver (tests inject faults there)."""
     server_settings = settings.server
+    probe = probe or MachineProbe()
+    check_admission(admission_problems(settings.scheduler, probe.snapshot()), settings.path)
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
     driver = SqliteDriver(server_settings.database, synchronous=server_settings.durability.upper())
@@ -268,7 +282,7 @@ def build(
     scheduler = Scheduler(
         store=store,
         runner=runner,
-        probe=probe or MachineProbe(),
+        probe=probe,
         registry=registry,
         settings=settings.scheduler,
         jobs_dir=server_settings.jobs_dir,

@@ -64,6 +64,26 @@ def spawn_and_sleep(pid_file: str, seconds: float = 60) -> None:
     time.sleep(seconds)
 
 
+def hold_memory_in_two(mib: int) -> int:
+    """Two processes (this one and a child) each hold ``mib`` MiB at the same moment,
+    then both end at once: a tree whose peak is twice its largest process."""
+    code = (
+        f"b = bytearray({mib} * 2**20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "print('ready', flush=True)\n"
+        "import sys; sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    block = bytearray(mib * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    child.communicate()
+    return mib
+
+
 def ignore_sigterm(seconds: float = 60) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(seconds)

@@ -204,6 +204,7 @@ async def test_stats_say_what_admission_reserves(make_harness: Any) -> None:
             "cpus": 0.1,
             "memory": 16 * 2**20,
             "source": "declared",
+            "why": "declared 16.0 MiB; no measured run yet",
         }
         loose = found["loose"]
         assert loose["memory_request"] is None and loose["learned_memory"] is None
@@ -211,6 +212,7 @@ async def test_stats_say_what_admission_reserves(make_harness: Any) -> None:
             "cpus": 0.25,
             "memory": 96 * 2**20,
             "source": "default_memory",
+            "why": "no memory declared and no measured run: default_memory 96.0 MiB",
         }
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from jobserver.resources import (
     MachineProbe,
+    OutsideCpu,
     Snapshot,
     Usage,
     children_map,
@@ -372,3 +373,32 @@ def test_tree_usage_from_one_shared_scan_finds_the_same_tree(
     # The same two processes: RSS agrees to within what they allocate between two reads.
     assert abs(by_scan.rss - by_walk.rss) < 8 * MiB
     assert tree_usage(child.pid + 10**7, shared) is None
+
+
+# -- the outside CPU load, averaged ------------------------------------------------------
+
+
+def test_a_start_up_burst_hardly_moves_the_outside_cpu_average() -> None:
+    """A job's first second (2 CPUs busy before its usage is sampled: counted as outside)
+    in 20 s of an otherwise idle machine, with ticks every 0.1 s during the burst."""
+    window = OutsideCpu(20.0)
+    now = 0.0
+    for _ in range(19):
+        now += 1.0
+        window.update(now, busy=0.0, ours=0.0)
+    for _ in range(10):
+        now += 0.1
+        average = window.update(now, busy=2.0, ours=0.0)
+    assert average == pytest.approx(2.0 * 1.0 / 20.0, abs=0.01)
+    # Once sampled, the job's own use is not outside.
+    now += 1.0
+    assert window.update(now, busy=2.0, ours=2.0) < 0.11
+
+
+def test_a_sustained_outside_load_shows_in_full_within_the_window() -> None:
+    window = OutsideCpu(20.0)
+    now = 0.0
+    for _ in range(30):
+        now += 1.0
+        average = window.update(now, busy=1.5, ours=0.25)
+    assert average == pytest.approx(1.25)

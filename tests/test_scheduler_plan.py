@@ -25,6 +25,7 @@ from jobserver.scheduler import (
     TaskLimits,
     effective_memory,
     learned_memory,
+    memory_request,
     plan,
     pressure_victim,
 )
@@ -39,6 +40,7 @@ def snapshot(
     memory: int = 16 * GiB,
     cpu_idle: float | None = None,
     memory_available: int | None = None,
+    cpu_outside: float | None = None,
 ) -> Snapshot:
     return Snapshot(
         cpu_capacity=cpus,
@@ -48,6 +50,7 @@ def snapshot(
         memory_pressure=None,
         cpu_pressure=None,
         sources={},
+        cpu_outside=cpu_outside,
     )
 
 
@@ -228,22 +231,45 @@ def test_cpu_request_above_capacity_can_never_start() -> None:
 
 
 def test_waiting_for_cpu_reason_has_numbers() -> None:
-    # One of our jobs runs (using its full 0.5 CPU), so the live reading applies.
-    machine = snapshot(cpus=4.0, cpu_idle=1.4)
+    # One of our jobs runs (0.5 CPU declared); 2.1 CPUs busy outside, on average.
+    machine = snapshot(cpus=4.0, cpu_idle=1.4, cpu_outside=2.1)
     busy = started(queued(9, cpus=0.5, memory=0), cpus_used=0.5)
     result = plan([queued(1, cpus=1.0, memory=0)], [busy], machine, limits(reserve_cpus=1.0))
-    assert result.waiting["q0001"] == "waiting for CPU: needs 1.00 CPU, 0.40 free after reserve"
+    assert result.waiting["q0001"] == (
+        "waiting for CPU: needs 1.00 CPU, 0.40 free after reserve "
+        "(2.10 busy outside jobserver's jobs, on average)"
+    )
 
 
 def test_busy_cpus_never_stall_an_idle_server() -> None:
     # Other programs keep every CPU busy and none of our jobs runs: CPU is compressible,
     # so the first job whose declared request fits starts anyway; the second waits.
-    machine = snapshot(cpus=4.0, cpu_idle=0.0)
+    machine = snapshot(cpus=4.0, cpu_idle=0.0, cpu_outside=4.0)
     result = plan(
         [queued(1, cpus=1.0, memory=0), queued(2, cpus=1.0, memory=0)], [], machine, limits()
     )
     assert result.admit == ("q0001",)
     assert result.waiting["q0002"].startswith("waiting for CPU")
+
+
+def test_a_running_jobs_cpu_burst_does_not_hold_back_small_requests() -> None:
+    """The issue's packing run: jobs declaring 0.01 CPU waited on the live idle reading
+    while other jobs faulted their pages in.  CPU follows declared requests."""
+    machine = snapshot(cpus=2.0, cpu_idle=0.0)
+    faulting = [started(queued(8 + i, cpus=0.01, memory=GiB), cpus_used=1.0) for i in range(2)]
+    queue = [queued(i, cpus=0.01, memory=GiB) for i in range(1, 4)]
+    result = plan(queue, faulting, machine, limits())
+    assert result.admit == ("q0001", "q0002", "q0003")
+
+
+def test_outside_load_shrinks_cpu_capacity_as_averaged() -> None:
+    machine = snapshot(cpus=2.0, cpu_idle=0.0, cpu_outside=1.5)
+    running = [started(queued(9, cpus=0.25, memory=0), cpus_used=0.25)]
+    result = plan(
+        [queued(1, cpus=0.5, memory=0), queued(2, cpus=0.25, memory=0)], running, machine, limits()
+    )
+    assert result.admit == ("q0002",)
+    assert result.waiting["q0001"].startswith("waiting for CPU: needs 0.50 CPU, 0.25 free")
 
 
 def test_busy_memory_still_stalls_an_idle_server() -> None:
@@ -360,6 +386,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         | st.integers(min_value=GiB, max_value=256 * GiB)
     )
     reading = draw(st.sampled_from(["consistent", "disagrees", "all free"]))
+    cpu_outside = None
     if reading == "consistent":
         # The running jobs' measured use and other processes take from free.
         other_cpus = cpu_capacity * draw(fractions)
@@ -367,9 +394,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         cpu_idle = cpu_capacity - other_cpus - sum(job.cpus_used for job in running)
         memory_available = memory_capacity - other_memory - sum(job.memory_used for job in running)
         cpu_idle, memory_available = max(0.0, cpu_idle), max(0, memory_available)
+        cpu_outside = other_cpus
     elif reading == "disagrees":  # Measurements lag and disagree.
         cpu_idle = cpu_capacity * draw(any_fractions)
         memory_available = int(memory_capacity * draw(any_fractions))
+        cpu_outside = cpu_capacity * draw(any_fractions)
     else:  # Stale, or RSS counted shared pages: only the declared accounting holds back.
         cpu_idle, memory_available = cpu_capacity, memory_capacity
     machine = Snapshot(
@@ -380,6 +409,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         memory_pressure=None,
         cpu_pressure=None,
         sources={},
+        cpu_outside=cpu_outside,
     )
     configured = Limits(
         max_jobs=draw(st.sampled_from([4, 20, 100]) | st.integers(min_value=0, max_value=20)),
@@ -416,16 +446,19 @@ def accounting(running: list[RunningJob], machine: Snapshot, configured: Limits)
     capacity_memory = machine.memory_capacity
     if configured.max_memory is not None:
         capacity_memory = min(capacity_memory, configured.max_memory)
-    claimed_cpus = sum(max(job.request.cpus, job.cpus_used) for job in running)
+    claimed_cpus = sum(job.request.cpus for job in running)  # compressible: requests only
     claimed_memory = sum(max(job.request.memory, job.memory_used) for job in running)
-    unused_cpus = sum(max(0.0, job.request.cpus - job.cpus_used) for job in running)
     unused_memory = sum(max(0, job.request.memory - job.memory_used) for job in running)
     return Accounting(
         capacity_cpus=capacity_cpus,
         capacity_memory=capacity_memory,
         declared_cpus=capacity_cpus - claimed_cpus - configured.reserve_cpus,
         declared_memory=capacity_memory - claimed_memory - configured.reserve_memory,
-        live_cpus=machine.cpu_idle - unused_cpus - configured.reserve_cpus,
+        # CPU has no live reading: the outside load, averaged, shrinks the declared room.
+        live_cpus=capacity_cpus
+        - claimed_cpus
+        - configured.reserve_cpus
+        - (machine.cpu_outside or 0.0),
         live_memory=machine.memory_available - unused_memory - configured.reserve_memory,
     )
 
@@ -484,6 +517,9 @@ def test_every_job_is_admitted_or_waits_with_a_reason(scenario: Scenario) -> Non
 @settings(max_examples=1000, deadline=None)
 @given(scenarios())
 def test_never_admits_beyond_capacity_or_live_free(scenario: Scenario) -> None:
+    """Memory: within declared accounting and the live reading.  CPU (compressible):
+    declared requests within capacity less the averaged outside load, except that a
+    server running none of its jobs may start its first one on CPUs others keep busy."""
     queue, running, machine, configured, gpus = scenario
     result = plan(queue, running, machine, configured, gpus=gpus)
     admitted = _admitted(queue, result)
@@ -498,8 +534,6 @@ def test_never_admits_beyond_capacity_or_live_free(scenario: Scenario) -> None:
         assert admitted_cpus <= free.live_cpus + TOLERANCE
         assert result.headroom.cpus >= -TOLERANCE
     else:
-        # CPU is compressible: a server running none of its jobs may start its first job on
-        # CPUs that other programs keep busy, but no more than that one beyond live free.
         first = admitted[0].request.cpus
         assert admitted_cpus <= max(first, free.live_cpus) + TOLERANCE
         assert result.headroom.cpus >= min(0.0, free.live_cpus - first) - TOLERANCE
@@ -612,6 +646,38 @@ def test_memory_floor_stops_admission_and_holds_with_hysteresis() -> None:
     clear = plan(queue, [], pressured(memory_available=3 * GiB), configured, band.state)
     assert clear.admit == ("q0001",)
     assert plan(queue, [], pressured(memory_available=2 * GiB + 100 * MiB), configured).admit
+
+
+def test_the_floor_resume_threshold_can_be_reached_on_the_machine() -> None:
+    """The issue's case: memory_floor just under what is available, and floor x (1 + h) =
+    24.7 GiB above the machine's 23.5 GiB: admission, once stopped, never resumed."""
+    total = int(23.5 * GiB)
+    configured = replace(limits(), memory_floor=int(22.5 * GiB), hysteresis=0.1)
+    queue = [job(1, memory=MiB)]
+    low = plan(queue, [], snapshot(memory=total, memory_available=22 * GiB), configured)
+    assert low.admit == () and FLOOR in low.state.held
+    # Held: resumes at the floor + h x the room above it (22.6 GiB), below the total.
+    band = plan(
+        queue, [], snapshot(memory=total, memory_available=int(22.55 * GiB)), configured, low.state
+    )
+    assert band.admit == ()
+    assert "held until above 22.6 GiB" in band.waiting["q0001"]
+    back = plan(queue, [], snapshot(memory=total, memory_available=23 * GiB), configured, low.state)
+    assert back.admit == ("q0001",)
+
+
+@given(
+    total=st.integers(GiB, 64 * GiB),
+    floor_fraction=st.floats(0.01, 0.99),
+    hysteresis=st.floats(0.0, 1.0),
+)
+def test_every_held_floor_resumes_once_all_memory_is_available(
+    total: int, floor_fraction: float, hysteresis: float
+) -> None:
+    configured = replace(limits(), memory_floor=int(total * floor_fraction), hysteresis=hysteresis)
+    held = PlanState(frozenset({FLOOR}))
+    found = plan([job(1, memory=MiB)], [], snapshot(memory=total), configured, held)
+    assert found.admit == ("q0001",)
 
 
 def test_psi_limits_stop_admission_with_hysteresis() -> None:
@@ -751,6 +817,67 @@ def test_learned_memory_and_effective_request() -> None:
     assert effective_memory(512 * MiB, [400 * MiB], 95, 1.5, 256 * MiB) == 512 * MiB
     # Runs used more than declared: the learned figure.
     assert effective_memory(512 * MiB, [600 * MiB], 95, 1.2, 256 * MiB) == 720 * MiB
+
+
+def test_a_learned_request_is_capped_by_a_kernel_enforced_limit() -> None:
+    # The cgroup's peak never passes the limit, but the margin would.
+    found = memory_request(
+        64 * MiB, [100 * MiB], 95, 1.2, 256 * MiB, memory_limit=100 * MiB, limit_in_kernel=True
+    )
+    assert found.memory == 100 * MiB and found.source == "learned"
+    assert "capped at memory_limit 100.0 MiB, which the kernel enforces" in found.why
+
+
+def test_a_sampled_limit_caps_at_the_limit_plus_the_measured_overshoot() -> None:
+    """The issue's repro: a run killed at 212.9 MiB taught 255.4 MiB (x 1.2)."""
+    peak = int(212.9 * MiB)
+    found = memory_request(64 * MiB, [peak], 95, 1.2, 256 * MiB, memory_limit=100 * MiB)
+    assert found.memory == peak
+    assert "memory_limit 100.0 MiB + the measured overshoot 112.9 MiB" in found.why
+    assert "enforced by sampling" in found.why
+    # ... and after max_memory is lowered below it, capped at the capacity: never stuck.
+    found = memory_request(
+        64 * MiB, [peak], 95, 1.2, 256 * MiB, memory_limit=100 * MiB, usable=200 * MiB
+    )
+    assert found.memory == 200 * MiB
+    assert "capped at the capacity after reserve 200.0 MiB" in found.why
+
+
+@given(
+    declared=st.none() | st.integers(1, 4 * GiB),
+    peaks=st.lists(st.integers(1, 8 * GiB), max_size=20),
+    margin=st.floats(1.0, 10.0),
+    limit=st.none() | st.integers(1, 4 * GiB),
+    in_kernel=st.booleans(),
+    usable=st.integers(1, 8 * GiB),
+)
+def test_a_learned_request_never_leaves_a_task_stuck_above_capacity(
+    declared: int | None,
+    peaks: list[int],
+    margin: float,
+    limit: int | None,
+    in_kernel: bool,
+    usable: int,
+) -> None:
+    found = memory_request(
+        declared,
+        peaks,
+        95,
+        margin,
+        256 * MiB,
+        memory_limit=limit,
+        limit_in_kernel=in_kernel,
+        usable=usable,
+    )
+    if declared is not None:
+        assert found.memory >= declared
+    if found.source == "learned":
+        assert found.memory <= max(usable, declared or 0)
+        if limit is not None and in_kernel:
+            assert found.memory <= max(limit, declared or 0)
+        if limit is not None and not in_kernel:
+            assert found.memory <= max(limit, *peaks, declared or 0)
+    assert found.why
 
 
 # -- properties of the full rule set -------------------------------------------------------

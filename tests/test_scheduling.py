@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import anyio
 import pytest
 
 from jobserver.cgroups import JobCgroups
+from jobserver.config import format_size
+from jobserver.errors import ConfigError
 from jobserver.resources import Gpu, NvmlProbe, Snapshot
-from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, skip_for_want_of
+from tests.conftest import SAMPLE_TASKS, FakeProbe, GiB, skip_for_want_of, write_config
 
 pytestmark = pytest.mark.anyio
 MiB = 2**20
@@ -210,6 +213,28 @@ async def test_psi_pressure_stops_admission(make_harness: Any) -> None:
         await h.wait_for_state(job_id, "succeeded")
 
 
+async def test_cpu_admission_subtracts_the_averaged_outside_load(make_harness: Any) -> None:
+    """Other programs keep 7.5 of the fake machine's 8 CPUs busy: the system view shows
+    it averaged, and a job that needs more than what is left waits saying so (the first
+    job, on an otherwise idle server, starts anyway: CPU is compressible)."""
+    probe = FakeProbe(cpus=8)
+    probe.snapshot_value = dataclasses.replace(probe.snapshot_value, cpu_idle=0.5)
+    tasks = {"gated": {**GATED, "cpus": 1}}
+    async with make_harness(probe=probe, tasks=tasks) as h:
+        first = await submit(h, "gated", path="/nonexistent-gate")
+        await h.wait_for_state(first, "running")
+        second = await submit(h, "gated", path="/nonexistent-gate")
+        reason = await poll(lambda: _reason(h, second))
+        assert reason.startswith("waiting for CPU: needs 1.00 CPU, 0.00 free after reserve (")
+        assert "busy outside jobserver's jobs, on average)" in reason
+        signal = (await h.client.get("/api/v1/system")).json()["signals"]["cpu_outside"]
+        assert signal["source"].startswith("average over 20 s")
+        assert 6.0 <= signal["value"] <= 7.5
+        await h.client.post(f"/api/v1/jobs/{first}/cancel")
+        await h.client.post(f"/api/v1/jobs/{second}/cancel")
+        await h.wait_for_state(first, "cancelled")
+
+
 async def _reason(h: Any, job_id: str) -> str | None:
     found = await document(h, job_id)
     reason = found.get("waiting_reason")
@@ -255,6 +280,7 @@ async def test_a_task_without_a_memory_request_learns_one(make_harness: Any) -> 
             "cpus": 0.1,
             "memory": 256 * MiB,
             "source": "default_memory",
+            "why": "no memory declared and no measured run: default_memory 256.0 MiB",
         }
         job_id = await submit(h, "hog", mib=100, seconds=1.0)
         done = await h.wait_for_state(job_id, "succeeded")
@@ -279,7 +305,110 @@ async def test_runs_over_the_declared_request_raise_it(make_harness: Any) -> Non
             "cpus": 0.1,
             "memory": done["peak_rss"],
             "source": "learned",
+            "why": "a recent run used more than declared 32.0 MiB; p95 of the last 1 run(s)' "
+            f"peaks x learn_margin 1 = {format_size(done['peak_rss'])}",
         }
+
+
+@pytest.mark.parametrize(
+    ("job_cgroups", "fork_server"),
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["cgroup-forked", "cgroup-spawned", "rusage-forked", "rusage-spawned"],
+)
+async def test_sub_second_jobs_are_measured_and_learned_from(
+    make_harness: Any, job_cgroups: bool, fork_server: bool
+) -> None:
+    """Jobs that end long before the first usage sample (poll_interval / 2) still get the
+    kernel's figure: the cgroup's peak, or wait4's rusage where there is no cgroup (for
+    a spawned job only above the server's own peak: until its exec, a spawned child
+    runs in the server's memory, which the kernel counts as the child's peak)."""
+    if job_cgroups and JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    mib = 40
+    if not (job_cgroups or fork_server):
+        mib += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    tasks = {"hog": {"function": "sample_tasks:hold_memory", "cpus": 0.1}}
+    settings = {"job_cgroups": job_cgroups, "poll_interval": "2s", "learn_margin": 1.0}
+    async with make_harness(
+        tasks=tasks, scheduler=settings, server={"fork_server": fork_server}
+    ) as h:
+        if fork_server:
+            assert await h.application.runner.fork_server_ready()
+        peaks = []
+        for _ in range(3):
+            job_id = await submit(h, "hog", mib=mib, seconds=0)
+            done = await h.wait_for_state(job_id, "succeeded")
+            assert done["peak_rss"] >= mib * MiB
+            peaks.append(done["peak_rss"])
+        figures = await poll(lambda: _learned_runs(h, 3))
+        assert figures["learned"]["peak_rss_max"] == max(peaks)
+        assert figures["scheduled_with"]["memory"] == max(peaks)  # p95 of 3, margin 1
+        assert figures["scheduled_with"]["source"] == "learned"
+        if fork_server and job_cgroups:
+            # The cgroup counts what the job allocated, not the fork server's pages.
+            assert max(peaks) < 40 * MiB + 32 * MiB
+
+
+async def test_a_job_of_several_processes_is_measured_whole_in_its_cgroup(
+    make_harness: Any,
+) -> None:
+    """wait4's ru_maxrss is the largest single process; the job's cgroup counts the whole
+    tree, so a job of two processes holding 60 MiB each at once is measured at 120 MiB."""
+    if JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    tasks = {"two": {"function": "sample_tasks:hold_memory_in_two", "cpus": 0.1}}
+    async with make_harness(tasks=tasks, scheduler={"poll_interval": "2s"}) as h:
+        job_id = await submit(h, "two", mib=60)
+        done = await h.wait_for_state(job_id, "succeeded")
+        assert done["peak_rss"] >= 120 * MiB
+
+
+async def test_a_killed_outlier_never_leaves_a_task_stuck(make_harness: Any) -> None:
+    """The issue's repro: memory 64 MiB, memory_limit 100 MiB, no cgroups; a run killed
+    far past the limit must not teach a request that keeps the next small job waiting
+    for ever once max_memory is lowered."""
+    tasks = {"hog": {**HOG, "memory": "64MiB", "memory_limit": "100MiB"}}
+    async with make_harness(tasks=tasks, scheduler={"job_cgroups": False}) as h:
+        killed = await submit(h, "hog", mib=300, seconds=60)
+        done = await h.wait_for_state(killed, "failed", timeout=60)
+        assert done["error"]["type"] == "MemoryLimitExceeded"
+        peak = done["peak_rss"]
+        assert peak > 100 * MiB
+        figures = await poll(lambda: _learned_runs(h, 1))
+        used = figures["scheduled_with"]
+        # The limit plus the measured overshoot (the peak), not the peak x 1.2.
+        assert figures["learned"]["memory"] == int(peak * 1.2)
+        assert used["memory"] == peak and used["source"] == "learned"
+        assert "+ the measured overshoot" in used["why"]
+        assert "enforced by sampling" in used["why"]
+
+        response = await h.client.patch(
+            "/api/v1/system", json={"scheduler": {"max_memory": f"{peak // MiB - 10}MiB"}}
+        )
+        assert response.status_code == 200, response.text
+        small = await submit(h, "hog", mib=1, seconds=0)
+        assert (await h.wait_for_state(small, "succeeded"))["result"] == 1
+        figures = await poll(lambda: _learned_runs(h, 2))
+        assert "capped at the capacity after reserve" in figures["scheduled_with"]["why"]
+
+
+async def test_a_kernel_enforced_limit_caps_the_learned_request(make_harness: Any) -> None:
+    if JobCgroups.detect() is None:
+        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+    tasks = {"hog": {**HOG, "memory": "32MiB", "memory_limit": "64MiB"}}
+    async with make_harness(tasks=tasks) as h:
+        killed = await submit(h, "hog", mib=300, seconds=60)
+        done = await h.wait_for_state(killed, "failed", timeout=60)
+        assert done["reason"] == "oom_killed"
+        figures = await poll(lambda: _learned_runs(h, 1))
+        assert figures["learned"]["memory"] > 64 * MiB  # the peak x 1.2
+        assert figures["scheduled_with"]["memory"] == 64 * MiB
+        assert "which the kernel enforces" in figures["scheduled_with"]["why"]
+
+
+async def _learned_runs(h: Any, runs: int) -> dict[str, Any] | None:
+    task = dict((await h.client.get("/api/v1/tasks")).json()["tasks"][0])
+    return task if task["learned"]["runs"] >= runs else None
 
 
 async def _learned(h: Any) -> dict[str, Any] | None:
@@ -355,6 +484,90 @@ async def test_patch_system_rejects_bad_changes_and_changes_nothing(
         after = (await h.client.get("/api/v1/system")).json()
         assert after["max_jobs"] == before["max_jobs"] == 2
         assert after["settings"] == before["settings"]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "key", "message"),
+    [
+        ({"memory_floor": "16GiB"}, "scheduler.memory_floor", "available memory can never reach"),
+        ({"reserve_memory": "20GiB"}, "scheduler.reserve_memory", "leaves nothing of the 16.0"),
+        (
+            {"max_memory": "1GiB", "reserve_memory": "1GiB"},
+            "scheduler.reserve_memory",
+            "or raise max_memory",
+        ),
+        ({"reserve_cpus": 8}, "scheduler.reserve_cpus", "leaves nothing of the 8 CPUs"),
+    ],
+)
+async def test_settings_that_could_never_admit_anything_are_refused(
+    make_harness: Any, tmp_path: Path, scheduler: dict[str, Any], key: str, message: str
+) -> None:
+    """At start (naming the key, file and line), and by PATCH (a 422, nothing changed);
+    the fake machine has 8 CPUs and 16 GiB."""
+    with pytest.raises(ConfigError) as refused:
+        async with make_harness(tasks={"gated": GATED}, scheduler=scheduler):
+            pass
+    assert refused.value.details is not None
+    assert refused.value.details["key"] == key
+    assert refused.value.details["file"] == str(tmp_path / "config.toml")
+    line = refused.value.details["line"]
+    assert isinstance(line, int)
+    name = key.split(".")[1]
+    assert (tmp_path / "config.toml").read_text().splitlines()[line - 1].startswith(name)
+    assert message in refused.value.message and "no job would ever start" in refused.value.message
+
+    async with make_harness(tasks={"gated": GATED}) as h:
+        before = (await h.client.get("/api/v1/system")).json()["settings"]
+        response = await h.client.patch("/api/v1/system", json={"scheduler": scheduler})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["details"]["key"] == key and message in error["message"]
+        assert (await h.client.get("/api/v1/system")).json()["settings"] == before
+
+
+async def test_a_reload_that_could_never_admit_anything_keeps_the_running_settings(
+    make_harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_harness(tasks={"gated": GATED}, scheduler={"max_jobs": 3}) as h:
+        runtime = h.application.runtime
+        assert runtime is not None
+        write_config(tmp_path, tasks={"gated": GATED}, scheduler={"memory_floor": "32GiB"})
+        caplog.set_level(logging.ERROR, logger="jobserver")
+        assert runtime.reload() == []
+        assert "failed; keeping the running settings" in caplog.text
+        assert "config.toml:" in caplog.text and "memory_floor 32.0 GiB is not below" in caplog.text
+        view = (await h.client.get("/api/v1/system")).json()
+        assert view["max_jobs"] == 3 and view["signals"]["memory_floor"]["value"] != 32 * GiB
+
+
+@pytest.mark.parametrize(
+    ("job_cgroups", "expected"),
+    [
+        (False, "sampling (per-job cgroups turned off in config: job_cgroups = false)"),
+        (True, None),
+    ],
+)
+async def test_the_system_view_says_why_memory_is_sampled(
+    make_harness: Any, job_cgroups: bool, expected: str | None
+) -> None:
+    async with make_harness(tasks={"gated": GATED}, scheduler={"job_cgroups": job_cgroups}) as h:
+        found = (await h.client.get("/api/v1/system")).json()["memory_limits"]
+        detected = JobCgroups.detect()
+        if expected is None:  # on: cgroups where writable, else it says they are not
+            expected = (
+                "sampling (per-job cgroups are not writable here)"
+                if detected is None
+                else detected.describe()
+            )
+        assert found == expected
+        if not job_cgroups and detected is not None:
+            # Turned on at run time: looked for then, and used.
+            response = await h.client.patch(
+                "/api/v1/system", json={"scheduler": {"job_cgroups": True}}
+            )
+            assert response.status_code == 200, response.text
+            found = (await h.client.get("/api/v1/system")).json()["memory_limits"]
+            assert found.startswith("cgroup v")
 
 
 async def test_patch_system_needs_json(make_harness: Any) -> None:
