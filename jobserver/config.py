@@ -147,7 +147,9 @@ _TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    database: Path = Path("data/jobserver.db")
+    # A Path: the SQLite file (one server).  A str: a postgresql:// URL (several nodes may
+    # share it; see docs/cluster.md).
+    database: Path | str = Path("data/jobserver.db")
     jobs_dir: Path = Path("data/jobs")  # per-job log and result files
     max_body_size: int = 1 * _MIB
     access_log: bool = True
@@ -345,7 +347,7 @@ def _server(table: _Table, base: Path) -> ServerSettings:
     return ServerSettings(
         host=table.get("host", _string, default.host),
         port=table.get("port", _integer(0, 65535), default.port),
-        database=table.get("database", _path(base), base / default.database),
+        database=table.get("database", _database(base), _default_database(base, default)),
         jobs_dir=table.get("jobs_dir", _path(base), base / default.jobs_dir),
         max_body_size=table.get("max_body_size", _positive(parse_size), default.max_body_size),
         access_log=table.get("access_log", _boolean, default.access_log),
@@ -887,6 +889,30 @@ def _path(base: Path) -> Parser[Path]:
         if not isinstance(value, str) or not value:
             raise ValueError(f"{key} = {_show(value)}: expected a path (relative to {base})")
         return Path(os.path.normpath(base / Path(value).expanduser()))
+
+    return parse
+
+
+def _default_database(base: Path, default: ServerSettings) -> Path | str:
+    return base / default.database if isinstance(default.database, Path) else default.database
+
+
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def _database(base: Path) -> Parser[Path | str]:
+    """A SQLite file's path, or a PostgreSQL URL (kept as written)."""
+    path = _path(base)
+
+    def parse(value: object, key: str) -> Path | str:
+        if isinstance(value, str) and value.startswith(POSTGRESQL_SCHEMES):
+            return value
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"{key} = {_show(value)}: expected a SQLite file path or a PostgreSQL URL "
+                'like "postgresql://user@host/dbname"'
+            )
+        return path(value, key)
 
     return parse
 

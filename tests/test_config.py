@@ -510,3 +510,20 @@ def test_resolve_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_resolve_path_does_not_check_existence(tmp_path: Path) -> None:
     assert not resolve_path(str(tmp_path / "missing.toml")).exists()
+
+
+# --- the database: a SQLite file or a PostgreSQL URL ------------------------------------
+
+
+def test_database_url_is_postgresql(tmp_path: Path) -> None:
+    url = "postgresql://jobs@db.internal:5432/jobserver"
+    settings = load(write(tmp_path, f'[server]\ndatabase = "{url}"\n'))
+    assert settings.server.database == url
+    settings = load(write(tmp_path, '[server]\ndatabase = "jobs.db"\n'))
+    assert settings.server.database == tmp_path / "jobs.db"
+
+
+def test_database_url_of_another_engine_names_the_key(tmp_path: Path) -> None:
+    error = load_error(tmp_path, '[server]\n\ndatabase = "mysql://u@h/db"\n')
+    assert error.details["key"] == "server.database" and error.details["line"] == 3
+    assert "PostgreSQL URL" in error.message
