@@ -268,8 +268,11 @@ def build(
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
     driver = open_driver(server_settings.database, synchronous=server_settings.durability.upper())
-    # Tests put a fault-injecting driver between the store and the database.
-    store = Store(driver if wrap_driver is None else wrap_driver(driver))
+    # Tests put a fault-injecting driver between the store and the database.  On
+    # PostgreSQL the node's name scopes its claims, its fenced writes and its start-up
+    # rescue: a node restarting requeues only the jobs it ran itself.
+    node = {} if settings.cluster is None else {"node": settings.cluster.node}
+    store = Store(driver if wrap_driver is None else wrap_driver(driver), **node)
     metrics = Metrics()
     events = Events(metrics)
     scheduler = Scheduler(

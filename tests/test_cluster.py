@@ -77,3 +77,39 @@ def test_migrate_on_postgresql(tmp_path: Path, url: str) -> None:
         result = run_cli("migrate", "--config", str(config_path))
         assert result.returncode == 0, result.stderr
         assert "PostgreSQL database is up to date" in result.stdout
+
+
+def test_a_restarted_node_rescues_only_its_own_jobs(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """Two nodes on one database: each claims under its own name, and a node's start-up
+    rescue requeues only what it ran itself, never the other node's running job."""
+    servers = {}
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        config_path = write_config(
+            directory,
+            server={"database": url},
+            tasks={"wait_for_file": {"function": "sample_tasks:wait_for_file", "cpus": 0.1}},
+            scheduler={"max_jobs": 1},
+        )
+        config_path.write_text(config_path.read_text() + f'\n[cluster]\nnode = "{name}"\n')
+        servers[name] = (config_path, server_factory(config_path))
+    gates = {name: tmp_path / f"gate-{name}" for name in ("a", "b")}
+    jobs = [submit(servers["a"][1].url, "wait_for_file", path=str(gate)) for gate in gates.values()]
+    running = [wait_for_job(servers["a"][1].url, job["id"], "running") for job in jobs]
+    assert {job["history"][0]["node"] for job in running} == {"a", "b"}
+    on = {job["history"][0]["node"]: job["id"] for job in running}
+
+    config_a, server_a = servers["a"]
+    server_a.stop()  # shutdown_grace 0: its job goes back to the queue
+    server_factory(config_a)
+    other = httpx.get(f"{servers['b'][1].url}/api/v1/jobs/{on['b']}", timeout=10).json()
+    assert other["state"] == "running" and other["attempts"] == 1
+    for gate in gates.values():
+        gate.write_text("go")
+    for job_id in on.values():
+        done = wait_for_job(servers["b"][1].url, job_id, "succeeded")
+        assert done["result"] == "go"
+    assert httpx.get(f"{servers['b'][1].url}/api/v1/jobs/{on['b']}").json()["attempts"] == 1
