@@ -1041,6 +1041,7 @@ def _document_halves(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
                 "outcome": a.outcome,
                 "error": None if a.error is None else {"type": a.error_type, "message": a.error},
                 "exit_code": a.exit_code,
+                "node": a.node,  # the node that ran it ("local" on SQLite)
             }
             for a in job.history
         ],

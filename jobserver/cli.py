@@ -272,6 +272,11 @@ def _migrate(args: argparse.Namespace) -> int:
     from jobserver.store import DatabaseLock
 
     database = _load_settings(args).server.database
+    if not isinstance(database, Path):
+        # Nodes may run meanwhile: migrations are additive and taken under an advisory lock.
+        upgrade(database)
+        print("the PostgreSQL database is up to date")
+        return EXIT_OK
     lock = DatabaseLock(database)
     lock.acquire()  # never change the schema under a running server
     try:
@@ -303,6 +308,12 @@ def _backup(args: argparse.Namespace) -> int:
     from jobserver.backup import backup
 
     settings = _load_settings(args)
+    if not isinstance(settings.server.database, Path):
+        raise CommandFailed(
+            "server.database is PostgreSQL: back it up with PostgreSQL's own tools "
+            "(pg_dump --format=custom, or continuous archiving); see docs/cluster.md",
+            EXIT_USAGE,
+        )
     written = backup(settings.server.database, Path(args.path), overwrite=args.force)
     print(f"backed up {settings.server.database} to {written}")
     return EXIT_OK
@@ -502,7 +513,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     settings = _load_settings(args)
     database = settings.server.database
-    if not database.exists():
+    if isinstance(database, Path) and not database.exists():
         raise CommandFailed(f"no database at {database}; nothing to prune", EXIT_USAGE)
 
     async def run() -> list[str]:

@@ -6,6 +6,7 @@
     ├── TaskSettings          [tasks.NAME]: one registered task (import path or command,
     │                         resources, route, retries, retention)
     ├── JobsSettings          [jobs]: lifecycle defaults (backoff, log cap, retention, keys)
+    ├── ClusterSettings       [cluster]: this node among several sharing PostgreSQL
     └── ScheduleSettings      [schedules.NAME]: one periodic job (task, cron, args, zone)
 
 Every key has a default except ``tasks.NAME.function`` (or ``command``) and a schedule's
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -147,7 +149,9 @@ _TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    database: Path = Path("data/jobserver.db")
+    # A Path: the SQLite file (one server).  A str: a postgresql:// URL (several nodes may
+    # share it; see docs/cluster.md).
+    database: Path | str = Path("data/jobserver.db")
     jobs_dir: Path = Path("data/jobs")  # per-job log and result files
     max_body_size: int = 1 * _MIB
     access_log: bool = True
@@ -269,6 +273,22 @@ class ScheduleSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """[cluster]: this node among several ``jobserver serve`` processes sharing one
+    PostgreSQL database (docs/cluster.md).  Only meaningful on PostgreSQL."""
+
+    node: str = dataclasses.field(default_factory=socket.gethostname)  # this node's name
+    url: str | None = None  # where other nodes (and operators) reach this node's API
+    heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
+    # A node whose last heartbeat is older than this is declared dead by the leader (its
+    # running jobs requeued); a node that could not heartbeat for most of it kills its
+    # own jobs first.
+    node_timeout: float = 30.0
+    shared_jobs_dir: Path | None = None  # a jobs directory every node mounts, if any
+    token: str | None = None  # for node-to-node calls (not used yet: see docs/cluster.md)
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path  # the config file, absolute
     task_paths: tuple[Path, ...]  # directories put on sys.path to import task functions
@@ -279,6 +299,9 @@ class Settings:
     schedules: Mapping[str, ScheduleSettings] = dataclasses.field(
         default_factory=lambda: MappingProxyType({})
     )
+    # On PostgreSQL, this node's [cluster] settings (defaults without the table); None on
+    # SQLite, where one server owns the file.
+    cluster: ClusterSettings | None = None
 
 
 def resolve_path(cli_value: str | None, *, beside: Path | None = None) -> Path:
@@ -322,22 +345,90 @@ def load(path: str | os.PathLike[str]) -> Settings:
     source = _Source(file, _locate_keys(text))
     base = file.parent
     root = _Table(
-        source, (), data, ("task_paths", "server", "scheduler", "tasks", "jobs", "schedules")
+        source,
+        (),
+        data,
+        ("task_paths", "server", "scheduler", "tasks", "jobs", "schedules", "cluster"),
     )
     tasks = _tasks(source, data.get("tasks"), base)
+    server = _server(_Table(source, ("server",), data.get("server"), _fields(ServerSettings)), base)
+    cluster: ClusterSettings | None = _cluster(
+        _Table(source, ("cluster",), data.get("cluster"), _fields(ClusterSettings)), base
+    )
+    if isinstance(server.database, Path):
+        if "cluster" in data:
+            raise source.error(
+                ("cluster",),
+                "[cluster] needs a database that several nodes share: set server.database "
+                'to a PostgreSQL URL like "postgresql://user@host/dbname", or remove '
+                "[cluster] (a SQLite file serves one node)",
+            )
+        cluster = None
     return Settings(
         path=file,
         task_paths=root.get("task_paths", _path_list(base), (base,)),
-        server=_server(
-            _Table(source, ("server",), data.get("server"), _fields(ServerSettings)), base
-        ),
+        server=server,
         scheduler=_scheduler(
             _Table(source, ("scheduler",), data.get("scheduler"), _fields(SchedulerSettings))
         ),
         tasks=tasks,
         jobs=_jobs(_Table(source, ("jobs",), data.get("jobs"), _fields(JobsSettings))),
         schedules=_schedules(source, data.get("schedules"), tasks),
+        cluster=cluster,
     )
+
+
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _cluster(table: _Table, base: Path) -> ClusterSettings:
+    default = ClusterSettings()
+    cluster = ClusterSettings(
+        node=table.get("node", _node_name, default.node),
+        url=table.get("url", _http_url, default.url),
+        heartbeat_interval=table.get(
+            "heartbeat_interval", _positive(parse_duration), default.heartbeat_interval
+        ),
+        node_timeout=table.get("node_timeout", _positive(parse_duration), default.node_timeout),
+        shared_jobs_dir=table.get("shared_jobs_dir", _path(base), default.shared_jobs_dir),
+        token=table.get("token", _token, default.token),
+    )
+    if not _NODE_NAME_RE.fullmatch(cluster.node):
+        raise table.source.error(
+            ("cluster", "node"),
+            f"this machine's hostname {cluster.node!r} is not a node name: set cluster.node",
+        )
+    if cluster.node_timeout < 3 * cluster.heartbeat_interval:
+        raise table.source.error(
+            ("cluster", "node_timeout"),
+            f"cluster.node_timeout = {cluster.node_timeout:g} s: must be at least 3 times "
+            f"cluster.heartbeat_interval ({cluster.heartbeat_interval:g} s), so that a "
+            "missed heartbeat or two never declares a live node dead",
+        )
+    return cluster
+
+
+def _node_name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not _NODE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{key} = {_show(value)}: expected a node name of up to 64 letters, digits, "
+            '".", "_" or "-" (set cluster.node when the hostname is not one)'
+        )
+    return value
+
+
+def _http_url(value: object, key: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f'{key} = {_show(value)}: expected a URL like "http://10.0.0.5:8000"')
+    return value.rstrip("/")
+
+
+def _token(value: object, key: str) -> str:
+    if not isinstance(value, str) or len(value) < 16 or value != value.strip():
+        raise ValueError(
+            f"{key}: expected a secret of at least 16 characters (the same on every node)"
+        )
+    return value
 
 
 def _server(table: _Table, base: Path) -> ServerSettings:
@@ -345,7 +436,7 @@ def _server(table: _Table, base: Path) -> ServerSettings:
     return ServerSettings(
         host=table.get("host", _string, default.host),
         port=table.get("port", _integer(0, 65535), default.port),
-        database=table.get("database", _path(base), base / default.database),
+        database=table.get("database", _database(base), _default_database(base, default)),
         jobs_dir=table.get("jobs_dir", _path(base), base / default.jobs_dir),
         max_body_size=table.get("max_body_size", _positive(parse_size), default.max_body_size),
         access_log=table.get("access_log", _boolean, default.access_log),
@@ -899,6 +990,30 @@ def _path(base: Path) -> Parser[Path]:
         if not isinstance(value, str) or not value:
             raise ValueError(f"{key} = {_show(value)}: expected a path (relative to {base})")
         return Path(os.path.normpath(base / Path(value).expanduser()))
+
+    return parse
+
+
+def _default_database(base: Path, default: ServerSettings) -> Path | str:
+    return base / default.database if isinstance(default.database, Path) else default.database
+
+
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def _database(base: Path) -> Parser[Path | str]:
+    """A SQLite file's path, or a PostgreSQL URL (kept as written)."""
+    path = _path(base)
+
+    def parse(value: object, key: str) -> Path | str:
+        if isinstance(value, str) and value.startswith(POSTGRESQL_SCHEMES):
+            return value
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"{key} = {_show(value)}: expected a SQLite file path or a PostgreSQL URL "
+                'like "postgresql://user@host/dbname"'
+            )
+        return path(value, key)
 
     return parse
 

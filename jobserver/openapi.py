@@ -122,7 +122,7 @@ SCHEMAS: dict[str, Any] = {
             },
             "history": {
                 "type": "array",
-                "description": "every attempt: start, end, outcome, error",
+                "description": "every attempt: start, end, outcome, error, the node that ran it",
                 "items": {"type": "object"},
             },
         },

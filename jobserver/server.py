@@ -53,7 +53,14 @@ from jobserver.metrics import Metrics
 from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
 from jobserver.scheduler import Scheduler, admission_problems
-from jobserver.store import DatabaseLock, SqliteDriver, Store, migrate, pending_migrations
+from jobserver.store import (
+    DatabaseLock,
+    SqliteDriver,
+    Store,
+    migrate,
+    open_driver,
+    pending_migrations,
+)
 from jobserver.store.driver import Driver
 from jobserver.tasks import Registry
 
@@ -112,7 +119,7 @@ class Drain:
 class Application:
     app: Starlette
     store: Store
-    driver: SqliteDriver  # the store's engine: WAL, checkpoints, pragmas
+    driver: Driver  # the store's engine (SqliteDriver: WAL, checkpoints, pragmas)
     scheduler: Scheduler
     events: Events
     metrics: Metrics
@@ -261,22 +268,25 @@ def build(
     host: str | None = None,
     handle_sighup: bool = False,
     gpu_probe: GpuProbe | None = None,
-    wrap_driver: Callable[[SqliteDriver], Driver] | None = None,
+    wrap_driver: Callable[[Driver], Driver] | None = None,
 ) -> Application:
     """Wire the parts for an already migrated database (tests call this with a fake probe).
     ``host`` is the address the server will bind (it decides whether an empty tokens file
     means "open": only on loopback, or with ``allow_anonymous``).  ``handle_sighup``:
     reload config.toml on SIGHUP (``serve`` sets it; in-process tests do not, so as not
     to take over the test runner's signals).  ``wrap_driver``: what the store writes
-    through, around the SQLite driver (tests inject faults there)."""
+    through, around the database's driver (tests inject faults there)."""
     server_settings = settings.server
     probe = probe or MachineProbe()
     check_admission(admission_problems(settings.scheduler, probe.snapshot()), settings.path)
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
-    driver = SqliteDriver(server_settings.database, synchronous=server_settings.durability.upper())
-    # Tests put a fault-injecting driver between the store and SQLite.
-    store = Store(driver if wrap_driver is None else wrap_driver(driver))
+    driver = open_driver(server_settings.database, synchronous=server_settings.durability.upper())
+    # Tests put a fault-injecting driver between the store and the database.  On
+    # PostgreSQL the node's name scopes its claims, its fenced writes and its start-up
+    # rescue: a node restarting requeues only the jobs it ran itself.
+    node = {} if settings.cluster is None else {"node": settings.cluster.node}
+    store = Store(driver if wrap_driver is None else wrap_driver(driver), **node)
     metrics = Metrics()
     events = Events(metrics)
     scheduler = Scheduler(
@@ -294,7 +304,12 @@ def build(
     runtime = Runtime(settings, registry, scheduler, runner)
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
-    checkpointer = WalCheckpointer(driver, server_settings.wal_max_size)
+    # PostgreSQL manages its own WAL.
+    checkpointer = (
+        WalCheckpointer(driver, server_settings.wal_max_size)
+        if isinstance(driver, SqliteDriver)
+        else None
+    )
     reconciler = Reconciler(
         store,
         scheduler.owned_attempts,
@@ -318,7 +333,8 @@ def build(
         await scheduler.start()
         await pruner.start()
         await cron.start()
-        await checkpointer.start()
+        if checkpointer is not None:
+            await checkpointer.start()
         await reconciler.start()
         loop = asyncio.get_running_loop()
         if handle_sighup:
@@ -332,7 +348,8 @@ def build(
             await scheduler.stop()
             await runner.close()
             await pruner.stop()
-            await checkpointer.stop()
+            if checkpointer is not None:
+                await checkpointer.stop()
             await store.close()
 
     operations = openapi.operations_for(registry)
@@ -527,12 +544,16 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     configure_logging(settings.server.log_level, settings.server.log_format)
     bind = host or settings.server.host
     check_exposure(settings.server, bind)
-    lock = DatabaseLock(settings.server.database)
-    lock.acquire()
+    database = settings.server.database
+    # One server per SQLite file.  PostgreSQL is shared by nodes on purpose: each claims
+    # with row locks and fences its writes (docs/cluster.md).
+    lock = DatabaseLock(database) if isinstance(database, Path) else None
+    if lock is not None:
+        lock.acquire()
     try:
         # Import the tasks first: a broken task module must not touch the database.
         registry = load_tasks(settings)
-        upgrade(settings.server.database)
+        upgrade(database)
         application = build(settings, registry=registry, host=bind, handle_sighup=True)
         config = uvicorn.Config(
             application.app,
@@ -562,12 +583,20 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         asyncio.run(server.serve())
         return 0 if server.started else 1
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def upgrade(database: Path) -> Path | None:
-    """Migrate ``database``, first copying an existing file that has migrations pending
-    into ``backups/`` beside it; return that copy's path, if one was taken."""
+def upgrade(database: Path | str) -> Path | None:
+    """Migrate ``database``, first copying an existing SQLite file that has migrations
+    pending into ``backups/`` beside it; return that copy's path, if one was taken.  A
+    PostgreSQL database is migrated under a transaction-scoped advisory lock (nodes
+    starting at once migrate once) and not copied: back it up with ``pg_dump``."""
+    if not isinstance(database, Path):
+        from jobserver.store import postgres
+
+        postgres.migrate(database)
+        return None
     pending = pending_migrations(database)
     copy = backup_before_upgrade(database, pending)
     if copy is not None:

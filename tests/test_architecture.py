@@ -18,7 +18,14 @@ ALLOWED = {
     # The store package: the face (__init__), the repository over the driver seam, and
     # the engines beneath it (store.sqlite, store.postgres).  Outside the package it is one
     # name, "store".
-    "store": {"store.repository", "store.schema", "store.sqlite", "store.postgres", "store.kept"},
+    "store": {
+        "store.driver",
+        "store.repository",
+        "store.schema",
+        "store.sqlite",
+        "store.postgres",
+        "store.kept",
+    },
     "store.schema": {"jobs"},
     "store.driver": {"errors"},
     "store.repository": {"errors", "jobs", "store.driver", "store.schema"},

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobserver.config import (
+    ClusterSettings,
     JobsSettings,
     SchedulerSettings,
     ServerSettings,
@@ -179,9 +180,16 @@ def test_shipped_config_loads() -> None:
 
 def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text(encoding="utf-8")
-    for cls in (Settings, ServerSettings, SchedulerSettings, TaskSettings, JobsSettings):
+    for cls in (
+        Settings,
+        ServerSettings,
+        SchedulerSettings,
+        TaskSettings,
+        JobsSettings,
+        ClusterSettings,
+    ):
         for field in dataclasses.fields(cls):
-            if field.name in {"path", "server", "scheduler", "tasks", "name"}:
+            if field.name in {"path", "server", "scheduler", "tasks", "name", "cluster"}:
                 continue
             assert re.search(rf"^[# ]*{field.name}\b", text, re.MULTILINE), field.name
 
@@ -510,3 +518,72 @@ def test_resolve_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_resolve_path_does_not_check_existence(tmp_path: Path) -> None:
     assert not resolve_path(str(tmp_path / "missing.toml")).exists()
+
+
+# --- the database: a SQLite file or a PostgreSQL URL ------------------------------------
+
+
+def test_database_url_is_postgresql(tmp_path: Path) -> None:
+    url = "postgresql://jobs@db.internal:5432/jobserver"
+    settings = load(write(tmp_path, f'[server]\ndatabase = "{url}"\n'))
+    assert settings.server.database == url
+    settings = load(write(tmp_path, '[server]\ndatabase = "jobs.db"\n'))
+    assert settings.server.database == tmp_path / "jobs.db"
+
+
+def test_database_url_of_another_engine_names_the_key(tmp_path: Path) -> None:
+    error = load_error(tmp_path, '[server]\n\ndatabase = "mysql://u@h/db"\n')
+    assert error.details["key"] == "server.database" and error.details["line"] == 3
+    assert "PostgreSQL URL" in error.message
+
+
+PG = '[server]\ndatabase = "postgresql://u@h/db"\n'
+
+
+def test_cluster_defaults_on_postgresql_and_none_on_sqlite(tmp_path: Path) -> None:
+    import socket
+
+    assert load(write(tmp_path, "")).cluster is None
+    cluster = load(write(tmp_path, PG)).cluster
+    assert cluster == ClusterSettings(node=socket.gethostname())
+    assert cluster.heartbeat_interval == 2.0 and cluster.node_timeout == 30.0
+
+
+def test_cluster_table(tmp_path: Path) -> None:
+    text = PG + (
+        '[cluster]\nnode = "worker-1"\nurl = "http://10.0.0.5:8000/"\n'
+        'heartbeat_interval = "500ms"\nnode_timeout = "5s"\nshared_jobs_dir = "shared"\n'
+        'token = "0123456789abcdef"\n'
+    )
+    cluster = load(write(tmp_path, text)).cluster
+    assert cluster == ClusterSettings(
+        node="worker-1",
+        url="http://10.0.0.5:8000",
+        heartbeat_interval=0.5,
+        node_timeout=5.0,
+        shared_jobs_dir=tmp_path / "shared",
+        token="0123456789abcdef",
+    )
+
+
+def test_cluster_on_sqlite_is_refused(tmp_path: Path) -> None:
+    error = load_error(tmp_path, '[cluster]\nnode = "a"\n')
+    assert error.details["key"] == "cluster" and error.details["line"] == 1
+    assert "PostgreSQL URL" in error.message
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "words"),
+    [
+        ('node = "a b"', "cluster.node", "node name"),
+        ('url = "10.0.0.5:8000"', "cluster.url", "expected a URL"),
+        ('token = "short"', "cluster.token", "at least 16"),
+        ('heartbeat_interval = "0s"', "cluster.heartbeat_interval", "greater than 0"),
+        ('node_timeout = "5s"', "cluster.node_timeout", "at least 3 times"),
+        ("nodes = 3", "cluster.nodes", "did you mean cluster.node"),
+    ],
+)
+def test_cluster_errors_name_the_key(tmp_path: Path, line: str, key: str, words: str) -> None:
+    error = load_error(tmp_path, PG + f"[cluster]\n{line}\n")
+    assert error.details["key"] == key
+    assert words in error.message

@@ -1220,3 +1220,19 @@ async def test_recent_runs_are_written_with_the_attempts_end(repo: Store) -> Non
     assert await repo.recent_runs("measured", 10) == [second, first]  # newest first
     assert await repo.recent_runs("measured", 1) == [second]
     assert await repo.recent_runs("other", 10) == []
+
+
+@pytest.mark.parametrize("result", ["go", "", "[1]", None, 1.5, [1, "two"], {"k": "v"}])
+async def test_a_result_of_any_json_type_reads_back_as_it_was(repo: Store, result: Any) -> None:
+    """A result that is a JSON string (``"go"``, even ``"[1]"``) is a string, not JSON text."""
+    job_id = new_job_id()
+    await repo.submit(new(args={"s": "text"}), job_id, at(0))
+    (claimed,) = await repo.claim_head(at(1), 10, everything)
+    ended = await repo.end_attempt(
+        job_id, claimed.job.attempts, Finish(JobState.SUCCEEDED, result=result), at(2)
+    )
+    assert ended is not None and ended.job.result == result
+    read = await repo.get(job_id)
+    assert read.result == result and read.args == {"s": "text"}
+    (listed,) = await repo.page()
+    assert listed.result == result

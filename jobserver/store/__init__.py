@@ -1,12 +1,14 @@
 """The job store: a dialect-neutral repository (``repository.Store``) over a narrow
 driver seam (``driver``); ``sqlite`` holds everything SQLite, ``postgres`` everything
-PostgreSQL.  ``schema`` is the tables and migrating to them.  ``open_store`` is how the
-server gets one (on SQLite; PostgreSQL is not wired into the server yet)."""
+PostgreSQL.  ``schema`` is the tables and migrating to them.  ``open_driver`` and
+``open_store`` are how the server gets one: a path is a SQLite file, a ``postgresql://``
+URL a PostgreSQL database."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from jobserver.store.driver import Driver
 from jobserver.store.kept import (
     OUTCOME_FILE,
     KeptOutcome,
@@ -67,11 +69,22 @@ __all__ = [
     "metadata",
     "migrate",
     "migrations_dir",
+    "open_driver",
     "open_store",
     "pending_migrations",
 ]
 
 
-def open_store(database: Path, *, synchronous: str = "FULL") -> Store:
-    """The repository on a migrated SQLite file (see ``migrate``)."""
-    return Store(SqliteDriver(database, synchronous=synchronous))
+def open_driver(database: Path | str, *, synchronous: str = "FULL") -> Driver:
+    """The driver for ``database``: a path is a SQLite file (``synchronous`` is its
+    durability), a ``postgresql://`` URL a PostgreSQL database."""
+    if isinstance(database, Path):
+        return SqliteDriver(database, synchronous=synchronous)
+    from jobserver.store.postgres import PostgresDriver  # psycopg: only for PostgreSQL
+
+    return PostgresDriver(database)
+
+
+def open_store(database: Path | str, *, synchronous: str = "FULL") -> Store:
+    """The repository on a migrated database (see ``migrate`` and ``postgres.migrate``)."""
+    return Store(open_driver(database, synchronous=synchronous))

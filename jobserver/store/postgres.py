@@ -24,8 +24,8 @@ back, the errors that mean "the database cannot be used", and migrating under a 
   sent as an untyped (``unknown``) literal, so PostgreSQL parses it as whatever the
   column or cast wants (``timestamptz``, ``json``), in SQLAlchemy's bind casts and in
   plain-text statements alike; psycopg's default since 3.0, pinned here on each
-  connection.  Rows come back as ``datetime`` and decoded JSON, which the row decoder
-  accepts.
+  connection.  Rows come back with ``datetime`` values (which the row decoder accepts)
+  and JSON as its text, which the row decoder parses, as on SQLite.
 - **Errors.**  Cannot connect, connection lost, server shutting down or read-only
   (a standby), disk full, statement timeout: ``StorageUnavailable``, and a broken
   connection is dropped from the pool.  Integrity errors and the operation's own
@@ -47,7 +47,7 @@ import psycopg
 import psycopg.errors
 import sqlalchemy as sa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.string import StrDumperUnknown
+from psycopg.types.string import StrDumperUnknown, TextLoader
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.pool import NullPool
 
@@ -200,6 +200,9 @@ class PostgresDriver:
         # str as an untyped literal: PostgreSQL casts ISO text to timestamptz and JSON
         # text to json (see the module docstring).
         connection.adapters.register_dumper(str, StrDumperUnknown)
+        # json as its text: the row decoder parses it, as on SQLite (decoded here, a
+        # result that is a JSON string would come back as a str and be parsed twice).
+        connection.adapters.register_loader("json", TextLoader)
         with self._opened_lock:
             self._opened.add(connection)
         return connection
