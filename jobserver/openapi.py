@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from starlette.routing import BaseRoute, Route
 
-from jobserver import api, dashboard
+from jobserver import api
 from jobserver.jobs import JobState
 from jobserver.store import MAX_PAGE
 from jobserver.tasks import Registry, args_schema
@@ -194,6 +194,124 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
     },
     "System": {"type": "object"},
+    "SystemHistory": {
+        "type": "object",
+        "required": ["interval", "window", "samples"],
+        "properties": {
+            "interval": {"type": "number", "description": "seconds between two samples"},
+            "window": {"type": "number", "description": "seconds of samples kept"},
+            "samples": {
+                "type": "array",
+                "description": "oldest first; one more whenever admission stops or resumes",
+                "items": {
+                    "type": "object",
+                    "required": ["at", "cpu", "memory", "running", "overload"],
+                    "properties": {
+                        "at": {"type": "string", "format": "date-time"},
+                        "cpu": {"$ref": "#/components/schemas/Usage"},
+                        "memory": {"$ref": "#/components/schemas/Usage"},
+                        "running": {"type": "integer"},
+                        "overload": {
+                            **_nullable(_STRING),
+                            "description": "why admission was stopped (memory floor, PSI)",
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "description": "one resource, in CPUs or bytes",
+        "required": ["capacity", "used", "claimed", "reserved", "free"],
+        "properties": {
+            "capacity": {"type": "number", "description": "what jobs may use (caps applied)"},
+            "used": {"type": "number", "description": "measured use of the running jobs"},
+            "claimed": {"type": "number", "description": "requests of the running jobs"},
+            "reserved": {"type": "number", "description": "reserve_cpus / reserve_memory"},
+            "free": {"type": "number", "description": "free for a new job (may be negative)"},
+        },
+    },
+    "Timeline": {
+        "type": "object",
+        "required": ["now", "attempts"],
+        "properties": {
+            "now": {"type": "string", "format": "date-time"},
+            "attempts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "job_id",
+                        "task",
+                        "attempt",
+                        "started_at",
+                        "finished_at",
+                        "outcome",
+                        "state",
+                        "node",
+                    ],
+                    "properties": {
+                        "job_id": _STRING,
+                        "task": _STRING,
+                        "attempt": {"type": "integer", "minimum": 1},
+                        "started_at": {"type": "string", "format": "date-time"},
+                        "finished_at": _TIME,
+                        "outcome": {
+                            **_nullable(_STRING),
+                            "description": "how the attempt ended; null while it runs",
+                        },
+                        "state": {"type": "string", "enum": [state.value for state in JobState]},
+                        "node": {**_nullable(_STRING), "description": "the node that ran it"},
+                    },
+                },
+            },
+        },
+    },
+    "TaskSeries": {
+        "type": "object",
+        "required": ["since", "now", "bucket", "tasks"],
+        "properties": {
+            "since": {"type": "string", "format": "date-time"},
+            "now": {"type": "string", "format": "date-time"},
+            "bucket": {"type": "integer", "description": "seconds per bucket"},
+            "tasks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["task", "buckets"],
+                    "properties": {
+                        "task": _STRING,
+                        "buckets": {
+                            "type": "array",
+                            "description": "buckets where some job finished, oldest first",
+                            "items": {
+                                "type": "object",
+                                "required": [
+                                    "start",
+                                    "finished",
+                                    "succeeded",
+                                    "failed",
+                                    "cancelled",
+                                    "duration_p50",
+                                    "duration_p95",
+                                ],
+                                "properties": {
+                                    "start": {"type": "string", "format": "date-time"},
+                                    "finished": {"type": "integer", "minimum": 0},
+                                    "succeeded": {"type": "integer", "minimum": 0},
+                                    "failed": {"type": "integer", "minimum": 0},
+                                    "cancelled": {"type": "integer", "minimum": 0},
+                                    "duration_p50": {"type": "number", "nullable": True},
+                                    "duration_p95": {"type": "number", "nullable": True},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
     "Stats": {
         "type": "object",
         "required": ["tasks"],
@@ -434,11 +552,56 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         {200: TEXT},
         tags=("system",),
     ),
-    dashboard.page: Operation(
+    api.page: Operation(
         None,
         "The web page: machine, queue, running and finished jobs (it asks for a token "
         "when the server has some)",
         {200: HTML},
+        tags=("system",),
+    ),
+    api.system_history: Operation(
+        "admin",
+        "The machine over the last hour: CPU and memory used, claimed and free",
+        {200: "SystemHistory", 422: None},
+        description="One sample every `interval` seconds, kept in memory for `window` "
+        "seconds (a restart starts afresh), and one more whenever admission stops or "
+        "resumes; a sample's `overload` says why admission was stopped.",
+        tags=("system",),
+    ),
+    api.timeline: Operation(
+        "read",
+        "Recent attempts on a time axis: the newest jobs that started, and every running one",
+        {200: "Timeline", 422: None},
+        parameters=(
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "how many of the newest started jobs",
+                "schema": {"type": "integer", "minimum": 1, "maximum": api.MAX_TIMELINE_JOBS},
+            },
+        ),
+        description="A client token sees only its own jobs.",
+    ),
+    api.stats_history: Operation(
+        "read",
+        "Per task over time: jobs finished per bucket, and the p50/p95 duration",
+        {200: "TaskSeries", 422: None},
+        parameters=(
+            {
+                "name": "window",
+                "in": "query",
+                "description": "seconds back from now",
+                "schema": {"type": "integer", "minimum": 60, "maximum": api.MAX_SERIES_WINDOW},
+            },
+            {
+                "name": "bucket",
+                "in": "query",
+                "description": f"seconds per bucket (at most {api.MAX_SERIES_BUCKETS} buckets)",
+                "schema": {"type": "integer", "minimum": 10, "maximum": api.MAX_SERIES_WINDOW},
+            },
+        ),
+        description="Buckets start on whole multiples of `bucket` since the epoch; "
+        "durations are start to finish of the succeeded jobs' last attempt.",
         tags=("system",),
     ),
     api.list_tasks: Operation(
