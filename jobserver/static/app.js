@@ -11,6 +11,7 @@ const view = {
   selected: null, detailVersion: null, detailLoop: 0, tasks: [],
   // The pictures' latest data, kept to redraw them when the window changes size.
   system: null, history: null, timeline: null, series: null,
+  waitingForToken: false, // a server that needs a token, and none typed yet
 };
 
 // -- talking to the API ---------------------------------------------------------------
@@ -800,6 +801,7 @@ function start() {
     const token = $("#token").value.trim();
     if (token) sessionStorage.setItem(TOKEN_KEY, token);
     else sessionStorage.removeItem(TOKEN_KEY);
+    view.waitingForToken = false;
     loadTasks();
     refresh();
     loadLatency();
@@ -825,16 +827,16 @@ function start() {
     drawPictures();
     renderLatency(snapshot.metrics);
   } else if (!sessionStorage.getItem(TOKEN_KEY)) {
+    // The server needs a token and this tab has none: ask, and wait for it.
     showBanner("The server needs a token: enter it above.");
+    view.waitingForToken = true;
   }
-  loadTasks();
-  refresh();
-  loadLatency();
-  loadPictures();
-  setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  setInterval(() => { if (!document.hidden) loadLatency(); }, LATENCY_MS);
-  setInterval(() => { if (!document.hidden) loadPictures(); }, PICTURES_MS);
-  setInterval(() => { if (!document.hidden) loadTasks(); }, 30000);
+  const every = (ms, load) => setInterval(() => { if (!document.hidden && !view.waitingForToken) load(); }, ms);
+  if (!view.waitingForToken) { loadTasks(); refresh(); loadLatency(); loadPictures(); }
+  every(REFRESH_MS, refresh);
+  every(LATENCY_MS, loadLatency);
+  every(PICTURES_MS, loadPictures);
+  every(30000, loadTasks);
 }
 
 start();

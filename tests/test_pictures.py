@@ -1,0 +1,323 @@
+"""The data behind the page's pictures: the machine's history (kept by the scheduler),
+the timeline of attempts and the per-task series (read by the store), their endpoints,
+and the page that carries them for its first paint.  The browser tests are in
+test_dashboard.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobserver import access
+from jobserver.jobs import JobState
+from jobserver.scheduler import HISTORY_SIZE, MachineHistory, MachineSample, Usage
+from jobserver.store import Finish, NewJob, Requeue, Store
+from tests.conftest import GiB, claim, end, insert
+
+T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+SNAPSHOT = re.compile(rb'<script id="snapshot" type="application/json">(.*?)</script>', re.S)
+
+
+def _sample(at: datetime, overload: str | None = None) -> MachineSample:
+    usage = Usage(capacity=4, used=1, claimed=2, reserved=0.5, free=1.5)
+    return MachineSample(at, usage, usage, running=1, overload=overload)
+
+
+def _record(history: MachineHistory, sample: MachineSample) -> bool:
+    """Offer a tick's sample, as the scheduler does: True if it was kept."""
+    if not history.due(sample.at, sample.overload):
+        return False
+    history.record(sample)
+    return True
+
+
+# -- the machine's history ---------------------------------------------------------------
+
+
+def test_history_keeps_one_sample_per_interval() -> None:
+    history = MachineHistory(interval=10, window=3600)
+    kept = [_record(history, _sample(T0 + timedelta(seconds=s))) for s in range(0, 35)]
+    assert [s for s, k in enumerate(kept) if k] == [0, 10, 20, 30]
+    assert [s.at for s in history.samples(T0 + timedelta(seconds=35))] == [
+        T0 + timedelta(seconds=s) for s in (0, 10, 20, 30)
+    ]
+
+
+def test_history_keeps_the_moments_admission_stops_and_resumes() -> None:
+    history = MachineHistory(interval=10, window=3600)
+    assert _record(history, _sample(T0))
+    # Between two interval samples: the stop and the resumption are both kept, and a
+    # stop whose reason changes (its numbers do, tick by tick) is not a new moment.
+    assert _record(history, _sample(T0 + timedelta(seconds=2), "memory floor: 1 GiB"))
+    assert not _record(history, _sample(T0 + timedelta(seconds=3), "memory floor: 0.9 GiB"))
+    assert _record(history, _sample(T0 + timedelta(seconds=4)))
+    overloads = [s.overload for s in history.samples(T0 + timedelta(seconds=5))]
+    assert overloads == [None, "memory floor: 1 GiB", None]
+
+
+def test_history_is_bounded_in_time_and_in_count() -> None:
+    history = MachineHistory(interval=10, window=60, size=5)
+    for s in range(0, 200, 10):
+        history.record(_sample(T0 + timedelta(seconds=s)))
+    kept = history.samples(T0 + timedelta(seconds=190))
+    assert [(s.at - T0).total_seconds() for s in kept] == [150, 160, 170, 180, 190]
+    # An hour later, with no tick in between: nothing is older than the window.
+    assert history.samples(T0 + timedelta(seconds=190 + 61)) == ()
+    assert HISTORY_SIZE >= 3600 / 10  # the default holds an hour of interval samples
+
+
+def test_history_starts_over_when_the_clock_goes_back() -> None:
+    history = MachineHistory(interval=10, window=3600)
+    history.record(_sample(T0))
+    assert _record(history, _sample(T0 - timedelta(seconds=30)))
+    assert [s.at for s in history.samples(T0)] == [T0 - timedelta(seconds=30)]
+
+
+@pytest.mark.anyio
+async def test_the_scheduler_records_the_machine_and_admission_stops(make_harness: Any) -> None:
+    async with make_harness(scheduler={"memory_floor": "1GiB", "hysteresis": 0}) as h:
+        job = await h.client.post("/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 30}})
+        job_id = job.json()["id"]
+        await h.wait_for_state(job_id, "running")
+        healthy = h.probe.snapshot_value
+        h.probe.snapshot_value = replace(healthy, memory_available=GiB // 2)
+
+        async def samples() -> list[dict[str, Any]]:
+            answer = await h.client.get("/api/v1/system/history")
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert (body["interval"], body["window"]) == (10, 3600)
+            found: list[dict[str, Any]] = body["samples"]
+            return found
+
+        async def until(condition: Any) -> list[dict[str, Any]]:
+            import anyio
+
+            with anyio.fail_after(20):
+                while not condition(found := await samples()):
+                    await anyio.sleep(0.05)
+            return found
+
+        stopped = await until(lambda s: any(x["overload"] for x in s))
+        stop = next(x for x in stopped if x["overload"])
+        assert stop["overload"].startswith("memory floor")
+        # The running job's request is what it claims; the FakeProbe's capacity is 8 CPUs.
+        assert stop["cpu"]["claimed"] == pytest.approx(0.1)
+        assert stop["cpu"]["capacity"] == 8 and stop["memory"]["capacity"] == 16 * GiB
+        assert stop["memory"]["claimed"] == 16 * 2**20 and stop["running"] == 1
+        h.probe.snapshot_value = healthy
+        resumed = await until(lambda s: s[-1]["overload"] is None and len(s) >= 3)
+        assert [bool(x["overload"]) for x in resumed][-2:] == [True, False]
+        await h.client.post(f"/api/v1/jobs/{job_id}/cancel")
+
+
+@pytest.mark.anyio
+async def test_system_history_takes_no_query(make_harness: Any) -> None:
+    async with make_harness() as h:
+        answer = await h.client.get("/api/v1/system/history?window=60")
+        assert answer.status_code == 422
+        assert answer.json()["error"]["details"] == [
+            {"field": "window", "message": "unknown query parameter"}
+        ]
+
+
+# -- the timeline ------------------------------------------------------------------------
+
+
+def _new(task: str = "add", owner: str | None = None) -> NewJob:
+    return NewJob(task=task, args={}, priority=0, max_retries=1, owner=owner)
+
+
+@pytest.mark.anyio
+async def test_recent_attempts_are_the_newest_started_jobs_and_every_running_one(
+    store: Store,
+) -> None:
+    old_running = await insert(store, _new("sleep"), now=T0)
+    await claim(store, old_running.id, T0)
+    done = []
+    for n in range(3):
+        at = T0 + timedelta(seconds=10 * (n + 1))
+        job = await insert(store, _new(owner="alice" if n == 2 else None), now=at)
+        claimed = await claim(store, job.id, at)
+        assert claimed is not None
+        done.append(job.id)
+        if n == 1:  # a retried job: two attempts, the first requeued
+            await end(store, claimed, Requeue("flaky", counts="failure"), at + timedelta(seconds=1))
+            claimed = await claim(store, job.id, at + timedelta(seconds=2))
+            assert claimed is not None
+        await end(store, claimed, Finish(JobState.SUCCEEDED), at + timedelta(seconds=3))
+    await insert(store, _new(), now=T0 + timedelta(seconds=60))  # queued: no attempt
+
+    spans = await store.recent_attempts(2)
+    # The two newest started jobs (the retried one with both attempts), and the running one.
+    assert [(s.job_id, s.attempt) for s in spans] == [
+        (old_running.id, 1),
+        (done[1], 1),
+        (done[1], 2),
+        (done[2], 1),
+    ]
+    first, retried = spans[0], spans[1]
+    assert (first.finished_at, first.outcome, first.state) == (None, None, JobState.RUNNING)
+    assert retried.outcome == "retrying" and retried.node == "local"
+    assert retried.finished_at == T0 + timedelta(seconds=21)
+    # A client sees only its own jobs.
+    assert [s.job_id for s in await store.recent_attempts(10, owner="alice")] == [done[2]]
+
+
+@pytest.mark.anyio
+async def test_timeline_endpoint_shows_attempts_and_checks_its_limit(make_harness: Any) -> None:
+    async with make_harness() as h:
+        ok = (await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 1}})).json()
+        bad = (await h.client.post("/api/v1/jobs", json={"task": "fail", "args": {}})).json()
+        await h.wait_for_state(ok["id"], "succeeded")
+        await h.wait_for_state(bad["id"], "failed")
+        answer = await h.client.get("/api/v1/timeline?limit=1")
+        assert answer.status_code == 200
+        (only,) = answer.json()["attempts"]
+        assert (only["job_id"], only["outcome"], only["state"]) == (bad["id"], "failed", "failed")
+        assert only["started_at"] <= only["finished_at"] <= answer.json()["now"]
+        everything = (await h.client.get("/api/v1/timeline")).json()["attempts"]
+        assert {a["job_id"] for a in everything} == {ok["id"], bad["id"]}
+        for query, field in (
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("limit=ten", "limit"),
+            ("limit=-1", "limit"),
+            ("since=1", "since"),
+        ):
+            answer = await h.client.get(f"/api/v1/timeline?{query}")
+            assert answer.status_code == 422, query
+            error = answer.json()["error"]
+            assert error["code"] == "validation_error"
+            assert [d["field"] for d in error["details"]] == [field], query
+
+
+# -- per task, over time -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_task_series_counts_and_percentiles_per_bucket(store: Store) -> None:
+    async def run(task: str, start: datetime, seconds: float, state: JobState) -> None:
+        job = await insert(store, _new(task), now=start)
+        claimed = await claim(store, job.id, start)
+        assert claimed is not None
+        await end(store, claimed, Finish(state), start + timedelta(seconds=seconds))
+
+    await run("add", T0 - timedelta(seconds=30), 1, JobState.SUCCEEDED)  # before `since`
+    for n, seconds in enumerate((1, 2, 3, 10)):  # ending in the first minute
+        await run("add", T0 + timedelta(seconds=n), seconds, JobState.SUCCEEDED)
+    await run("add", T0 + timedelta(seconds=5), 4, JobState.FAILED)
+    await run("add", T0 + timedelta(seconds=125), 2, JobState.SUCCEEDED)  # the third minute
+    await run("sleep", T0 + timedelta(seconds=70), 5, JobState.CANCELLED)
+
+    series = await store.task_series(T0, 60)
+    assert sorted(series) == ["add", "sleep"]
+    first, third = series["add"]
+    assert (first.start, third.start) == (T0, T0 + timedelta(seconds=120))
+    assert (first.finished, first.succeeded, first.failed, first.cancelled) == (5, 4, 1, 0)
+    # Nearest-rank percentiles of the succeeded durations 1, 2, 3, 10 (the failed one's 4
+    # is not a duration of the work done).
+    assert (first.duration_p50, first.duration_p95) == (2, 10)
+    assert (third.finished, third.duration_p50, third.duration_p95) == (1, 2, 2)
+    (cancelled,) = series["sleep"]
+    assert (cancelled.finished, cancelled.cancelled, cancelled.duration_p50) == (1, 1, None)
+    assert cancelled.start == T0 + timedelta(seconds=60)
+
+
+@pytest.mark.anyio
+async def test_stats_history_endpoint_and_its_bounds(make_harness: Any) -> None:
+    async with make_harness() as h:
+        ids = [
+            (await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": n}})).json()[
+                "id"
+            ]
+            for n in range(3)
+        ]
+        for job_id in ids:
+            await h.wait_for_state(job_id, "succeeded")
+        body = (await h.client.get("/api/v1/stats/history?window=600&bucket=60")).json()
+        assert body["bucket"] == 60
+        since = datetime.fromisoformat(body["since"])
+        assert since.timestamp() % 60 == 0  # buckets on whole minutes: they stay put
+        (add,) = body["tasks"]
+        assert add["task"] == "add"
+        assert sum(b["finished"] for b in add["buckets"]) == 3
+        assert all(b["duration_p50"] is not None for b in add["buckets"])
+        for query, field in (
+            ("window=59", "window"),
+            ("bucket=9", "bucket"),
+            ("window=86400&bucket=10", "bucket"),  # 8,640 buckets: too many
+            ("window=x", "window"),
+            ("task=add", "task"),
+        ):
+            answer = await h.client.get(f"/api/v1/stats/history?{query}")
+            assert answer.status_code == 422, query
+            assert [d["field"] for d in answer.json()["error"]["details"]] == [field], query
+        too_many = await h.client.get("/api/v1/stats/history?window=86400&bucket=10")
+        assert "at least 87 seconds" in too_many.json()["error"]["details"][0]["message"]
+
+
+# -- the page's first paint --------------------------------------------------------------
+
+
+def _snapshot(html: bytes) -> Any:
+    found = SNAPSHOT.search(html)
+    assert found is not None
+    return json.loads(found.group(1))
+
+
+@pytest.mark.anyio
+async def test_the_page_carries_the_data_of_its_first_paint(make_harness: Any) -> None:
+    async with make_harness() as h:
+        sneaky = "</script><script>alert(1)</script><!--"
+        job = await h.client.post("/api/v1/jobs", json={"task": "echo", "args": {"text": sneaky}})
+        await h.wait_for_state(job.json()["id"], "succeeded")
+        page = await h.client.get("/")
+        assert page.status_code == 200
+        # The job's text cannot end the data block: the page has its two script tags only.
+        assert page.content.count(b"</script>") == 2 and b"<!--" not in page.content
+        snapshot = _snapshot(page.content)
+        assert snapshot["recent"][0]["args"] == {"text": sneaky}
+        assert snapshot["timeline"]["attempts"][0]["job_id"] == job.json()["id"]
+        assert snapshot["series"]["tasks"][0]["task"] == "echo"
+        assert snapshot["history"]["samples"], "the scheduler has ticked: one sample at least"
+        assert snapshot["system"]["capacity"]["cpus"] == 8
+        assert "jobserver_job_queue_wait_seconds_bucket" in snapshot["metrics"]
+        assert "echo" in snapshot["tasks"]
+        assert b'data-state="live">live<' in page.content
+
+
+@pytest.mark.anyio
+async def test_a_server_with_tokens_serves_the_page_without_data(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    secret = access.create_token(tmp_path / "tokens.json", "operator", ["admin"])
+    reader = access.create_token(tmp_path / "tokens.json", "reader", ["read"])
+    async with make_harness() as h:
+        page = await h.client.get("/")
+        assert page.status_code == 200
+        assert _snapshot(page.content) is None
+        assert b'data-state="error">token needed<' in page.content
+        # A wrong token, or one that may not see the whole server, gets no data either.
+        for token in ("jst_wrong", reader):
+            page = await h.client.get("/", headers={"Authorization": f"Bearer {token}"})
+            assert _snapshot(page.content) is None, token
+        page = await h.client.get("/", headers={"Authorization": f"Bearer {secret}"})
+        assert _snapshot(page.content)["system"]["max_jobs"] >= 1
+        # The pictures' own endpoints are guarded like the rest of the API.
+        for path in ("/api/v1/system/history", "/api/v1/timeline", "/api/v1/stats/history"):
+            assert (await h.client.get(path)).status_code == 401, path
+        assert (
+            await h.client.get(
+                "/api/v1/system/history", headers={"Authorization": f"Bearer {reader}"}
+            )
+        ).status_code == 403
+        assert (
+            await h.client.get("/api/v1/timeline", headers={"Authorization": f"Bearer {reader}"})
+        ).status_code == 200
