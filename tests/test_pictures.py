@@ -1,7 +1,7 @@
 """The data behind the page's pictures: the machine's history (kept by the scheduler),
-the timeline of attempts and the per-task series (read by the store), their endpoints,
-and the page that carries them for its first paint.  The browser tests are in
-test_dashboard.py."""
+the timeline of attempts and the per-task series (read by the store: its part is in
+test_store_contract.py), their endpoints, and the page that carries them for its first
+paint.  The browser tests are in test_dashboard.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from typing import Any
 import pytest
 
 from jobserver import access
-from jobserver.jobs import JobState
 from jobserver.scheduler import HISTORY_SIZE, MachineHistory, MachineSample, Usage
-from jobserver.store import Finish, NewJob, Requeue, Store
-from tests.conftest import GiB, claim, end, insert
+from tests.conftest import GiB
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 SNAPSHOT = re.compile(rb'<script id="snapshot" type="application/json">(.*?)</script>', re.S)
@@ -130,46 +128,6 @@ async def test_system_history_takes_no_query(make_harness: Any) -> None:
 # -- the timeline ------------------------------------------------------------------------
 
 
-def _new(task: str = "add", owner: str | None = None) -> NewJob:
-    return NewJob(task=task, args={}, priority=0, max_retries=1, owner=owner)
-
-
-@pytest.mark.anyio
-async def test_recent_attempts_are_the_newest_started_jobs_and_every_running_one(
-    store: Store,
-) -> None:
-    old_running = await insert(store, _new("sleep"), now=T0)
-    await claim(store, old_running.id, T0)
-    done = []
-    for n in range(3):
-        at = T0 + timedelta(seconds=10 * (n + 1))
-        job = await insert(store, _new(owner="alice" if n == 2 else None), now=at)
-        claimed = await claim(store, job.id, at)
-        assert claimed is not None
-        done.append(job.id)
-        if n == 1:  # a retried job: two attempts, the first requeued
-            await end(store, claimed, Requeue("flaky", counts="failure"), at + timedelta(seconds=1))
-            claimed = await claim(store, job.id, at + timedelta(seconds=2))
-            assert claimed is not None
-        await end(store, claimed, Finish(JobState.SUCCEEDED), at + timedelta(seconds=3))
-    await insert(store, _new(), now=T0 + timedelta(seconds=60))  # queued: no attempt
-
-    spans = await store.recent_attempts(2)
-    # The two newest started jobs (the retried one with both attempts), and the running one.
-    assert [(s.job_id, s.attempt) for s in spans] == [
-        (old_running.id, 1),
-        (done[1], 1),
-        (done[1], 2),
-        (done[2], 1),
-    ]
-    first, retried = spans[0], spans[1]
-    assert (first.finished_at, first.outcome, first.state) == (None, None, JobState.RUNNING)
-    assert retried.outcome == "retrying" and retried.node == "local"
-    assert retried.finished_at == T0 + timedelta(seconds=21)
-    # A client sees only its own jobs.
-    assert [s.job_id for s in await store.recent_attempts(10, owner="alice")] == [done[2]]
-
-
 @pytest.mark.anyio
 async def test_timeline_endpoint_shows_attempts_and_checks_its_limit(make_harness: Any) -> None:
     async with make_harness() as h:
@@ -199,35 +157,6 @@ async def test_timeline_endpoint_shows_attempts_and_checks_its_limit(make_harnes
 
 
 # -- per task, over time -----------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_task_series_counts_and_percentiles_per_bucket(store: Store) -> None:
-    async def run(task: str, start: datetime, seconds: float, state: JobState) -> None:
-        job = await insert(store, _new(task), now=start)
-        claimed = await claim(store, job.id, start)
-        assert claimed is not None
-        await end(store, claimed, Finish(state), start + timedelta(seconds=seconds))
-
-    await run("add", T0 - timedelta(seconds=30), 1, JobState.SUCCEEDED)  # before `since`
-    for n, seconds in enumerate((1, 2, 3, 10)):  # ending in the first minute
-        await run("add", T0 + timedelta(seconds=n), seconds, JobState.SUCCEEDED)
-    await run("add", T0 + timedelta(seconds=5), 4, JobState.FAILED)
-    await run("add", T0 + timedelta(seconds=125), 2, JobState.SUCCEEDED)  # the third minute
-    await run("sleep", T0 + timedelta(seconds=70), 5, JobState.CANCELLED)
-
-    series = await store.task_series(T0, 60)
-    assert sorted(series) == ["add", "sleep"]
-    first, third = series["add"]
-    assert (first.start, third.start) == (T0, T0 + timedelta(seconds=120))
-    assert (first.finished, first.succeeded, first.failed, first.cancelled) == (5, 4, 1, 0)
-    # Nearest-rank percentiles of the succeeded durations 1, 2, 3, 10 (the failed one's 4
-    # is not a duration of the work done).
-    assert (first.duration_p50, first.duration_p95) == (2, 10)
-    assert (third.finished, third.duration_p50, third.duration_p95) == (1, 2, 2)
-    (cancelled,) = series["sleep"]
-    assert (cancelled.finished, cancelled.cancelled, cancelled.duration_p50) == (1, 1, None)
-    assert cancelled.start == T0 + timedelta(seconds=60)
 
 
 @pytest.mark.anyio
