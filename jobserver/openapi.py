@@ -403,6 +403,21 @@ _JOB_ID = {
 Endpoint = Callable[..., Any]
 
 
+def _integer_query(
+    bounds: Mapping[str, tuple[int, int, int]], **descriptions: str
+) -> tuple[dict[str, Any], ...]:
+    """Query parameters from an endpoint's (default, lowest, highest) integer bounds."""
+    return tuple(
+        {
+            "name": name,
+            "in": "query",
+            "description": descriptions[name],
+            "schema": {"type": "integer", "minimum": low, "maximum": high, "default": default},
+        }
+        for name, (default, low, high) in bounds.items()
+    )
+
+
 # Every endpoint of api.routes, described; the document lists them in this order.
 def _bulk_filter(states: tuple[str, ...]) -> dict[str, Any]:
     state = {"type": "string", "enum": list(states)}
@@ -572,33 +587,17 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         "read",
         "Recent attempts on a time axis: the newest jobs that started, and every running one",
         {200: "Timeline", 422: None},
-        parameters=(
-            {
-                "name": "limit",
-                "in": "query",
-                "description": "how many of the newest started jobs",
-                "schema": {"type": "integer", "minimum": 1, "maximum": api.MAX_TIMELINE_JOBS},
-            },
-        ),
+        parameters=_integer_query(api.TIMELINE_QUERY, limit="how many of the newest started jobs"),
         description="A client token sees only its own jobs.",
     ),
     api.stats_history: Operation(
         "read",
         "Per task over time: jobs finished per bucket, and the p50/p95 duration",
         {200: "TaskSeries", 422: None},
-        parameters=(
-            {
-                "name": "window",
-                "in": "query",
-                "description": "seconds back from now",
-                "schema": {"type": "integer", "minimum": 60, "maximum": api.MAX_SERIES_WINDOW},
-            },
-            {
-                "name": "bucket",
-                "in": "query",
-                "description": f"seconds per bucket (at most {api.MAX_SERIES_BUCKETS} buckets)",
-                "schema": {"type": "integer", "minimum": 10, "maximum": api.MAX_SERIES_WINDOW},
-            },
+        parameters=_integer_query(
+            api.SERIES_QUERY,
+            window="seconds back from now",
+            bucket="seconds per bucket",
         ),
         description="Buckets start on whole multiples of `bucket` since the epoch; "
         "durations are start to finish of the succeeded jobs' last attempt.",

@@ -343,7 +343,7 @@ const PICTURES_MS = 10000;
 const SVG_NS = (() => { const box = document.createElement("div"); box.innerHTML = "<svg></svg>"; return box.firstChild.namespaceURI; })();
 const CHART_HEIGHT = 150;
 const MARGIN = { left: 52, right: 10, top: 8, bottom: 22 };
-const MIN_SPAN_MS = 60000;
+const MIN_SPAN_MS = 20000; // the shortest time a chart spans (a server that just started)
 
 function svg(tag, attributes = {}, ...children) {
   const node = document.createElementNS(SVG_NS, tag);
