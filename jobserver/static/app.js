@@ -620,7 +620,7 @@ function taskChart(plot, entry, series) {
     }
   }
   if (p50.length) {
-    chart.append(svg("text", { class: "axis-note", x: width - MARGIN.right, y: MARGIN.top + 9, "text-anchor": "end" },
+    chart.append(svg("text", { class: "axis-note", x: MARGIN.left + 4, y: MARGIN.top + 9 },
       `duration: top ${seconds(slowest)}`));
   }
   chart.append(timeAxis(x, start, end, base));
