@@ -107,6 +107,8 @@ MAX_WAIT_SECONDS = 60  # longest ?wait= a long-polling reader may ask for
 RENDERED_JOBS = 256  # jobs whose rendered document the API keeps (see ``_rendering``)
 RENDERED_BYTES = 16 * 1024  # the largest rendered document it keeps
 SSE_KEEPALIVE_SECONDS = 15
+# Seconds a 503 asks the client to wait (storage trouble, a full queue, a draining server).
+RETRY_LATER = "5"
 
 
 class SchedulerPort(Protocol):
@@ -127,6 +129,33 @@ class SchedulerPort(Protocol):
     def gpu_problem(self, task: Task) -> str | None: ...
 
     def history(self) -> Sequence[MachineSample]: ...
+
+
+class Shutdown:
+    """Whether the server is draining: from the first SIGTERM/SIGINT until it stops
+    listening (server.py begins it; the endpoints read it).  Meanwhile reads are answered
+    as usual and a request that would add work is refused (``refuse_new_work``)."""
+
+    def __init__(self) -> None:
+        self.since: datetime | None = None
+        self.grace_ends: datetime | None = None  # running jobs still running then: requeued
+
+    def begin(self, grace: float) -> None:
+        """Safe in a signal handler (it only sets attributes); a second call changes
+        nothing."""
+        if self.since is None:
+            now = utcnow()
+            self.grace_ends = now + timedelta(seconds=grace)
+            self.since = now
+
+    def document(self) -> dict[str, str] | None:
+        """``draining`` in ``GET /api/v1/system`` and in the 503: None while serving."""
+        if self.since is None or self.grace_ends is None:
+            return None
+        return {
+            "since": format_timestamp(self.since),
+            "grace_ends": format_timestamp(self.grace_ends),
+        }
 
 
 # Applies a runtime change ({"scheduler": {...}, "tasks": {...}}) and returns what changed;
@@ -205,6 +234,7 @@ class Api:
     idempotency_window: float
     reconfigure: Reconfigure | None
     openapi: dict[str, Any]  # the /openapi.json document
+    shutdown: Shutdown
     # Recently answered jobs, rendered (see ``_rendering``).
     rendered: dict[str, tuple[Job, bytes, bytes, str]] = field(default_factory=dict)
 
@@ -233,6 +263,7 @@ def create_app(
     limits: InputLimits | None = None,
     reconfigure: Reconfigure | None = None,
     events: Events | None = None,
+    shutdown: Shutdown | None = None,
 ) -> App:
     api = Api(
         store=store,
@@ -247,6 +278,7 @@ def create_app(
         idempotency_window=idempotency_window,
         reconfigure=reconfigure,
         openapi=dict(openapi),
+        shutdown=shutdown or Shutdown(),
     )
     return App(
         api,
@@ -268,8 +300,16 @@ async def healthz(request: Request) -> Response:
     return JSONDocument({"status": "ok", "version": __version__})
 
 
+async def readyz(request: Request) -> Response:
+    """Readiness: as ``healthz``, but 503 while the server drains, so that a load balancer
+    sends new work elsewhere (``healthz``, liveness, stays 200: the server still serves)."""
+    refuse_new_work(request.app.api)
+    return await healthz(request)
+
+
 async def submit_job(request: Request) -> Response:
     api: Api = request.app.api
+    refuse_new_work(api)
     body = await _read_json(api, request)
     problems = _unknown_fields(
         body, SUBMIT_FIELDS, '{"task": "NAME", "args": {...}, "priority": 0}'
@@ -407,6 +447,7 @@ async def change_system(request: Request) -> Response:
 
 async def retry_job(request: Request) -> Response:
     api: Api = request.app.api
+    refuse_new_work(api)
     job_id, owner = request.path_params["job_id"], _owner(request)
     change = await api.store.retry(job_id, utcnow(), owner=owner)
     job = change.job
@@ -437,6 +478,7 @@ async def cancel_jobs(request: Request) -> Response:
 
 async def retry_jobs(request: Request) -> Response:
     api: Api = request.app.api
+    refuse_new_work(api)
     match = await _bulk_filter(api, request, (JobState.FAILED, JobState.CANCELLED))
     changes = await api.store.retry_matching(match, utcnow())
     for change in changes:
@@ -660,6 +702,7 @@ async def openapi_json(request: Request) -> Response:
 async def start_task(task: Task, request: Request) -> Response:
     """A task's own route (the tutorial's endpoints): the body is its args."""
     api: Api = request.app.api
+    refuse_new_work(api)
     body = await _read_json(api, request)
     job, created = await _submit(api, request, task, body, 0, None, body)
     headers = _location(job)
@@ -844,15 +887,18 @@ def series_document(
 
 # The API, in matching order: the routes polled and submitted to most come first.  The
 # tasks' own routes (``tutorial_routes``) follow them; openapi.py describes every route.
+# Starlette tries routes in order: the polls come first (each route passed costs a regex
+# match); a path that fits several routes goes to the one whose method fits.
 routes: list[BaseRoute] = [
+    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
     Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs", list_jobs, methods=["GET"]),
     Route("/api/v1/jobs/cancel", cancel_jobs, methods=["POST"]),
     Route("/api/v1/jobs/retry", retry_jobs, methods=["POST"]),
-    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-    Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
     Route("/api/v1/tasks", list_tasks, methods=["GET"]),
     Route("/api/v1/system", system, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
@@ -1010,7 +1056,7 @@ async def _submit(
                 f"{queued} jobs are queued, the limit (max_queued) is {limits.max_queued}; "
                 "retry later",
                 {"limit": "max_queued", "value": limits.max_queued, "queued": queued},
-                {"Retry-After": "5"},
+                {"Retry-After": RETRY_LATER},
             )
     now = utcnow()
     max_retries = options.get("max_retries", task.settings.max_retries)
@@ -1093,7 +1139,25 @@ async def _long_poll(
 
 async def _system(api: Api) -> dict[str, Any]:
     await api.scheduler.starts_settled()  # a job shown running in the store is in the view
-    return system_document(api.scheduler.view(), await api.store.active_counts())
+    return system_document(
+        api.scheduler.view(), await api.store.active_counts(), api.shutdown.document()
+    )
+
+
+def refuse_new_work(api: Api) -> None:
+    """While the server drains, refuse what would add work (a submit, a retry): it would
+    not run before the stop.  503 with Retry-After: a restarted server, or another one
+    behind the same address, takes it."""
+    draining = api.shutdown.document()
+    if draining is not None:
+        raise ApiError(
+            503,
+            "draining",
+            "the server is shutting down: it finishes its running jobs and accepts no new "
+            f"work; retry in {RETRY_LATER} s or more (a restarted server will take it)",
+            draining,
+            {"Retry-After": RETRY_LATER},
+        )
 
 
 def _job_path(api: Api, job_id: str, *parts: str) -> Path:
@@ -1111,7 +1175,7 @@ async def _follow_log(
         chunk, offset = _read_from(path, offset)
         if chunk:
             yield chunk
-        if done:
+        if done or api.events.closing:  # the server stops: it must not wait for a reader
             return
         await asyncio.sleep(FOLLOW_POLL)
 
@@ -1400,10 +1464,14 @@ def stats_document(
     }
 
 
-def system_document(view: SystemView, jobs: Mapping[str, int]) -> dict[str, Any]:
-    """``GET /api/v1/system``: the scheduler's view and the active jobs by state."""
+def system_document(
+    view: SystemView, jobs: Mapping[str, int], draining: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``GET /api/v1/system``: the scheduler's view, the active jobs by state, and whether
+    the server is draining (``Shutdown.document``)."""
     machine = view.machine
     return {
+        "draining": None if draining is None else dict(draining),
         "capacity": asdict(view.capacity),
         "reserved": asdict(view.reserved),
         "free": asdict(view.free),
@@ -1549,7 +1617,7 @@ async def _on_jobserver_error(request: Request, exc: Exception) -> Response:
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     if status == 503:
         log.error("storage error on %s %s: %s", request.method, request.url.path, exc.details)
-        return error_response(status, exc, {"Retry-After": "5"})
+        return error_response(status, exc, {"Retry-After": RETRY_LATER})
     return error_response(status, exc)
 
 

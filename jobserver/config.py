@@ -130,6 +130,7 @@ RESERVED_ROUTES = (
     "/api/v1/system",
     "/api/v1/task-status",
     "/healthz",
+    "/readyz",
     "/openapi.json",
     "/",  # the web page
     "/static",  # the web page's files

@@ -353,7 +353,8 @@ _ERROR_TEXT = {
     415: "the body is not application/json",
     422: "invalid content, or a JSON limit exceeded (named in details)",
     429: "the token's rate limit is exceeded (see Retry-After)",
-    503: "the database cannot be written, or the queue is full (see Retry-After)",
+    503: "the database cannot be written, the queue is full, or the server is shutting down "
+    "(see Retry-After)",
 }
 _BODY_ERRORS = (400, 413, 415, 422)
 # Responses that are not JSON: their media type stands where a schema name would.
@@ -438,6 +439,12 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.healthz: Operation(
         None,
         "Liveness: the server answers and its database can be read",
+        {200: "Health", 503: None},
+        tags=("system",),
+    ),
+    api.readyz: Operation(
+        None,
+        "Readiness: as /healthz, but 503 (code draining) while the server shuts down",
         {200: "Health", 503: None},
         tags=("system",),
     ),

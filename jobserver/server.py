@@ -1,7 +1,8 @@
 """The composition root: settings → lock → migrate → store → rescue → scheduler → HTTP.
 
 Services start in the Starlette lifespan, before the first request is accepted, and
-stop there in reverse order.  Nothing here decides anything about jobs.
+stop there in reverse order.  A SIGTERM first drains (``Drain``) while uvicorn still
+serves; only then does uvicorn stop listening.  Nothing here decides anything about jobs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, MappingProxyType
@@ -31,7 +34,7 @@ from jobserver.access import (
     is_loopback,
     rules_for,
 )
-from jobserver.api import InputLimits, create_app
+from jobserver.api import InputLimits, Shutdown, create_app
 from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, load
@@ -57,6 +60,54 @@ from jobserver.tasks import Registry
 log = logging.getLogger("jobserver")
 
 
+class Drain:
+    """Graceful shutdown's first half, run once.  The first SIGTERM/SIGINT begins it
+    (``begin`` only sets flags: safe in a signal handler) and ``_Server`` runs it while
+    uvicorn still serves; the lifespan's shutdown awaits the same run (or runs it, when
+    the server stops without a signal).  From the beginning the API refuses new work
+    (503) and no job starts; then ``stop_first`` (cron, the reconciler) stop and running
+    jobs get ``grace`` seconds to finish by themselves.  ``Scheduler.hurry`` (a second
+    signal) ends the wait."""
+
+    def __init__(
+        self,
+        shutdown: Shutdown,
+        scheduler: Scheduler,
+        stop_first: Sequence[Callable[[], Awaitable[None]]],
+        grace: float,
+    ) -> None:
+        self._shutdown = shutdown
+        self._scheduler = scheduler
+        self._stop_first = stop_first
+        self._grace = grace
+        self._began: float | None = None  # time.monotonic()
+        self._run: asyncio.Future[None] | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self._began is not None
+
+    def begin(self) -> None:
+        if self._began is None:
+            self._began = time.monotonic()
+        self._shutdown.begin(self._grace)
+        self._scheduler.stop_admitting()
+
+    async def run(self) -> None:
+        """Drain; a later call waits for the first one's end."""
+        if self._run is None:
+            self.begin()
+            self._run = asyncio.ensure_future(self._steps())
+        await self._run
+
+    async def _steps(self) -> None:
+        for stop in self._stop_first:
+            await stop()
+        assert self._began is not None
+        # The grace counts from the signal (the time Shutdown shows), not from here.
+        await self._scheduler.drain(max(0.0, self._began + self._grace - time.monotonic()))
+
+
 @dataclass
 class Application:
     app: Starlette
@@ -65,6 +116,7 @@ class Application:
     scheduler: Scheduler
     events: Events
     metrics: Metrics
+    drain: Drain
     pruner: Pruner | None = None
     cron: CronService | None = None
     checkpointer: WalCheckpointer | None = None
@@ -236,6 +288,10 @@ def build(
         server_settings.jobs_dir,
         events,
     )
+    shutdown = Shutdown()
+    # A stop leaves rows running on purpose (for the next start's rescue): the reconciler
+    # goes before it, and cron adds no work to a server that will not run it.
+    drain = Drain(shutdown, scheduler, (cron.stop, reconciler.stop), server_settings.shutdown_grace)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -258,10 +314,7 @@ def build(
         finally:
             if handle_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
-            await cron.stop()
-            # First: a stop leaves rows running on purpose (for the next start's rescue).
-            await reconciler.stop()
-            await scheduler.drain(server_settings.shutdown_grace)
+            await drain.run()
             await scheduler.stop()
             await runner.close()
             await pruner.stop()
@@ -289,6 +342,7 @@ def build(
         reconfigure=runtime.change,
         events=events,
         metrics=metrics,
+        shutdown=shutdown,
     )
     bind = host or server_settings.host
     app.add_middleware(
@@ -305,7 +359,18 @@ def build(
         ),
     )
     return Application(
-        app, store, driver, scheduler, events, metrics, pruner, cron, checkpointer, runtime, runner
+        app,
+        store,
+        driver,
+        scheduler,
+        events,
+        metrics,
+        drain,
+        pruner,
+        cron,
+        checkpointer,
+        runtime,
+        runner,
     )
 
 
@@ -394,25 +459,53 @@ def check_exposure(settings: ServerSettings, host: str) -> None:
 
 class _Server(uvicorn.Server):
     """uvicorn's server, with our answer to SIGTERM/SIGINT in ``handle_exit``, the method
-    uvicorn's signal handlers call.  The first signal sets ``should_exit`` (uvicorn stops
-    serving, then runs the lifespan shutdown, which drains the jobs); a second one shortens
-    the wait for running jobs (uvicorn's own answer, ``force_exit``, would skip the
-    lifespan shutdown that requeues them).  Each tells waiting readers (long polls, event
-    streams) to answer at once, so shutdown does not wait for them."""
+    uvicorn's signal handlers call.  The first signal begins the drain and runs it while
+    uvicorn goes on serving (reads are answered, new work gets 503); once the running jobs
+    have settled (or the grace is over) waiting readers (long polls, event streams) are
+    answered at once and ``should_exit`` is set: uvicorn stops listening, then runs the
+    lifespan shutdown, which requeues what still runs.  A second signal shortens the wait
+    for running jobs (uvicorn's own answer, ``force_exit``, would skip the lifespan
+    shutdown that requeues them)."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, events: Events) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, scheduler: Scheduler, events: Events
+    ) -> None:
         super().__init__(config)
+        self._drain = drain
         self._scheduler = scheduler
         self._events = events
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._events.close()
-        # Stop starting jobs now, not once uvicorn has finished closing connections.
-        self._scheduler.stop_admitting()
-        if self.should_exit:
+        if self.should_exit or self._drain.begun:
             log.warning("second signal: terminating running jobs now")
             self._scheduler.hurry()
-        self.should_exit = True
+            return
+        # Refuse new work and start no job from now on, not from the next loop pass.
+        self._drain.begin()
+        if not self.started or self._loop is None:
+            # Still starting: nothing to serve meanwhile; the lifespan's shutdown drains.
+            self._events.close()
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_draining)
+
+    def _start_draining(self) -> None:
+        log.warning("shutting down: new work is refused; reads are served until running jobs end")
+        self._draining = asyncio.create_task(self._drain_then_exit(), name="jobserver-drain")
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain.run()
+        finally:
+            # Answer long polls and end event streams now: uvicorn waits for open requests.
+            self._events.close()
+            self.should_exit = True
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> int:
@@ -438,7 +531,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        server = _Server(config, application.scheduler, application.events)
+        server = _Server(config, application.drain, application.scheduler, application.events)
         config.load()  # uvicorn's protocol modules: imported now, so frozen below
         # Everything built so far lives as long as the server: move it out of the cyclic
         # garbage collector's sight.  Without this every full collection walks the whole

@@ -486,6 +486,42 @@ async def test_shutdown_does_not_undo_a_cancel(make_harness: Any) -> None:
     assert (state, reason) == ("cancelled", "cancelled by request while running")
 
 
+async def test_a_draining_server_refuses_new_work_and_answers_reads(make_harness: Any) -> None:
+    async with make_harness(server={"shutdown_grace": "30s"}) as h:
+        failed = (await h.client.post("/api/v1/jobs", json={"task": "fail", "args": {}})).json()
+        await h.wait_for_state(failed["id"], "failed")
+        ready = await h.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ok"
+        assert (await h.client.get("/api/v1/system")).json()["draining"] is None
+        h.application.drain.begin()  # what the first SIGTERM does
+        rows = stored_rows(h)
+        new_work = [
+            ("/api/v1/jobs", {"task": "add", "args": {"a": 1}}),
+            ("/api/v1/start-analysis", {"dataset_id": "d", "complexity": 1}),
+            (f"/api/v1/jobs/{failed['id']}/retry", None),
+            ("/api/v1/jobs/retry", {"all": True}),
+        ]
+        for path, body in new_work:
+            response = await h.client.post(path, json=body)
+            error = assert_error(response, 503, "draining")
+            assert response.headers["retry-after"] == api.RETRY_LATER, path
+            assert ISO.match(error["details"]["since"]) and ISO.match(
+                error["details"]["grace_ends"]
+            )
+        assert stored_rows(h) == rows
+        # Reads go on as before; readiness says the server is going away, liveness not.
+        assert (await h.wait_for_state(failed["id"], "failed"))["attempts"] == 1
+        status = await h.client.get(f"/api/v1/task-status/{failed['id']}")
+        assert status.status_code == 200 and status.json()["status"] == "FAILURE"
+        assert (await h.client.get(f"/api/v1/jobs/{failed['id']}/logs")).status_code == 200
+        assert (await h.client.get("/")).status_code == 200
+        assert (await h.client.get("/healthz")).status_code == 200
+        draining = assert_error(await h.client.get("/readyz"), 503, "draining")
+        system = (await h.client.get("/api/v1/system")).json()
+        assert system["draining"] == draining["details"]
+        assert system["draining"]["since"] < system["draining"]["grace_ends"]
+
+
 def _sample_jobs() -> list[Job]:
     now = utcnow()
     plain = Job(

@@ -479,6 +479,7 @@ def test_duplicate_routes(tmp_path: Path) -> None:
         "/api/v1/system/x",
         "/api/v1/task-status/1",
         "/healthz",
+        "/readyz",
     ],
 )
 def test_reserved_route(tmp_path: Path, route: str) -> None:

@@ -34,6 +34,11 @@ def stopped_listening(server: ServerProcess) -> bool:
     return False
 
 
+def draining(server: ServerProcess) -> bool:
+    """The server has taken the first signal: it still answers, and says it is going."""
+    return httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503
+
+
 # -- graceful shutdown -----------------------------------------------------------------------
 
 
@@ -52,7 +57,7 @@ def test_shutdown_waits_for_running_jobs_to_finish(
     queued = submit(server.url, "add", a=1)
     wait_for_job(server.url, job["id"], "running")
     server.process.send_signal(signum)
-    wait_until(lambda: stopped_listening(server))
+    wait_until(lambda: draining(server))
     time.sleep(0.3)  # the drain is under way; the job is still allowed to run
     assert server.process.poll() is None
     gate.write_text("finished during the grace period")
@@ -92,7 +97,7 @@ def test_second_signal_cuts_the_wait_short(
     wait_for_job(server.url, job["id"], "running")
     pid = job_row(tmp_path / "data" / "jobserver.db", job["id"])["pid"]
     server.process.send_signal(first)
-    wait_until(lambda: stopped_listening(server))
+    wait_until(lambda: draining(server))
     time.sleep(0.2)
     assert server.process.poll() is None  # still waiting for the job
     server.process.send_signal(second)
@@ -100,6 +105,108 @@ def test_second_signal_cuts_the_wait_short(
     assert not alive(pid)
     row = job_row(tmp_path / "data" / "jobserver.db", job["id"])
     assert row["state"] == "queued" and (row["rescues"], row["failures"]) == (0, 0)
+
+
+def test_a_draining_server_serves_reads_until_its_jobs_settle(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    # max_jobs = 1: the queued job waits for the running one's slot and never starts, so
+    # nothing but the stop can end the readers that wait on it.
+    config_path = write_config(
+        tmp_path, server={"shutdown_grace": "30s"}, scheduler={"max_jobs": 1}
+    )
+    database = tmp_path / "data" / "jobserver.db"
+    gate = tmp_path / "gate"
+    server = server_factory(config_path)
+    url = server.url
+    failed = submit(url, "fail")
+    wait_for_job(url, failed["id"], "failed")
+    job = submit(url, "wait_for_file", path=str(gate))
+    wait_for_job(url, job["id"], "running")
+    queued = submit(url, "add", a=1)
+    seen = httpx.get(f"{url}/api/v1/jobs/{job['id']}", timeout=5).headers["etag"]
+    server.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: draining(server))
+
+    # Readers opened during the drain: a long poll on the running job, which its end
+    # answers; on the queued job a long poll, an event stream and a followed log, which
+    # only the stop can end.
+    answers: dict[str, Any] = {}
+    opened = {name: threading.Event() for name in ("events", "log")}
+
+    def poll(name: str, job_id: str, etag: str | None = None) -> None:
+        headers = {} if etag is None else {"If-None-Match": etag}
+        try:
+            response = httpx.get(f"{url}/api/v1/jobs/{job_id}?wait=60", headers=headers, timeout=70)
+            answers[name] = (response.status_code, response.json()["state"])
+        except httpx.HTTPError as exc:
+            answers[name] = exc
+
+    def stream(name: str, path: str) -> None:
+        try:
+            with httpx.stream("GET", f"{url}{path}", timeout=70) as response:
+                opened[name].set()
+                answers[name] = (response.status_code, response.read().decode())
+        except httpx.HTTPError as exc:
+            answers[name] = exc
+            opened[name].set()
+
+    readers = [
+        threading.Thread(target=poll, args=("settled", job["id"], seen)),
+        threading.Thread(target=poll, args=("queued", queued["id"])),
+        threading.Thread(target=stream, args=("events", f"/api/v1/jobs/{queued['id']}/events")),
+        threading.Thread(target=stream, args=("log", f"/api/v1/jobs/{queued['id']}/logs?follow=1")),
+    ]
+    for reader in readers:
+        reader.start()
+    for event in opened.values():
+        assert event.wait(timeout=10)
+
+    # Reads are answered as before.
+    document = httpx.get(f"{url}/api/v1/jobs/{job['id']}", timeout=5)
+    assert document.status_code == 200 and document.json()["state"] == "running"
+    status = httpx.get(f"{url}/api/v1/task-status/{job['id']}", timeout=5)
+    assert status.status_code == 200 and status.json()["status"] == "STARTED"
+    logged = httpx.get(f"{url}/api/v1/jobs/{job['id']}/logs", timeout=5)
+    assert logged.status_code == 200 and "waiting for" in logged.text
+    page = httpx.get(f"{url}/", timeout=5)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{url}/api/v1/system", timeout=5).json()["draining"]["since"]
+
+    # New work is refused, and nothing is stored.
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    new_work = [
+        ("/api/v1/jobs", {"task": "add", "args": {"a": 2}}),
+        ("/api/v1/start-analysis", {"dataset_id": "d", "complexity": 0}),
+        (f"/api/v1/jobs/{failed['id']}/retry", None),
+    ]
+    for path, body in new_work:
+        refused = httpx.post(f"{url}{path}", json=body, timeout=5)
+        assert refused.status_code == 503, (path, refused.text)
+        assert int(refused.headers["retry-after"]) > 0
+        error = refused.json()["error"]
+        assert error["code"] == "draining" and error["message"] and error["details"]["since"]
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == rows
+    assert job_row(database, failed["id"])["state"] == "failed"
+
+    # The job settles: the server answers its waiting readers, then stops listening.
+    assert server.process.poll() is None
+    gate.write_text("finished while the server drained")
+    assert server.process.wait(timeout=30) == 0
+    for reader in readers:
+        reader.join(timeout=10)
+    assert stopped_listening(server)
+    assert answers["settled"] == (200, "succeeded")
+    assert answers["queued"] == (200, "queued")
+    status_code, events = answers["events"]
+    assert status_code == 200 and "event: job" in events
+    assert answers["log"] == (200, "")
+    assert job_row(database, job["id"])["state"] == "succeeded"
+    assert job_row(database, queued["id"])["state"] == "queued"
+    assert "Traceback" not in server.log()
 
 
 # -- an acknowledged cancel outlives a crash and a stop -----------------------------------------
