@@ -832,7 +832,8 @@ function start() {
     view.waitingForToken = true;
   }
   const every = (ms, load) => setInterval(() => { if (!document.hidden && !view.waitingForToken) load(); }, ms);
-  if (!view.waitingForToken) { loadTasks(); refresh(); loadLatency(); loadPictures(); }
+  // What came with the page is fresh: read again at the next interval.
+  if (!snapshot && !view.waitingForToken) { loadTasks(); refresh(); loadLatency(); loadPictures(); }
   every(REFRESH_MS, refresh);
   every(LATENCY_MS, loadLatency);
   every(PICTURES_MS, loadPictures);
