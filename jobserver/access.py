@@ -74,6 +74,8 @@ class Principal:
 
 
 ANONYMOUS = Principal(None, frozenset(SCOPES))
+# The caller of an open route (the page) without a valid token, on a server that needs one.
+NOBODY = Principal("", frozenset())
 
 
 def principal_of(scope: Scope) -> Principal:
@@ -367,6 +369,9 @@ class AccessMiddleware:
         policy = self.policy
         matched, needed = policy.required_scope(scope["method"], scope["path"])
         if matched and needed is None:
+            # Open to anyone, but the endpoint learns who calls: the page carries data
+            # only for a caller who may read it.
+            scope[PRINCIPAL_KEY] = self._caller(scope)
             await self.app(scope, receive, send)
             return
         tokens = policy.tokens.tokens()
@@ -438,6 +443,15 @@ class AccessMiddleware:
                 return
         scope[PRINCIPAL_KEY] = principal
         await self.app(scope, receive, send)
+
+    def _caller(self, scope: Scope) -> Principal:
+        """Who calls an open route: the anonymous admin of an open server, a token's
+        principal, or ``NOBODY``."""
+        if self.policy.anonymous(self.policy.tokens.tokens()):
+            return ANONYMOUS
+        secret = _bearer(scope)
+        token = self.policy.tokens.authenticate(secret) if secret else None
+        return NOBODY if token is None else Principal(token.name, frozenset(token.scopes))
 
 
 def _bearer(scope: Scope) -> str | None:

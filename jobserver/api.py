@@ -22,7 +22,7 @@ import mimetypes
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -60,14 +60,21 @@ from jobserver.jobs import (
 )
 from jobserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jobserver.metrics import Metrics
-from jobserver.scheduler import SystemView
+from jobserver.scheduler import (
+    HISTORY_INTERVAL,
+    HISTORY_WINDOW,
+    MachineSample,
+    SystemView,
+)
 from jobserver.store import (
     MAX_PAGE,
+    AttemptSpan,
     Changed,
     IdempotencyKey,
     JobFilter,
     NewJob,
     Store,
+    TaskBucket,
     TaskStats,
     dump_json,
 )
@@ -120,6 +127,8 @@ class SchedulerPort(Protocol):
     async def task_figures(self) -> dict[str, dict[str, Any]]: ...
 
     def gpu_problem(self, task: Task) -> str | None: ...
+
+    def history(self) -> Sequence[MachineSample]: ...
 
 
 class Shutdown:
@@ -707,6 +716,175 @@ async def start_task(task: Task, request: Request) -> Response:
     )
 
 
+# -- the web page and its pictures -----------------------------------------------------
+
+TIMELINE_JOBS = 200  # jobs whose attempts the timeline shows by default
+MAX_TIMELINE_JOBS = 1000
+SERIES_WINDOW = 3600  # seconds of task series by default, and buckets of
+SERIES_BUCKET = 60
+MAX_SERIES_WINDOW = 86400  # a day, in minutes at the finest: at most 1,440 buckets
+PAGE_JOBS = 100  # jobs of each list (running, queued, recent) in the page's first paint
+# The integer query parameters of the pictures' endpoints: name -> (default, lowest, highest).
+TIMELINE_QUERY = {"limit": (TIMELINE_JOBS, 1, MAX_TIMELINE_JOBS)}
+SERIES_QUERY = {
+    "window": (SERIES_WINDOW, 60, MAX_SERIES_WINDOW),
+    "bucket": (SERIES_BUCKET, 60, MAX_SERIES_WINDOW),
+}
+
+
+async def system_history(request: Request) -> Response:
+    _query_integers(request, {})
+    return JSONDocument(history_document(request.app.api.scheduler.history()))
+
+
+async def timeline(request: Request) -> Response:
+    (limit,) = _query_integers(request, TIMELINE_QUERY)
+    spans = await request.app.api.store.recent_attempts(limit, owner=_owner(request))
+    return JSONDocument(timeline_document(spans))
+
+
+async def stats_history(request: Request) -> Response:
+    window, bucket = _query_integers(request, SERIES_QUERY)
+    return JSONDocument(await _series(request.app.api, window, bucket))
+
+
+async def page(request: Request) -> Response:
+    """The web page, carrying what its first paint shows when the caller may see it
+    (an open server: a browser's page request carries no token)."""
+    api: Api = request.app.api
+    snapshot = None
+    if principal_of(request.scope).allows("admin"):
+        snapshot = _RENDER.encode(await _page_snapshot(api)).encode()
+    return Response(
+        dashboard.render_page(snapshot),
+        media_type="text/html; charset=utf-8",
+        headers=dashboard.SECURITY_HEADERS,
+    )
+
+
+async def _page_snapshot(api: Api) -> dict[str, Any]:
+    """What the page's script reads from the API, read once, for the first paint."""
+    running = await api.store.page(state=JobState.RUNNING, limit=PAGE_JOBS)
+    queued = await api.store.page(state=JobState.QUEUED, limit=PAGE_JOBS)
+    recent = await api.store.page(limit=PAGE_JOBS)
+    spans = await api.store.recent_attempts(TIMELINE_JOBS)
+    system = await _system(api)
+    return {
+        "system": system,
+        "running": [_document(api, job) for job in running],
+        "queued": [_document(api, job) for job in queued],
+        "recent": [_document(api, job) for job in recent],
+        "tasks": api.registry.names(),
+        "history": history_document(api.scheduler.history()),
+        "timeline": timeline_document(spans),
+        "series": await _series(api, SERIES_WINDOW, SERIES_BUCKET),
+        "metrics": api.metrics.render(
+            api.scheduler.view(), await api.store.state_counts()
+        ).decode(),
+    }
+
+
+async def _series(api: Api, window: int, bucket: int) -> dict[str, Any]:
+    now = utcnow()
+    # Buckets on whole multiples of ``bucket`` since the epoch: they stay put between reads.
+    start = (
+        math.floor(now.timestamp() / bucket) * bucket - (math.ceil(window / bucket) - 1) * bucket
+    )
+    since = datetime.fromtimestamp(start, tz=now.tzinfo)
+    found = await api.store.task_series(since, bucket)
+    return series_document(found, since, now, bucket)
+
+
+def _query_integers(request: Request, allowed: Mapping[str, tuple[int, int, int]]) -> list[int]:
+    """The query's integers, each (default, lowest, highest) in ``allowed``, in that
+    order; any other parameter, or a value out of bounds, is a 422 naming each."""
+    params = request.query_params
+    problems = [
+        {"field": key, "message": "unknown query parameter"}
+        for key in sorted(set(params) - set(allowed))
+    ]
+    values = []
+    for name, (default, lowest, highest) in allowed.items():
+        text = params.get(name)
+        if text is None:
+            values.append(default)
+        elif text.isdigit() and lowest <= int(text) <= highest:
+            values.append(int(text))
+        else:
+            message = f"expected an integer from {lowest} to {highest}"
+            problems.append({"field": name, "message": message})
+    if problems:
+        raise ValidationError("invalid query", problems)
+    return values
+
+
+def history_document(samples: Sequence[MachineSample]) -> dict[str, Any]:
+    """``GET /api/v1/system/history``: the machine's samples, oldest first."""
+    return {
+        "interval": HISTORY_INTERVAL,
+        "window": HISTORY_WINDOW,
+        "samples": [
+            {
+                "at": format_timestamp(sample.at),
+                "cpu": asdict(sample.cpu),
+                "memory": asdict(sample.memory),
+                "running": sample.running,
+                "overload": sample.overload,
+            }
+            for sample in samples
+        ],
+    }
+
+
+def timeline_document(spans: Sequence[AttemptSpan]) -> dict[str, Any]:
+    """``GET /api/v1/timeline``: attempts by start time."""
+    return {
+        "now": format_timestamp(utcnow()),
+        "attempts": [
+            {
+                "job_id": span.job_id,
+                "task": span.task,
+                "attempt": span.attempt,
+                "started_at": format_timestamp(span.started_at),
+                "finished_at": _time(span.finished_at),
+                "outcome": span.outcome,
+                "state": span.state.value,
+                "node": span.node,
+            }
+            for span in spans
+        ],
+    }
+
+
+def series_document(
+    found: Mapping[str, Sequence[TaskBucket]], since: datetime, now: datetime, bucket: int
+) -> dict[str, Any]:
+    """``GET /api/v1/stats/history``: per task, its non-empty buckets, oldest first."""
+    return {
+        "since": format_timestamp(since),
+        "now": format_timestamp(now),
+        "bucket": bucket,
+        "tasks": [
+            {
+                "task": task,
+                "buckets": [
+                    {
+                        "start": format_timestamp(entry.start),
+                        "finished": entry.finished,
+                        "succeeded": entry.succeeded,
+                        "failed": entry.failed,
+                        "cancelled": entry.cancelled,
+                        "duration_p50": entry.duration_p50,
+                        "duration_p95": entry.duration_p95,
+                    }
+                    for entry in buckets
+                ],
+            }
+            for task, buckets in sorted(found.items())
+        ],
+    }
+
+
 # The API, in matching order: the routes polled and submitted to most come first.  The
 # tasks' own routes (``tutorial_routes``) follow them; openapi.py describes every route.
 # Starlette tries routes in order: the polls come first (each route passed costs a regex
@@ -730,6 +908,10 @@ routes: list[BaseRoute] = [
     Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
     Route("/api/v1/stats", stats, methods=["GET"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
+    Route("/api/v1/system/history", system_history, methods=["GET"]),
+    Route("/api/v1/timeline", timeline, methods=["GET"]),
+    Route("/api/v1/stats/history", stats_history, methods=["GET"]),
+    Route("/", page, methods=["GET"]),
     *dashboard.routes(),
     Route("/openapi.json", openapi_json, methods=["GET"]),
 ]

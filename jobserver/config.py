@@ -138,6 +138,7 @@ RESERVED_ROUTES = (
     "/static",  # the web page's files
     "/metrics",
     "/api/v1/stats",
+    "/api/v1/timeline",  # the page's timeline
 )
 # Types a command task's params may declare (see TaskSettings.params).
 COMMAND_PARAM_TYPES = ("str", "int", "float", "bool")

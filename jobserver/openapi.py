@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from starlette.routing import BaseRoute, Route
 
-from jobserver import api, dashboard
+from jobserver import api
 from jobserver.jobs import JobState
 from jobserver.store import MAX_PAGE
 from jobserver.tasks import Registry, args_schema
@@ -194,6 +194,124 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
     },
     "System": {"type": "object"},
+    "SystemHistory": {
+        "type": "object",
+        "required": ["interval", "window", "samples"],
+        "properties": {
+            "interval": {"type": "number", "description": "seconds between two samples"},
+            "window": {"type": "number", "description": "seconds of samples kept"},
+            "samples": {
+                "type": "array",
+                "description": "oldest first; one more whenever admission stops or resumes",
+                "items": {
+                    "type": "object",
+                    "required": ["at", "cpu", "memory", "running", "overload"],
+                    "properties": {
+                        "at": {"type": "string", "format": "date-time"},
+                        "cpu": {"$ref": "#/components/schemas/Usage"},
+                        "memory": {"$ref": "#/components/schemas/Usage"},
+                        "running": {"type": "integer"},
+                        "overload": {
+                            **_nullable(_STRING),
+                            "description": "why admission was stopped (memory floor, PSI)",
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "description": "one resource, in CPUs or bytes",
+        "required": ["capacity", "used", "claimed", "reserved", "free"],
+        "properties": {
+            "capacity": {"type": "number", "description": "what jobs may use (caps applied)"},
+            "used": {"type": "number", "description": "measured use of the running jobs"},
+            "claimed": {"type": "number", "description": "requests of the running jobs"},
+            "reserved": {"type": "number", "description": "reserve_cpus / reserve_memory"},
+            "free": {"type": "number", "description": "free for a new job (may be negative)"},
+        },
+    },
+    "Timeline": {
+        "type": "object",
+        "required": ["now", "attempts"],
+        "properties": {
+            "now": {"type": "string", "format": "date-time"},
+            "attempts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "job_id",
+                        "task",
+                        "attempt",
+                        "started_at",
+                        "finished_at",
+                        "outcome",
+                        "state",
+                        "node",
+                    ],
+                    "properties": {
+                        "job_id": _STRING,
+                        "task": _STRING,
+                        "attempt": {"type": "integer", "minimum": 1},
+                        "started_at": {"type": "string", "format": "date-time"},
+                        "finished_at": _TIME,
+                        "outcome": {
+                            **_nullable(_STRING),
+                            "description": "how the attempt ended; null while it runs",
+                        },
+                        "state": {"type": "string", "enum": [state.value for state in JobState]},
+                        "node": {**_nullable(_STRING), "description": "the node that ran it"},
+                    },
+                },
+            },
+        },
+    },
+    "TaskSeries": {
+        "type": "object",
+        "required": ["since", "now", "bucket", "tasks"],
+        "properties": {
+            "since": {"type": "string", "format": "date-time"},
+            "now": {"type": "string", "format": "date-time"},
+            "bucket": {"type": "integer", "description": "seconds per bucket"},
+            "tasks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["task", "buckets"],
+                    "properties": {
+                        "task": _STRING,
+                        "buckets": {
+                            "type": "array",
+                            "description": "buckets where some job finished, oldest first",
+                            "items": {
+                                "type": "object",
+                                "required": [
+                                    "start",
+                                    "finished",
+                                    "succeeded",
+                                    "failed",
+                                    "cancelled",
+                                    "duration_p50",
+                                    "duration_p95",
+                                ],
+                                "properties": {
+                                    "start": {"type": "string", "format": "date-time"},
+                                    "finished": {"type": "integer", "minimum": 0},
+                                    "succeeded": {"type": "integer", "minimum": 0},
+                                    "failed": {"type": "integer", "minimum": 0},
+                                    "cancelled": {"type": "integer", "minimum": 0},
+                                    "duration_p50": {"type": "number", "nullable": True},
+                                    "duration_p95": {"type": "number", "nullable": True},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
     "Stats": {
         "type": "object",
         "required": ["tasks"],
@@ -284,6 +402,21 @@ _JOB_ID = {
 }
 
 Endpoint = Callable[..., Any]
+
+
+def _integer_query(
+    bounds: Mapping[str, tuple[int, int, int]], **descriptions: str
+) -> tuple[dict[str, Any], ...]:
+    """Query parameters from an endpoint's (default, lowest, highest) integer bounds."""
+    return tuple(
+        {
+            "name": name,
+            "in": "query",
+            "description": descriptions[name],
+            "schema": {"type": "integer", "minimum": low, "maximum": high, "default": default},
+        }
+        for name, (default, low, high) in bounds.items()
+    )
 
 
 # Every endpoint of api.routes, described; the document lists them in this order.
@@ -441,11 +574,40 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         {200: TEXT},
         tags=("system",),
     ),
-    dashboard.page: Operation(
+    api.page: Operation(
         None,
         "The web page: machine, queue, running and finished jobs (it asks for a token "
         "when the server has some)",
         {200: HTML},
+        tags=("system",),
+    ),
+    api.system_history: Operation(
+        "admin",
+        "The machine over the last hour: CPU and memory used, claimed and free",
+        {200: "SystemHistory", 422: None},
+        description="One sample every `interval` seconds, kept in memory for `window` "
+        "seconds (a restart starts afresh), and one more whenever admission stops or "
+        "resumes; a sample's `overload` says why admission was stopped.",
+        tags=("system",),
+    ),
+    api.timeline: Operation(
+        "read",
+        "Recent attempts on a time axis: the newest jobs that started, and every running one",
+        {200: "Timeline", 422: None},
+        parameters=_integer_query(api.TIMELINE_QUERY, limit="how many of the newest started jobs"),
+        description="A client token sees only its own jobs.",
+    ),
+    api.stats_history: Operation(
+        "read",
+        "Per task over time: jobs finished per bucket, and the p50/p95 duration",
+        {200: "TaskSeries", 422: None},
+        parameters=_integer_query(
+            api.SERIES_QUERY,
+            window="seconds back from now",
+            bucket="seconds per bucket",
+        ),
+        description="Buckets start on whole multiples of `bucket` since the epoch; "
+        "durations are start to finish of the succeeded jobs' last attempt.",
         tags=("system",),
     ),
     api.list_tasks: Operation(

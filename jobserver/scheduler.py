@@ -17,6 +17,7 @@ import random
 import signal
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -969,6 +970,7 @@ class Scheduler:
         # every tick: under load there is a tick per finishing job (issue 6).
         self._cancels_read_at = float("-inf")
         self._cancel_hint = False
+        self._history = MachineHistory()
 
     def _make_limits(self) -> Limits:
         s = self._settings
@@ -1282,6 +1284,8 @@ class Scheduler:
             ):
                 if isinstance(failure, Exception):
                     log.error("job %s: could not be launched", change.job.id, exc_info=failure)
+            if self._history.due(now, decision.overload):
+                self._history.record(self._machine_sample(now, decision))
         for entry in unknown:
             error = JobError("UnknownTask", f"task {entry.task!r} is no longer in the config")
             self._publish(await self._store.fail_unstarted(entry.id, error, now), error.message)
@@ -1799,6 +1803,35 @@ class Scheduler:
             return "sampling (per-job cgroups are not writable here)"
         return self._cgroups.describe()
 
+    def history(self) -> tuple[MachineSample, ...]:
+        """The machine over the last ``HISTORY_WINDOW``, oldest first."""
+        return self._history.samples(self._clock())
+
+    def _machine_sample(self, now: datetime, decision: Plan) -> MachineSample:
+        """The machine as the tick that made ``decision`` left it (its admitted jobs
+        included: they claim their requests from their start)."""
+        attempts = list(self._running.values())
+        reserved = Headroom(self._limits.reserve_cpus, self._limits.reserve_memory)
+        return MachineSample(
+            at=now,
+            cpu=Usage(
+                capacity=decision.capacity.cpus,
+                used=round(sum(a.cpus_used for a in attempts), 3),
+                claimed=sum(a.request.cpus for a in attempts),
+                reserved=reserved.cpus,
+                free=decision.headroom.cpus,
+            ),
+            memory=Usage(
+                capacity=decision.capacity.memory,
+                used=sum(a.memory_used for a in attempts),
+                claimed=sum(a.request.memory for a in attempts),
+                reserved=reserved.memory,
+                free=decision.headroom.memory,
+            ),
+            running=len(attempts),
+            overload=decision.overload,
+        )
+
     def _running_jobs(self) -> list[RunningJob]:
         return [a.as_running_job() for a in self._running.values()]
 
@@ -1954,3 +1987,76 @@ class SystemView:
     fork_server: Mapping[str, Any] | None  # the runner's; None: jobs are always spawned
     running: tuple[RunningView, ...]
     queue_head: tuple[QueuedView, ...]
+
+
+# -- the machine over time ---------------------------------------------------------------
+
+HISTORY_INTERVAL = 10.0  # seconds between two kept samples of the machine
+HISTORY_WINDOW = 3600.0  # seconds of samples kept
+# One sample per interval over the window, and room for those taken when admission stops
+# or resumes between two of them.
+HISTORY_SIZE = 2 * int(HISTORY_WINDOW / HISTORY_INTERVAL)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One resource at one moment, in CPUs or bytes: the capacity jobs may use, what the
+    running jobs use (measured) and claim (their requests, what admission counts), the
+    configured reserve, and what is free for a new job (may be negative)."""
+
+    capacity: float
+    used: float
+    claimed: float
+    reserved: float
+    free: float
+
+
+@dataclass(frozen=True)
+class MachineSample:
+    at: datetime
+    cpu: Usage
+    memory: Usage
+    running: int  # jobs this server ran
+    overload: str | None  # why admission was stopped (memory floor, PSI), if it was
+
+
+class MachineHistory:
+    """The machine's recent samples, bounded in time and count: the first tick of every
+    ``interval`` is kept, and so is every tick where admission stops or resumes, so that
+    the page can mark the moment.  Held in memory: a restart starts a new history."""
+
+    def __init__(
+        self,
+        interval: float = HISTORY_INTERVAL,
+        window: float = HISTORY_WINDOW,
+        size: int = HISTORY_SIZE,
+    ) -> None:
+        self.interval = interval
+        self.window = window
+        self._samples: deque[MachineSample] = deque(maxlen=size)
+
+    def due(self, now: datetime, overload: str | None) -> bool:
+        """Whether a sample taken ``now`` is kept (asked first: most ticks keep none)."""
+        if not self._samples:
+            return True
+        last = self._samples[-1]
+        elapsed = (now - last.at).total_seconds()
+        # A clock set back is due too: record() then starts over.
+        return (
+            elapsed >= self.interval or elapsed < 0 or (overload is None) != (last.overload is None)
+        )
+
+    def record(self, sample: MachineSample) -> None:
+        if self._samples and sample.at < self._samples[-1].at:
+            self._samples.clear()  # the clock went back: earlier samples would be "later"
+        self._samples.append(sample)
+        self._forget(sample.at)
+
+    def samples(self, now: datetime) -> tuple[MachineSample, ...]:
+        self._forget(now)
+        return tuple(self._samples)
+
+    def _forget(self, now: datetime) -> None:
+        oldest = now - timedelta(seconds=self.window)
+        while self._samples and self._samples[0].at < oldest:
+            self._samples.popleft()

@@ -8,7 +8,6 @@ installed (``.ci/run`` installs both).  It saves screenshots under ``$JOBSERVER_
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 LAPTOP = (1366, 900)
 PHONE = (390, 844)
+TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 # -- without a browser -----------------------------------------------------------------
@@ -120,16 +120,24 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-def _submit(server: ServerProcess, task: str, **args: Any) -> str:
+def _submit(server: ServerProcess, task: str, token: str | None = None, **args: Any) -> str:
     response = httpx.post(
-        f"{server.url}/api/v1/jobs", json={"task": task, "args": args}, timeout=10
+        f"{server.url}/api/v1/jobs",
+        json={"task": task, "args": args},
+        headers=_bearer(token),
+        timeout=10,
     )
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
 
-def _state(server: ServerProcess, job_id: str) -> str:
-    return str(httpx.get(f"{server.url}/api/v1/jobs/{job_id}", timeout=5).json()["state"])
+def _state(server: ServerProcess, job_id: str, token: str | None = None) -> str:
+    response = httpx.get(f"{server.url}/api/v1/jobs/{job_id}", headers=_bearer(token), timeout=5)
+    return str(response.json()["state"])
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
 @pytest.mark.integration
@@ -241,132 +249,185 @@ def test_an_operator_cancels_a_running_job_from_the_page(
 
 @pytest.mark.integration
 @pytest.mark.browser
-def test_the_page_shows_progress_and_sends_the_token_from_session_storage(
-    browser: Any, make_server_with_recorder: Any
+@pytest.mark.timeout(300)
+def test_a_server_with_tokens_asks_for_one_and_shows_a_tasks_real_progress(
+    browser: Any, server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
-    """The token typed once is kept in sessionStorage and sent as a Bearer header."""
+    """A real server with a real tokens file: the page asks for a token, sends the one
+    typed (kept in sessionStorage), and a wrong one gets the server's own 401.  The job
+    reports progress with ``jobserver.progress`` from its own process."""
     from selenium.webdriver.common.by import By
 
-    url, seen = make_server_with_recorder
-    browser.get(url + "/")
-    httpx.post(f"{url}/api/v1/jobs", json={"task": "sleep", "args": {"seconds": 60}})
-    # A job that reports progress gets a bar, in the running list and in its detail.
+    from jobserver.access import create_token
+
+    secret = create_token(tmp_path / "tokens.json", "operator", ["admin"])
+    server = server_factory(write_config(tmp_path, jobs={"progress_interval": "100ms"}))
+    assert httpx.get(f"{server.url}/api/v1/jobs", timeout=5).status_code == 401
+    gate = tmp_path / "gate"
+    job = _submit(server, "report", secret, gate=str(gate), steps=3)
+
+    browser.get(server.url + "/")
+    # The page came without data (a page request carries no token) and says why.
+    assert browser.find_element(By.ID, "connection").text == "token needed"
+    assert "needs a token" in browser.find_element(By.ID, "banner").text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#running tbody tr")
+    field = browser.find_element(By.ID, "token")
+    field.send_keys(secret)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    row = f'#running tr[data-job-id="{job}"]'
     label = poll_value(
-        lambda: browser.find_element(By.CSS_SELECTOR, "#running .progress .label").text,
-        what="a progress bar in the running list",
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, f"{row} .progress .label").text
+            if "step 3" in browser.find_element(By.CSS_SELECTOR, f"{row} .progress .label").text
+            else None
+        ),
+        timeout=60,
+        what="the job's last progress report on the page",
     )
-    assert label == "42% · step 42 of 100"
-    fill = browser.find_element(By.CSS_SELECTOR, "#running .progress .fill")
-    assert fill.get_attribute("style") == "width: 42%;"
-    browser.find_element(By.CSS_SELECTOR, "#running tbody tr").click()
+    assert label == "100% · step 3 of 3"
+    fill = browser.find_element(By.CSS_SELECTOR, f"{row} .progress .fill")
+    assert fill.get_attribute("style") == "width: 100%;"
+    assert browser.find_element(By.ID, "connection").text == "live"
+    assert browser.find_element(By.ID, "banner").text == ""
+    browser.find_element(By.CSS_SELECTOR, row).click()
     poll_value(
         lambda: (
             browser.find_element(By.CSS_SELECTOR, "#detail-progress .label").text
-            == "42% · step 42 of 100"
+            == "100% · step 3 of 3"
         ),
         what="the progress bar in the job's detail",
     )
     browser.find_element(By.ID, "detail-close").click()
-    field = browser.find_element(By.ID, "token")
-    field.send_keys("s3cret-token")
-    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
-    poll_value(lambda: "Bearer s3cret-token" in seen, what="a request with the token")
     stored = browser.execute_script("return sessionStorage.getItem('jobserver.token')")
-    assert stored == "s3cret-token"
+    assert stored == secret
     browser.refresh()
-    assert browser.find_element(By.ID, "token").get_attribute("value") == "s3cret-token"
-    # A 401 from the server asks for a token instead of showing nothing.
-    browser.execute_script("sessionStorage.setItem('jobserver.token', 'wrong')")
+    assert browser.find_element(By.ID, "token").get_attribute("value") == secret
+    poll_value(lambda: browser.find_elements(By.CSS_SELECTOR, row), what="the job after a reload")
+
+    # A wrong token: the server answers 401, and the page asks for a token.
+    browser.execute_script("sessionStorage.setItem('jobserver.token', 'jst_wrong')")
     browser.refresh()
     banner = poll_value(
         lambda: browser.find_element(By.ID, "banner").text, what="the banner asking for a token"
     )
-    assert "token" in banner
+    assert banner == "The server needs a token: enter it above."
+    assert browser.find_element(By.ID, "connection").text == "error 401"
+    gate.write_text("go")
+    poll_value(lambda: _state(server, job, secret) == "succeeded", "the job to finish", 60)
 
 
-PROGRESS = {"fraction": 0.42, "message": "step 42 of 100", "updated_at": "2026-11-26T00:00:00Z"}
+@pytest.mark.integration
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_the_pictures_show_the_machine_the_timeline_and_each_task(
+    browser: Any, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """The first paint has the jobs and the charts (every API request blocked: they came
+    with the page); the timeline then shows a job that just ran; a phone's width fits."""
+    from selenium.webdriver.common.by import By
 
+    server = server_factory(write_config(tmp_path))
+    done = [_submit(server, "add", a=n) for n in range(3)]
+    broken = _submit(server, "fail", message="disk on fire")
+    for job_id in [*done, broken]:
+        poll_value(lambda job_id=job_id: _state(server, job_id) in TERMINAL, "a job", 120)
+    # Admission stopped, then resumed, by a real change of the memory floor.
+    system = f"{server.url}/api/v1/system"
+    assert httpx.patch(system, json={"scheduler": {"memory_floor": "1000TiB"}}).status_code == 200
+    poll_value(lambda: httpx.get(system).json()["overload"], what="admission to stop")
+    assert httpx.patch(system, json={"scheduler": {"memory_floor": "1MiB"}}).status_code == 200
+    poll_value(lambda: httpx.get(system).json()["overload"] is None, what="admission to resume")
 
-def _with_progress(body: bytes) -> bytes:
-    """Add ``PROGRESS`` to every running job in a job document or job list, as a server
-    with job progress reports it (``progress`` {fraction, message, updated_at})."""
-    document = json.loads(body)
-    for job in document.get("jobs", [document]):
-        if isinstance(job, dict) and job.get("state") == "running":
-            job["progress"] = PROGRESS
-    return json.dumps(document).encode()
-
-
-@pytest.fixture
-def make_server_with_recorder(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
-    """The real app in a real uvicorn server, behind a tiny ASGI gate that records each
-    Authorization header and answers 401 to a wrong token, as an authenticating server
-    would (the server's own authentication is another piece of work).  Job documents
-    for running jobs get a ``progress`` field, as a server with job progress sends."""
-    import asyncio
-    import threading
-
-    import uvicorn
-
-    from jobserver import config
-    from jobserver.server import build
-    from jobserver.store import migrate
-    from tests.conftest import FakeProbe, free_port
-
-    settings = config.load(write_config(tmp_path))
-    migrate(settings.server.database)
-    application = build(settings, probe=FakeProbe())
-    seen: list[str] = []
-
-    async def gate(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/api/"):
-            headers = dict(scope["headers"])
-            token = headers.get(b"authorization", b"").decode()
-            seen.append(token)
-            if token == "Bearer wrong":
-                body = b'{"error":{"code":"unauthorized","message":"bad token","details":null}}'
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [(b"content-type", b"application/json")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        if scope["type"] != "http" or not scope["path"].startswith("/api/v1/jobs"):
-            await application.app(scope, receive, send)
-            return
-        start: dict[str, Any] = {}
-        body = bytearray()
-
-        async def buffer(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            body.extend(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            rewritten = _with_progress(bytes(body)) if start["status"] < 300 else bytes(body)
-            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(rewritten)).encode()))
-            await send(start | {"headers": headers})
-            await send({"type": "http.response.body", "body": rewritten})
-
-        await application.app(scope, receive, buffer)
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(gate, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/api/*", "*/metrics"]})
+    browser.get(server.url + "/")
+    # No waiting: what the page shows now came with it.
+    for job_id in done:
+        assert browser.find_elements(By.CSS_SELECTOR, f'#recent tr[data-job-id="{job_id}"]')
+    for chart in ("#chart-cpu", "#chart-memory"):
+        line = browser.find_element(By.CSS_SELECTOR, f"{chart} polyline.free")
+        assert len(line.get_attribute("points").split()) >= 2, chart
+        assert browser.find_elements(By.CSS_SELECTOR, f"{chart} path.area.claimed"), chart
+        mark = browser.find_element(By.CSS_SELECTOR, f"{chart} line.stop-mark title")
+        assert "admission stopped" in mark.get_attribute("textContent")
+        assert "memory floor" in mark.get_attribute("textContent")
+    failed_bar = browser.find_element(By.CSS_SELECTOR, f'#timeline rect[data-job-id="{broken}"]')
+    assert failed_bar.get_attribute("data-outcome") == "failed"
+    hover = failed_bar.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+    assert f"fail · {broken}" in hover and "attempt 1: failed" in hover
+    add = '#task-charts figure[data-task="add"]'
+    assert browser.find_element(By.CSS_SELECTOR, f"{add} figcaption").text.startswith(
+        "add · 3 finished"
     )
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    poll_value(lambda: server.started, what="the server to start")
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    assert browser.find_elements(By.CSS_SELECTOR, f"{add} rect.throughput")
+    assert browser.find_elements(By.CSS_SELECTOR, f"{add} circle.dot.p50")
+    assert browser.find_elements(By.CSS_SELECTOR, '#latency tr[data-task="add"]')
+
+    # Live: a job that runs now appears on the timeline, in its own lane while it overlaps.
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    running = _submit(server, "sleep", seconds=60)
+    bar = f'#timeline rect[data-job-id="{running}"]'
+    poll_value(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, bar).get_attribute("data-outcome") == "running"
+        ),
+        timeout=120,
+        what="the running job on the timeline",
+    )
+    just_ran = _submit(server, "add", a=7)
+    poll_value(lambda: _state(server, just_ran) in TERMINAL, "the job to run", 120)
+    poll_value(
+        lambda: (
+            browser.find_element(
+                By.CSS_SELECTOR, f'#timeline rect[data-job-id="{just_ran}"]'
+            ).get_attribute("data-outcome")
+            == "succeeded"
+        ),
+        what="the job that just ran on the timeline",
+    )
+    lanes = {
+        element.get_attribute("y")
+        for element in browser.find_elements(
+            By.CSS_SELECTOR, f'{bar}, #timeline rect[data-job-id="{just_ran}"]'
+        )
+    }
+    assert len(lanes) == 2, "two jobs that overlap in time share no lane"
+
+    screenshots = _artifacts_dir()
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": LAPTOP[0], "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
+    laptop = screenshots / "dashboard-pictures-laptop.png"
+    poll_value(lambda: browser.find_elements(By.CSS_SELECTOR, bar), what="redrawn charts")
+    browser.save_screenshot(str(laptop))
+
+    # A phone: nothing scrolls sideways, and every chart fits its box.
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 2, "mobile": True},
+    )
+    poll_value(
+        lambda: browser.execute_script("return document.documentElement.scrollWidth") <= PHONE[0],
+        what="the page to fit a phone's width",
+    )
+    widest = browser.execute_script(
+        "return Math.max(...[...document.querySelectorAll('svg')]"
+        ".map((s) => s.getBoundingClientRect().right))"
+    )
+    assert widest <= PHONE[0], f"a chart reaches {widest}px on a {PHONE[0]}px screen"
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": PHONE[0], "height": height, "deviceScaleFactor": 1, "mobile": True},
+    )
+    phone = screenshots / "dashboard-pictures-phone.png"
+    browser.save_screenshot(str(phone))
+    for path in (laptop, phone):
+        assert path.stat().st_size > 10_000
+        print(f"screenshot: {path}")
+        ARTIFACTS.append(path)
 
 
 def test_the_page_shows_each_tasks_queue_latency(
@@ -384,10 +445,16 @@ def test_the_page_shows_each_tasks_queue_latency(
     browser.get(server.url + "/")
     row = '#latency tr[data-task="add"]'
     poll_value(lambda: browser.find_elements(By.CSS_SELECTOR, row), what="the latency row")
-    cells = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, f"{row} td")]
+    # Read in one script: the table is redrawn (from the page, then every 10 s), and
+    # elements found one call apart may belong to two drawings.
+    cells, bins = browser.execute_script(
+        "const row = document.querySelector(arguments[0]);"
+        "return [[...row.querySelectorAll('td')].map((td) => td.innerText),"
+        " [...row.querySelectorAll('.histogram .bin')].map((bin) => bin.getAttribute('style'))];",
+        row,
+    )
     assert cells[:2] == ["add", "3"], cells
     assert cells[2].startswith(("≤", ">")) and cells[3].startswith(("≤", ">")), cells
-    bins = browser.find_elements(By.CSS_SELECTOR, f"{row} .histogram .bin")
     assert len(bins) == 13  # the 12 bucket bounds and +Inf
-    assert any(b.get_attribute("style") == "height: 100%;" for b in bins)
+    assert "height: 100%;" in bins, bins
     assert not browser.find_elements(By.CSS_SELECTOR, '#latency tr[data-task="sleep"]')

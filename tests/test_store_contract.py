@@ -1236,3 +1236,70 @@ async def test_a_result_of_any_json_type_reads_back_as_it_was(repo: Store, resul
     assert read.result == result and read.args == {"s": "text"}
     (listed,) = await repo.page()
     assert listed.result == result
+
+
+# -- 13. the page's pictures ------------------------------------------------------------
+
+
+async def test_recent_attempts_are_the_newest_started_jobs_and_every_running_one(
+    repo: Store,
+) -> None:
+    old_running = await submit(repo, new(task="sleep"))
+    await claim(repo, old_running.id, at(0))
+    done = []
+    for n in range(3):
+        job = await submit(repo, new(owner="alice" if n == 2 else None, max_retries=1))
+        done.append(job.id)
+        start = 10 * (n + 1)
+        if n == 1:  # a retried job: two attempts, the first requeued
+            await claim(repo, job.id, at(start))
+            requeue = Requeue("flaky", counts=FAILURE)
+            assert await repo.end_attempt(job.id, 1, requeue, at(start + 1)) is not None
+            start += 2
+        await run_to(repo, job.id, Finish(JobState.SUCCEEDED), at(start), at(start + 1))
+    await submit(repo, new())  # queued: no attempt
+
+    spans = await repo.recent_attempts(2)
+    # The two newest started jobs (the retried one with both attempts), and the running one.
+    assert [(s.job_id, s.attempt) for s in spans] == [
+        (old_running.id, 1),
+        (done[1], 1),
+        (done[1], 2),
+        (done[2], 1),
+    ]
+    running, retried = spans[0], spans[1]
+    assert (running.task, running.finished_at, running.outcome) == ("sleep", None, None)
+    assert running.state is JobState.RUNNING and running.started_at == at(0)
+    assert (retried.outcome, retried.state, retried.node) == ("retrying", JobState.SUCCEEDED, LOCAL)
+    assert (retried.started_at, retried.finished_at) == (at(20), at(21))
+    assert (spans[2].started_at, spans[2].outcome) == (at(22), "succeeded")
+    # A client sees only its own jobs.
+    assert [s.job_id for s in await repo.recent_attempts(10, owner="alice")] == [done[2]]
+
+
+async def test_task_series_counts_and_percentiles_per_bucket(repo: Store) -> None:
+    async def finish(task: str, start: float, seconds: float, state: JobState) -> None:
+        job = await submit(repo, new(task=task))
+        await run_to(repo, job.id, Finish(state), at(start), at(start + seconds))
+
+    await finish("x", -30, 1, JobState.SUCCEEDED)  # ended before `since`
+    for n, seconds in enumerate((1, 2, 3, 10)):  # ending in the first minute
+        await finish("x", n, seconds, JobState.SUCCEEDED)
+    await finish("x", 5, 4, JobState.FAILED)
+    await finish("x", 125, 2, JobState.SUCCEEDED)  # the third minute
+    await finish("y", 70, 5, JobState.CANCELLED)
+
+    series = await repo.task_series(T0, 60)
+    assert sorted(series) == ["x", "y"]
+    first, third = series["x"]
+    assert (first.start, third.start) == (T0, at(120))
+    assert (first.finished, first.succeeded, first.failed, first.cancelled) == (5, 4, 1, 0)
+    # Nearest-rank percentiles of the succeeded durations 1, 2, 3, 10 (not the failed 4).
+    assert (first.duration_p50, first.duration_p95) == (2, 10)
+    assert (third.finished, third.duration_p50, third.duration_p95) == (1, 2, 2)
+    (cancelled,) = series["y"]
+    assert (cancelled.start, cancelled.finished, cancelled.cancelled) == (at(60), 1, 1)
+    assert cancelled.duration_p50 is None
+    # The newest rows only, when told to read fewer.
+    (newest,) = (await repo.task_series(T0, 60, rows=1))["x"]
+    assert (newest.start, newest.finished) == (at(120), 1)

@@ -7,7 +7,12 @@ const REFRESH_MS = 2000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const $ = (selector) => document.querySelector(selector);
 
-const view = { selected: null, detailVersion: null, detailLoop: 0, tasks: [] };
+const view = {
+  selected: null, detailVersion: null, detailLoop: 0, tasks: [],
+  // The pictures' latest data, kept to redraw them when the window changes size.
+  system: null, history: null, timeline: null, series: null,
+  waitingForToken: false, // a server that needs a token, and none typed yet
+};
 
 // -- talking to the API ---------------------------------------------------------------
 
@@ -222,21 +227,30 @@ function listQuery(state, limit) {
   return `/api/v1/jobs?${params}`;
 }
 
+function renderLists(system, running, queued, recent) {
+  renderMachine(system);
+  renderRunning(running, system);
+  renderQueue(queued);
+  let jobs = recent;
+  if ($("#filter-state").value === "finished") jobs = jobs.filter((job) => TERMINAL.has(job.state)).slice(0, 50);
+  renderRecent(jobs);
+  view.system = system;
+  drawMachineCharts();
+}
+
 async function refresh() {
   try {
     const stateFilter = $("#filter-state").value;
-    const [system, running, queued, recent] = await Promise.all([
+    const [system, running, queued, recent, timeline] = await Promise.all([
       api("/api/v1/system"),
       api(listQuery("running", 100)),
       api(listQuery("queued", 100)),
       api(listQuery(stateFilter === "finished" ? "" : stateFilter, stateFilter === "finished" ? 100 : 50)),
+      api("/api/v1/timeline"),
     ]);
-    renderMachine(system.body);
-    renderRunning(running.body.jobs, system.body);
-    renderQueue(queued.body.jobs);
-    let jobs = recent.body.jobs;
-    if (stateFilter === "finished") jobs = jobs.filter((job) => TERMINAL.has(job.state)).slice(0, 50);
-    renderRecent(jobs);
+    renderLists(system.body, running.body.jobs, queued.body.jobs, recent.body.jobs);
+    view.timeline = timeline.body;
+    drawTimeline();
     setConnection("live", "live");
     showBanner("");
   } catch (error) {
@@ -245,14 +259,18 @@ async function refresh() {
   }
 }
 
+function renderTaskNames(names) {
+  const select = $("#filter-task");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "all tasks"),
+    ...names.map((name) => el("option", { value: name }, name)));
+  select.value = chosen;
+}
+
 async function loadTasks() {
   try {
     const { body } = await api("/api/v1/tasks");
-    const select = $("#filter-task");
-    const chosen = select.value;
-    select.replaceChildren(el("option", { value: "" }, "all tasks"),
-      ...body.tasks.map((task) => el("option", { value: task.name }, task.name)));
-    select.value = chosen;
+    renderTaskNames(body.tasks.map((task) => task.name));
   } catch (error) { /* refresh() reports connection problems */ }
 }
 
@@ -297,20 +315,331 @@ function latencyFigure(buckets) {
     }));
 }
 
+function renderLatency(metrics) {
+  const rows = [];
+  for (const [task, buckets] of [...queueWaits(metrics)].sort()) {
+    const total = buckets[buckets.length - 1][1];
+    if (!total) continue;
+    rows.push(el("tr", { "data-task": task },
+      el("td", {}, task), el("td", {}, String(total)),
+      el("td", { class: "p50" }, bucketQuantile(buckets, 0.5)),
+      el("td", { class: "p95" }, bucketQuantile(buckets, 0.95)),
+      el("td", { class: "opt" }, latencyFigure(buckets))));
+  }
+  fillTable("#latency", rows);
+}
+
 async function loadLatency() {
   try {
     const { body } = await api("/metrics", { headers: { Accept: "text/plain" } });
-    const rows = [];
-    for (const [task, buckets] of [...queueWaits(body)].sort()) {
-      const total = buckets[buckets.length - 1][1];
-      if (!total) continue;
-      rows.push(el("tr", { "data-task": task },
-        el("td", {}, task), el("td", {}, String(total)),
-        el("td", { class: "p50" }, bucketQuantile(buckets, 0.5)),
-        el("td", { class: "p95" }, bucketQuantile(buckets, 0.95)),
-        el("td", { class: "opt" }, latencyFigure(buckets))));
+    renderLatency(body);
+  } catch (error) { /* refresh() reports connection problems */ }
+}
+
+// -- pictures: hand-drawn SVG, sized to their box (redrawn when the window changes) ---
+
+const PICTURES_MS = 10000;
+// SVG's namespace, as the HTML parser assigns it (the static files hold no absolute URL).
+const SVG_NS = (() => { const box = document.createElement("div"); box.innerHTML = "<svg></svg>"; return box.firstChild.namespaceURI; })();
+const CHART_HEIGHT = 150;
+const MARGIN = { left: 52, right: 10, top: 8, bottom: 22 };
+const MIN_SPAN_MS = 20000; // the shortest time a chart spans (a server that just started)
+
+function svg(tag, attributes = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function tooltip(text) { return svg("title", {}, text); }
+
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function plotWidth(plot) { return Math.max(260, Math.floor(plot.clientWidth || 600)); }
+
+// A linear scale from [d0, d1] to [r0, r1].
+function scale(d0, d1, r0, r1) {
+  const span = d1 - d0 || 1;
+  return (value) => r0 + ((value - d0) / span) * (r1 - r0);
+}
+
+// The time axis under a chart: three labels and ticks, start, middle, end.
+function timeAxis(x, start, end, y) {
+  const group = svg("g", { class: "axis" });
+  for (const [at, anchor] of [[start, "start"], [(start + end) / 2, "middle"], [end, "end"]]) {
+    group.append(svg("line", { x1: x(at), x2: x(at), y1: y, y2: y + 4 }));
+    group.append(svg("text", { x: x(at), y: y + 15, "text-anchor": anchor }, clock(at)));
+  }
+  return group;
+}
+
+function valueAxis(y, top, format, left, right) {
+  const group = svg("g", { class: "axis" });
+  for (const value of [0, top / 2, top]) {
+    group.append(svg("line", { class: "grid", x1: left, x2: right, y1: y(value), y2: y(value) }));
+    group.append(svg("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, format(value)));
+  }
+  return group;
+}
+
+function points(list) { return list.map(([px, py]) => `${px.toFixed(1)},${py.toFixed(1)}`).join(" "); }
+
+function area(list, baseline) {
+  if (!list.length) return "";
+  const top = list.map(([px, py], i) => `${i ? "L" : "M"}${px.toFixed(1)},${py.toFixed(1)}`).join(" ");
+  return `${top} L${list[list.length - 1][0].toFixed(1)},${baseline} L${list[0][0].toFixed(1)},${baseline} Z`;
+}
+
+// The machine now, from GET /api/v1/system, as one more history sample.
+function liveSample(system) {
+  const running = system.running || [];
+  const sum = (pick) => running.reduce((total, job) => total + (pick(job) || 0), 0);
+  return {
+    at: null,
+    cpu: { capacity: system.capacity.cpus, used: sum((job) => job.cpus_used),
+      claimed: sum((job) => job.request.cpus), reserved: system.reserved.cpus, free: system.free.cpus },
+    memory: { capacity: system.capacity.memory, used: sum((job) => job.memory_used),
+      claimed: sum((job) => job.request.memory), reserved: system.reserved.memory, free: system.free.memory },
+    running: running.length,
+    overload: system.overload,
+    live: true,
+  };
+}
+
+function drawMachineCharts() {
+  if (!view.history) return;
+  const samples = view.history.samples.slice();
+  if (view.system) {
+    // Now, on this browser's clock, but never before the server's last sample.
+    const live = liveSample(view.system);
+    const last = samples.length ? Date.parse(samples[samples.length - 1].at) : 0;
+    live.at = new Date(Math.max(Date.now(), last)).toISOString();
+    samples.push(live);
+  }
+  for (const [id, format] of [["#chart-cpu", cpus], ["#chart-memory", size]]) {
+    usageChart($(id), samples, view.history.window, format);
+  }
+}
+
+function usageChart(figure, samples, windowSeconds, format) {
+  const resource = figure.dataset.resource;
+  const plot = figure.querySelector(".plot");
+  const width = plotWidth(plot);
+  const end = samples.length ? Date.parse(samples[samples.length - 1].at) : Date.now();
+  const first = samples.length ? Date.parse(samples[0].at) : end;
+  const start = Math.min(end - MIN_SPAN_MS, Math.max(first, end - windowSeconds * 1000));
+  const shown = samples.filter((sample) => Date.parse(sample.at) >= start);
+  const top = Math.max(1e-9, ...shown.map((s) => Math.max(s[resource].capacity, s[resource].claimed, s[resource].used)));
+  const x = scale(start, end, MARGIN.left, width - MARGIN.right);
+  const base = CHART_HEIGHT - MARGIN.bottom;
+  const y = scale(0, top, base, MARGIN.top);
+  const at = (sample) => x(Date.parse(sample.at));
+  const series = (pick) => shown.map((sample) => [at(sample), y(Math.min(top, Math.max(0, pick(sample[resource]))))]);
+  const chart = svg("svg", { width, height: CHART_HEIGHT, viewBox: `0 0 ${width} ${CHART_HEIGHT}`,
+    role: "img", "aria-label": `${resource} over time: used, reserved by running jobs, free`,
+    "data-samples": shown.length });
+  chart.append(valueAxis(y, top, format, MARGIN.left, width - MARGIN.right));
+  // Admission stopped: a band from each such sample to the next, and a mark where it began.
+  shown.forEach((sample, i) => {
+    if (!sample.overload) return;
+    const from = at(sample);
+    const to = i + 1 < shown.length ? at(shown[i + 1]) : width - MARGIN.right;
+    chart.append(svg("rect", { class: "stopped", x: from, y: MARGIN.top, width: Math.max(2, to - from),
+      height: base - MARGIN.top }, tooltip(`admission stopped at ${clock(Date.parse(sample.at))}: ${sample.overload}`)));
+    if (i === 0 || !shown[i - 1].overload) {
+      chart.append(svg("line", { class: "stop-mark", x1: from, x2: from, y1: MARGIN.top, y2: base },
+        tooltip(`admission stopped at ${clock(Date.parse(sample.at))}: ${sample.overload}`)));
     }
-    fillTable("#latency", rows);
+  });
+  chart.append(svg("path", { class: "area claimed", d: area(series((u) => u.claimed), base) }));
+  chart.append(svg("path", { class: "area used", d: area(series((u) => u.used), base) }));
+  chart.append(svg("polyline", { class: "line capacity", points: points(series((u) => u.capacity)) }));
+  chart.append(svg("polyline", { class: "line free", points: points(series((u) => u.free)) }));
+  // Hover anywhere: the sample's numbers (one invisible column per sample).
+  shown.forEach((sample, i) => {
+    const left = i ? (at(shown[i - 1]) + at(sample)) / 2 : at(sample);
+    const right = i + 1 < shown.length ? (at(sample) + at(shown[i + 1])) / 2 : at(sample) + 1;
+    const u = sample[resource];
+    chart.append(svg("rect", { class: "hover", x: left, y: MARGIN.top, width: Math.max(1, right - left),
+      height: base - MARGIN.top }, tooltip(`${sample.live ? "now" : clock(Date.parse(sample.at))}: ` +
+      `${format(u.used)} used, ${format(u.claimed)} reserved by ${sample.running} running job(s), ` +
+      `${format(u.free)} free, ${format(u.capacity)} capacity` + (sample.overload ? `; admission stopped: ${sample.overload}` : ""))));
+  });
+  chart.append(timeAxis(x, start, end, base));
+  plot.replaceChildren(chart);
+}
+
+// Outcome of an attempt, for its colour: how it ended, or "running".
+function outcomeKind(attempt) {
+  if (attempt.finished_at === null) return "running";
+  if (["succeeded", "failed", "cancelled"].includes(attempt.outcome)) return attempt.outcome;
+  return "retried";
+}
+
+// Greedy lanes: each bar (by start) goes in the first lane free by its start.
+function assignLanes(bars) {
+  const ends = [];
+  for (const bar of bars) {
+    let lane = ends.findIndex((end) => end <= bar.start);
+    if (lane < 0) { lane = ends.length; ends.push(0); }
+    ends[lane] = bar.end;
+    bar.lane = lane;
+  }
+  return ends.length;
+}
+
+const LANE_HEIGHT = 16;
+const LANE_GAP = 4;
+const NODE_GAP = 18;
+
+function drawTimeline() {
+  const plot = $("#timeline");
+  const card = plot.closest(".card");
+  const timeline = view.timeline;
+  if (!timeline) return;
+  const end = Date.parse(timeline.now);
+  const attempts = timeline.attempts.map((attempt) => ({
+    attempt,
+    start: Date.parse(attempt.started_at),
+    end: attempt.finished_at ? Date.parse(attempt.finished_at) : end,
+    node: attempt.node || "local",
+  })).filter((bar) => bar.end >= end - 3600 * 1000);
+  card.querySelector(".empty").hidden = attempts.length > 0;
+  plot.hidden = attempts.length === 0;
+  if (!attempts.length) { plot.replaceChildren(); return; }
+  const start = Math.min(end - MIN_SPAN_MS, Math.max(end - 3600 * 1000, Math.min(...attempts.map((bar) => bar.start))));
+  const width = plotWidth(plot);
+  const x = scale(start, end, MARGIN.left, width - MARGIN.right);
+  // One group of lanes per node; with one node (a single server) no heading is needed.
+  const nodes = [...new Set(attempts.map((bar) => bar.node))].sort();
+  const headed = nodes.length > 1;
+  let top = MARGIN.top;
+  const chart = svg("svg", { width, role: "img", "aria-label": "recent jobs on a time axis" });
+  for (const node of nodes) {
+    const bars = attempts.filter((bar) => bar.node === node).sort((a, b) => a.start - b.start);
+    if (headed) {
+      chart.append(svg("text", { class: "node-name", x: 4, y: top + 11 }, node));
+      top += NODE_GAP;
+    }
+    const lanes = assignLanes(bars);
+    for (const bar of bars) {
+      const a = bar.attempt;
+      const left = x(Math.max(start, bar.start));
+      const kind = outcomeKind(a);
+      const took = seconds((bar.end - bar.start) / 1000);
+      const rect = svg("rect", {
+        class: `attempt outcome-${kind}`, x: left, y: top + bar.lane * (LANE_HEIGHT + LANE_GAP),
+        width: Math.max(3, x(bar.end) - left), height: LANE_HEIGHT, rx: 2,
+        "data-job-id": a.job_id, "data-outcome": kind,
+      }, tooltip(`${a.task} · ${a.job_id}\nattempt ${a.attempt}: ${a.outcome || "running"} · ${took}` +
+        `\nstarted ${clock(bar.start)}` + (a.finished_at ? `, ended ${clock(bar.end)}` : "") +
+        (headed ? `\nnode ${node}` : "")));
+      rect.addEventListener("click", () => openDetail(a.job_id));
+      chart.append(rect);
+    }
+    top += lanes * (LANE_HEIGHT + LANE_GAP);
+  }
+  chart.append(timeAxis(x, start, end, top + 2));
+  const height = top + MARGIN.bottom + 4;
+  chart.setAttribute("height", height);
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  plot.replaceChildren(chart);
+}
+
+const TASK_CHART_HEIGHT = 120;
+const MAX_TASK_CHARTS = 12;
+
+function drawTaskCharts() {
+  const container = $("#task-charts");
+  const series = view.series;
+  if (!series) return;
+  const tasks = series.tasks
+    .map((entry) => ({ ...entry, total: entry.buckets.reduce((sum, b) => sum + b.finished, 0) }))
+    .sort((a, b) => b.total - a.total || a.task.localeCompare(b.task))
+    .slice(0, MAX_TASK_CHARTS);
+  container.closest(".card").querySelector(".empty").hidden = tasks.length > 0;
+  container.replaceChildren(...tasks.map((entry) => {
+    const figure = el("figure", { class: "chart", "data-task": entry.task });
+    const plot = el("div", { class: "plot" });
+    const succeeded = entry.buckets.flatMap((b) => (b.duration_p50 === null ? [] : [b]));
+    const last = succeeded[succeeded.length - 1];
+    figure.append(el("figcaption", {}, `${entry.task} · ${entry.total} finished` +
+      (last ? ` · latest p50 ${seconds(last.duration_p50)}, p95 ${seconds(last.duration_p95)}` : "")), plot);
+    container.append(figure); // measured below, so it must be in the page
+    taskChart(plot, entry, series);
+    return figure;
+  }));
+}
+
+function taskChart(plot, entry, series) {
+  const width = plotWidth(plot);
+  const bucketMs = series.bucket * 1000;
+  const start = Date.parse(series.since);
+  const end = Math.max(Date.parse(series.now), start + bucketMs);
+  const base = TASK_CHART_HEIGHT - MARGIN.bottom;
+  const x = scale(start, end, MARGIN.left, width - MARGIN.right);
+  const most = Math.max(1, ...entry.buckets.map((b) => b.finished));
+  const count = scale(0, most, base, MARGIN.top);
+  const slowest = Math.max(1e-3, ...entry.buckets.map((b) => b.duration_p95 || 0));
+  const duration = scale(0, slowest, base, MARGIN.top);
+  const chart = svg("svg", { width, height: TASK_CHART_HEIGHT, viewBox: `0 0 ${width} ${TASK_CHART_HEIGHT}`,
+    role: "img", "aria-label": `${entry.task}: jobs finished per bucket and p50/p95 duration` });
+  chart.append(valueAxis(count, most, (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1)), MARGIN.left, width - MARGIN.right));
+  const barWidth = Math.max(2, x(start + bucketMs) - x(start) - 1);
+  const p50 = [];
+  const p95 = [];
+  for (const bucket of entry.buckets) {
+    const from = Date.parse(bucket.start);
+    const left = x(from);
+    const label = `${clock(from)}: ${bucket.finished} finished (${bucket.succeeded} succeeded, ` +
+      `${bucket.failed} failed, ${bucket.cancelled} cancelled)` +
+      (bucket.duration_p50 === null ? "" : `; p50 ${seconds(bucket.duration_p50)}, p95 ${seconds(bucket.duration_p95)}`);
+    const unsucceeded = bucket.finished - bucket.succeeded;
+    chart.append(svg("rect", { class: "throughput", x: left, y: count(bucket.finished), width: barWidth,
+      height: base - count(bucket.finished) }, tooltip(label)));
+    if (unsucceeded) {
+      chart.append(svg("rect", { class: "throughput failed", x: left, y: count(bucket.finished), width: barWidth,
+        height: base - count(unsucceeded) }, tooltip(label)));
+    }
+    if (bucket.duration_p50 !== null) {
+      const middle = left + barWidth / 2;
+      p50.push([middle, duration(bucket.duration_p50), label]);
+      p95.push([middle, duration(bucket.duration_p95), label]);
+    }
+  }
+  for (const [name, line] of [["p95", p95], ["p50", p50]]) {
+    chart.append(svg("polyline", { class: `line ${name}`, points: points(line) }));
+    for (const [px, py, label] of line) {
+      chart.append(svg("circle", { class: `dot ${name}`, cx: px, cy: py, r: 2.5 }, tooltip(label)));
+    }
+  }
+  if (p50.length) {
+    chart.append(svg("text", { class: "axis-note", x: MARGIN.left + 4, y: MARGIN.top + 9 },
+      `duration: top ${seconds(slowest)}`));
+  }
+  chart.append(timeAxis(x, start, end, base));
+  plot.replaceChildren(chart);
+}
+
+function drawPictures() {
+  drawMachineCharts();
+  drawTimeline();
+  drawTaskCharts();
+}
+
+async function loadPictures() {
+  try {
+    const [history, series] = await Promise.all([api("/api/v1/system/history"), api("/api/v1/stats/history")]);
+    view.history = history.body;
+    view.series = series.body;
+    drawMachineCharts();
+    drawTaskCharts();
   } catch (error) { /* refresh() reports connection problems */ }
 }
 
@@ -472,8 +801,11 @@ function start() {
     const token = $("#token").value.trim();
     if (token) sessionStorage.setItem(TOKEN_KEY, token);
     else sessionStorage.removeItem(TOKEN_KEY);
+    view.waitingForToken = false;
     loadTasks();
     refresh();
+    loadLatency();
+    loadPictures();
   });
   $("#filter-task").addEventListener("change", refresh);
   $("#filter-state").addEventListener("change", refresh);
@@ -481,12 +813,31 @@ function start() {
   $("#detail-cancel").addEventListener("click", () => act("cancel"));
   $("#detail-retry").addEventListener("click", () => act("retry"));
   document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeDetail(); });
-  loadTasks();
-  refresh();
-  loadLatency();
-  setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  setInterval(() => { if (!document.hidden) loadLatency(); }, LATENCY_MS);
-  setInterval(() => { if (!document.hidden) loadTasks(); }, 30000);
+  let resizing = 0;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(drawPictures, 150);
+  });
+  // The page came with what the API would answer now: draw it before any request.
+  const snapshot = JSON.parse($("#snapshot").textContent);
+  if (snapshot) {
+    renderTaskNames(snapshot.tasks);
+    renderLists(snapshot.system, snapshot.running, snapshot.queued, snapshot.recent);
+    Object.assign(view, { history: snapshot.history, timeline: snapshot.timeline, series: snapshot.series });
+    drawPictures();
+    renderLatency(snapshot.metrics);
+  } else if (!sessionStorage.getItem(TOKEN_KEY)) {
+    // The server needs a token and this tab has none: ask, and wait for it.
+    showBanner("The server needs a token: enter it above.");
+    view.waitingForToken = true;
+  }
+  const every = (ms, load) => setInterval(() => { if (!document.hidden && !view.waitingForToken) load(); }, ms);
+  // What came with the page is fresh: read again at the next interval.
+  if (!snapshot && !view.waitingForToken) { loadTasks(); refresh(); loadLatency(); loadPictures(); }
+  every(REFRESH_MS, refresh);
+  every(LATENCY_MS, loadLatency);
+  every(PICTURES_MS, loadPictures);
+  every(30000, loadTasks);
 }
 
 start();

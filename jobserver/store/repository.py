@@ -64,6 +64,7 @@ from jobserver.store.schema import (
 
 MAX_PAGE = 1000
 STATS_RECENT = 1000
+SERIES_ROWS = 50_000  # finished jobs a task series reads at most (the newest)
 LOCAL_NODE = "local"  # the node name of a single server (SQLite)
 
 
@@ -185,6 +186,35 @@ class TaskStats:
     peak_rss_p95: int | None  # bytes
     peak_rss_max: int | None
     samples: int
+
+
+@dataclass(frozen=True)
+class AttemptSpan:
+    """One attempt of a job, for a timeline: when it ran, how it ended (None while it
+    runs), the job's state now, and the node that ran it."""
+
+    job_id: str
+    task: str
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    state: JobState
+    node: str | None
+
+
+@dataclass(frozen=True)
+class TaskBucket:
+    """The jobs of one task that finished in one time bucket: how many, by state, and the
+    p50/p95 duration (start to finish of their last attempt) of those that succeeded."""
+
+    start: datetime
+    finished: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    duration_p50: float | None  # seconds; None when none succeeded
+    duration_p95: float | None
 
 
 @dataclass(frozen=True)
@@ -398,6 +428,89 @@ class Store:
             TaskRun(task, job_id, attempt, outcome, peak, cpu, wall, _time(finished_at))
             for _, task, job_id, attempt, outcome, peak, cpu, wall, finished_at in rows
         ]
+
+    async def recent_attempts(self, limit: int, owner: str | None = None) -> list[AttemptSpan]:
+        """The attempts of the ``limit`` newest jobs that have started, and of every
+        running job, by start time (through the primary key and the state index)."""
+        started = sa.select(jobs.c.id).where(jobs.c.started_at.is_not(None))
+        running = sa.select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value)
+        if owner is not None:
+            started = started.where(jobs.c.owner == owner)
+            running = running.where(jobs.c.owner == owner)
+        newest = started.order_by(jobs.c.id.desc()).limit(limit).subquery()
+        query = (
+            sa.select(
+                attempts.c.job_id,
+                jobs.c.task,
+                attempts.c.attempt,
+                attempts.c.started_at,
+                attempts.c.finished_at,
+                attempts.c.outcome,
+                jobs.c.state,
+                attempts.c.node,
+            )
+            .join(jobs, jobs.c.id == attempts.c.job_id)
+            .where(
+                sa.or_(
+                    attempts.c.job_id.in_(sa.select(newest.c.id)),
+                    attempts.c.job_id.in_(running),
+                )
+            )
+            .order_by(attempts.c.started_at, attempts.c.job_id, attempts.c.attempt)
+        )
+        rows = await self.driver.read(lambda tx: tx.rows(query))
+        return [
+            AttemptSpan(
+                job_id,
+                task,
+                attempt,
+                _time(started),
+                _maybe_time(ended),
+                outcome,
+                JobState(state),
+                node,
+            )
+            for job_id, task, attempt, started, ended, outcome, state, node in rows
+        ]
+
+    async def task_series(
+        self, since: datetime, bucket: float, rows: int = SERIES_ROWS
+    ) -> dict[str, list[TaskBucket]]:
+        """Per task, the jobs that finished since ``since`` in buckets of ``bucket``
+        seconds (the first starting at ``since``), oldest first; empty buckets are left
+        out.  Reads the newest ``rows`` finished jobs at most (through their index)."""
+        query = (
+            sa.select(jobs.c.task, jobs.c.state, jobs.c.started_at, jobs.c.finished_at)
+            .where(jobs.c.finished_at >= format_timestamp(since))
+            .order_by(jobs.c.finished_at.desc())
+            .limit(rows)
+        )
+        found = await self.driver.read(lambda tx: tx.rows(query))
+        counted: dict[tuple[str, int], dict[str, int]] = {}
+        durations: dict[tuple[str, int], list[float]] = {}
+        for task, state, started, finished in found:
+            ended = _time(finished)
+            key = (task, int((ended - since).total_seconds() // bucket))
+            counted.setdefault(key, dict.fromkeys(("succeeded", "failed", "cancelled"), 0))
+            counted[key][state] += 1
+            if state == JobState.SUCCEEDED.value and started is not None:
+                seconds = max(0.0, (ended - _time(started)).total_seconds())
+                durations.setdefault(key, []).append(seconds)
+        series: dict[str, list[TaskBucket]] = {}
+        for (task, index), states in sorted(counted.items()):
+            taken = sorted(durations.get((task, index), []))
+            series.setdefault(task, []).append(
+                TaskBucket(
+                    start=since + timedelta(seconds=index * bucket),
+                    finished=sum(states.values()),
+                    succeeded=states["succeeded"],
+                    failed=states["failed"],
+                    cancelled=states["cancelled"],
+                    duration_p50=_percentile(taken, 50),
+                    duration_p95=_percentile(taken, 95),
+                )
+            )
+        return series
 
     # -- submitting --------------------------------------------------------------------
 
