@@ -333,7 +333,10 @@ def test_the_pictures_show_the_machine_the_timeline_and_each_task(
         poll_value(lambda job_id=job_id: _state(server, job_id) in TERMINAL, "a job", 120)
     # Admission stopped, then resumed, by a real change of the memory floor.
     system = f"{server.url}/api/v1/system"
-    assert httpx.patch(system, json={"scheduler": {"memory_floor": "1000TiB"}}).status_code == 200
+    # A floor just below the machine's memory: above what is available, yet reachable
+    # (a floor at or above the machine's memory is refused).
+    floor = httpx.get(system).json()["machine"]["memory_capacity"] - 2**20
+    assert httpx.patch(system, json={"scheduler": {"memory_floor": floor}}).status_code == 200
     poll_value(lambda: httpx.get(system).json()["overload"], what="admission to stop")
     assert httpx.patch(system, json={"scheduler": {"memory_floor": "1MiB"}}).status_code == 200
     poll_value(lambda: httpx.get(system).json()["overload"] is None, what="admission to resume")
