@@ -195,7 +195,9 @@ class Api:
     max_retries_limit: int
     idempotency_window: float
     reconfigure: Reconfigure | None
-    openapi: dict[str, Any]  # the /openapi.json document
+    # The /openapi.json document as the server is configured now (it describes security
+    # only while the server asks for tokens, which `jobserver token create` can change).
+    openapi: Callable[[], Mapping[str, Any]]
     # Recently answered jobs, rendered (see ``_rendering``).
     rendered: dict[str, tuple[Job, bytes, bytes, str]] = field(default_factory=dict)
 
@@ -215,7 +217,7 @@ def create_app(
     registry: Registry,
     scheduler: SchedulerPort,
     max_body_size: int,
-    openapi: Mapping[str, Any],
+    openapi: Callable[[], Mapping[str, Any]],
     metrics: Metrics,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     jobs_dir: Path | None = None,
@@ -237,7 +239,7 @@ def create_app(
         max_retries_limit=max_retries_limit,
         idempotency_window=idempotency_window,
         reconfigure=reconfigure,
-        openapi=dict(openapi),
+        openapi=openapi,
     )
     return App(
         api,
@@ -645,7 +647,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONDocument(request.app.api.openapi)
+    return JSONDocument(request.app.api.openapi())
 
 
 async def start_task(task: Task, request: Request) -> Response:
