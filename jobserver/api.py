@@ -446,7 +446,8 @@ async def _bulk_filter(api: Api, request: Request, allowed: tuple[JobState, ...]
     body = await _read_json(api, request)
     problems = _unknown_fields(body, BULK_FIELDS, '{"task": "NAME", "state": "queued"}')
     task = body.get("task")
-    if task is not None and not (isinstance(task, str) and task in api.registry):
+    # "task": null is no criterion: refused, so it never selects every job
+    if "task" in body and not (isinstance(task, str) and task in api.registry):
         problems.append({"field": "task", "message": "expected the name of a registered task"})
     states: tuple[JobState, ...] = ()
     if "state" in body:

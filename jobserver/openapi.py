@@ -448,8 +448,9 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
             {
                 "name": "cursor",
                 "in": "query",
-                "description": "the next_cursor of the previous page (a job id)",
-                "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+                "description": "the next_cursor of the previous page (a job id); empty: "
+                "the first page",
+                "schema": {"type": "string", "pattern": "^([0-9A-Za-z]{26})?$"},
             },
         ),
     ),
@@ -524,7 +525,11 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
                 "in": "query",
                 "schema": {"type": "integer", "minimum": 0, "maximum": api.MAX_TAIL},
             },
-            {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+            {
+                "name": "follow",
+                "in": "query",
+                "schema": {"type": "string", "enum": ["0", "1", "false", "true"]},
+            },
         ),
     ),
     api.job_artifact: Operation(
