@@ -233,7 +233,9 @@ class Api:
     max_retries_limit: int
     idempotency_window: float
     reconfigure: Reconfigure | None
-    openapi: dict[str, Any]  # the /openapi.json document
+    # The /openapi.json document as the server is configured now (it describes security
+    # only while the server asks for tokens, which `jobserver token create` can change).
+    openapi: Callable[[], Mapping[str, Any]]
     shutdown: Shutdown
     # Recently answered jobs, rendered (see ``_rendering``).
     rendered: dict[str, tuple[Job, bytes, bytes, str]] = field(default_factory=dict)
@@ -254,7 +256,7 @@ def create_app(
     registry: Registry,
     scheduler: SchedulerPort,
     max_body_size: int,
-    openapi: Mapping[str, Any],
+    openapi: Callable[[], Mapping[str, Any]],
     metrics: Metrics,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     jobs_dir: Path | None = None,
@@ -277,7 +279,7 @@ def create_app(
         max_retries_limit=max_retries_limit,
         idempotency_window=idempotency_window,
         reconfigure=reconfigure,
-        openapi=dict(openapi),
+        openapi=openapi,
         shutdown=shutdown or Shutdown(),
     )
     return App(
@@ -495,7 +497,8 @@ async def _bulk_filter(api: Api, request: Request, allowed: tuple[JobState, ...]
     body = await _read_json(api, request)
     problems = _unknown_fields(body, BULK_FIELDS, '{"task": "NAME", "state": "queued"}')
     task = body.get("task")
-    if task is not None and not (isinstance(task, str) and task in api.registry):
+    # "task": null is no criterion: refused, so it never selects every job
+    if "task" in body and not (isinstance(task, str) and task in api.registry):
         problems.append({"field": "task", "message": "expected the name of a registered task"})
     states: tuple[JobState, ...] = ()
     if "state" in body:
@@ -696,7 +699,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONDocument(request.app.api.openapi)
+    return JSONDocument(request.app.api.openapi())
 
 
 async def start_task(task: Task, request: Request) -> Response:

@@ -8,7 +8,15 @@ one scope and guarded with another).  To add a route: add it to ``api.routes`` a
 ``Operation`` here.
 
 Tasks with a ``route`` get an operation each, built from their signature
-(``tutorial_operations``), so the document describes the arguments each one takes.
+(``tutorial_operations``), so the document describes the arguments each one takes; the
+body of ``POST /api/v1/jobs`` is one schema per task (``Submission``, discriminated by
+``task``).  Links lead from an answer that carries a job id to the operations on that job,
+so a client generator (or a fuzzer's stateful phase) can follow them.
+
+``document`` describes security as the server is configured: a server that serves
+anonymously (no tokens, on loopback or with ``allow_anonymous``) declares no security
+scheme and no 401/403; one with tokens declares bearer security on every guarded
+operation.  The server serves the document that matches its state at the time.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _STRING = {"type": "string"}
+# What the API accepts as a job id in a body or a query (api._looks_like_job_id).
+JOB_ID_PATTERN = "^[0-9A-Za-z]{26}$"
 _TIME = {"type": "string", "format": "date-time", "nullable": True}
 
 SCHEMAS: dict[str, Any] = {
@@ -127,45 +137,17 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "JobEnd": {
+        "type": "object",
+        "maxProperties": 0,
+        "description": "the data of the last event: the job is finished",
+    },
     "JobList": {
         "type": "object",
         "required": ["jobs", "next_cursor"],
         "properties": {
             "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
             "next_cursor": _nullable(_STRING),
-        },
-    },
-    "Submission": {
-        "type": "object",
-        "required": ["task"],
-        "additionalProperties": False,
-        "properties": {
-            "task": {"type": "string", "description": "a task name from GET /api/v1/tasks"},
-            "args": {"type": "object", "description": "the task's named arguments"},
-            "priority": {
-                "type": "integer",
-                "minimum": -api.MAX_PRIORITY,
-                "maximum": api.MAX_PRIORITY,
-            },
-            "max_retries": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "override the task's max_retries, up to the server's limit",
-            },
-            "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
-            "run_at": {
-                "type": "string",
-                "format": "date-time",
-                "description": "start no earlier than this (with a UTC offset); not with delay",
-            },
-            "delay": {"type": "number", "minimum": 0, "description": "seconds; not with run_at"},
-            "depends_on": {
-                "type": "array",
-                "items": _STRING,
-                "maxItems": 100,
-                "uniqueItems": True,
-                "description": "job ids that must succeed first",
-            },
         },
     },
     "TaskStatus": {
@@ -362,7 +344,6 @@ TEXT = "text/plain"
 BINARY = "application/octet-stream"
 HTML = "text/html"
 EVENTS = "text/event-stream"
-_GUARDED_ERRORS = (401, 403, 429, 503)
 
 
 @dataclass(frozen=True)
@@ -376,6 +357,8 @@ class Operation:
     parameters: Sequence[Mapping[str, Any]] = ()
     description: str = ""
     tags: Sequence[str] = field(default_factory=lambda: ("jobs",))
+    # status -> links from that answer to other operations
+    links: Mapping[int, Mapping[str, Link]] = field(default_factory=dict)
 
 
 class PathOperation(NamedTuple):
@@ -385,6 +368,114 @@ class PathOperation(NamedTuple):
     path: str
     operation: Operation
 
+
+def _submit_options(max_retries_limit: int) -> dict[str, Any]:
+    """The submit body's fields beside ``task`` and ``args``, bounded as the API checks them
+    (``api.submit_options``)."""
+    return {
+        "priority": {
+            "type": "integer",
+            "minimum": -api.MAX_PRIORITY,
+            "maximum": api.MAX_PRIORITY,
+        },
+        "max_retries": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": max_retries_limit,
+            "description": "override the task's max_retries, up to the server's max_retries_limit",
+        },
+        "timeout": {
+            "type": "number",
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "maximum": api.MAX_TIMEOUT,
+            "description": "seconds",
+        },
+        "run_at": {
+            "type": "string",
+            "format": "date-time",
+            "description": "start no earlier than this (with a UTC offset), at most 366 days "
+            "ahead; not with delay",
+        },
+        "delay": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": api.MAX_DELAY,
+            "description": "seconds; not with run_at",
+        },
+        "depends_on": {
+            "type": "array",
+            "items": {"type": "string", "pattern": JOB_ID_PATTERN},
+            "maxItems": api.MAX_DEPENDENCIES,
+            "uniqueItems": True,
+            "description": "ids of jobs of this client that must succeed first (422 names "
+            "an id that is not one)",
+        },
+    }
+
+
+def submission_schemas(registry: Registry, max_retries_limit: int) -> dict[str, Any]:
+    """``Submission``: one schema per task (``Submission.NAME``: its name, its arguments,
+    the shared options), told apart by ``task``; ``run_at`` and ``delay`` exclude each
+    other."""
+    options = _submit_options(max_retries_limit)
+    schemas: dict[str, Any] = {}
+    for task in registry:
+        arguments = args_schema(task)
+        schemas[f"Submission.{task.name}"] = {
+            "type": "object",
+            # Without args the task gets none: required when its signature needs some.
+            "required": ["task", "args"] if arguments["required"] else ["task"],
+            "additionalProperties": False,
+            "properties": {
+                "task": {"type": "string", "enum": [task.name]},
+                "args": {**arguments, "description": "the task's named arguments"},
+                **options,
+            },
+            "not": {"required": ["run_at", "delay"]},
+        }
+    refs = {name.removeprefix("Submission."): f"#/components/schemas/{name}" for name in schemas}
+    if not refs:  # no task: no submission is valid
+        return {"Submission": {"not": {}, "description": "this server has no tasks"}}
+    schemas["Submission"] = {
+        "oneOf": [{"$ref": ref} for ref in refs.values()],
+        "discriminator": {"propertyName": "task", "mapping": refs},
+        "description": "a task name from GET /api/v1/tasks, its args, and options",
+    }
+    return schemas
+
+
+def _job_links(id_expression: str) -> dict[str, Link]:
+    """Links from an answer that carries a job's id (at ``id_expression``) to the
+    operations on that job."""
+    on_job = {"job_id": id_expression}
+    return {
+        "GetJob": Link("GET", "/api/v1/jobs/{job_id}", on_job),
+        "CancelJob": Link("POST", "/api/v1/jobs/{job_id}/cancel", on_job),
+        "RetryJob": Link("POST", "/api/v1/jobs/{job_id}/retry", on_job),
+        "JobLogs": Link("GET", "/api/v1/jobs/{job_id}/logs", on_job),
+        "JobEvents": Link("GET", "/api/v1/jobs/{job_id}/events", on_job),
+        "TaskStatus": Link("GET", "/api/v1/task-status/{task_id}", {"task_id": id_expression}),
+    }
+
+
+class Link(NamedTuple):
+    """An OpenAPI link: the operation (method, path) and how its parameters are filled
+    from the answer (runtime expressions like ``$response.body#/id``)."""
+
+    method: str
+    path: str
+    parameters: Mapping[str, str]
+
+
+_JOB_LINKS = _job_links("$response.body#/id")
+_ARTIFACT_LINK = {
+    "JobArtifact": Link(
+        "GET",
+        "/api/v1/jobs/{job_id}/artifacts/{name}",
+        {"job_id": "$response.body#/id", "name": "$response.body#/artifacts/0/name"},
+    )
+}
 
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
@@ -419,20 +510,34 @@ def _integer_query(
     )
 
 
-# Every endpoint of api.routes, described; the document lists them in this order.
-def _bulk_filter(states: tuple[str, ...]) -> dict[str, Any]:
+def _bulk_filter(states: tuple[str, ...], task_names: Sequence[str] = ()) -> dict[str, Any]:
+    """A bulk cancel or retry body: at least one criterion, or ``"all": true``."""
     state = {"type": "string", "enum": list(states)}
+    task = {**_STRING, "description": "a registered task's name"}
     return {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "task": {**_STRING, "description": "a registered task's name"},
+            "task": {**task, "enum": list(task_names)} if task_names else task,
             "state": {"oneOf": [state, {"type": "array", "items": state, "minItems": 1}]},
-            "older_than": {"type": "number", "minimum": 0, "description": "seconds since submit"},
+            "older_than": {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMaximum": True,
+                "maximum": 1e10,
+                "description": "seconds since submit",
+            },
             "before": {"type": "string", "format": "date-time", "description": "submitted before"},
             "all": {"type": "boolean", "description": "true: no criterion is needed"},
         },
+        "anyOf": [
+            *({"required": [criterion]} for criterion in ("task", "state", "older_than", "before")),
+            {"required": ["all"], "properties": {"all": {"enum": [True]}}},
+        ],
     }
+
+
+# Every endpoint of api.routes, described; the document lists them in this order.
 
 
 OPERATIONS: Mapping[Endpoint, Operation] = {
@@ -462,6 +567,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         parameters=(_IDEMPOTENCY_KEY,),
         description="The job row is committed to the database before the answer is sent. "
         "200 (not 202) answers a repeated Idempotency-Key with the original job.",
+        links={200: _JOB_LINKS, 202: _JOB_LINKS},
     ),
     api.list_jobs: Operation(
         "read",
@@ -479,7 +585,13 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
                 "in": "query",
                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
             },
-            {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+            {
+                "name": "cursor",
+                "in": "query",
+                "description": "the next_cursor of the previous page (a job id); empty: "
+                "the first page",
+                "schema": {"type": "string", "pattern": "^([0-9A-Za-z]{26})?$"},
+            },
         ),
     ),
     api.get_job: Operation(
@@ -502,24 +614,30 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
             },
         ),
         description="Carries an ETag, and Retry-After while the job is not finished.",
+        links={200: {**_JOB_LINKS, **_ARTIFACT_LINK}},
     ),
     api.job_events: Operation(
         "read",
         "The job as Server-Sent Events: the document now and at every change, then 'end'",
         {200: EVENTS, 404: None, 410: None},
         parameters=(_JOB_ID,),
+        description="Each event 'job' carries the job's document (as GET /api/v1/jobs/{id} "
+        "answers it) in its data, with the document's ETag as the event id; the last "
+        "event, 'end', carries {}.",
     ),
     api.cancel_job: Operation(
         "cancel",
         "Cancel a job: at once if queued (200), by signalling its processes if running (202)",
         {200: "Job", 202: "Job", 404: None, 409: None, 410: None},
         parameters=(_JOB_ID,),
+        links={200: _JOB_LINKS, 202: _JOB_LINKS},
     ),
     api.retry_job: Operation(
         "submit",
         "Run a failed or cancelled job again, as a new attempt",
         {202: "Job", 404: None, 409: None, 410: None},
         parameters=(_JOB_ID,),
+        links={202: _JOB_LINKS},
     ),
     api.cancel_jobs: Operation(
         "cancel",
@@ -542,8 +660,16 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         {200: TEXT, 404: None, 410: None, 422: None},
         parameters=(
             _JOB_ID,
-            {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-            {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+            {
+                "name": "tail",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 0, "maximum": api.MAX_TAIL},
+            },
+            {
+                "name": "follow",
+                "in": "query",
+                "schema": {"type": "string", "enum": ["0", "1", "false", "true"]},
+            },
         ),
     ),
     api.job_artifact: Operation(
@@ -673,6 +799,7 @@ def described(
 
 def tutorial_operations(registry: Registry) -> list[PathOperation]:
     """One submit operation per task with a ``route`` (the tutorial's endpoints)."""
+    links = _job_links("$response.body#/task_id")
     return [
         PathOperation(
             "POST",
@@ -680,9 +807,11 @@ def tutorial_operations(registry: Registry) -> list[PathOperation]:
             Operation(
                 "submit",
                 f"Submit a {task.name!r} job with its arguments as the body",
-                {202: "Accepted", **dict.fromkeys(_BODY_ERRORS)},
+                {200: "Accepted", 202: "Accepted", 409: None, **dict.fromkeys(_BODY_ERRORS)},
                 body=args_schema(task),
+                parameters=(_IDEMPOTENCY_KEY,),
                 tags=("tutorial",),
+                links={200: links, 202: links},
             ),
         )
         for path, task in registry.by_route().items()
@@ -690,18 +819,18 @@ def tutorial_operations(registry: Registry) -> list[PathOperation]:
 
 
 def operations_for(registry: Registry) -> list[PathOperation]:
-    """Every route the app serves, described, with the submit body narrowed to the task
-    names this server knows."""
+    """Every route the app serves, described, with the bulk filters' ``task`` narrowed to
+    the task names this server knows (the submit body is narrowed by its schema:
+    ``submission_schemas``)."""
     names = registry.names()
-    submission = {
-        "allOf": [
-            {"$ref": "#/components/schemas/Submission"},
-            {"properties": {"task": {"type": "string", "enum": names}}} if names else {},
-        ],
-    }
     narrowed = {
         **OPERATIONS,
-        api.submit_job: replace(OPERATIONS[api.submit_job], body=submission),
+        api.cancel_jobs: replace(
+            OPERATIONS[api.cancel_jobs], body=_bulk_filter(("queued", "running"), names)
+        ),
+        api.retry_jobs: replace(
+            OPERATIONS[api.retry_jobs], body=_bulk_filter(("failed", "cancelled"), names)
+        ),
     }
     return [*described(api.routes, narrowed), *tutorial_operations(registry)]
 
@@ -711,20 +840,68 @@ def access_rules(operations: Iterable[PathOperation]) -> list[tuple[str, str, st
     return [(method, path, op.scope) for method, path, op in operations]
 
 
-def document(operations: Iterable[PathOperation], version: str) -> dict[str, Any]:
+# Each event of GET /api/v1/jobs/{job_id}/events, as an event-stream parser reads it.
+_JOB_EVENT = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["job"]},
+                "id": {"type": "string", "description": "the document's ETag"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/Job"},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["end"]},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/JobEnd"},
+                },
+            },
+        },
+    ]
+}
+
+
+def document(
+    operations: Iterable[PathOperation],
+    version: str,
+    *,
+    schemas: Mapping[str, Any] | None = None,
+    guarded: bool = True,
+    rate_limited: bool = False,
+) -> dict[str, Any]:
+    """The OpenAPI document.  ``schemas``: the per-server schemas beside ``SCHEMAS``
+    (``submission_schemas``).  ``guarded``: the server asks for tokens, so its guarded
+    operations declare bearer security and answer 401 and 403; an anonymous server
+    declares neither.  ``rate_limited``: a rate limit is configured (429)."""
     paths: dict[str, dict[str, Any]] = {}
     for method, path, op in operations:
         responses: dict[str, Any] = {}
         codes = dict(op.responses)
         if op.scope is not None:
-            codes.update({code: None for code in _GUARDED_ERRORS if code not in codes})
+            guards = (401, 403) if guarded else ()
+            codes.update(dict.fromkeys(c for c in (*guards, 503) if c not in codes))
+            if rate_limited:
+                codes.setdefault(429, None)
         for status, schema in sorted(codes.items()):
             ref = schema or (None if status < 400 else "Error")
             description = _ERROR_TEXT.get(status, "OK") if status >= 400 else "OK"
             if status == 202:
                 description = "accepted"
             content: dict[str, Any]
-            if ref in (TEXT, BINARY, HTML, EVENTS):
+            if ref == EVENTS:
+                content = {ref: {"schema": _JOB_EVENT}}
+            elif ref in (TEXT, BINARY, HTML):
                 content = {ref: {"schema": {"type": "string", "format": "binary"}}}
             else:
                 content = {
@@ -733,6 +910,14 @@ def document(operations: Iterable[PathOperation], version: str) -> dict[str, Any
                     else {"schema": {"type": "object"}}
                 }
             responses[str(status)] = {"description": description, "content": content}
+            if status in op.links:
+                responses[str(status)]["links"] = {
+                    name: {
+                        "operationId": _operation_id(link.method, link.path),
+                        "parameters": dict(link.parameters),
+                    }
+                    for name, link in op.links[status].items()
+                }
         operation: dict[str, Any] = {
             "summary": op.summary,
             "operationId": _operation_id(method, path),
@@ -748,32 +933,41 @@ def document(operations: Iterable[PathOperation], version: str) -> dict[str, Any
                 "required": True,
                 "content": {"application/json": {"schema": dict(op.body)}},
             }
-        operation["security"] = [] if op.scope is None else [{"bearer": []}]
+        if guarded:
+            operation["security"] = [] if op.scope is None else [{"bearer": []}]
         if op.scope is not None:
+            # Also on an anonymous server: the scope a token will need once there are some.
             operation["x-required-scope"] = op.scope
         paths.setdefault(path, {})[method.lower()] = operation
-    return {
+    components: dict[str, Any] = {"schemas": {**SCHEMAS, **(schemas or {})}}
+    described: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
             "title": "jobserver",
             "version": version,
             "description": "Long-running Python functions as an HTTP job service. "
-            "Every error is {'error': {'code', 'message', 'details'}}.",
+            "Every error is {'error': {'code', 'message', 'details'}}. "
+            + (
+                "Every operation but the open ones needs a bearer token."
+                if guarded
+                else "This server has no tokens: it serves anyone who can connect "
+                "(it asks for tokens once `jobserver token create` made one)."
+            ),
         },
         "paths": paths,
-        "components": {
-            "schemas": SCHEMAS,
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "a token from `jobserver token create`; scopes: submit, "
-                    "read, cancel, admin (admin implies all and sees every client's jobs)",
-                }
-            },
-        },
-        "security": [{"bearer": []}],
+        "components": components,
     }
+    if guarded:
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a token from `jobserver token create`; scopes: submit, "
+                "read, cancel, admin (admin implies all and sees every client's jobs)",
+            }
+        }
+        described["security"] = [{"bearer": []}]
+    return described
 
 
 def _operation_id(method: str, path: str) -> str:

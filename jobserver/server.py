@@ -353,6 +353,29 @@ def build(
             await store.close()
 
     operations = openapi.operations_for(registry)
+    bind = host or server_settings.host
+    policy = Policy(
+        tokens=TokenFile(server_settings.tokens_file),
+        # The page's own files are as open as the page (its API calls carry the token).
+        rules=rules_for([*openapi.access_rules(operations), ("GET", "/static/{file}", None)]),
+        open_without_tokens=is_loopback(bind) or server_settings.allow_anonymous,
+        limiter=None
+        if server_settings.rate_limit is None
+        else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
+        allow_anonymous=server_settings.allow_anonymous,
+    )
+    # Two descriptions: the one served follows the access state (tokens created or revoked).
+    schemas = openapi.submission_schemas(registry, settings.jobs.max_retries_limit)
+    documents = {
+        guarded: openapi.document(
+            operations,
+            __version__,
+            schemas=schemas,
+            guarded=guarded,
+            rate_limited=server_settings.rate_limit is not None,
+        )
+        for guarded in (False, True)
+    }
     app = create_app(
         store=store,
         registry=registry,
@@ -369,26 +392,13 @@ def build(
             max_args_size=server_settings.max_args_size,
             max_queued=server_settings.max_queued,
         ),
-        openapi=openapi.document(operations, __version__),
+        openapi=lambda: documents[not policy.anonymous(policy.tokens.tokens())],
         reconfigure=runtime.change,
         events=events,
         metrics=metrics,
         shutdown=shutdown,
     )
-    bind = host or server_settings.host
-    app.add_middleware(
-        AccessMiddleware,
-        policy=Policy(
-            tokens=TokenFile(server_settings.tokens_file),
-            # The page's own files are as open as the page (its API calls carry the token).
-            rules=rules_for([*openapi.access_rules(operations), ("GET", "/static/{file}", None)]),
-            open_without_tokens=is_loopback(bind) or server_settings.allow_anonymous,
-            limiter=None
-            if server_settings.rate_limit is None
-            else RateLimiter(server_settings.rate_limit, server_settings.rate_burst),
-            allow_anonymous=server_settings.allow_anonymous,
-        ),
-    )
+    app.add_middleware(AccessMiddleware, policy=policy)
     return Application(
         app,
         store,

@@ -619,6 +619,7 @@ async def test_bulk_cancel_cancels_queued_and_signals_running(make_harness: Any)
         ("retry", {}, "body"),
         ("cancel", [], "body"),
         ("cancel", {"task": "nosuch"}, "task"),
+        ("cancel", {"task": None}, "task"),  # no criterion: it would select every job
         ("cancel", {"state": "failed"}, "state"),
         ("retry", {"state": ["queued"]}, "state"),
         ("cancel", {"state": []}, "state"),

@@ -5,6 +5,7 @@ must be documented, match its schema and never be a 5xx."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import Route
 
 from jobserver import api, config, openapi
+from jobserver.access import create_token
 from jobserver.server import build
 from jobserver.store import migrate
 from tests.conftest import FakeProbe, ServerProcess, start_server, write_config
@@ -54,12 +56,13 @@ def test_every_served_route_is_described(tmp_path: Path) -> None:
         (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
     assert served == described
-    # Every guarded operation says which scope it needs; the open ones are exactly these.
+    # Every guarded operation says which scope it needs (also on this server without
+    # tokens, which describes no security); the open ones are exactly these.
     open_ops = {
         (m.upper(), p)
         for p, item in document["paths"].items()
         for m, op in item.items()
-        if not op["security"]
+        if "x-required-scope" not in op
     }
     # The web page is a shell with no data in it: it asks for a token for every API call.
     assert open_ops == {
@@ -188,3 +191,75 @@ def test_server_does_what_its_document_says(fuzzed_server: ServerProcess) -> Non
 def test_fuzzed_server_is_still_healthy(fuzzed_server: ServerProcess) -> None:
     assert httpx.get(f"{fuzzed_server.url}/healthz", timeout=5).status_code == 200
     assert "Traceback" not in fuzzed_server.log()
+
+
+# -- the description follows the server's configuration ---------------------------------
+
+
+def served_document(tmp_path: Path, **server: Any) -> tuple[Any, dict[str, Any]]:
+    settings = config.load(write_config(tmp_path, server=server or None, tasks=FUZZ_TASKS))
+    migrate(settings.server.database)
+    application = build(settings, probe=FakeProbe(), host="127.0.0.1")
+    return application, httpx_get_document(application)
+
+
+def test_an_anonymous_server_describes_no_security(tmp_path: Path) -> None:
+    """On loopback without tokens every request is served: no scheme, no 401/403."""
+    _, document = served_document(tmp_path)
+    assert "security" not in document
+    assert "securitySchemes" not in document["components"]
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert "security" not in operation
+            assert not {"401", "403"} & set(operation["responses"])
+
+
+def test_a_server_with_tokens_describes_bearer_security(tmp_path: Path) -> None:
+    """The document follows the tokens file: created after the start, it is described."""
+    application, before = served_document(tmp_path)
+    assert "security" not in before
+    create_token(tmp_path / "tokens.json", "client", ["submit", "read", "cancel"])
+    time.sleep(0.6)  # the tokens file is rechecked at most every half second
+    document = httpx_get_document(application)
+    assert document["security"] == [{"bearer": []}]
+    submit = document["paths"]["/api/v1/jobs"]["post"]
+    assert submit["security"] == [{"bearer": []}]
+    assert {"401", "403"} <= set(submit["responses"])
+    assert document["paths"]["/healthz"]["get"]["security"] == []
+
+
+def test_the_submit_body_is_one_schema_per_task(tmp_path: Path) -> None:
+    _, document = served_document(tmp_path)
+    schemas = document["components"]["schemas"]
+    submission = schemas["Submission"]
+    assert submission["discriminator"]["propertyName"] == "task"
+    assert set(submission["discriminator"]["mapping"]) == set(FUZZ_TASKS)
+    add = schemas["Submission.add"]
+    assert add["properties"]["task"] == {"type": "string", "enum": ["add"]}
+    assert add["required"] == ["task", "args"]  # add's a has no default
+    assert add["properties"]["args"]["required"] == ["a"]
+    # run_at and delay exclude each other, as the server checks
+    assert add["not"] == {"required": ["run_at", "delay"]}
+    assert add["properties"]["max_retries"]["maximum"] == 10
+    assert add["properties"]["depends_on"]["items"]["pattern"] == openapi.JOB_ID_PATTERN
+
+
+def test_listing_cursor_logs_tail_and_events_are_described_as_served(tmp_path: Path) -> None:
+    _, document = served_document(tmp_path)
+    paths = document["paths"]
+    cursor = next(p for p in paths["/api/v1/jobs"]["get"]["parameters"] if p["name"] == "cursor")
+    assert cursor["schema"]["pattern"] == "^([0-9A-Za-z]{26})?$"  # empty: the first page
+    tail = next(
+        p for p in paths["/api/v1/jobs/{job_id}/logs"]["get"]["parameters"] if p["name"] == "tail"
+    )
+    assert tail["schema"]["maximum"] == api.MAX_TAIL
+    events = paths["/api/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    job_event = events["text/event-stream"]["schema"]["oneOf"][0]
+    assert job_event["properties"]["data"]["contentSchema"] == {"$ref": "#/components/schemas/Job"}
+    # Links lead from a submit to the operations on that job.
+    links = paths["/api/v1/jobs"]["post"]["responses"]["202"]["links"]
+    assert links["GetJob"] == {
+        "operationId": "get_api_v1_jobs_job_id",
+        "parameters": {"job_id": "$response.body#/id"},
+    }
+    assert {"CancelJob", "RetryJob", "JobLogs", "JobEvents", "TaskStatus"} <= set(links)
