@@ -341,7 +341,7 @@ def test_shipped_config_lifecycle_defaults_and_example(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[jobs]\n" + jobs)
     assert config.load(path).jobs == JobsSettings()
-    example = text.split("# [schedules.nightly_report]")[1]
+    example = text.split("# [schedules.nightly_report]")[1].split("\n# ---")[0]  # to the next part
     example = "[schedules.nightly_report]" + re.sub(r"^# ", "", example, flags=re.MULTILINE)
     task = '[tasks.run_long_analysis]\nfunction = "jobserver.demo:run_long_analysis"\n'
     path.write_text(task + example)

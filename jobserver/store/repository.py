@@ -256,13 +256,7 @@ class Store:
         so that a client cannot even learn that another client's id exists).  A job the
         pruner deleted raises ``Gone`` (to its owner only)."""
 
-        def read(tx: Tx) -> Job | NotFound:
-            job = self._read_job(tx, job_id)
-            if job is None:
-                return _missing(tx, job_id, owner)
-            return job
-
-        found = await self.driver.read(read, quick=True)
+        found = await self.driver.read(lambda tx: self._lookup(tx, job_id, owner), quick=True)
         if isinstance(found, NotFound):
             raise found
         if owner is not None and found.owner != owner:
@@ -270,12 +264,18 @@ class Store:
         return found
 
     def _read_job(self, tx: Tx, job_id: str) -> Job | None:
+        found = self._lookup(tx, job_id, None)
+        return None if isinstance(found, NotFound) else found
+
+    def _lookup(self, tx: Tx, job_id: str, owner: str | None) -> Job | NotFound:
         """The one way a job is read by id: its row with its history and dependencies,
-        in one statement (one snapshot, and one lookup on the event loop for a poll)."""
+        in one statement (one snapshot, and one lookup on the event loop for a poll);
+        for an id that names no job, what to raise (its pruned record comes along)."""
         found = tx.rows(JOB_WITH_EXTRAS, {"job_id": job_id})
         rows = [extra for extra in found if extra[_EXTRA] == "j"]
         if not rows:
-            return None
+            pruned = [(e[_EXTRA + 4], e[_EXTRA + 2]) for e in found if e[_EXTRA] == "p"]
+            return _not_stored(job_id, owner, pruned)
         key = tuple(found)
         remembered = self._decoded.get(job_id)
         if remembered is not None and remembered[0] == key:
@@ -1035,9 +1035,13 @@ def _missing(tx: Tx, job_id: str, owner: str | None) -> NotFound:
     """What to raise for an id that names no stored job: ``Gone`` with when it was pruned
     if the pruner deleted it (and, with ``owner``, it was that client's), else
     ``NotFound``."""
-    found = tx.rows(PRUNED_BY_ID, {"job_id": job_id})
-    if found and (owner is None or found[0][0] == owner):
-        pruned_at = format_timestamp(_time(found[0][1]))
+    return _not_stored(job_id, owner, tx.rows(PRUNED_BY_ID, {"job_id": job_id}))
+
+
+def _not_stored(job_id: str, owner: str | None, pruned: list[Row]) -> NotFound:
+    """``_missing`` from the id's pruned record (owner, pruned_at), if it has one."""
+    if pruned and (owner is None or pruned[0][0] == owner):
+        pruned_at = format_timestamp(_time(pruned[0][1]))
         return Gone(
             f"job {job_id!r} was pruned at {pruned_at} (past its retention): its state, "
             "result and files are no longer kept",
@@ -1395,11 +1399,13 @@ DEPENDENCY_COLUMNS = (dependencies.c.depends_on, _PARENT.c.state)
 
 
 def _job_with_extras() -> sa.CompoundSelect[Any]:
-    """A job's row, then one row per attempt and dependency it has: the job's columns,
-    then ``kind`` ('j' the job, 'a' an attempt, 'd' a dependency), then the attempt's
-    HISTORY_COLUMNS, a dependency's id and state in the 5th and 6th of those; the columns
-    a row's kind does not use are NULL.  Three index lookups appended to each other: no
-    subquery to materialize and join (a third of a poll's time in SQLite)."""
+    """A job's row, then one row per attempt and dependency it has, or, for an id the
+    pruner deleted, its record: the job's columns, then ``kind`` ('j' the job, 'a' an
+    attempt, 'd' a dependency, 'p' pruned), then the attempt's HISTORY_COLUMNS (a
+    dependency's id and state in the 5th and 6th of those; a pruned id's pruned_at and
+    owner in the 2nd and 4th); the columns a row's kind does not use are NULL.  Index
+    lookups appended to each other: no subquery to materialize and join (a third of a
+    poll's time in SQLite), and an unknown id needs no second statement."""
     job_id: sa.BindParameter[str] = sa.bindparam("job_id")
     no_job = [sa.null().cast(column.type) for column in jobs.c]
     no_history = [sa.null().cast(column.type) for column in HISTORY_COLUMNS]
@@ -1420,7 +1426,17 @@ def _job_with_extras() -> sa.CompoundSelect[Any]:
         .join(_PARENT, _PARENT.c.id == dependencies.c.depends_on)
         .where(dependencies.c.job_id == job_id)
     )
-    return sa.union_all(job, history, deps)
+    # An id the pruner deleted: its owner and when, in the outcome and started_at slots.
+    pruned = sa.select(
+        *no_job,
+        sa.literal_column("'p'", sa.Text),
+        no_history[0],
+        pruned_jobs.c.pruned_at,
+        no_history[2],
+        pruned_jobs.c.owner,
+        *no_history[4:],
+    ).where(pruned_jobs.c.id == job_id)
+    return sa.union_all(job, history, deps, pruned)
 
 
 JOB_WITH_EXTRAS = _job_with_extras()
