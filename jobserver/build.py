@@ -80,6 +80,11 @@ def pyinstaller_arguments(dist: Path, work: Path) -> list[str]:
         "sqlalchemy.dialects.sqlite.pysqlite",
         "--collect-submodules",
         "uvicorn",
+        # The event loop and HTTP parser server.py names; uvicorn imports them by name.
+        "--collect-submodules",
+        "uvloop",
+        "--collect-submodules",
+        "httptools",
     ]
     # Found through store (not importlib) so an editable install, where the package maps to
     # the repository's migrations/, works too.

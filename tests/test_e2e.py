@@ -83,6 +83,17 @@ def test_tutorial_walkthrough_over_http(tmp_path: Path, server_factory: Any) -> 
     assert server.stop() == 0
 
 
+def test_serve_runs_on_uvloop_and_httptools(tmp_path: Path, server_factory: Any) -> None:
+    server = server_factory(write_config(tmp_path, server={"log_level": "info"}))
+    job = submit(server.url, "add", a=2, b=3)
+    assert wait_for_job(server.url, job["id"], "succeeded")["result"] == 5
+    assert server.stop() == 0
+    assert (
+        "event loop uvloop.Loop, HTTP protocol "
+        "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol" in server.log()
+    )
+
+
 def test_sigkill_mid_job_then_restart_requeues_and_succeeds(
     tmp_path: Path, server_factory: Any
 ) -> None:
