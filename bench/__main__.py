@@ -1,9 +1,61 @@
-"""``python -m bench``: jobserver against a bare Starlette app, alternating, several rounds.
+"""``python -m bench``: jobserver, a bare Starlette app and the tutorial's own stack
+(FastAPI + Celery + Redis), in one run, alternating, several rounds.
 
-Starts its own servers on loopback (a fresh jobserver database for every figure and
-round), drives them with wrk when it is installed (else a small asyncio client, see
-``load``), prints median and min-max per figure and the ratios, and writes JSON.
-See docs/performance.md for what each figure means.
+Conditions (the same for every stack, stated in the JSON report too):
+
+- Every HTTP server is one uvicorn process with the standard extra, and each names its
+  event loop and HTTP implementation explicitly: ``uvloop`` and ``httptools`` (jobserver
+  does in jobserver/server.py; the bare app and the FastAPI app are started with
+  ``--loop uvloop --http httptools``), so an install never changes one side alone.
+- The access log is on for all three (``--no-access-log`` turns it off for all three);
+  jobserver and the Celery worker log at ``--log-level`` (info: a line per job).
+- jobserver: ``python -m jobserver serve`` on a fresh database per figure and round, with
+  the bench's tasks (bench/tasks.py) and the tutorial's task copied from the shipped
+  config.toml (``run_long_analysis`` on ``POST /api/v1/start-analysis``); the fork server
+  on; ``synchronous = FULL``.
+- Bare: bench/baseline.py, the ceiling for any framework on this uvicorn.
+- Celery: the tutorial's files (bench/celery_tasks.py, bench/celery_api.py), ``celery
+  worker --concurrency=<cores>`` (prefork), Redis as broker and result backend at
+  ``--redis`` (started if nothing answers there), in two database numbers of its own
+  (``--redis-db`` and the next), flushed before every stack start.
+- Load: ``wrk -t1 -c50`` (one thread, so the servers keep the other core) when wrk is
+  installed, else an asyncio client (HTTP figures only).  The tutorial's submit is
+  ``POST /api/v1/start-analysis`` with ``{"dataset_id": "bench", "complexity": 0}``: the
+  job runs and ends at once.
+
+Figures (``--only`` takes any of these names, comma-separated):
+
+  submit       parked submits, req/s: jobserver POST /api/v1/jobs with ``delay`` (jobs wait,
+               none runs); Celery the tutorial's submit with no worker running (the
+               messages stay in Redis); bare POST /jobs
+  running      submits with the jobs running: the tutorial's submit on jobserver and
+               Celery (bare: POST /jobs); req/s, jobs started per second in the same
+               window, the backlog then, the time to drain it and the drain rate with
+               no submits.  Celery keeps no start time: its started/s counts the jobs
+               finished in the window (a 0-s job ends as it starts)
+  poll         GET a finished job: jobserver /api/v1/jobs/{id}; bare /jobs/{id};
+               Celery has only the task-status route (its figure is under task_status)
+  task_status  GET /api/v1/task-status/{id} of a finished job (jobserver and Celery)
+  unknown      GET an id never issued: jobserver answers 404; Celery answers 200 PENDING
+               (an unknown id is indistinguishable from a queued one there)
+  dispatch     one job at a time on an idle stack: from just before the POST (jobserver
+               /api/v1/jobs, Celery /api/v1/stamp on the FastAPI app) to the task body's
+               ``time.time()``; p50 and p99
+  e2e          no-op jobs end to end, from the first submit until the last one has
+               finished (jobserver POST /api/v1/jobs, Celery POST /api/v1/noop on the
+               FastAPI app, both by wrk): one client submitting in a loop (wrk -c1) and
+               8 concurrent clients (wrk -c8); CPU per job of each process (jobserver:
+               server, fork server, jobs; Celery: the FastAPI app, the worker's main
+               process, its pool processes, redis-server; both: the client) and the
+               jobs/s that the total CPU per job allows on this machine's cores.
+               Celery also without its web app: the bench calls ``noop.delay()`` in a
+               loop (delay_loop; the client's CPU is then the bench process's)
+  sustained    50 clients (wrk -c50) submit the tutorial's job for --sustain-seconds;
+               jobs completed / time until the last one finished; the time to drain
+  overhead     jobserver alone: idle CPU and RSS; CPU while 100 jobs run
+
+Prints medians with min-max per figure and the ratios (of medians, and paired within a
+round for the HTTP figures), and writes every raw sample to JSON (``--output``).
 """
 
 from __future__ import annotations
@@ -11,10 +63,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -24,28 +78,38 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-CELERY = {  # the issue's measurements of the tutorial stack, for the ratios
-    "submit_rps": 607.0,
-    "poll_rps": 1158.0,
-    "unknown_rps": 1059.0,
-    "e2e_tasks_per_s": 778.0,
-    "dispatch_p50_ms": 2.8,
-    "dispatch_p99_ms": 4.6,
-}
-PARK = 86400  # seconds: submitted jobs wait this long, so the submit figure runs no job
-# What --only may name; the poll figures (poll, task_status, unknown) share one server.
-FIGURES = ("submit", "poll", "task_status", "unknown", "dispatch", "e2e", "overhead")
+PARK = 86400  # seconds: submitted jobs wait this long, so the parked submit runs no job
+# The tutorial's submit: complexity 0, so each job runs and ends at once.
+TUTORIAL_ROUTE = "/api/v1/start-analysis"
+TUTORIAL_BODY = {"dataset_id": "bench", "complexity": 0}
+FIGURES = (
+    "submit",
+    "running",
+    "poll",
+    "task_status",
+    "unknown",
+    "dispatch",
+    "e2e",
+    "sustained",
+    "overhead",
+)
 POLL_FIGURES = ("poll", "task_status", "unknown")
+# Figures that measure the Celery stack as well (all but jobserver's own overhead).
+CELERY_FIGURES = ("submit", "running", "task_status", "unknown", "dispatch", "e2e", "sustained")
+E2E_CLIENTS = (1, 8)
+SUSTAINED_CLIENTS = 50
 
 
 def free_port() -> int:
@@ -128,7 +192,17 @@ memory = "1MiB"
 function = "bench.tasks:sleep"
 cpus = 0.01
 memory = "1MiB"
+
+[tasks.run_long_analysis]
+{tutorial_task}
 """
+
+
+def tutorial_task() -> str:
+    """The shipped config.toml's tutorial task, key for key (its route, cpus, memory)."""
+    with (ROOT / "config.toml").open("rb") as file:
+        table = tomllib.load(file)["tasks"]["run_long_analysis"]
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in table.items())
 
 
 @contextlib.contextmanager
@@ -144,6 +218,7 @@ def jobserver(args: argparse.Namespace, prefill: Path | None = None) -> Iterator
             workdir=workdir,
             access_log="true" if args.access_log else "false",
             log_level=args.log_level,
+            tutorial_task=tutorial_task(),
         )
     )
     if prefill is not None:
@@ -168,23 +243,140 @@ def jobserver(args: argparse.Namespace, prefill: Path | None = None) -> Iterator
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def baseline(args: argparse.Namespace) -> Iterator[Server]:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+def uvicorn_app(
+    args: argparse.Namespace,
+    app: str,
+    ready_path: str,
+    prefix: str,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """``app`` on one uvicorn process, on the loop and HTTP implementation jobserver names."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port)]
-    command += ["--host", "127.0.0.1", "--log-level", args.log_level]
+    command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--host", "127.0.0.1"]
+    command += ["--loop", "uvloop", "--http", "httptools", "--log-level", args.log_level]
     if not args.access_log:
         command.append("--no-access-log")
     with (workdir / "server.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env or os.environ.copy()
+        )
     server = Server(process, f"http://127.0.0.1:{port}", workdir)
+    wait_ready(server, ready_path)
+    return server
+
+
+@contextlib.contextmanager
+def baseline(args: argparse.Namespace) -> Iterator[Server]:
+    server = uvicorn_app(args, "bench.baseline:app", "/jobs/0", "bench-baseline-")
     try:
-        wait_ready(server, "/jobs/0")
         yield server
     finally:
         server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+# -- the Celery stack ------------------------------------------------------------------
+
+
+@dataclass
+class CeleryStack:
+    web: Server
+    worker: Server | None
+    broker: Any  # redis.Redis on the broker's database
+    results: Any  # redis.Redis on the result backend's database
+    redis_pid: int
+
+
+def redis_urls(args: argparse.Namespace) -> tuple[str, str]:
+    base = args.redis.rstrip("/")
+    return f"{base}/{args.redis_db}", f"{base}/{args.redis_db + 1}"
+
+
+@contextlib.contextmanager
+def redis_server(args: argparse.Namespace) -> Iterator[None]:
+    """Redis at ``--redis``: the one running there, else one started here (and stopped)."""
+    import redis
+
+    where = urlsplit(args.redis)
+    client = redis.Redis(host=where.hostname or "127.0.0.1", port=where.port or 6379)
+    started: subprocess.Popen[bytes] | None = None
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        if shutil.which("redis-server") is None:
+            raise SystemExit(
+                f"no Redis answers at {args.redis} and redis-server is not installed "
+                "(apt-get install redis-server), or pass --no-celery"
+            ) from None
+        started = subprocess.Popen(
+            ["redis-server", "--port", str(where.port or 6379), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or started.poll() is not None:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+    # The Celery side's processes and this one find the stack through the environment.
+    os.environ["BENCH_CELERY_BROKER"], os.environ["BENCH_CELERY_BACKEND"] = redis_urls(args)
+    try:
+        yield
+    finally:
+        client.close()
+        if started is not None:
+            started.terminate()
+            started.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def celery_stack(args: argparse.Namespace, worker: bool = True) -> Iterator[CeleryStack]:
+    """The tutorial's three processes on emptied Redis databases: the FastAPI app on
+    uvicorn, ``celery worker --concurrency=<cores>`` (unless ``worker`` is false) and Redis."""
+    import redis
+
+    broker_url, backend_url = redis_urls(args)
+    broker, results = redis.Redis.from_url(broker_url), redis.Redis.from_url(backend_url)
+    broker.flushdb()
+    results.flushdb()
+    redis_pid = int(broker.info("server")["process_id"])
+    web = uvicorn_app(args, "bench.celery_api:app", "/api/v1/task-status/x", "bench-celery-")
+    started: Server | None = None
+    try:
+        if worker:
+            command = [sys.executable, "-m", "celery", "-A", "bench.celery_tasks", "worker"]
+            command += [f"--loglevel={args.log_level}", f"--concurrency={os.cpu_count()}"]
+            with (web.workdir / "worker.log").open("wb") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            started = Server(process, "", web.workdir)
+            # Ready once it has run a job (the first of everything, as jobserver's is).
+            response = httpx.post(f"{web.url}{TUTORIAL_ROUTE}", json=TUTORIAL_BODY, timeout=30)
+            wait_celery_status(web.url, response.json()["task_id"], started)
+        yield CeleryStack(web, started, broker, results, redis_pid)
+    finally:
+        if started is not None:
+            started.stop()
+        web.stop()
+        broker.close()
+        results.close()
+        shutil.rmtree(web.workdir, ignore_errors=True)
+
+
+def wait_celery_status(url: str, task_id: str, worker: Server) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            log = (worker.workdir / "worker.log").read_text(errors="replace")
+            raise SystemExit(f"celery worker exited with {worker.process.returncode}:\n{log}")
+        status = httpx.get(f"{url}/api/v1/task-status/{task_id}", timeout=30).json()["status"]
+        if status == "SUCCESS":
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"celery task {task_id} did not succeed")
 
 
 # -- load ------------------------------------------------------------------------------
@@ -193,9 +385,13 @@ def baseline(args: argparse.Namespace) -> Iterator[Server]:
 def load(args: argparse.Namespace, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
     """Requests/s for ``args.duration`` seconds at 50 connections: wrk -t1 -c50 if
     installed (it uses one thread, so the server keeps the other core), else asyncio."""
-    if shutil.which("wrk") and not args.asyncio_client:
+    if use_wrk(args):
         return _wrk(args, url, body)
     return asyncio.run(_asyncio_load(args, url, body))
+
+
+def use_wrk(args: argparse.Namespace) -> bool:
+    return shutil.which("wrk") is not None and not args.asyncio_client
 
 
 def _wrk(
@@ -204,11 +400,12 @@ def _wrk(
     body: dict[str, Any] | None,
     connections: int | None = None,
     stop_after: int | None = None,
+    duration: float | None = None,
 ) -> dict[str, Any]:
-    """wrk for ``args.duration`` seconds, or until ``stop_after`` answers have come (the
-    requests still in flight then are sent all the same)."""
-    duration = args.duration if stop_after is None else 600
-    command = ["wrk", "-t1", f"-c{connections or args.connections}", f"-d{duration}s"]
+    """wrk for ``duration`` (default ``args.duration``) seconds, or until ``stop_after``
+    answers have come (the requests still in flight then are sent all the same)."""
+    seconds = duration or args.duration if stop_after is None else 600
+    command = ["wrk", "-t1", f"-c{connections or args.connections}", f"-d{seconds}s"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         if body is not None:
             script.write(
@@ -272,6 +469,65 @@ async def _asyncio_load(
     return {"rps": counts["requests"] / elapsed, **counts, "socket_errors": None}
 
 
+def need_wrk(args: argparse.Namespace, figure: str) -> None:
+    if not use_wrk(args):
+        raise SystemExit(f"the {figure} figure needs wrk (apt-get install wrk)")
+
+
+# -- when jobs ran ---------------------------------------------------------------------
+
+
+def epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def jobserver_times(server: Server, timeout: float = 900) -> list[tuple[float, float]]:
+    """Once no job is queued or running: (started, finished) of every job, from the
+    database file (read beside the server, not through it, so as not to load it)."""
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(sqlite3.connect(server.workdir / "jobs.db")) as database:
+        while True:
+            (active,) = database.execute(
+                "SELECT count(*) FROM jobs WHERE finished_at IS NULL"
+            ).fetchone()
+            if not active:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{active} jobserver jobs did not finish")
+            time.sleep(0.05)
+        rows = database.execute("SELECT state, started_at, finished_at FROM jobs").fetchall()
+    failed = [state for state, _, _ in rows if state != "succeeded"]
+    if failed:
+        raise SystemExit(f"{len(failed)} jobserver jobs did not succeed ({failed[:3]})")
+    return [(epoch(started), epoch(finished)) for _, started, finished in rows]
+
+
+def celery_times(stack: CeleryStack, at_least: int, timeout: float = 900) -> list[float]:
+    """Once the broker's queue is empty and at least ``at_least`` results have stayed
+    put for a second: every result's ``date_done`` (Celery keeps no start time)."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while True:
+        queued = stack.broker.llen("celery") + stack.broker.hlen("unacked")
+        now_count = stack.results.dbsize()
+        if now_count != count:
+            count, since = now_count, time.monotonic()
+        if not queued and count >= at_least and time.monotonic() - since >= 1:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"celery: {count} of {at_least} results, {queued} queued")
+        time.sleep(0.01)
+    keys = list(stack.results.scan_iter("celery-task-meta-*", count=1000))
+    found = []
+    for start in range(0, len(keys), 1000):
+        for raw in stack.results.mget(keys[start : start + 1000]):
+            meta = json.loads(raw)
+            if meta["status"] != "SUCCESS":
+                raise SystemExit(f"a celery task did not succeed: {meta}")
+            found.append(epoch(meta["date_done"]))
+    return found
+
+
 # -- figures ---------------------------------------------------------------------------
 
 
@@ -304,8 +560,8 @@ def finished_job(url: str) -> str:
 def dispatch_latency(url: str, samples: int) -> list[float]:
     """Milliseconds from just before the POST to the task body starting, one job at a
     time on an idle server, after one job not counted: the first job after a start
-    waits for the fork server, and is the first of everything (as a worker's first
-    task is in the Celery figure)."""
+    waits for the fork server, and is the first of everything (as the Celery worker's
+    first task is in its figure)."""
     finished_job(url)
     found = []
     with httpx.Client(timeout=60) as client:
@@ -323,37 +579,186 @@ def dispatch_latency(url: str, samples: int) -> list[float]:
     return found
 
 
-async def _submit_many(url: str, count: int, concurrency: int) -> None:
-    queue = iter(range(count))
+def celery_dispatch_latency(stack: CeleryStack, samples: int) -> list[float]:
+    """The same through the tutorial stack: POST /api/v1/stamp on the FastAPI app, then
+    one wait on the result backend (Redis pub/sub, as ``AsyncResult.get`` waits)."""
+    from bench.celery_tasks import celery_app
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        for _ in queue:
-            response = await client.post(f"{url}/api/v1/jobs", json={"task": "noop"})
+    found = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(samples):
+            before = time.time()
+            response = client.post(f"{stack.web.url}/api/v1/stamp")
             assert response.status_code == 202, response.text
+            started = celery_app.AsyncResult(response.json()["task_id"]).get(timeout=60)
+            found.append((started - before) * 1000)
+    return found
 
-    async with httpx.AsyncClient(timeout=60) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+
+@dataclass
+class Running:
+    """What one window of submits with the jobs running gave: the submits (wrk's answer),
+    the window (epoch seconds) and when each job started and finished."""
+
+    load: dict[str, Any]
+    began: float
+    ended: float
+    started: list[float]
+    finished: list[float]
+
+    def summary(self) -> dict[str, float]:
+        window = self.ended - self.began
+        last = max(self.finished)
+        after = sum(1 for moment in self.finished if moment > self.ended)
+        drain = max(0.0, last - self.ended)
+        return {
+            "submit_rps": float(self.load["rps"]),
+            "jobs": len(self.finished),
+            "started_per_s": sum(1 for m in self.started if m <= self.ended) / window,
+            "backlog_at_end": len(self.finished) - sum(1 for m in self.finished if m <= self.ended),
+            "drain_s": drain,
+            "drain_per_s": after / drain if drain else 0.0,
+            "completed_per_s": len(self.finished) / (last - self.began),
+        }
 
 
-def end_to_end(args: argparse.Namespace, server: Server, count: int) -> float:
-    """No-op jobs per second: from the first submit until the last one has finished.
-    Submitted by wrk (8 connections) where installed, so that the client takes little
-    of the two cores the server and its jobs share; else by httpx."""
-    start = time.monotonic()
-    if shutil.which("wrk") and not args.asyncio_client:
-        result = _wrk(args, f"{server.url}/api/v1/jobs", {"task": "noop"}, 8, count)
+def jobserver_running(args: argparse.Namespace, seconds: float, clients: int) -> Running:
+    with jobserver(args) as server:
+        began = time.time()
+        url = server.url + TUTORIAL_ROUTE
+        result = _wrk(args, url, TUTORIAL_BODY, clients, duration=seconds)
+        ended = time.time()
         if result["non_2xx"] or result["socket_errors"]:
-            raise SystemExit(f"end-to-end submits failed: {result}")
-    else:
-        asyncio.run(_submit_many(server.url, count, 8))
-    with httpx.Client(timeout=30) as client:
-        wait_counts(client, server.url, lambda jobs: jobs["queued"] == 0 and jobs["running"] == 0)
-    elapsed = time.monotonic() - start
-    with contextlib.closing(sqlite3.connect(server.workdir / "jobs.db")) as database:
-        (done,) = database.execute("SELECT count(*) FROM jobs WHERE state = 'succeeded'").fetchone()
-    if done < count:
-        raise SystemExit(f"only {done} of {count} end-to-end jobs succeeded")
-    return float(done) / elapsed
+            raise SystemExit(f"jobserver's submits failed: {result}")
+        times = jobserver_times(server)
+    return Running(result, began, ended, [s for s, _ in times], [f for _, f in times])
+
+
+def celery_running(args: argparse.Namespace, seconds: float, clients: int) -> Running:
+    with celery_stack(args) as stack:
+        stack.results.flushdb()  # the start-up job's result
+        began = time.time()
+        url = stack.web.url + TUTORIAL_ROUTE
+        result = _wrk(args, url, TUTORIAL_BODY, clients, duration=seconds)
+        ended = time.time()
+        if result["non_2xx"] or result["socket_errors"]:
+            raise SystemExit(f"celery's submits failed: {result}")
+        finished = celery_times(stack, result["requests"])
+    return Running(result, began, ended, finished, finished)
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of a process."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system, times.children_user + times.children_system
+
+
+def client_cpu() -> float:
+    """CPU seconds of this process's reaped children (wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_per_job(
+    sample: Callable[[], dict[str, float]], run: Callable[[], int]
+) -> tuple[int, dict[str, float]]:
+    """Run; milliseconds of CPU per job of each process that ``sample`` reads."""
+    before = sample()
+    jobs = run()
+    after = sample()
+    return jobs, {name: 1000 * (after[name] - before[name]) / jobs for name in before}
+
+
+def with_ceiling(per_job: dict[str, float]) -> dict[str, float]:
+    """The per-job figures, their sum, and the jobs/s that sum allows on all cores."""
+    total = sum(per_job.values())
+    cores = os.cpu_count() or 1
+    return {**per_job, "total_ms": total, "ceiling_per_s": 1000 * cores / total}
+
+
+def jobserver_e2e(args: argparse.Namespace, clients: int) -> dict[str, Any]:
+    """No-op jobs submitted by wrk with ``clients`` connections, from the first submit
+    until the last one has finished (read from the database)."""
+    with jobserver(args) as server:
+        fork = httpx.get(f"{server.url}/api/v1/system", timeout=10).json()["fork_server"]
+        fork_pid = fork["pid"] if fork else None
+        began = time.time()
+
+        def sample() -> dict[str, float]:
+            server_cpu, _ = process_cpu(server.process.pid)
+            fork_cpu, jobs_cpu = process_cpu(fork_pid) if fork_pid else (0.0, 0.0)
+            return {"server": server_cpu, "fork_server": fork_cpu, "jobs": jobs_cpu,
+                    "client": client_cpu()}  # fmt: skip
+
+        def run() -> int:
+            result = _wrk(args, f"{server.url}/api/v1/jobs", {"task": "noop"}, clients, args.jobs)
+            if result["non_2xx"]:
+                raise SystemExit(f"end-to-end submits failed: {result}")
+            return len(jobserver_times(server))
+
+        jobs, cpu = cpu_per_job(sample, run)
+        last = max(f for _, f in jobserver_times(server))
+    return {"jobs_per_s": jobs / (last - began), "jobs": jobs, "cpu_ms_per_job": with_ceiling(cpu)}
+
+
+def celery_e2e(args: argparse.Namespace, clients: int) -> dict[str, Any]:
+    with celery_stack(args) as stack:
+        stack.results.flushdb()
+        assert stack.worker is not None
+        worker = psutil.Process(stack.worker.process.pid)
+        pool = worker.children()
+        began = time.time()
+
+        def sample() -> dict[str, float]:
+            return {
+                "web_app": process_cpu(stack.web.process.pid)[0],
+                "worker_main": process_cpu(worker.pid)[0],
+                "worker_pool": sum(process_cpu(child.pid)[0] for child in pool),
+                "redis": process_cpu(stack.redis_pid)[0],
+                "client": client_cpu(),
+            }
+
+        def run() -> int:
+            result = _wrk(args, f"{stack.web.url}/api/v1/noop", {}, clients, args.jobs)
+            if result["non_2xx"]:
+                raise SystemExit(f"celery end-to-end submits failed: {result}")
+            return len(celery_times(stack, args.jobs))
+
+        jobs, cpu = cpu_per_job(sample, run)
+        if {child.pid for child in worker.children()} != {child.pid for child in pool}:
+            raise SystemExit("celery's pool processes changed during the run: CPU not counted")
+        last = max(celery_times(stack, jobs))
+    return {"jobs_per_s": jobs / (last - began), "jobs": jobs, "cpu_ms_per_job": with_ceiling(cpu)}
+
+
+def celery_delay_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """No-op jobs end to end with no web app: this process calls ``noop.delay()`` in a
+    loop (the client, whose CPU is counted), as a Celery user's code does."""
+    from bench.celery_tasks import noop
+
+    with celery_stack(args) as stack:
+        stack.results.flushdb()
+        assert stack.worker is not None
+        worker = psutil.Process(stack.worker.process.pid)
+        pool = worker.children()
+        began = time.time()
+
+        def sample() -> dict[str, float]:
+            return {
+                "worker_main": process_cpu(worker.pid)[0],
+                "worker_pool": sum(process_cpu(child.pid)[0] for child in pool),
+                "redis": process_cpu(stack.redis_pid)[0],
+                "client": time.process_time(),
+            }
+
+        def run() -> int:
+            for _ in range(args.jobs):
+                noop.delay()
+            return len(celery_times(stack, args.jobs))
+
+        jobs, cpu = cpu_per_job(sample, run)
+        last = max(celery_times(stack, jobs))
+    return {"jobs_per_s": jobs / (last - began), "jobs": jobs, "cpu_ms_per_job": with_ceiling(cpu)}
 
 
 def cpu_percent(pid: int, seconds: float) -> float:
@@ -400,6 +805,143 @@ def prefilled_database(args: argparse.Namespace, rows: int) -> Path:
     return workdir / "jobs.db"
 
 
+# -- one round -------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self.raw: list[dict[str, Any]] = []
+
+    def __call__(self, name: str, value: float, detail: Any = None) -> None:
+        self.samples.setdefault(name, []).append(value)
+        self.raw.append({"figure": name, "value": value, "detail": detail})
+        print(f"  {name}: {value:,.2f}", flush=True)
+
+    def many(self, prefix: str, values: dict[str, Any], detail: Any = None) -> None:
+        for name, value in values.items():
+            if isinstance(value, dict):
+                self.many(f"{prefix}_{name}", value, detail)
+            else:
+                self(f"{prefix}_{name}", float(value), detail)
+
+
+def http_load(args: argparse.Namespace, url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    result = load(args, url, body)
+    if result["socket_errors"]:
+        raise SystemExit(f"{url}: socket errors {result['socket_errors']}")
+    return result
+
+
+def bare_round(args: argparse.Namespace, record: Recorder) -> None:
+    only = args.only
+    with baseline(args) as server:
+        if "submit" in only or "running" in only:
+            result = http_load(args, f"{server.url}/jobs", TUTORIAL_BODY)
+            record("bare_submit_rps", result["rps"], result)
+        if any(name in only for name in POLL_FIGURES):
+            result = http_load(args, f"{server.url}/jobs/123", None)
+            record("bare_poll_rps", result["rps"], result)
+
+
+def jobserver_round(args: argparse.Namespace, record: Recorder, prefill: Path | None) -> None:
+    only = args.only
+    databases = [("", None)] + ([("prefilled_", prefill)] if prefill else [])
+    for prefix, database in databases:
+        if "submit" in only:
+            with jobserver(args, database) as server:
+                body = {"task": "noop", "args": {}, "delay": PARK}
+                result = http_load(args, f"{server.url}/api/v1/jobs", body)
+                if result["non_2xx"]:
+                    raise SystemExit(f"submit answered non-2xx: {result}")
+                record(f"{prefix}submit_rps", result["rps"], result)
+        if not any(name in only for name in POLL_FIGURES):
+            continue
+        with jobserver(args, database) as server:
+            job_id = finished_job(server.url)
+            if "poll" in only:
+                result = http_load(args, f"{server.url}/api/v1/jobs/{job_id}", None)
+                record(f"{prefix}poll_rps", result["rps"], result)
+            if "task_status" in only:
+                result = http_load(args, f"{server.url}/api/v1/task-status/{job_id}", None)
+                record(f"{prefix}task_status_rps", result["rps"], result)
+            if "unknown" in only:
+                unknown = "0" * 8 + job_id[8:]
+                result = http_load(args, f"{server.url}/api/v1/jobs/{unknown}", None)
+                if result["non_2xx"] != result["requests"]:
+                    raise SystemExit(f"unknown id answered 2xx: {result}")
+                record(f"{prefix}unknown_rps", result["rps"], result)
+    if "running" in only:
+        need_wrk(args, "running")
+        found = jobserver_running(args, args.duration, args.connections)
+        record.many("running", found.summary(), found.load)
+    if "dispatch" in only:
+        with jobserver(args) as server:
+            latencies = dispatch_latency(server.url, args.dispatch_samples)
+        record.samples.setdefault("dispatch_ms", []).extend(latencies)
+        record("dispatch_p50_ms", percentile(latencies, 0.5))
+        record("dispatch_p99_ms", percentile(latencies, 0.99))
+    if "e2e" in only:
+        need_wrk(args, "e2e")
+        for clients in E2E_CLIENTS:
+            found_e2e = jobserver_e2e(args, clients)
+            record(f"e2e_{clients}_jobs_per_s", found_e2e["jobs_per_s"])
+            record.many(f"e2e_{clients}_cpu_ms_per_job", found_e2e["cpu_ms_per_job"])
+    if "sustained" in only:
+        need_wrk(args, "sustained")
+        found = jobserver_running(args, args.sustain_seconds, SUSTAINED_CLIENTS)
+        record.many("sustained", found.summary(), found.load)
+
+
+def celery_round(args: argparse.Namespace, record: Recorder) -> None:
+    only = args.only
+    if "submit" in only:
+        with celery_stack(args, worker=False) as stack:
+            result = http_load(args, stack.web.url + TUTORIAL_ROUTE, TUTORIAL_BODY)
+            if result["non_2xx"]:
+                raise SystemExit(f"celery submit answered non-2xx: {result}")
+            record("celery_submit_rps", result["rps"], result)
+    if "task_status" in only or "unknown" in only or "dispatch" in only:
+        with celery_stack(args) as stack:
+            url = f"{stack.web.url}/api/v1/task-status"
+            if "task_status" in only:
+                # The start-up job is the finished one (the only result stored).
+                (key,) = stack.results.keys("celery-task-meta-*")
+                job_id = key.decode().removeprefix("celery-task-meta-")
+                result = http_load(args, f"{url}/{job_id}", None)
+                record("celery_task_status_rps", result["rps"], result)
+            if "unknown" in only:
+                unknown = "00000000-0000-0000-0000-000000000000"
+                answer = httpx.get(f"{url}/{unknown}", timeout=10)
+                if answer.status_code != 200 or answer.json()["status"] != "PENDING":
+                    raise SystemExit(f"celery's unknown id answered {answer.text}")
+                result = http_load(args, f"{url}/{unknown}", None)
+                record("celery_unknown_rps", result["rps"], result)
+            if "dispatch" in only:
+                latencies = celery_dispatch_latency(stack, args.dispatch_samples)
+                record.samples.setdefault("celery_dispatch_ms", []).extend(latencies)
+                record("celery_dispatch_p50_ms", percentile(latencies, 0.5))
+                record("celery_dispatch_p99_ms", percentile(latencies, 0.99))
+    if "running" in only:
+        need_wrk(args, "running")
+        found = celery_running(args, args.duration, args.connections)
+        record.many("celery_running", found.summary(), found.load)
+    if "e2e" in only:
+        need_wrk(args, "e2e")
+        for clients in E2E_CLIENTS:
+            found_e2e = celery_e2e(args, clients)
+            record(f"celery_e2e_{clients}_jobs_per_s", found_e2e["jobs_per_s"])
+            record.many(f"celery_e2e_{clients}_cpu_ms_per_job", found_e2e["cpu_ms_per_job"])
+    if "e2e" in only:
+        found_e2e = celery_delay_loop(args)
+        record("celery_e2e_delay_loop_jobs_per_s", found_e2e["jobs_per_s"])
+        record.many("celery_e2e_delay_loop_cpu_ms_per_job", found_e2e["cpu_ms_per_job"])
+    if "sustained" in only:
+        need_wrk(args, "sustained")
+        found = celery_running(args, args.sustain_seconds, SUSTAINED_CLIENTS)
+        record.many("celery_sustained", found.summary(), found.load)
+
+
 # -- report ----------------------------------------------------------------------------
 
 
@@ -412,97 +954,82 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+# (ratio name, numerator figure, denominator figure): each where both were measured.
+RATIOS = (
+    ("submit_vs_bare", "submit_rps", "bare_submit_rps"),
+    ("celery_submit_vs_bare", "celery_submit_rps", "bare_submit_rps"),
+    ("submit_vs_celery", "submit_rps", "celery_submit_rps"),
+    ("running_submit_vs_bare", "running_submit_rps", "bare_submit_rps"),
+    ("celery_running_submit_vs_bare", "celery_running_submit_rps", "bare_submit_rps"),
+    ("running_submit_vs_celery", "running_submit_rps", "celery_running_submit_rps"),
+    ("poll_vs_bare", "poll_rps", "bare_poll_rps"),
+    ("task_status_vs_bare", "task_status_rps", "bare_poll_rps"),
+    ("celery_task_status_vs_bare", "celery_task_status_rps", "bare_poll_rps"),
+    ("poll_vs_celery_task_status", "poll_rps", "celery_task_status_rps"),
+    ("task_status_vs_celery", "task_status_rps", "celery_task_status_rps"),
+    ("unknown_vs_bare", "unknown_rps", "bare_poll_rps"),
+    ("celery_unknown_vs_bare", "celery_unknown_rps", "bare_poll_rps"),
+    ("unknown_vs_celery", "unknown_rps", "celery_unknown_rps"),
+    ("dispatch_p50_vs_celery", "dispatch_p50_ms", "celery_dispatch_p50_ms"),
+    ("dispatch_p99_vs_celery", "dispatch_p99_ms", "celery_dispatch_p99_ms"),
+    ("e2e_1_vs_celery", "e2e_1_jobs_per_s", "celery_e2e_1_jobs_per_s"),
+    ("e2e_8_vs_celery", "e2e_8_jobs_per_s", "celery_e2e_8_jobs_per_s"),
+    ("e2e_1_vs_celery_delay_loop", "e2e_1_jobs_per_s", "celery_e2e_delay_loop_jobs_per_s"),
+    ("sustained_vs_celery", "sustained_completed_per_s", "celery_sustained_completed_per_s"),
+)
+# Paired within each round: both sides ran minutes apart at most, which cancels much of a
+# shared machine's drift between rounds.
+PAIRED = tuple(ratio for ratio in RATIOS if ratio[2].startswith("bare_"))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    samples: dict[str, list[float]] = {}
-    raw: list[dict[str, Any]] = []
-
-    def record(name: str, value: float, detail: Any = None) -> None:
-        samples.setdefault(name, []).append(value)
-        raw.append({"figure": name, "value": value, "detail": detail})
-        print(f"  {name}: {value:,.2f}", flush=True)
-
+    record = Recorder()
     only = args.only
-    submit_body = {"task": "noop", "args": {}, "delay": PARK}
-    polls = [name for name in POLL_FIGURES if name in only]
+    celery = args.celery and any(name in only for name in CELERY_FIGURES)
+    bare = any(name in only for name in ("submit", "running", *POLL_FIGURES))
     prefill = prefilled_database(args, args.prefill) if args.prefill else None
-    for round_ in range(args.rounds):
-        print(f"round {round_ + 1}/{args.rounds}", flush=True)
-        # Alternate which side goes first, so drift in the machine's load hits both.
-        order = ["jobserver", "baseline"] if round_ % 2 == 0 else ["baseline", "jobserver"]
-        for side in order:
-            if side == "baseline":
-                if "submit" not in only and not polls:
-                    continue
-                with baseline(args) as server:
-                    if "submit" in only:
-                        result = load(args, f"{server.url}/jobs", submit_body)
-                        record("baseline_submit_rps", result["rps"], result)
-                    if polls:
-                        result = load(args, f"{server.url}/jobs/123", None)
-                        record("baseline_poll_rps", result["rps"], result)
-                continue
-            databases = [("", None)] + ([("prefilled_", prefill)] if prefill else [])
-            for prefix, database in databases:
-                if "submit" in only:
-                    with jobserver(args, database) as server:
-                        result = load(args, f"{server.url}/api/v1/jobs", submit_body)
-                        if result["non_2xx"]:
-                            raise SystemExit(f"submit answered non-2xx: {result}")
-                        record(f"{prefix}submit_rps", result["rps"], result)
-                if not polls:
-                    continue
-                with jobserver(args, database) as server:
-                    job_id = finished_job(server.url)
-                    if "poll" in only:
-                        result = load(args, f"{server.url}/api/v1/jobs/{job_id}", None)
-                        record(f"{prefix}poll_rps", result["rps"], result)
-                    if "task_status" in only:
-                        result = load(args, f"{server.url}/api/v1/task-status/{job_id}", None)
-                        record(f"{prefix}task_status_rps", result["rps"], result)
-                    if "unknown" in only:
-                        unknown = "0" * 8 + job_id[8:]
-                        result = load(args, f"{server.url}/api/v1/jobs/{unknown}", None)
-                        if result["non_2xx"] != result["requests"]:
-                            raise SystemExit(f"unknown id answered 2xx: {result}")
-                        record(f"{prefix}unknown_rps", result["rps"], result)
-        if "dispatch" in only:
-            with jobserver(args) as server:
-                latencies = dispatch_latency(server.url, args.dispatch_samples)
-                samples.setdefault("dispatch_ms", []).extend(latencies)
-                record("dispatch_p50_ms", percentile(latencies, 0.5))
-                record("dispatch_p99_ms", percentile(latencies, 0.99))
-        if "e2e" in only:
-            with jobserver(args) as server:
-                record("e2e_tasks_per_s", end_to_end(args, server, args.jobs))
+    with redis_server(args) if celery else contextlib.nullcontext():
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds}", flush=True)
+            sides: list[Callable[[], None]] = [lambda: jobserver_round(args, record, prefill)]
+            if bare:
+                sides.append(lambda: bare_round(args, record))
+            if celery:
+                sides.append(lambda: celery_round(args, record))
+            # Rotate which side goes first, so drift in the machine's load hits all.
+            for index in range(len(sides)):
+                sides[(index + round_) % len(sides)]()
     if "overhead" in only and not args.skip_overhead:
-        found = overhead(args)
-        for name, value in found.items():
-            record(name, value)
+        record.many("overhead", overhead(args))
     if prefill is not None:
         shutil.rmtree(prefill.parent, ignore_errors=True)
 
+    samples = record.samples
     figures = {name: summary(values) for name, values in samples.items()}
-    dispatch = samples.get("dispatch_ms", [])
-    ratios: dict[str, float] = {}
-    measured = [name for name in ("submit", *POLL_FIGURES) if f"{name}_rps" in figures]
-    for name in measured:
-        base = "baseline_submit_rps" if name == "submit" else "baseline_poll_rps"
-        ratios[f"{name}_vs_bare"] = figures[f"{name}_rps"]["median"] / figures[base]["median"]
-        if f"{name}_rps" in CELERY:
-            ratios[f"{name}_vs_celery"] = figures[f"{name}_rps"]["median"] / CELERY[f"{name}_rps"]
-        if prefill is not None:
-            ratios[f"{name}_prefilled_vs_empty"] = (
-                figures[f"prefilled_{name}_rps"]["median"] / figures[f"{name}_rps"]["median"]
-            )
-    # Paired ratios: jobserver / baseline within each round (both ran minutes apart at
-    # most), which cancels much of a shared machine's drift between rounds.
-    paired: dict[str, dict[str, float]] = {}
-    for name in measured:
-        base = "baseline_submit_rps" if name == "submit" else "baseline_poll_rps"
-        pairs = [a / b for a, b in zip(samples[f"{name}_rps"], samples[base], strict=True)]
-        paired[f"{name}_vs_bare"] = summary(pairs)
-    if "e2e_tasks_per_s" in figures:
-        ratios["e2e_vs_celery"] = figures["e2e_tasks_per_s"]["median"] / CELERY["e2e_tasks_per_s"]
+    ratios = {
+        name: figures[top]["median"] / figures[bottom]["median"]
+        for name, top, bottom in RATIOS
+        if top in figures and bottom in figures and figures[bottom]["median"]
+    }
+    if prefill is not None:
+        for name in ("submit", *POLL_FIGURES):
+            if f"prefilled_{name}_rps" in figures:
+                ratios[f"{name}_prefilled_vs_empty"] = (
+                    figures[f"prefilled_{name}_rps"]["median"] / figures[f"{name}_rps"]["median"]
+                )
+    paired = {
+        name: summary([a / b for a, b in zip(samples[top], samples[bottom], strict=True)])
+        for name, top, bottom in PAIRED
+        if top in samples and bottom in samples
+    }
+    latencies = {}
+    for prefix in ("dispatch", "celery_dispatch"):
+        if values := samples.get(f"{prefix}_ms"):
+            latencies[prefix] = {
+                "p50": percentile(values, 0.5),
+                "p99": percentile(values, 0.99),
+                "count": len(values),
+            }
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -514,22 +1041,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "jobserver": _version_of(args.server_python or sys.executable),
-        "load_generator": "wrk" if shutil.which("wrk") and not args.asyncio_client else "asyncio",
+        "versions": _versions(args, celery),
+        "load_generator": "wrk -t1" if use_wrk(args) else "asyncio",
         "access_log": args.access_log,
+        "http_servers": "uvicorn --loop uvloop --http httptools, one process each",
+        "celery_concurrency": os.cpu_count() if celery else None,
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "figures": figures,
-        "dispatch_all_samples_ms": {
-            "p50": percentile(dispatch, 0.5),
-            "p99": percentile(dispatch, 0.99),
-            "count": len(dispatch),
-        }
-        if dispatch
-        else None,
+        "dispatch_all_samples_ms": latencies,
         "ratios": ratios,
         "paired_ratios": paired,
-        "celery_reference": CELERY,
-        "raw": raw,
+        "raw": record.raw,
     }
+
+
+def _versions(args: argparse.Namespace, celery: bool) -> dict[str, str | None]:
+    names = ["uvicorn", "uvloop", "httptools", "starlette"]
+    names += ["celery", "redis", "fastapi"] if celery else []
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    if celery:
+        import redis
+
+        with contextlib.closing(redis.Redis.from_url(redis_urls(args)[0])) as client:
+            found["redis-server"] = str(client.info("server")["redis_version"])
+    return found
 
 
 def _version_of(python: str) -> str:
@@ -550,20 +1090,22 @@ def _version_of(python: str) -> str:
 def print_report(report: dict[str, Any]) -> None:
     print(
         f"\n{report['date']}  load generator: {report['load_generator']}, "
-        f"access log {'on' if report['access_log'] else 'off'}"
+        f"access log {'on' if report['access_log'] else 'off'}, {report['http_servers']}"
     )
-    print(f"{'figure':32} {'median':>12} {'min':>12} {'max':>12}")
+    print(f"{'figure':48} {'median':>12} {'min':>12} {'max':>12}")
     for name, found in report["figures"].items():
-        print(f"{name:32} {found['median']:12,.2f} {found['min']:12,.2f} {found['max']:12,.2f}")
-    if report["dispatch_all_samples_ms"]:
-        d = report["dispatch_all_samples_ms"]
-        print(f"dispatch, all {d['count']} samples: p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms")
+        print(f"{name:48} {found['median']:12,.2f} {found['min']:12,.2f} {found['max']:12,.2f}")
+    for name, found in report["dispatch_all_samples_ms"].items():
+        print(
+            f"{name}, all {found['count']} samples: "
+            f"p50 {found['p50']:.2f} ms, p99 {found['p99']:.2f} ms"
+        )
     print("per-round ratios to the bare app (median, min-max):")
     for name, found in report["paired_ratios"].items():
-        print(f"  {name:30} {found['median']:6.2f}  ({found['min']:.2f}-{found['max']:.2f})")
+        print(f"  {name:34} {found['median']:6.2f}  ({found['min']:.2f}-{found['max']:.2f})")
     print("ratios (medians):")
     for name, value in report["ratios"].items():
-        print(f"  {name:30} {value:6.2f}")
+        print(f"  {name:34} {value:6.2f}")
 
 
 def _figure_list(text: str) -> tuple[str, ...]:
@@ -578,34 +1120,88 @@ def _figure_list(text: str) -> tuple[str, ...]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--jobs", type=int, default=5000, help="no-op jobs end to end")
-    parser.add_argument("--dispatch-samples", type=int, default=100, help="per round")
-    parser.add_argument("--sample-seconds", type=float, default=10, help="CPU sampling")
-    parser.add_argument(
-        "--prefill", type=int, default=0, help="also measure with this many jobs stored"
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--no-access-log", dest="access_log", action="store_false")
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--asyncio-client", action="store_true", help="even if wrk exists")
-    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument(
+        "--duration", type=int, default=10, help="seconds per HTTP load run (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=50, help="wrk connections for the HTTP figures"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=5000, help="no-op jobs per end-to-end run (default 5000)"
+    )
+    parser.add_argument(
+        "--sustain-seconds",
+        type=int,
+        default=10,
+        help="seconds the 50 clients of the sustained figure submit (default 10)",
+    )
+    parser.add_argument(
+        "--dispatch-samples", type=int, default=100, help="dispatch samples per round and stack"
+    )
+    parser.add_argument(
+        "--sample-seconds", type=float, default=10, help="CPU sampling of the overhead figure"
+    )
+    parser.add_argument(
+        "--prefill", type=int, default=0, help="also measure jobserver with this many jobs stored"
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="turn the access log off on every HTTP server (default: on, as shipped)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="of jobserver, the uvicorn apps and the Celery worker"
+    )
+    parser.add_argument(
+        "--asyncio-client",
+        action="store_true",
+        help="load the HTTP figures with asyncio even if wrk exists (running, e2e and "
+        "sustained need wrk)",
+    )
+    parser.add_argument("--skip-overhead", action="store_true", help="skip the overhead figure")
     parser.add_argument(
         "--only",
         type=_figure_list,
         default=FIGURES,
         metavar="FIGURES",
         help=f"comma-separated subset of {','.join(FIGURES)} (default: all); the bare app "
-        "runs only what the chosen HTTP figures compare against",
+        "and the Celery stack run only what the chosen figures compare against",
+    )
+    parser.add_argument(
+        "--no-celery",
+        dest="celery",
+        action="store_false",
+        help="leave out the tutorial stack (FastAPI + Celery + Redis)",
+    )
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379",
+        help="the Redis the Celery stack uses; started (redis-server) if nothing answers",
+    )
+    parser.add_argument(
+        "--redis-db",
+        type=int,
+        default=14,
+        help="broker database number (the result backend uses the next); both are flushed",
     )
     parser.add_argument(
         "--server-python",
         help="the Python that runs jobserver (one with another version installed, to "
         "compare two versions with the same bench code); default: this checkout's",
     )
-    parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("bench-results.json"),
+        help="the JSON report (default bench-results.json)",
+    )
     args = parser.parse_args()
     report = run(args)
     print_report(report)
