@@ -323,7 +323,7 @@ async def test_sub_second_jobs_are_measured_and_learned_from(
     a spawned job only above the server's own peak: until its exec, a spawned child
     runs in the server's memory, which the kernel counts as the child's peak)."""
     if job_cgroups and JobCgroups.detect() is None:
-        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+        skip_for_want_of("cgroup", "no writable memory cgroup here (needs root or a delegated one)")
     mib = 40
     if not (job_cgroups or fork_server):
         mib += resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
@@ -355,7 +355,7 @@ async def test_a_job_of_several_processes_is_measured_whole_in_its_cgroup(
     """wait4's ru_maxrss is the largest single process; the job's cgroup counts the whole
     tree, so a job of two processes holding 60 MiB each at once is measured at 120 MiB."""
     if JobCgroups.detect() is None:
-        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+        skip_for_want_of("cgroup", "no writable memory cgroup here (needs root or a delegated one)")
     tasks = {"two": {"function": "sample_tasks:hold_memory_in_two", "cpus": 0.1}}
     async with make_harness(tasks=tasks, scheduler={"poll_interval": "2s"}) as h:
         job_id = await submit(h, "two", mib=60)
@@ -394,7 +394,7 @@ async def test_a_killed_outlier_never_leaves_a_task_stuck(make_harness: Any) -> 
 
 async def test_a_kernel_enforced_limit_caps_the_learned_request(make_harness: Any) -> None:
     if JobCgroups.detect() is None:
-        pytest.skip("no writable memory cgroup here (needs root or a delegated cgroup)")
+        skip_for_want_of("cgroup", "no writable memory cgroup here (needs root or a delegated one)")
     tasks = {"hog": {**HOG, "memory": "32MiB", "memory_limit": "64MiB"}}
     async with make_harness(tasks=tasks) as h:
         killed = await submit(h, "hog", mib=300, seconds=60)
