@@ -1644,12 +1644,20 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
 
 
 def _allowed_methods(request: Request) -> set[str]:
-    return {
-        method
+    """The methods of the routes whose path matches the most literally: on
+    /api/v1/jobs/cancel those of that path, not of /api/v1/jobs/{job_id}."""
+    matching = [
+        route
         for route in request.app.router.routes
         if isinstance(route, Route) and route.methods
         if route.matches(request.scope)[0] is not Match.NONE
-        for method in route.methods
+    ]
+    fewest = min((len(route.param_convertors) for route in matching), default=0)
+    return {
+        method
+        for route in matching
+        if len(route.param_convertors) == fewest
+        for method in route.methods or ()
     }
 
 

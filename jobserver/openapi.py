@@ -341,7 +341,8 @@ _ERROR_TEXT = {
 _BODY_ERRORS = (400, 413, 415, 422)
 # Responses that are not JSON: their media type stands where a schema name would.
 TEXT = "text/plain"
-BINARY = "application/octet-stream"
+# An artifact is served as the type its name suggests (application/octet-stream if none).
+ANY_FILE = "*/*"
 HTML = "text/html"
 EVENTS = "text/event-stream"
 
@@ -570,7 +571,9 @@ _IDEMPOTENCY_KEY = {
     "in": "header",
     "required": False,
     "description": "the same key with the same body returns the original job (200)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # 1 to 255 printable ASCII characters (api._idempotency_key); HTTP trims the ends'
+    # spaces, so a key starts and ends with a visible one.
+    "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"},
 }
 
 _JOB_ID = {
@@ -763,7 +766,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.job_artifact: Operation(
         "read",
         "A file the job left in $JOBSERVER_OUTPUT_DIR (listed in its artifacts)",
-        {200: BINARY, 404: None, 410: None},
+        {200: ANY_FILE, 404: None, 410: None},
         parameters=(
             _JOB_ID,
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -979,7 +982,7 @@ def document(
             content: dict[str, Any]
             if ref == EVENTS:
                 content = {ref: {"schema": _JOB_EVENT}}
-            elif ref in (TEXT, BINARY, HTML):
+            elif ref in (TEXT, ANY_FILE, HTML):
                 content = {ref: {"schema": {"type": "string", "format": "binary"}}}
             else:
                 content = {

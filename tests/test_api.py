@@ -693,6 +693,8 @@ async def test_a_405_allows_the_methods_of_every_route_on_its_path(make_harness:
             ("DELETE", "/api/v1/jobs", "GET, HEAD, POST"),
             ("OPTIONS", "/api/v1/system", "GET, HEAD, PATCH"),
             ("PUT", "/api/v1/jobs/some-id", "GET, HEAD"),
+            # also the path of /api/v1/jobs/{job_id}: the literal route's methods
+            ("OPTIONS", "/api/v1/jobs/cancel", "POST"),
         ]:
             response = await h.client.request(method, path)
             assert_error(response, 405, "method_not_allowed")

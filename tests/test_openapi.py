@@ -4,6 +4,7 @@ must be documented, match its schema and never be a 5xx."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -292,3 +293,22 @@ def test_the_system_change_body_names_the_keys_that_change_at_run_time(tmp_path:
     changed = config.apply_changes(settings, taken, "PATCH /api/v1/system")
     assert changed.scheduler.max_jobs == 3 and changed.scheduler.kill_grace == 5
     assert changed.tasks["add"].memory == 1048576
+
+
+def test_an_artifact_is_described_as_any_media_type(tmp_path: Path) -> None:
+    """Served as the type its name suggests (text/plain for note.txt), not always binary."""
+    _, document = served_document(tmp_path)
+    artifact = document["paths"]["/api/v1/jobs/{job_id}/artifacts/{name}"]["get"]
+    assert set(artifact["responses"]["200"]["content"]) == {"*/*"}
+
+
+def test_the_idempotency_key_is_described_as_the_server_takes_it(tmp_path: Path) -> None:
+    """1 to 255 printable ASCII characters: the server refuses others with 422."""
+    _, document = served_document(tmp_path)
+    submit = document["paths"]["/api/v1/jobs"]["post"]
+    key = next(p for p in submit["parameters"] if p["name"] == "Idempotency-Key")
+    pattern = re.compile(key["schema"]["pattern"])
+    for taken in ("a", "0f8fad5b-d9cb-469f-a165-70867728950e", "a b", "~" * 255):
+        assert pattern.fullmatch(taken), taken
+    for refused in ("", "\u0090", "é", "x" * 256, "tab\there"):
+        assert not pattern.fullmatch(refused), refused
