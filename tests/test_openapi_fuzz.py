@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from jobserver.access import create_token
 from tests.conftest import SAMPLE_TASKS, ServerProcess, start_server, write_config
 
 # Quick tasks only: a job that stays running or queued holds its streams open.
@@ -33,7 +34,6 @@ FUZZ_SERVER_TASKS = {
     **{name: SAMPLE_TASKS[name] for name in ("add", "echo", "fail")},
     "leave_artifact": {"function": "sample_tasks:leave_artifact", "cpus": 0.1, "memory": "16MiB"},
 }
-ADMIN_PATH = "/api/v1/system"
 # Small enough for CI's two cores, enough to reach every operation.
 FUZZ_EXAMPLES = int(os.environ.get("JOBSERVER_FUZZ_EXAMPLES", "40"))
 FUZZ_SEED = os.environ.get("JOBSERVER_FUZZ_SEED", "20261204")
@@ -56,9 +56,15 @@ class FuzzRun:
 
 
 def run_schemathesis(
-    server: ServerProcess, directory: Path, *options: str, token: str | None = None
+    server: ServerProcess,
+    directory: Path,
+    *options: str,
+    token: str | None = None,
+    owner: str | None = None,
 ) -> FuzzRun:
-    """``st run`` against ``server`` with ``options`` (filters); the statuses per operation."""
+    """``st run`` against ``server`` with ``options`` (filters), sending ``token``; the
+    statuses per operation.  ``owner``: the token whose job has the artifact, if not
+    ``token``."""
     document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     report = directory / f"fuzz-{len(list(directory.glob('fuzz-*')))}.har"
     command = [
@@ -69,7 +75,12 @@ def run_schemathesis(
         "run",
         f"{server.url}/openapi.json",
         "--mode=all",
-        "--phases=examples,coverage,fuzzing,stateful",
+        # The admin operations have no links between them: no stateful phase for them.
+        *(
+            []
+            if "--phases" in " ".join(options)
+            else ["--phases=examples,coverage,fuzzing,stateful"]
+        ),
         f"--max-examples={FUZZ_EXAMPLES}",
         f"--seed={FUZZ_SEED}",
         "--workers=1",
@@ -84,7 +95,7 @@ def run_schemathesis(
     environment = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": HOOKS,
-        "JOBSERVER_FUZZ_ARTIFACT_JOB": job_with_an_artifact(server, token),
+        "JOBSERVER_FUZZ_ARTIFACT_JOB": job_with_an_artifact(server, owner or token),
     }
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
@@ -122,14 +133,26 @@ def job_with_an_artifact(server: ServerProcess, token: str | None) -> str:
 
 
 def described_operations(server: ServerProcess, *, admin: bool) -> set[str]:
+    """The operations the admin scope guards (they see or change the scheduler), or the
+    others."""
     document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     return {
         f"{method.upper()} {path}"
         for path, item in document["paths"].items()
-        for method in item
+        for method, operation in item.items()
         # schemathesis leaves out the document's own path
-        if path != "/openapi.json" and (path == ADMIN_PATH) == admin
+        if path != "/openapi.json" and (operation.get("x-required-scope") == "admin") == admin
     }
+
+
+def only(server: ServerProcess, *, admin: bool) -> list[str]:
+    """The schemathesis options that select those operations."""
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    selected = [
+        f"--include-operation-id={operation_id(document, label)}"
+        for label in described_operations(server, admin=admin)
+    ]
+    return selected if admin else [*selected, "--phases=examples,coverage,fuzzing,stateful"]
 
 
 def assert_fuzz_holds(run: FuzzRun, operations: set[str]) -> None:
@@ -174,5 +197,64 @@ def test_an_anonymous_server_does_what_its_document_says(tmp_path: Path) -> None
     with running(fuzz_server(tmp_path / "jobs")) as server:
         document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
         assert "security" not in document
-        run = run_schemathesis(server, tmp_path, f"--exclude-path={ADMIN_PATH}")
+        run = run_schemathesis(server, tmp_path, *only(server, admin=False))
         assert_fuzz_holds(run, described_operations(server, admin=False))
+    # The admin operations change the scheduler: on a server of their own.
+    with running(fuzz_server(tmp_path / "admin")) as server:
+        run = run_schemathesis(
+            server, tmp_path, *only(server, admin=True), "--phases=examples,coverage,fuzzing"
+        )
+        assert_fuzz_holds(run, described_operations(server, admin=True))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_server_with_tokens_does_what_its_document_says(tmp_path: Path) -> None:
+    """With tokens the guarded operations declare bearer security, 401 and 403; the fuzz
+    sends a client token (schemathesis adds requests with a wrong or no token: 401), and a
+    read-only token on every operation that changes something gets 403."""
+    tokens: dict[str, str] = {}
+    for directory in ("jobs", "admin"):
+        (tmp_path / directory).mkdir()
+        path = tmp_path / directory / "tokens.json"
+        tokens[directory] = create_token(path, "client", ["submit", "read", "cancel"])
+        tokens[f"{directory}-reader"] = create_token(path, "reader", ["read"])
+        tokens[f"{directory}-admin"] = create_token(path, "admin", ["admin"])
+    with running(fuzz_server(tmp_path / "jobs")) as server:
+        document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+        assert document["security"] == [{"bearer": []}]
+        operations = described_operations(server, admin=False)
+        run = run_schemathesis(server, tmp_path, *only(server, admin=False), token=tokens["jobs"])
+        assert_fuzz_holds(run, operations)
+        assert all(401 in run.statuses[label] for label in operations if guarded(document, label))
+        writes = sorted(label for label in operations if not label.startswith("GET "))
+        run = run_schemathesis(
+            server,
+            tmp_path,
+            *(f"--include-operation-id={operation_id(document, label)}" for label in writes),
+            "--phases=examples,coverage,fuzzing",
+            token=tokens["jobs-reader"],
+            owner=tokens["jobs"],
+        )
+        assert run.returncode == 0, run.output[-20000:]
+        assert set(run.statuses) == set(writes)
+        assert all(403 in run.statuses[label] for label in writes), run.statuses
+    with running(fuzz_server(tmp_path / "admin")) as server:
+        run = run_schemathesis(
+            server,
+            tmp_path,
+            *only(server, admin=True),
+            "--phases=examples,coverage,fuzzing",
+            token=tokens["admin-admin"],
+        )
+        assert_fuzz_holds(run, described_operations(server, admin=True))
+
+
+def guarded(document: dict[str, Any], label: str) -> bool:
+    method, path = label.split(" ", 1)
+    return bool(document["paths"][path][method.lower()].get("security"))
+
+
+def operation_id(document: dict[str, Any], label: str) -> str:
+    method, path = label.split(" ", 1)
+    return str(document["paths"][path][method.lower()]["operationId"])
