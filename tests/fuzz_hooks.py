@@ -4,10 +4,10 @@ A submit that leaves its job queued for long (``delay``, ``run_at``) would hold 
 later stream on that job open (the SSE events, ``logs?follow=1``, ``?wait=``) until the
 run's time is spent, so the fuzz keeps submits that run now.  ``run_at`` is also refused
 more than 366 days ahead, a bound relative to now that a schema cannot state (the
-description says it in words).  Both are tested by tests/test_api.py and tests/test_jobs.py.
+description says it in words).  Both are tested by tests/test_lifecycle.py.
 
 ``depends_on`` takes ids of jobs that exist: a well-formed id made up by the generator
-names none, and the server rightly answers 422 (tests/test_jobs.py), which
+names none, and the server rightly answers 422 (tests/test_lifecycle.py), which
 positive_data_acceptance would count as a failure.  Whether an id names a job is state,
 not schema, so the fuzz leaves out submits whose ``depends_on`` holds only well-formed
 ids; malformed ones (the negative cases) are still sent.
