@@ -97,9 +97,18 @@ def run_schemathesis(
         "SCHEMATHESIS_HOOKS": HOOKS,
         "JOBSERVER_FUZZ_ARTIFACT_JOB": job_with_an_artifact(server, owner or token),
     }
-    root = Path(__file__).resolve().parent.parent
+    # In the test's directory (schemathesis keeps a cache where it runs); the hooks are
+    # imported from the repository.
+    root = str(Path(__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=400, check=False, env=environment, cwd=root
+        command,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+        env=environment,
+        cwd=directory,
     )
     templates = [
         (method.upper(), path, re.compile(re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(path))))
