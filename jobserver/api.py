@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from jobserver import __version__, dashboard
 from jobserver.access import principal_of
@@ -341,8 +341,7 @@ async def submit_job(request: Request) -> Response:
 async def list_jobs(request: Request) -> Response:
     api: Api = request.app.api
     params = request.query_params
-    unknown = sorted(set(params) - {"state", "task", "limit", "cursor"})
-    problems = [{"field": key, "message": "unknown query parameter"} for key in unknown]
+    problems = _unknown_query(params, ("state", "task", "limit", "cursor"))
     state = None
     if "state" in params:
         try:
@@ -575,10 +574,7 @@ def _bulk_answer(changes: list[Changed]) -> dict[str, Any]:
 async def job_logs(request: Request) -> Response:
     api: Api = request.app.api
     params = request.query_params
-    problems = [
-        {"field": key, "message": "unknown query parameter; allowed: tail, follow"}
-        for key in sorted(set(params) - {"tail", "follow"})
-    ]
+    problems = _unknown_query(params, ("tail", "follow"))
     tail = None
     if "tail" in params:
         text = params["tail"]
@@ -802,10 +798,7 @@ def _query_integers(request: Request, allowed: Mapping[str, tuple[int, int, int]
     """The query's integers, each (default, lowest, highest) in ``allowed``, in that
     order; any other parameter, or a value out of bounds, is a 422 naming each."""
     params = request.query_params
-    problems = [
-        {"field": key, "message": "unknown query parameter"}
-        for key in sorted(set(params) - set(allowed))
-    ]
+    problems = _unknown_query(params, tuple(allowed))
     values = []
     for name, (default, lowest, highest) in allowed.items():
         text = params.get(name)
@@ -1421,24 +1414,31 @@ def _retry_after(job: Job) -> str | None:
 def _wait_seconds(request: Request) -> float | None:
     if not request.scope["query_string"]:  # a plain poll: no query to parse
         return None
-    text = request.query_params.get("wait")
-    if text is None:
-        return None
-    try:
-        wait = float(text)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= MAX_WAIT_SECONDS:  # also rejects nan
-        raise ValidationError(
-            "invalid query",
-            [
-                {
-                    "field": "wait",
-                    "message": f"expected a number of seconds from 0 to {MAX_WAIT_SECONDS}",
-                }
-            ],
-        )
+    params = request.query_params
+    # Refused like the listing's and the logs' unknown parameters: a misspelt ``wiat``
+    # silently answering at once would pass for a long poll that found a change.
+    problems = _unknown_query(params, ("wait",))
+    text = params.get("wait")
+    wait = None
+    if text is not None:
+        try:
+            wait = float(text)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_WAIT_SECONDS:  # also rejects nan
+            message = f"expected a number of seconds from 0 to {MAX_WAIT_SECONDS}"
+            problems.append({"field": "wait", "message": message})
+    if problems:
+        raise ValidationError("invalid query", problems)
     return wait
+
+
+def _unknown_query(params: Mapping[str, str], allowed: tuple[str, ...]) -> list[dict[str, str]]:
+    """A problem for each query parameter not in ``allowed``."""
+    return [
+        {"field": key, "message": "unknown query parameter"}
+        for key in sorted(set(params) - set(allowed))
+    ]
 
 
 def stats_document(
@@ -1627,6 +1627,11 @@ async def _on_jobserver_error(request: Request, exc: Exception) -> Response:
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names only the first route on the path; a path served by
+        # several routes (GET and POST /api/v1/jobs) allows the methods of all of them.
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(_allowed_methods(request)))}
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {
         404: f"no route for {request.url.path}",
@@ -1635,7 +1640,25 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     error = JobServerError(
         message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code, "http_error")
     )
-    return error_response(exc.status_code, error, exc.headers)
+    return error_response(exc.status_code, error, headers)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods of the routes whose path matches the most literally: on
+    /api/v1/jobs/cancel those of that path, not of /api/v1/jobs/{job_id}."""
+    matching = [
+        route
+        for route in request.app.router.routes
+        if isinstance(route, Route) and route.methods
+        if route.matches(request.scope)[0] is not Match.NONE
+    ]
+    fewest = min((len(route.param_convertors) for route in matching), default=0)
+    return {
+        method
+        for route in matching
+        if len(route.param_convertors) == fewest
+        for method in route.methods or ()
+    }
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> Response:

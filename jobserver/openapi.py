@@ -341,7 +341,8 @@ _ERROR_TEXT = {
 _BODY_ERRORS = (400, 413, 415, 422)
 # Responses that are not JSON: their media type stands where a schema name would.
 TEXT = "text/plain"
-BINARY = "application/octet-stream"
+# An artifact is served as the type its name suggests (application/octet-stream if none).
+ANY_FILE = "*/*"
 HTML = "text/html"
 EVENTS = "text/event-stream"
 
@@ -445,6 +446,94 @@ def submission_schemas(registry: Registry, max_retries_limit: int) -> dict[str, 
     return schemas
 
 
+# Values as config.toml takes them (config.parse_size, config.parse_duration).
+_SIZE = {
+    "oneOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kmgtKMGT][iI]?[bB]|[bB])?\s*$"},
+    ],
+    "description": 'bytes, or a size like "512MiB"',
+}
+_DURATION = {
+    "oneOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^(\s*\d+(\.\d+)?\s*(ms|s|m|h|d))+\s*$"},
+    ],
+    "description": 'seconds, or a duration like "30s", "5m", "1h30m"',
+}
+
+
+def _percent(lowest: float, highest: float) -> dict[str, Any]:
+    return {"type": "number", "minimum": lowest, "maximum": highest}
+
+
+# The [scheduler] keys PATCH /api/v1/system takes (config._scheduler, config._scheduling);
+# null resets the keys config.toml may leave out.  Whether a change is accepted may also
+# depend on the machine and on the other keys (a memory floor below its memory): a 422
+# says which key and why.
+_SCHEDULER_CHANGES: dict[str, Any] = {
+    "poll_interval": _DURATION,
+    "max_jobs": {"type": "integer", "minimum": 1},
+    "max_cpus": _nullable({"type": "number", "exclusiveMinimum": True, "minimum": 0}),
+    "max_memory": _nullable(_SIZE),
+    "reserve_cpus": {"type": "number", "minimum": 0},
+    "reserve_memory": _SIZE,
+    "kill_grace": _DURATION,
+    "max_rescues": {"type": "integer", "minimum": 0},
+    "default_memory": _SIZE,
+    "memory_floor": _SIZE,
+    "memory_pressure_limit": _nullable(_percent(0, 100)),
+    "cpu_pressure_limit": _nullable(_percent(0, 100)),
+    "hysteresis": _percent(0, 1),
+    "starvation_after": _nullable(_DURATION),
+    "pressure_action": {"type": "string", "enum": ["requeue", "pause", "none"]},
+    "max_pressure_requeues": {"type": "integer", "minimum": 0},
+    "learn_percentile": _percent(1, 100),
+    "learn_margin": _percent(1, 10),
+    "learn_window": {"type": "integer", "minimum": 1, "maximum": 10_000},
+    "job_cgroups": {"type": "boolean"},
+    "gpu_may_appear": {"type": "boolean"},
+}
+# A task's keys that change at run time (config.RUNTIME_TASK_KEYS, config.apply_changes).
+_TASK_CHANGES: dict[str, Any] = {
+    "cpus": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+    "memory": _nullable(_SIZE),
+    "memory_limit": _nullable(_SIZE),
+    "max_concurrency": _nullable({"type": "integer", "minimum": 1}),
+    "exclusive": {"type": "boolean"},
+    "timeout": _nullable(_DURATION),
+    "max_retries": {"type": "integer", "minimum": 0},
+    "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
+    "gpu_memory": _nullable(_SIZE),
+}
+
+
+def system_change_schemas(registry: Registry) -> dict[str, Any]:
+    """``SystemChanges``: the body of PATCH /api/v1/system, the [scheduler] keys and the
+    run-time keys of this server's tasks."""
+    task = {"type": "object", "additionalProperties": False, "properties": _TASK_CHANGES}
+    return {
+        "SystemChanges": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "scheduler": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": _SCHEDULER_CHANGES,
+                    "description": "[scheduler] keys, written as in config.toml",
+                },
+                "tasks": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {t.name: task for t in registry},
+                    "description": "a task's name -> its keys that change at run time",
+                },
+            },
+        }
+    }
+
+
 def _job_links(id_expression: str) -> dict[str, Link]:
     """Links from an answer that carries a job's id (at ``id_expression``) to the
     operations on that job."""
@@ -482,7 +571,9 @@ _IDEMPOTENCY_KEY = {
     "in": "header",
     "required": False,
     "description": "the same key with the same body returns the original job (200)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # 1 to 255 printable ASCII characters (api._idempotency_key); HTTP trims the ends'
+    # spaces, so a key starts and ends with a visible one.
+    "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"},
 }
 
 _JOB_ID = {
@@ -675,7 +766,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
     api.job_artifact: Operation(
         "read",
         "A file the job left in $JOBSERVER_OUTPUT_DIR (listed in its artifacts)",
-        {200: BINARY, 404: None, 410: None},
+        {200: ANY_FILE, 404: None, 410: None},
         parameters=(
             _JOB_ID,
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -752,17 +843,7 @@ OPERATIONS: Mapping[Endpoint, Operation] = {
         "admin",
         "Change scheduler caps, reserves and per-task limits without a restart",
         {200: "SystemChange", **dict.fromkeys(_BODY_ERRORS)},
-        body={
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "scheduler": {"type": "object", "description": "[scheduler] keys"},
-                "tasks": {
-                    "type": "object",
-                    "description": "task name -> its run-time keys (cpus, memory, ...)",
-                },
-            },
-        },
+        body={"$ref": "#/components/schemas/SystemChanges"},
         tags=("system",),
     ),
 }
@@ -901,7 +982,7 @@ def document(
             content: dict[str, Any]
             if ref == EVENTS:
                 content = {ref: {"schema": _JOB_EVENT}}
-            elif ref in (TEXT, BINARY, HTML):
+            elif ref in (TEXT, ANY_FILE, HTML):
                 content = {ref: {"schema": {"type": "string", "format": "binary"}}}
             else:
                 content = {

@@ -365,7 +365,10 @@ def build(
         allow_anonymous=server_settings.allow_anonymous,
     )
     # Two descriptions: the one served follows the access state (tokens created or revoked).
-    schemas = openapi.submission_schemas(registry, settings.jobs.max_retries_limit)
+    schemas = {
+        **openapi.submission_schemas(registry, settings.jobs.max_retries_limit),
+        **openapi.system_change_schemas(registry),
+    }
     documents = {
         guarded: openapi.document(
             operations,

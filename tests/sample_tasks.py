@@ -220,3 +220,10 @@ def fail_when_file(path: str, timeout: float = 60) -> None:
     """Runs until ``path`` exists, then fails: lets a test decide when a job fails."""
     wait_for_file(path, timeout)
     raise RuntimeError(f"{path} appeared")
+
+
+def leave_artifact(text: str = "") -> int:
+    """Leaves one artifact, ``note.txt``, whatever ``text`` is (safe to fuzz: the name
+    is fixed)."""
+    (Path(os.environ["JOBSERVER_OUTPUT_DIR"]) / "note.txt").write_text(text)
+    return len(text)

@@ -683,3 +683,35 @@ async def test_paging_with_the_largest_limit_sees_every_job_once(make_harness: A
                 break
         assert len(seen) == count and set(seen) == set(ids)
         assert sorted(seen, reverse=True) == seen
+
+
+async def test_a_405_allows_the_methods_of_every_route_on_its_path(make_harness: Any) -> None:
+    """GET and POST /api/v1/jobs are two routes: Starlette's own Allow named only the first."""
+    async with make_harness() as h:
+        for method, path, allowed in [
+            ("OPTIONS", "/api/v1/jobs", "GET, HEAD, POST"),
+            ("DELETE", "/api/v1/jobs", "GET, HEAD, POST"),
+            ("OPTIONS", "/api/v1/system", "GET, HEAD, PATCH"),
+            ("PUT", "/api/v1/jobs/some-id", "GET, HEAD"),
+            # also the path of /api/v1/jobs/{job_id}: the literal route's methods
+            ("OPTIONS", "/api/v1/jobs/cancel", "POST"),
+        ]:
+            response = await h.client.request(method, path)
+            assert_error(response, 405, "method_not_allowed")
+            assert response.headers["allow"] == allowed, (method, path)
+
+
+async def test_reading_a_job_refuses_unknown_query_parameters(make_harness: Any) -> None:
+    """Like the listing and the logs: a misspelt ``wait`` is a 422, not a poll that
+    answers at once."""
+    async with make_harness() as h:
+        job = await h.client.post("/api/v1/jobs", json={"task": "add", "args": {"a": 1, "b": 2}})
+        job_id = job.json()["id"]
+        response = await h.client.get(f"/api/v1/jobs/{job_id}", params={"wiat": "5", "wait": "x"})
+        error = assert_error(response, 422, "validation_error")
+        assert {(d["field"], d["message"].split(" from ")[0]) for d in error["details"]} == {
+            ("wiat", "unknown query parameter"),
+            ("wait", "expected a number of seconds"),
+        }
+        response = await h.client.get(f"/api/v1/jobs/{job_id}", params={"wait": "0"})
+        assert response.status_code == 200

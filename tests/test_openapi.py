@@ -4,9 +4,11 @@ must be documented, match its schema and never be a 5xx."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,50 @@ def test_listing_cursor_logs_tail_and_events_are_described_as_served(tmp_path: P
         "parameters": {"job_id": "$response.body#/id"},
     }
     assert {"CancelJob", "RetryJob", "JobLogs", "JobEvents", "TaskStatus"} <= set(links)
+
+
+def test_the_system_change_body_names_the_keys_that_change_at_run_time(tmp_path: Path) -> None:
+    """PATCH /api/v1/system's body: every [scheduler] key, and per task of this server its
+    run-time keys; nothing else."""
+    _, document = served_document(tmp_path)
+    patch = document["paths"]["/api/v1/system"]["patch"]
+    body = patch["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/SystemChanges"}
+    changes = document["components"]["schemas"]["SystemChanges"]
+    assert changes["additionalProperties"] is False
+    scheduler = changes["properties"]["scheduler"]
+    assert set(scheduler["properties"]) == {f.name for f in fields(config.SchedulerSettings)}
+    tasks = changes["properties"]["tasks"]
+    assert set(tasks["properties"]) == set(FUZZ_TASKS)
+    for task in tasks["properties"].values():
+        assert set(task["properties"]) == set(config.RUNTIME_TASK_KEYS)
+        assert task["additionalProperties"] is False
+    assert scheduler["properties"]["kill_grace"]["oneOf"][1]["type"] == "string"
+    # Sizes and durations in config.toml's spellings: changes the server applies.
+    settings = config.load(write_config(tmp_path, tasks=FUZZ_TASKS))
+    taken = {
+        "scheduler": {"max_jobs": 3, "kill_grace": "5s", "reserve_memory": "64MiB"},
+        "tasks": {"add": {"memory": 1048576, "timeout": None}},
+    }
+    changed = config.apply_changes(settings, taken, "PATCH /api/v1/system")
+    assert changed.scheduler.max_jobs == 3 and changed.scheduler.kill_grace == 5
+    assert changed.tasks["add"].memory == 1048576
+
+
+def test_an_artifact_is_described_as_any_media_type(tmp_path: Path) -> None:
+    """Served as the type its name suggests (text/plain for note.txt), not always binary."""
+    _, document = served_document(tmp_path)
+    artifact = document["paths"]["/api/v1/jobs/{job_id}/artifacts/{name}"]["get"]
+    assert set(artifact["responses"]["200"]["content"]) == {"*/*"}
+
+
+def test_the_idempotency_key_is_described_as_the_server_takes_it(tmp_path: Path) -> None:
+    """1 to 255 printable ASCII characters: the server refuses others with 422."""
+    _, document = served_document(tmp_path)
+    submit = document["paths"]["/api/v1/jobs"]["post"]
+    key = next(p for p in submit["parameters"] if p["name"] == "Idempotency-Key")
+    pattern = re.compile(key["schema"]["pattern"])
+    for taken in ("a", "0f8fad5b-d9cb-469f-a165-70867728950e", "a b", "~" * 255):
+        assert pattern.fullmatch(taken), taken
+    for refused in ("", "\u0090", "é", "x" * 256, "tab\there"):
+        assert not pattern.fullmatch(refused), refused
