@@ -52,6 +52,7 @@ from jobserver.jobs import (
     ARTIFACTS_DIR_NAME,
     CELERY_STATUS,
     JOB_LOG_NAME,
+    MAX_TIMEOUT,
     Job,
     JobState,
     format_timestamp,
@@ -95,7 +96,6 @@ SUBMIT_FIELDS = (
     "depends_on",
 )
 MAX_DELAY = 366 * 86400.0  # seconds: the furthest a job may be scheduled ahead
-MAX_TIMEOUT = 366 * 86400.0
 MAX_DEPENDENCIES = 100
 MAX_TAIL = 100_000
 IDEMPOTENCY_HEADER = "idempotency-key"

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from jobserver.errors import ConfigError
+from jobserver.jobs import MAX_TIMEOUT
 
 DEFAULT_CONFIG_NAME = "config.toml"
 ENV_VAR = "JOBSERVER_CONFIG"
@@ -50,6 +51,11 @@ Parser = Callable[[object, str], T]
 # --- durations and sizes -------------------------------------------------------------
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Bounds on what is stored or timed: any duration (timers and datetime arithmetic
+# overflow far beyond it; a job's timeout has its own, MAX_TIMEOUT), and an integer kept
+# in a database column (64-bit signed).
+MAX_DURATION = 100 * 365 * 86400.0
+MAX_STORED_INT = 2**63 - 1
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_RE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h|d))+")
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
@@ -82,6 +88,8 @@ def parse_duration(value: object, key: str = "value") -> float:
         raise ValueError(expected)
     if seconds < 0:
         raise ValueError(f"{key} = {_show(value)}: a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{key} = {_show(value)}: at most 100 years ({MAX_DURATION:g} s)")
     return seconds
 
 
@@ -560,7 +568,7 @@ def _tasks(source: _Source, value: object, base: Path) -> Mapping[str, TaskSetti
             cpus=table.get("cpus", _number(0, above=True), default.cpus),
             memory=table.get("memory", _positive(parse_size), default.memory),
             max_retries=table.get("max_retries", _integer(0), default.max_retries),
-            timeout=table.get("timeout", _positive(parse_duration), default.timeout),
+            timeout=table.get("timeout", _job_timeout, default.timeout),
             route=table.get("route", _route, default.route),
             retry_base=table.get("retry_base", _positive(parse_duration), None),
             retry_cap=table.get("retry_cap", _positive(parse_duration), None),
@@ -768,7 +776,7 @@ def apply_changes(settings: Settings, changes: object, origin: str) -> Settings:
             cpus=table.get("cpus", _number(0, above=True), current.cpus),
             memory=table.get("memory", _positive(parse_size), current.memory),
             max_retries=table.get("max_retries", _integer(0), current.max_retries),
-            timeout=table.get("timeout", _positive(parse_duration), current.timeout),
+            timeout=table.get("timeout", _job_timeout, current.timeout),
             **_task_limits(table, current),
         )
         for field in table.nulls:
@@ -909,13 +917,14 @@ def _boolean(value: object, key: str) -> bool:
 
 def _integer(minimum: int, maximum: int | None = None) -> Parser[int]:
     wanted = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+    ceiling = MAX_STORED_INT if maximum is None else maximum
 
     def parse(value: object, key: str) -> int:
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
             or value < minimum
-            or (maximum is not None and value > maximum)
+            or value > ceiling
         ):
             raise ValueError(f"{key} = {_show(value)}: expected an integer {wanted}")
         return value
@@ -963,6 +972,13 @@ def _or_off(parse: Parser[T]) -> Parser[T | None]:
             raise ValueError(f'{exc} (or "off")') from None
 
     return parse_or_off
+
+
+def _job_timeout(value: object, key: str) -> float:
+    seconds = _positive(parse_duration)(value, key)
+    if seconds > MAX_TIMEOUT:
+        raise ValueError(f"{key} = {_show(value)}: at most 366 days ({MAX_TIMEOUT:g} s)")
+    return seconds
 
 
 def _positive(parse: Parser[_N]) -> Parser[_N]:

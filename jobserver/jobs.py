@@ -32,6 +32,8 @@ from typing import Any
 
 from jobserver.errors import InvalidTransition
 
+MAX_TIMEOUT = 366 * 86400.0  # seconds: the longest timeout a job may have (task or submit)
+
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from starlette.routing import BaseRoute, Route
 
 from jobserver import api
-from jobserver.jobs import JobState
+from jobserver.jobs import MAX_TIMEOUT, JobState
 from jobserver.store import MAX_PAGE
 from jobserver.tasks import Registry, args_schema
 
@@ -389,7 +389,7 @@ def _submit_options(max_retries_limit: int) -> dict[str, Any]:
             "type": "number",
             "exclusiveMinimum": True,
             "minimum": 0,
-            "maximum": api.MAX_TIMEOUT,
+            "maximum": MAX_TIMEOUT,
             "description": "seconds",
         },
         "run_at": {

@@ -13,7 +13,7 @@ PACKAGE = Path(jobserver.__file__).parent
 ALLOWED = {
     "errors": set(),
     "jobs": {"errors"},
-    "config": {"errors"},
+    "config": {"errors", "jobs"},
     "tasks": {"errors", "config"},
     # The store package: the face (__init__), the repository over the driver seam, and
     # the engines beneath it (store.sqlite, store.postgres).  Outside the package it is one

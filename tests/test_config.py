@@ -73,6 +73,14 @@ def test_parse_duration_rejects(value: object) -> None:
         parse_duration(value, "scheduler.kill_grace")
 
 
+def test_parse_duration_rejects_more_than_a_hundred_years() -> None:
+    assert parse_duration("36500d") == 36500 * 86400.0
+    with pytest.raises(ValueError, match=r"at most 100 years"):
+        parse_duration("36501d", "jobs.retention")
+    with pytest.raises(ValueError, match=r"at most 100 years"):
+        parse_duration(1e300, "jobs.retention")
+
+
 def test_parse_duration_rejects_non_finite() -> None:
     with pytest.raises(ValueError):
         parse_duration(float("inf"))

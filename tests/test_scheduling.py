@@ -466,6 +466,17 @@ async def test_patch_system_changes_limits_for_the_next_tick(
         ({"tasks": {"nope": {"cpus": 1}}}, "tasks.nope", "no task named 'nope'"),
         ({"tasks": {"gated": {"function": "a:b"}}}, "tasks.gated.function", "unknown key"),
         ({"tasks": {"gated": {"memory": "lots"}}}, "tasks.gated.memory", "expected a size"),
+        # Found by the fuzz test: a task default too large for its column made every
+        # later submit of the task a 500.
+        (
+            {"tasks": {"gated": {"max_retries": 10**23}}},
+            "tasks.gated.max_retries",
+            "expected an integer >= 0",
+        ),
+        ({"tasks": {"gated": {"timeout": 1e300}}}, "tasks.gated.timeout", "at most 100 years"),
+        ({"tasks": {"gated": {"timeout": "400d"}}}, "tasks.gated.timeout", "at most 366 days"),
+        ({"scheduler": {"max_rescues": 2**63}}, "scheduler.max_rescues", "an integer >= 0"),
+        ({"scheduler": {"kill_grace": 1e12}}, "scheduler.kill_grace", "at most 100 years"),
         ({"server": {"port": 1}}, "server", "unknown key server"),
         ([1, 2], None, "expected an object like"),
     ],
@@ -484,6 +495,10 @@ async def test_patch_system_rejects_bad_changes_and_changes_nothing(
         after = (await h.client.get("/api/v1/system")).json()
         assert after["max_jobs"] == before["max_jobs"] == 2
         assert after["settings"] == before["settings"]
+        submitted = await h.client.post(
+            "/api/v1/jobs", json={"task": "gated", "args": {"path": "/none"}, "delay": 3600}
+        )
+        assert submitted.status_code == 202, submitted.text
 
 
 @pytest.mark.parametrize(
