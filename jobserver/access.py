@@ -343,12 +343,25 @@ class Policy:
             )
 
     def required_scope(self, method: str, path: str) -> tuple[bool, str | None]:
-        """(a rule matched, its scope).  HEAD is checked as GET."""
+        """(a rule matched, its scope).  HEAD is checked as GET.  A path without
+        parameters is one dictionary look-up; the rules with parameters are tried in order
+        (each a regex match, on every request)."""
         method = "GET" if method == "HEAD" else method
-        for rule in self.rules:
+        exact = self._exact_rules
+        if (method, path) in exact:
+            return True, exact[method, path]
+        for rule in self._templated_rules:
             if rule.matches(method, path):
                 return True, rule.scope
         return False, None
+
+    @functools.cached_property
+    def _exact_rules(self) -> dict[tuple[str, str], str | None]:
+        return {(r.method, r.template): r.scope for r in self.rules if "{" not in r.template}
+
+    @functools.cached_property
+    def _templated_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if "{" in r.template)
 
 
 class AccessMiddleware:

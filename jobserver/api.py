@@ -284,7 +284,8 @@ def create_app(
     )
     return App(
         api,
-        routes=[*routes, *tutorial_routes(registry)],
+        # The tasks' own submit routes first: each route passed costs a regex match.
+        routes=[*tutorial_routes(registry), *routes],
         exception_handlers={
             JobServerError: _on_jobserver_error,
             HTTPException: _on_http_error,
@@ -881,16 +882,16 @@ def series_document(
     }
 
 
-# The API, in matching order: the routes polled and submitted to most come first.  The
-# tasks' own routes (``tutorial_routes``) follow them; openapi.py describes every route.
-# Starlette tries routes in order: the polls come first (each route passed costs a regex
-# match); a path that fits several routes goes to the one whose method fits.
+# The API, in matching order: Starlette tries routes in order and each route passed
+# costs a regex match, so the routes submitted to and polled most come first (the tasks'
+# own routes, ``tutorial_routes``, precede them all); a path that fits several routes
+# goes to the one whose method fits.  openapi.py describes every route.
 routes: list[BaseRoute] = [
+    Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/api/v1/task-status/{task_id}", task_status, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
-    Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs", list_jobs, methods=["GET"]),
     Route("/api/v1/jobs/cancel", cancel_jobs, methods=["POST"]),
     Route("/api/v1/jobs/retry", retry_jobs, methods=["POST"]),

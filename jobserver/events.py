@@ -287,7 +287,8 @@ def _uvicorn_name(record: logging.LogRecord) -> bool:
 def configure_logging(level: str, log_format: str) -> None:
     """The root handler for ``jobserver serve``: plain lines, or JSON objects."""
     handler = PassStreamHandler()
-    handler.addFilter(_uvicorn_name)
+    # On uvicorn.error's logger, not the handler: an access line never passes through it.
+    logging.getLogger("uvicorn.error").addFilter(_uvicorn_name)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -562,7 +562,7 @@ def test_a_document_rendered_in_halves_is_the_document_rendered_whole(
 
 
 def test_a_task_route_cannot_shadow_an_api_route() -> None:
-    # So tutorial_routes may follow api.routes in any order: config refuses a task route
+    # So tutorial_routes may precede api.routes: config refuses a task route
     # on any path the API serves.
     for route in api.routes:
         path = getattr(route, "path", "")

@@ -123,6 +123,9 @@ class FailingEnds:
             raise self.error("the database file cannot be written (disk full?)")
         return await self.inner.write(op, batched=batched)
 
+    async def insert(self, table: Any, rows: Any) -> None:
+        await self.inner.insert(table, rows)
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -546,6 +546,47 @@ def key(
     return IdempotencyKey(scope, name, body, window)
 
 
+async def test_plain_submits_of_every_shape_in_one_batch_store_all_but_the_bad_one(
+    repo: Store,
+) -> None:
+    # Submitted at once, plain submits share one batch: here rows of different columns
+    # (a column left unset is not sent), and one whose id is taken.
+    shapes = [
+        new(),
+        new(run_after=at(5)),
+        new(owner="ann"),
+        new(task="u", args={"k": ["v"]}, priority=3),
+        NewJob("t", {}, 0, 2, timeout=1.5),
+    ]
+    ids = [new_job_id() for _ in shapes]
+    taken = await submit(repo, new(task="first"))
+    results = await asyncio.gather(
+        *(repo.submit(shape, job_id, at(1)) for shape, job_id in zip(shapes, ids, strict=True)),
+        repo.submit(new(task="second"), taken.id, at(1)),
+        return_exceptions=True,
+    )
+    *stored, refused = results
+    assert isinstance(refused, Exception), refused
+    assert (await repo.get(taken.id)).task == "first"
+    for shape, job_id, result in zip(shapes, ids, stored, strict=True):
+        assert not isinstance(result, BaseException), result
+        changed, created = result
+        job = await repo.get(job_id)
+        assert created and changed.job == job, job_id
+        assert (job.task, job.args, job.priority, job.max_retries) == (
+            shape.task,
+            shape.args,
+            shape.priority,
+            shape.max_retries,
+        )
+        assert (job.run_after, job.owner, job.timeout) == (
+            shape.run_after,
+            shape.owner,
+            shape.timeout,
+        )
+    assert await stored_ids(repo) == {taken.id, *ids}
+
+
 async def test_same_key_same_body_is_the_original_job(repo: Store) -> None:
     first_id = new_job_id()
     first, created = await repo.submit(new(idempotency=key()), first_id, at(0))

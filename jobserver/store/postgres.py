@@ -39,7 +39,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -140,6 +140,9 @@ class PostgresDriver:
         )
         written: T = result
         return written
+
+    async def insert(self, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        await self.write(lambda tx: tx.insert(table, rows), batched=False)
 
     async def close(self) -> None:
         await self._batches.drain()  # what is queued is committed and answered

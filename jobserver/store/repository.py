@@ -291,7 +291,7 @@ class Store:
         return job
 
     async def _insert_many(self, rows: list[dict[str, Any]]) -> list[Job]:
-        await self.driver.write(lambda tx: _insert_rows(tx, rows))
+        await self.driver.insert(jobs, rows)
         # Decoded here, on the event loop: the writer's thread holds the GIL only for the
         # statements, and the stored rows are the values plus the columns' defaults (no
         # SELECT to read them back: that, and decoding it, cost more than building them).
@@ -417,13 +417,8 @@ class Store:
 
     async def recent_runs(self, task: str, limit: int) -> list[TaskRun]:
         """The task's last ``limit`` measured runs, newest first (through its index)."""
-        query = (
-            sa.select(task_runs)
-            .where(task_runs.c.task == task)
-            .order_by(task_runs.c.id.desc())
-            .limit(limit)
-        )
-        rows = await self.driver.read(lambda tx: tx.rows(query))
+        parameters = {"task": task, "limit": limit}
+        rows = await self.driver.read(lambda tx: tx.rows(RECENT_RUNS, parameters))
         return [
             TaskRun(task, job_id, attempt, outcome, peak, cpu, wall, _time(finished_at))
             for _, task, job_id, attempt, outcome, peak, cpu, wall, finished_at in rows
@@ -1051,28 +1046,8 @@ def _not_stored(job_id: str, owner: str | None, pruned: list[Row]) -> NotFound:
 
 
 def _insert_job(tx: Tx, values: dict[str, Any]) -> Job:
-    _insert_rows(tx, [values])
+    tx.insert(jobs, [values])
     return decode_mapping(_INSERTED_DEFAULTS | values)
-
-
-def _insert_rows(tx: Tx, rows: list[dict[str, Any]]) -> None:
-    """Insert rows that all have the same columns, in chunks of a power of two rows (a
-    few statements to compile and keep, whatever the batch's size)."""
-    names = tuple(rows[0])
-    start = 0
-    while start < len(rows):
-        count = 1 << ((len(rows) - start).bit_length() - 1)
-        chunk = rows[start : start + count]
-        parameters = {f"r{i}_{name}": row[name] for i, row in enumerate(chunk) for name in names}
-        tx.run(_insert_statement(names, count), parameters)
-        start += count
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_statement(names: tuple[str, ...], count: int) -> sa.Insert:
-    return jobs.insert().values(
-        [{name: sa.bindparam(f"r{i}_{name}") for name in names} for i in range(count)]
-    )
 
 
 def _remembered_job(tx: Tx, key: IdempotencyKey, now: datetime) -> str | None:
@@ -1257,7 +1232,7 @@ def _run_values(run: TaskRun) -> dict[str, Any]:
 
 
 def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
-    return {
+    values = {
         "id": job_id,
         "task": new.task,
         "args": dump_json(new.args),
@@ -1272,6 +1247,9 @@ def _new_job_values(new: NewJob, job_id: str, now: datetime) -> dict[str, Any]:
         "schedule": new.schedule,
         "schedule_slot": None if new.schedule_slot is None else format_timestamp(new.schedule_slot),
     }
+    # A column left out is NULL (none of these has a default), and binding None costs
+    # sqlite3 an adapter lookup that fails with an exception, per value.
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _inserted_defaults() -> dict[str, Any]:
@@ -1590,6 +1568,12 @@ CANCEL_REQUESTED = sa.select(jobs.c.id).where(
     jobs.c.state == JobState.RUNNING.value,
     jobs.c.cancel_requested_at.is_not(None),
     jobs.c.node == sa.bindparam("node"),
+)
+RECENT_RUNS = (
+    sa.select(task_runs)
+    .where(task_runs.c.task == sa.bindparam("task"))
+    .order_by(task_runs.c.id.desc())
+    .limit(sa.bindparam("limit"))
 )
 ACTIVE_COUNTS = (
     sa.select(jobs.c.state, sa.func.count()).where(jobs.c.state.in_(_ACTIVE)).group_by(jobs.c.state)

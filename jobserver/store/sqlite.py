@@ -29,7 +29,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,14 @@ from sqlalchemy.dialects.sqlite.base import SQLiteCompiler
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from jobserver.errors import ServerLocked, StorageUnavailable
-from jobserver.store.driver import Batches, Compiler, Operation, Tx
+from jobserver.store.driver import (
+    ROWS_PER_INSERT,
+    Batches,
+    Compiler,
+    Operation,
+    Tx,
+    rows_by_keys,
+)
 from jobserver.store.schema import pending_revisions, upgrade_to_head
 
 log = logging.getLogger("jobserver.store")
@@ -115,6 +122,7 @@ class SqliteDriver:
         self._opened: list[Any] = []
         self._opened_lock = threading.Lock()
         self._quick: Any = None
+        self._quick_tx: Tx | None = None
         self._trace: Callable[[str], None] | None = None
         self._batches: Batches[Operation[Any], Any] = Batches(self._commit_batch, BATCH_MAX)
         self.commits = self._batches.stats
@@ -125,7 +133,7 @@ class SqliteDriver:
         if quick:
             try:
                 # One statement, its own snapshot: no BEGIN and COMMIT around it.
-                return op(Tx(self._quick_connection(), self._compiler))
+                return op(self._quick_tx or self._open_quick())
             except sqlite3.OperationalError:
                 pass  # busy (or the quick connection broke): a reader thread waits
         return await self._on_reader_thread(op)
@@ -137,6 +145,18 @@ class SqliteDriver:
         (result,) = await self._on_writer_thread(lambda: self._transaction([op]))
         return result
 
+    async def insert(self, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        alike = rows_by_keys(rows)
+        if len(alike) > 1 or len(rows) > ROWS_PER_INSERT:
+            await self.write(lambda tx: tx.insert(table, rows), batched=False)
+            return
+
+        def one_statement() -> None:
+            # Its own transaction (the connection autocommits): all rows or none.
+            Tx(self._writer_connection or self._open_writer(), self._compiler).insert(table, rows)
+
+        await self._on_writer_thread(one_statement)
+
     async def close(self) -> None:
         await self._batches.drain()  # what is queued is committed and answered
         self._writer.shutdown(wait=True)
@@ -147,7 +167,7 @@ class SqliteDriver:
             self._opened.clear()
         if self._quick is not None:
             self._quick.close()
-            self._quick = None
+            self._quick = self._quick_tx = None
 
     # -- writes ------------------------------------------------------------------------
 
@@ -157,9 +177,7 @@ class SqliteDriver:
     def _transaction(self, ops: list[Operation[Any]]) -> list[Any]:
         """In the writer's thread: the operations' results, committed together; nothing
         of them if one raises."""
-        if self._writer_connection is None:
-            self._writer_connection = self._open(query_only=False)
-        connection = self._writer_connection
+        connection = self._writer_connection or self._open_writer()
         tx = Tx(connection, self._compiler)
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -186,14 +204,14 @@ class SqliteDriver:
         finally:
             connection.execute("COMMIT")
 
-    def _quick_connection(self) -> Any:
-        if self._quick is None:
-            # busy_timeout 0: never wait on the event loop.
-            self._quick = _connect(
-                self.database, synchronous=self._synchronous, timeout_ms=0, query_only=True
-            )
-            self._quick.set_trace_callback(self._trace)
-        return self._quick
+    def _open_quick(self) -> Tx:
+        # busy_timeout 0: never wait on the event loop.
+        self._quick = _connect(
+            self.database, synchronous=self._synchronous, timeout_ms=0, query_only=True
+        )
+        self._quick.set_trace_callback(self._trace)
+        self._quick_tx = Tx(self._quick, self._compiler)  # kept: a Tx holds no state
+        return self._quick_tx
 
     def trace(self, callback: Callable[[str], None] | None) -> None:
         """Pass every statement any of this driver's connections runs to ``callback``
@@ -219,6 +237,10 @@ class SqliteDriver:
             return await asyncio.get_running_loop().run_in_executor(self._readers, read)
         except sqlite3.OperationalError as exc:
             raise _unavailable(exc) from exc
+
+    def _open_writer(self) -> Any:
+        self._writer_connection = self._open(query_only=False)
+        return self._writer_connection
 
     def _open(self, *, query_only: bool) -> Any:
         connection = _connect(
@@ -251,9 +273,8 @@ class SqliteDriver:
         """The writer's ``PRAGMA synchronous``: 2 (FULL) or 1 (NORMAL)."""
 
         def read() -> int:
-            if self._writer_connection is None:
-                self._writer_connection = self._open(query_only=False)
-            return int(self._writer_connection.execute("PRAGMA synchronous").fetchone()[0])
+            connection = self._writer_connection or self._open_writer()
+            return int(connection.execute("PRAGMA synchronous").fetchone()[0])
 
         return await self._on_writer_thread(read)
 
