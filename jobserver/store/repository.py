@@ -27,8 +27,9 @@ that id raises ``Gone`` instead of ``NotFound`` until the row is forgotten.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -228,7 +229,9 @@ class JobFilter:
     owner: str | None = None  # None: every client's jobs (an admin)
 
 
-Choose = Callable[[list[QueueEntry]], Sequence[str]]
+# The queue head, and per limited task in it its jobs running on every node (counted under
+# the task's lock; empty on SQLite, where this server's own running jobs are all of them).
+Choose = Callable[[list[QueueEntry], Mapping[str, int]], Sequence[str]]
 
 
 class Store:
@@ -244,6 +247,12 @@ class Store:
         # multi-row INSERTs for the lot: a statement per job cost twice the CPU.
         self._submits: Batches[dict[str, Any], Job] = Batches(self._insert_many, SUBMITS_MAX)
         self.submits = self._submits.stats
+
+    @property
+    def shared(self) -> bool:
+        """Whether several nodes may share this database (PostgreSQL), or it is one
+        server's own (SQLite)."""
+        return self.driver.dialect.name == "postgresql"
 
     async def close(self) -> None:
         await self._submits.drain()  # what is queued is committed and answered
@@ -608,16 +617,27 @@ class Store:
 
     # -- the scheduler's writes --------------------------------------------------------
 
-    async def claim_head(self, now: datetime, limit: int, choose: Choose) -> list[Changed]:
+    async def claim_head(
+        self, now: datetime, limit: int, choose: Choose, *, limited: Collection[str] = ()
+    ) -> list[Changed]:
         """One transaction per scheduler tick: read the queue head (at most ``limit``
         jobs that may start now), let ``choose`` pick which to start (the scheduler's
         pure planning, called with the head), and claim those for this node: queued →
         running, counting an attempt and opening its ``attempts`` row.  ``choose`` may be
-        called again if the transaction is retried, so it must only decide."""
+        called again if the transaction is retried, so it must only decide.
+
+        ``limited`` names the tasks with a ``max_concurrency``.  On a shared database,
+        for each of them in the head, the transaction takes that task's lock and counts
+        its running jobs on every node, and ``choose`` gets the counts: another node's
+        claim of the same task waits for this commit and then counts this one's claims,
+        so a limit holds across the cluster, even in a race.  The lock is
+        transaction-scoped: nothing to leak when a node dies."""
 
         def claim(tx: Tx) -> list[Changed]:
             head = _queue_head(tx, limit, now, QUEUE_HEAD)
-            chosen = set(choose(head))
+            counted = {entry.task for entry in head}.intersection(limited)
+            running = _running_everywhere(tx, counted) if self.shared and counted else {}
+            chosen = set(choose(head, running))
             claimed = []
             for entry in head:
                 if entry.id in chosen:
@@ -1133,6 +1153,31 @@ def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) 
             "depends_on names jobs that do not exist",
             [{"field": "depends_on", "message": f"no job with id {dep!r}"} for dep in missing],
         )
+
+
+def task_lock_key(task: str) -> int:
+    """The key of ``task``'s transaction-scoped advisory lock on PostgreSQL: a stable hash
+    of its name (the same on every node and release), a signed 64-bit integer.  Two tasks
+    that happen to share a key only wait for each other's claims."""
+    digest = hashlib.blake2b(f"jobserver task {task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+TASK_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def _running_everywhere(tx: Tx, tasks: Collection[str]) -> dict[str, int]:
+    """Lock each task (in one order on every node: no deadlock between claims), then
+    count its running jobs on every node.  The count is a statement after the locks, so
+    under READ COMMITTED it sees every claim committed by whoever held a lock before."""
+    for task in sorted(tasks):
+        tx.rows(TASK_LOCK, {"key": task_lock_key(task)})
+    query = (
+        sa.select(jobs.c.task, sa.func.count())
+        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.task.in_(sorted(tasks)))
+        .group_by(jobs.c.task)
+    )
+    return {task: 0 for task in tasks} | {task: int(n) for task, n in tx.rows(query)}
 
 
 def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:
