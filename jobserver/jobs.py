@@ -203,6 +203,9 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+MAX_PRIORITY = 1000  # a job's priority is from -MAX_PRIORITY to MAX_PRIORITY
+
+
 def format_timestamp(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and a ``Z``: sorts as text, readable in sqlite3."""
     # isoformat (C) instead of strftime: a job document formats up to a dozen times, and

@@ -1083,6 +1083,12 @@ class Scheduler:
         self._cancel_hint = True
         self.wake()
 
+    def changed_elsewhere(self, job_id: str) -> None:
+        """Another node changed the job (``"*"``: perhaps any job).  If it runs here, that
+        can only be a cancel request: read the flags on the next tick."""
+        if job_id == "*" or job_id in self._running or self._starting:
+            self.cancel_requested()
+
     async def starts_settled(self, timeout: float = 1.0) -> None:
         """Return once no claimed job's process is still being started (or after
         ``timeout``): every job the store shows as running is then in ``view()``, unless

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -20,9 +21,18 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from jobserver.errors import StorageUnavailable
+from jobserver.errors import NotFound, StorageUnavailable, ValidationError
 from jobserver.jobs import Job, JobError, JobState, new_job_id
-from jobserver.store import Finish, NewJob, Requeue, Store, metadata, migrations_dir, postgres
+from jobserver.store import (
+    Finish,
+    NewJob,
+    Requeue,
+    Store,
+    enqueue,
+    metadata,
+    migrations_dir,
+    postgres,
+)
 from jobserver.store.repository import task_lock_key
 from tests.conftest import postgresql_database
 
@@ -364,3 +374,150 @@ async def test_an_unlimited_task_takes_no_lock(
     assert len(claimed) == 1
     assert offered == [{}]
     admin.rollback()
+
+
+# -- notifications: LISTEN on a connection of its own -------------------------------------------
+
+
+async def wait_until_true(condition: Any, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_listener_hands_on_notices_and_reconnects(
+    store: Store, admin: psycopg.Connection[Any]
+) -> None:
+    received: list[str] = []
+    connected: list[float] = []
+    listener = postgres.Listener(
+        postgres_url(admin), received.append, lambda: connected.append(time.monotonic())
+    )
+    await listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await store.notify('{"queue":true}')
+        await wait_until_true(lambda: received == ['{"queue":true}'], "the notice")
+        # A notice rolled back is never sent.
+        admin.execute("SELECT pg_notify('jobserver', 'rolled back')")
+        admin.rollback()
+        # The connection is lost (a restart, a failover): the listener connects again and
+        # says so, so that its owner wakes everything.
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+        )
+        admin.commit()
+        await wait_until_true(lambda: len(connected) == 2, "the reconnection", timeout=20)
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await store.notify("again")
+        await wait_until_true(lambda: received[-1:] == ["again"], "a notice after it")
+        assert "rolled back" not in received
+    finally:
+        await listener.stop()
+        await listener.stop()  # safe twice
+
+
+def postgres_url(admin: psycopg.Connection[Any]) -> str:
+    info = admin.info
+    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+
+
+# -- enqueueing in the application's own transaction ---------------------------------------------
+
+
+async def test_enqueue_stores_the_job_only_when_the_callers_transaction_commits(
+    store: Store, url: str
+) -> None:
+    received: list[str] = []
+    listener = postgres.Listener(url, received.append, lambda: None)
+    await listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        with psycopg.connect(url) as app:
+            app.execute("CREATE TABLE orders (id int)")
+            app.execute("INSERT INTO orders VALUES (1)")
+            job_id = enqueue(
+                app, "ship", {"order": 1, "note": "é"}, priority=5, max_retries=2, timeout=30
+            )
+            # Not visible, and nobody woken, before the commit.
+            with pytest.raises(NotFound):
+                await store.get(job_id)
+            await asyncio.sleep(0.2)
+            assert received == []
+            app.commit()
+            job = await store.get(job_id)
+            await wait_until_true(lambda: len(received) == 1, "the notice at commit")
+            # Rolled back: neither the job nor a notice.
+            gone = enqueue(app, "ship", {"order": 2})
+            app.rollback()
+            with pytest.raises(NotFound):
+                await store.get(gone)
+        assert (job.task, job.args, job.priority, job.max_retries, job.timeout) == (
+            "ship",
+            {"order": 1, "note": "é"},
+            5,
+            2,
+            30.0,
+        )
+        assert job.state is JobState.QUEUED and job.attempts == 0
+        # The same row as a submit through the store: every column but the id and times.
+        submitted = await submit(store, NewJob("ship", {"order": 1, "note": "é"}, 5, 2, 30.0))
+        assert replace(job, id="", created_at=T0) == replace(submitted, id="", created_at=T0)
+        await asyncio.sleep(0.2)
+        assert len(received) == 1
+        # A node claims it like any job.
+        (claimed,) = await store.claim_head(datetime.now(UTC), 10, lambda head, _: [job_id])
+        assert claimed.job.id == job_id
+    finally:
+        await listener.stop()
+
+
+async def test_enqueue_through_a_sqlalchemy_connection(store: Store, url: str) -> None:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            run_at = datetime.now(UTC) + timedelta(hours=1)
+            job_id = enqueue(conn, "ship", {"order": 3}, run_after=run_at)
+        job = await store.get(job_id)
+        assert job.args == {"order": 3} and job.run_after is not None
+        assert abs((job.run_after - run_at).total_seconds()) < 0.01
+        with pytest.raises(ZeroDivisionError), engine.begin() as conn:
+            rolled_back = enqueue(conn, "ship", {"order": 4})
+            raise ZeroDivisionError  # the application's transaction fails
+        with pytest.raises(NotFound):
+            await store.get(rolled_back)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"task": ""}, "task"),
+        ({"args": [1, 2]}, "args"),
+        ({"args": {"x": float("nan")}}, "args"),
+        ({"args": {"x": object()}}, "args"),
+        ({"priority": 1001}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"run_after": datetime(2030, 1, 1)}, "run_after"),  # no time zone
+    ],
+)
+async def test_enqueue_refuses_bad_values_and_stores_nothing(
+    store: Store, url: str, kwargs: dict[str, Any], field: str
+) -> None:
+    values: dict[str, Any] = {"task": "ship", "args": {}} | kwargs
+    with psycopg.connect(url) as app:
+        with pytest.raises(ValidationError) as caught:
+            enqueue(app, values.pop("task"), values.pop("args"), **values)
+        assert [problem["field"] for problem in caught.value.details] == [field]
+        app.commit()
+    assert (await store.active_counts())["queued"] == 0
+
+
+def test_enqueue_needs_a_psycopg_connection() -> None:
+    with pytest.raises(TypeError, match="psycopg 3 connection"):
+        enqueue(object(), "ship")  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ import sqlalchemy as sa
 
 from jobserver.errors import Conflict, Gone, InvalidTransition, NotFound, ValidationError
 from jobserver.jobs import (
+    MAX_PRIORITY,
     TERMINAL_STATES,
     Artifact,
     Attempt,
@@ -48,11 +50,14 @@ from jobserver.jobs import (
     check_retry,
     check_transition,
     format_timestamp,
+    new_job_id,
     parse_timestamp,
+    utcnow,
 )
 from jobserver.store.driver import Batches, Driver, Row, Tx
 from jobserver.store.schema import (
     JOB_COLUMNS,
+    NOTIFY_CHANNEL,
     QUEUED_LITERAL,
     attempts,
     dependencies,
@@ -253,6 +258,13 @@ class Store:
         """Whether several nodes may share this database (PostgreSQL), or it is one
         server's own (SQLite)."""
         return self.driver.dialect.name == "postgresql"
+
+    async def notify(self, payload: str) -> None:
+        """Send ``payload`` to the nodes listening (PostgreSQL's NOTIFY on
+        ``NOTIFY_CHANNEL``, on a shared database only).  It joins the next group commit
+        and is delivered when that commits; a payload must stay under 8,000 bytes."""
+        parameters = {"channel": NOTIFY_CHANNEL, "payload": payload}
+        await self.driver.write(lambda tx: tx.rows(NOTIFY, parameters))
 
     async def close(self) -> None:
         await self._submits.drain()  # what is queued is committed and answered
@@ -1164,6 +1176,79 @@ def task_lock_key(task: str) -> int:
 
 
 TASK_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+# A notice that the queue has work, from outside the nodes (events.Wakeups reads it).
+QUEUE_NOTICE = '{"from":"enqueue","queue":true}'
+
+
+def enqueue_in(tx: Tx, new: NewJob) -> str:
+    """Insert a plain job (no dependencies, no idempotency key) in ``tx`` with the
+    submit's own statement, and NOTIFY the nodes: an application's transaction
+    (``jobserver.store.enqueue``).  The job, and the notice, exist only once ``tx``
+    commits.  Returns the job's id."""
+    job_id = new_job_id()
+    _insert_job(tx, _new_job_values(new, job_id, utcnow()))
+    tx.rows(NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": QUEUE_NOTICE})
+    return job_id
+
+
+def checked_job(
+    task: str,
+    args: Mapping[str, Any] | None,
+    priority: int,
+    max_retries: int,
+    timeout: float | None,
+    run_after: datetime | None,
+) -> NewJob:
+    """The job to insert, or ``ValidationError`` naming each bad value (the caller's
+    values are checked as they come, whatever their annotations say)."""
+    problems: list[dict[str, str]] = []
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(task, str) or not task.strip():
+        problems.append({"field": "task", "message": "required: the name of a task"})
+    args = {} if args is None else args
+    if not isinstance(args, Mapping):
+        problems.append({"field": "args", "message": "expected a JSON object (a mapping)"})
+    else:
+        try:
+            dump_json(args)
+        except (TypeError, ValueError) as exc:
+            problems.append({"field": "args", "message": f"not JSON: {exc}"})
+    if not whole(priority) or abs(priority) > MAX_PRIORITY:
+        problems.append(
+            {
+                "field": "priority",
+                "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
+            }
+        )
+    if not whole(max_retries) or max_retries < 0:
+        problems.append({"field": "max_retries", "message": "expected an integer >= 0"})
+    if timeout is not None and (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        problems.append({"field": "timeout", "message": "expected seconds > 0, or None"})
+    if run_after is not None and (
+        not isinstance(run_after, datetime) or run_after.utcoffset() is None
+    ):
+        problems.append(
+            {"field": "run_after", "message": "expected a datetime with a time zone, or None"}
+        )
+    if problems:
+        raise ValidationError("invalid job to enqueue", problems)
+    return NewJob(
+        task,
+        dict(args),
+        priority,
+        max_retries,
+        timeout=None if timeout is None else float(timeout),
+        run_after=run_after,
+    )
 
 
 def _running_everywhere(tx: Tx, tasks: Collection[str]) -> dict[str, int]:
