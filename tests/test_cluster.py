@@ -392,6 +392,26 @@ def test_long_poll_and_cancel_across_nodes(
     assert late < slack, f"b answered {late:.3f} s after a finished the job"
     print(f"long-poll on b answered {late * 1000:.0f} ms after a finished the job")
 
+    # An event stream on b follows a job that runs on a to its end.
+    gate = tmp_path / "gate-2"
+    streamed = submit(a.url, "wait_for_file", path=str(gate))
+    wait_for_job(b.url, streamed["id"], "running")
+    states: list[str] = []
+    url_b = f"{b.url}/api/v1/jobs/{streamed['id']}/events"
+    with httpx.stream("GET", url_b, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                document = json.loads(line.removeprefix("data: "))
+                states.append(document["state"])
+                if document["state"] == "running":
+                    gate.write_text("go")
+                elif document["state"] == "succeeded":
+                    late = time.time() - parse_time(document["finished_at"])
+            if line == "event: end":
+                break
+    assert states[0] == "running" and states[-1] == "succeeded"
+    assert late < slack, f"the stream on b told the end {late:.3f} s after a finished it"
+
     # Cancel through b a job that runs on a.
     other = submit(a.url, "wait_for_file", path=str(tmp_path / "never"))
     wait_for_job(b.url, other["id"], "running")
