@@ -52,6 +52,7 @@ from jobserver.jobs import (
     ARTIFACTS_DIR_NAME,
     CELERY_STATUS,
     JOB_LOG_NAME,
+    MAX_PRIORITY,
     MAX_TIMEOUT,
     Job,
     JobState,
@@ -83,7 +84,6 @@ from jobserver.tasks import Registry, Task
 
 log = logging.getLogger("jobserver.api")
 
-MAX_PRIORITY = 1000
 SUBMIT_FIELDS = (
     "task",
     "args",
@@ -441,6 +441,7 @@ async def change_system(request: Request) -> Response:
     except ConfigError as exc:
         raise ValidationError(exc.message, exc.details) from None
     api.scheduler.wake()
+    api.events.settings_changed()
     return JSONDocument({"changed": changed, "system": await _system(api)})
 
 
@@ -646,6 +647,7 @@ async def job_events(request: Request) -> Response:
     async def stream() -> Any:
         yield "retry: 2000\n\n"
         sent = None
+        keepalive = time.monotonic() + SSE_KEEPALIVE_SECONDS
         while True:
             with api.events.subscription(job_id) as changed:
                 try:
@@ -657,15 +659,19 @@ async def job_events(request: Request) -> Response:
                     sent = tag
                     data = json.dumps(_document(api, job), ensure_ascii=False)
                     yield f"event: job\nid: {tag}\ndata: {data}\n\n"
+                    keepalive = time.monotonic() + SSE_KEEPALIVE_SECONDS
                 if job.state.terminal:
                     yield "event: end\ndata: {}\n\n"
                     return
                 if api.events.closing:  # the server stops; EventSource reconnects
                     return
                 try:
-                    await asyncio.wait_for(changed, SSE_KEEPALIVE_SECONDS)
+                    patience = api.events.patience(keepalive - time.monotonic())
+                    await asyncio.wait_for(changed, max(0.0, patience))
                 except TimeoutError:
-                    yield ": keepalive\n\n"
+                    if time.monotonic() >= keepalive:
+                        yield ": keepalive\n\n"
+                        keepalive = time.monotonic() + SSE_KEEPALIVE_SECONDS
 
     return StreamingResponse(
         stream(),
@@ -1129,9 +1135,12 @@ async def _long_poll(
             if tag != baseline or job.state.terminal or remaining <= 0 or api.events.closing:
                 return job
             try:
-                await asyncio.wait_for(changed, remaining)
+                await asyncio.wait_for(changed, api.events.patience(remaining))
             except TimeoutError:
-                return job
+                # On a shared database another node's change may come without a notice
+                # here: read again every recheck, until the wait is over.
+                if time.monotonic() >= deadline:
+                    return job
 
 
 async def _system(api: Api) -> dict[str, Any]:

@@ -295,6 +295,9 @@ class ClusterSettings:
     node_timeout: float = 30.0
     shared_jobs_dir: Path | None = None  # a jobs directory every node mounts, if any
     token: str | None = None  # for node-to-node calls (not used yet: see docs/cluster.md)
+    # LISTEN for the other nodes' notifications (wake at once); off behind a pooler in
+    # transaction mode, where LISTEN cannot work: polling alone, slower.
+    listen: bool = True
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,7 @@ def _cluster(table: _Table, base: Path) -> ClusterSettings:
         node_timeout=table.get("node_timeout", _positive(parse_duration), default.node_timeout),
         shared_jobs_dir=table.get("shared_jobs_dir", _path(base), default.shared_jobs_dir),
         token=table.get("token", _token, default.token),
+        listen=table.get("listen", _boolean, default.listen),
     )
     if not _NODE_NAME_RE.fullmatch(cluster.node):
         raise table.source.error(

@@ -3,6 +3,8 @@
     Events                    the one entry point: ``transition()`` when a job changes state,
     │                         ``changed()`` when it changes otherwise (cancel requested,
     │                         progress); both wake the long-polling readers of that job
+    ├── Wakeups               the other nodes sharing the database: what changed here is
+    │                         told to them, what they tell wakes readers and the scheduler
     ├── Transition            one state change: job id, task, from, to, reason, duration
     ├── Recorder (Protocol)   what the scheduler and the API report for metrics; the
     │                         ``metrics`` module implements it, ``NullRecorder`` ignores it
@@ -16,6 +18,15 @@ job's changes: a future per reader, resolved by the next ``transition``/``change
 job, so a waiting request costs no database reads until something happens.  Whoever
 changes a job's stored row (the scheduler, the API, the rescuer, a progress writer) calls
 one of the two methods right after the write commits.
+
+On a shared database (PostgreSQL, several nodes) another node changes jobs too.
+``Wakeups`` tells the other nodes, by NOTIFY, which jobs changed here and whether their
+schedulers have work (a submit, a requeue, a finished job, a settings change); a notice
+from another node wakes the readers of those jobs and, if told, the scheduler.  A notice
+only wakes: the woken re-read the database.  Notices are folded: the first goes at once,
+later ones at most every ``NOTIFY_INTERVAL`` each carrying all that changed meanwhile.
+Readers also re-read every ``recheck`` seconds, so a lost notice (or no LISTEN at all)
+costs time, never a change.
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ import contextlib
 import http
 import json
 import logging
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -107,6 +119,15 @@ class Events:
         self.closing = False  # the server is stopping: readers answer now, none waits
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A shared database: the other nodes to tell, and how often a waiting reader
+        # re-reads its job all the same (changes made elsewhere); None: never (SQLite,
+        # where every change is made here).
+        self.wakeups: Wakeups | None = None
+        self.recheck: float | None = None
+
+    def patience(self, seconds: float) -> float:
+        """How long a reader may wait for a change before it reads its job again."""
+        return seconds if self.recheck is None else min(seconds, self.recheck)
 
     def transition(
         self,
@@ -123,11 +144,29 @@ class Events:
         if log.isEnabledFor(level):
             log.log(level, event.describe(), extra={"transition": event.to_dict()})
         self.recorder.transition(event)
-        self.changed(job.id)
+        self.wake_readers(job.id)
+        if self.wakeups is not None:
+            # A submission is nobody's wait yet: only the schedulers need to know.  A
+            # requeue or an end may let another node start something.
+            self.wakeups.tell(
+                None if source is None else job.id,
+                queue=event.target is JobState.QUEUED or event.target.terminal,
+            )
         return event
 
     def changed(self, job_id: str) -> None:
         """Wake every reader waiting on ``job_id`` (state, progress or flags changed)."""
+        self.wake_readers(job_id)
+        if self.wakeups is not None:
+            self.wakeups.tell(job_id)
+
+    def settings_changed(self) -> None:
+        """This node's settings changed: the other nodes' schedulers look again."""
+        if self.wakeups is not None:
+            self.wakeups.tell(queue=True)
+
+    def wake_readers(self, job_id: str) -> None:
+        """Wake the readers waiting here on ``job_id`` (and tell no other node)."""
         for waiter in self._waiters.pop(job_id, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -159,7 +198,116 @@ class Events:
 
     def _wake_all(self) -> None:
         for job_id in list(self._waiters):
-            self.changed(job_id)
+            self.wake_readers(job_id)
+
+    def wake_all_readers(self) -> None:
+        """Every waiting reader reads its job again (notices may have been lost)."""
+        self._wake_all()
+
+
+NOTIFY_INTERVAL = 0.05  # seconds: at most 20 notices a second from one node
+NOTICE_JOBS = 200  # job ids one notice names at most (a payload stays under 8,000 bytes)
+
+
+class Wakeups:
+    """The other nodes sharing the database: tell them what changed here, be woken by
+    what they tell (see the module docstring).
+
+    ``send(payload)`` sends a notice (the store's NOTIFY).  A received notice calls
+    ``wake_readers(job_id)`` per job it names (``"*"``: ``wake_all()``), ``job_changed(job_id)``
+    for the same jobs (the scheduler checks whether one runs here: then it is a cancel
+    request), and ``wake_scheduler()`` when the queue may have work.  A node's own
+    notices come back to it and are ignored (each process signs its notices)."""
+
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        *,
+        wake_readers: Callable[[str], None],
+        wake_all: Callable[[], None],
+        wake_scheduler: Callable[[], None],
+        job_changed: Callable[[str], None],
+        interval: float = NOTIFY_INTERVAL,
+    ) -> None:
+        self._send = send
+        self._wake_readers = wake_readers
+        self._wake_all = wake_all
+        self._wake_scheduler = wake_scheduler
+        self._job_changed = job_changed
+        self._interval = interval
+        self._me = secrets.token_hex(8)
+        self._jobs: set[str] = set()
+        self._queue = False
+        self._sender: asyncio.Task[None] | None = None
+        self.sent = 0  # notices sent (tests and metrics read it)
+
+    # -- telling the others ------------------------------------------------------------
+
+    def tell(self, job_id: str | None = None, *, queue: bool = False) -> None:
+        """``job_id`` changed here (None: no job to name); ``queue``: the schedulers may
+        have work (a job queued or ended, settings changed)."""
+        if job_id is not None:
+            self._jobs.add(job_id)
+        self._queue = self._queue or queue
+        if job_id is None and not queue:
+            return
+        if self._sender is None or self._sender.done():
+            try:
+                self._sender = asyncio.get_running_loop().create_task(self._send_pending())
+            except RuntimeError:  # no loop (a script's store call): nothing to wake
+                self._jobs.clear()
+                self._queue = False
+
+    async def drain(self) -> None:
+        """Send what is pending now (the server stops)."""
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait([self._sender])
+
+    async def _send_pending(self) -> None:
+        while self._jobs or self._queue:
+            jobs, self._jobs = self._jobs, set()
+            queue, self._queue = self._queue, False
+            notice: dict[str, Any] = {"from": self._me}
+            if queue:
+                notice["queue"] = True
+            if jobs:
+                notice["jobs"] = "*" if len(jobs) > NOTICE_JOBS else sorted(jobs)
+            try:
+                await self._send(json.dumps(notice, separators=(",", ":")))
+                self.sent += 1
+            except Exception as exc:
+                # Polling is the fallback: the others see the change at their next read.
+                log.debug("could not notify the other nodes: %s", exc)
+            await asyncio.sleep(self._interval)
+
+    # -- being told --------------------------------------------------------------------
+
+    def received(self, payload: str) -> None:
+        """A notice from a node (perhaps this one, or another release: unknown keys and
+        payloads that are not notices are ignored)."""
+        try:
+            notice = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(notice, dict) or notice.get("from") == self._me:
+            return
+        jobs = notice.get("jobs")
+        if jobs == "*":
+            self._wake_all()
+            self._job_changed("*")
+        elif isinstance(jobs, list):
+            for job_id in jobs:
+                if isinstance(job_id, str):
+                    self._wake_readers(job_id)
+                    self._job_changed(job_id)
+        if notice.get("queue"):
+            self._wake_scheduler()
+
+    def reconnected(self) -> None:
+        """Listening (again): what was sent meanwhile is lost, so everything wakes."""
+        self._wake_all()
+        self._job_changed("*")
+        self._wake_scheduler()
 
 
 class JsonFormatter(logging.Formatter):

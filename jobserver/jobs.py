@@ -32,8 +32,6 @@ from typing import Any
 
 from jobserver.errors import InvalidTransition
 
-MAX_TIMEOUT = 366 * 86400.0  # seconds: the longest timeout a job may have (task or submit)
-
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"
@@ -203,6 +201,10 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+MAX_PRIORITY = 1000  # a job's priority is from -MAX_PRIORITY to MAX_PRIORITY
+MAX_TIMEOUT = 366 * 86400.0  # seconds: the longest timeout a job may have (task or submit)
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from starlette.routing import BaseRoute, Route
 
 from jobserver import api
-from jobserver.jobs import MAX_TIMEOUT, JobState
+from jobserver.jobs import MAX_PRIORITY, MAX_TIMEOUT, JobState
 from jobserver.store import MAX_PAGE
 from jobserver.tasks import Registry, args_schema
 
@@ -376,8 +376,8 @@ def _submit_options(max_retries_limit: int) -> dict[str, Any]:
     return {
         "priority": {
             "type": "integer",
-            "minimum": -api.MAX_PRIORITY,
-            "maximum": api.MAX_PRIORITY,
+            "minimum": -MAX_PRIORITY,
+            "maximum": MAX_PRIORITY,
         },
         "max_retries": {
             "type": "integer",

@@ -145,6 +145,9 @@ class Limits:
     hysteresis: float = 0.0  # fraction: the margin a held resource must clear again
     starvation_after: float | None = None  # seconds; None: no starvation guard
     tasks: Mapping[str, TaskLimits] = field(default_factory=dict)
+    # Per task, its jobs running on every node (a shared database counts them under the
+    # task's lock in the claim's transaction); a task absent counts ``running`` alone.
+    running_everywhere: Mapping[str, int] = field(default_factory=dict)
 
 
 # Names in PlanState.held.
@@ -217,7 +220,8 @@ def plan(
       memory / cpu pressure above its limit.  Once tripped, a signal holds until it
       clears the threshold by the ``hysteresis`` fraction (no flapping).
     - Walk the queue head in order.  Admit a job if running + admitted < ``max_jobs``,
-      its task is under ``max_concurrency``, no exclusive job runs (and, for an
+      its task is under ``max_concurrency`` (its jobs in ``running``, or on every node
+      when ``limits.running_everywhere`` counts them), no exclusive job runs (and, for an
       exclusive job, nothing runs at all), and its request fits free for both CPUs and
       memory (and the live memory reading holds 1 + ``hysteresis`` times it if the
       previous plan was short of memory);
@@ -277,6 +281,7 @@ def plan(
     per_task: dict[str, int] = {}
     for runner in running:
         per_task[runner.task] = per_task.get(runner.task, 0) + 1
+    per_task.update(limits.running_everywhere)
     exclusive_name = next(
         (
             f"{j.id} ({j.task})"
@@ -309,7 +314,11 @@ def plan(
             reason = f"exclusive job {exclusive_name} is running; nothing else starts beside it"
         count = per_task.get(job.task, 0)
         if reason is None and rules.max_concurrency is not None and count >= rules.max_concurrency:
-            reason = f"task limit {rules.max_concurrency} reached: {count} {job.task} jobs running"
+            where = " on all nodes" if job.task in limits.running_everywhere else ""
+            reason = (
+                f"task limit {rules.max_concurrency} reached: {count} {job.task} jobs "
+                f"running{where}"
+            )
             blocked = False
         if reason is None and rules.exclusive and busy > 0:
             reason = f"exclusive: waits for the {busy} running job(s) to finish"
@@ -1074,6 +1083,12 @@ class Scheduler:
         self._cancel_hint = True
         self.wake()
 
+    def changed_elsewhere(self, job_id: str) -> None:
+        """Another node changed the job (``"*"``: perhaps any job).  If it runs here, that
+        can only be a cancel request: read the flags on the next tick."""
+        if job_id == "*" or job_id in self._running or self._starting:
+            self.cancel_requested()
+
     async def starts_settled(self, timeout: float = 1.0) -> None:
         """Return once no claimed job's process is still being started (or after
         ``timeout``): every job the store shows as running is then in ``view()``, unless
@@ -1237,9 +1252,10 @@ class Scheduler:
         running = self._running_jobs()
         requests = {task.name: self._request(task, snapshot) for task in self._registry}
         limits, state = self._limits, self._plan_state
+        limited = {name for name, rules in limits.tasks.items() if rules.max_concurrency}
         chosen: list[tuple[Plan, list[QueuedJob], list[QueueEntry]]] = []
 
-        def choose(head: list[QueueEntry]) -> Sequence[str]:
+        def choose(head: list[QueueEntry], everywhere: Mapping[str, int]) -> Sequence[str]:
             queued = [
                 QueuedJob(
                     job.id,
@@ -1254,13 +1270,20 @@ class Scheduler:
             if self._gpu_probe is not None and any(job.request.gpu_count for job in queued):
                 self._gpus = self._gpu_probe.gpus()
             gpus = self._gpus if self._gpu_probe is not None else None
-            decision = plan(queued, running, snapshot, limits, state, gpus)
+            decision = plan(
+                queued,
+                running,
+                snapshot,
+                dataclasses.replace(limits, running_everywhere=everywhere),
+                state,
+                gpus,
+            )
             chosen[:] = [(decision, queued, [job for job in head if job.task not in requests])]
             return decision.admit
 
         # From the claim until the attempts are in _running, view() waits for them.
         with self._start_in_flight():
-            claimed = await self._store.claim_head(now, QUEUE_HEAD_SIZE, choose)
+            claimed = await self._store.claim_head(now, QUEUE_HEAD_SIZE, choose, limited=limited)
             ((decision, queued, unknown),) = chosen
             before = self._last_plan.state.held & _OVERLOAD if self._last_plan else frozenset()
             if decision.state.held & _OVERLOAD != before:
@@ -1274,6 +1297,11 @@ class Scheduler:
             self._plan_state = decision.state
             self._waiting = dict(decision.waiting)
             self._head = [job.id for job in queued]
+            for entry in unknown:
+                self._waiting[entry.id] = (
+                    f"task {entry.task!r} is not configured on this node: "
+                    "it waits for a node that knows it"
+                )
             # Together, so that their recorded pids share transactions.
             launches = [
                 self._launch(change.job, now, monotonic, decision.devices.get(change.job.id, ()))
@@ -1287,8 +1315,18 @@ class Scheduler:
             if self._history.due(now, decision.overload):
                 self._history.record(self._machine_sample(now, decision))
         for entry in unknown:
+            if await self._skips_unknown(entry.task):
+                continue
             error = JobError("UnknownTask", f"task {entry.task!r} is no longer in the config")
             self._publish(await self._store.fail_unstarted(entry.id, error, now), error.message)
+
+    async def _skips_unknown(self, task: str) -> bool:
+        """Whether a queued job of ``task``, which this node's config does not name, is
+        left queued (skipped) rather than failed.  One server (SQLite) fails it: nobody
+        else will ever run it.  A node sharing PostgreSQL skips it: during a rolling
+        upgrade another node may know the task.  (The seam for "while a live node knows
+        it", once nodes record their tasks.)"""
+        return self._store.shared
 
     def _publish(
         self, change: Changed | None, reason: str | None, duration: float | None = None

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -39,7 +39,7 @@ from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, error_at, load
 from jobserver.errors import ConfigError, ValidationError
-from jobserver.events import Events, configure_logging
+from jobserver.events import Events, Wakeups, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
     CronJob,
@@ -63,6 +63,9 @@ from jobserver.store import (
 )
 from jobserver.store.driver import Driver
 from jobserver.tasks import Registry
+
+if TYPE_CHECKING:
+    from jobserver.store.postgres import Listener
 
 log = logging.getLogger("jobserver")
 
@@ -260,6 +263,36 @@ def _differences(old: Settings, new: Settings) -> list[str]:
     return changed
 
 
+# With LISTEN, a waiting reader re-reads its job every this many poll intervals all the
+# same (a notice lost on the way); without, every poll interval.
+LISTEN_RECHECK = 10
+
+
+def _wakeups(
+    settings: Settings, store: Store, events: Events, scheduler: Scheduler
+) -> Listener | None:
+    """On a shared database: tell the other nodes what changes here (NOTIFY), and, unless
+    ``[cluster] listen = false``, listen to theirs (the listener to start).  SQLite: None."""
+    if not store.shared:
+        return None
+    wakeups = Wakeups(
+        store.notify,
+        wake_readers=events.wake_readers,
+        wake_all=events.wake_all_readers,
+        wake_scheduler=scheduler.wake,
+        job_changed=scheduler.changed_elsewhere,
+    )
+    events.wakeups = wakeups
+    listen = settings.cluster is None or settings.cluster.listen
+    poll = settings.scheduler.poll_interval
+    events.recheck = poll * LISTEN_RECHECK if listen else poll
+    if not listen:
+        return None
+    from jobserver.store.postgres import Listener  # psycopg: only for PostgreSQL
+
+    return Listener(str(settings.server.database), wakeups.received, wakeups.reconnected)
+
+
 def build(
     settings: Settings,
     probe: Probe | None = None,
@@ -301,6 +334,7 @@ def build(
         gpu_probe=gpu_probe or NvmlProbe(),
         events=events,
     )
+    listener = _wakeups(settings, store, events, scheduler)
     runtime = Runtime(settings, registry, scheduler, runner)
     pruner = build_pruner(settings, store)
     cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
@@ -330,6 +364,8 @@ def build(
         if rescued:
             log.warning("rescued %d job(s) left running by a previous server", len(rescued))
         runner.open()  # the fork server imports the task modules while we start
+        if listener is not None:
+            await listener.start()
         await scheduler.start()
         await pruner.start()
         await cron.start()
@@ -348,6 +384,10 @@ def build(
             await scheduler.stop()
             await runner.close()
             await pruner.stop()
+            if listener is not None:
+                await listener.stop()
+            if events.wakeups is not None:
+                await events.wakeups.drain()
             if checkpointer is not None:
                 await checkpointer.stop()
             await store.close()

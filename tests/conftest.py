@@ -240,7 +240,7 @@ async def insert(
 async def claim(store: Store, job_id: str, now: datetime | None = None) -> Job | None:
     """Claim this one job in a scheduler tick's transaction; None if it is not in the head."""
     claimed = await store.claim_head(
-        now or utcnow(), 1000, lambda head: [entry.id for entry in head if entry.id == job_id]
+        now or utcnow(), 1000, lambda head, _: [entry.id for entry in head if entry.id == job_id]
     )
     return claimed[0].job if claimed else None
 

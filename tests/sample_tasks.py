@@ -227,3 +227,15 @@ def leave_artifact(text: str = "") -> int:
     is fixed)."""
     (Path(os.environ["JOBSERVER_OUTPUT_DIR"]) / "note.txt").write_text(text)
     return len(text)
+
+
+def stamp(directory: str, seconds: float = 0.0) -> str:
+    """Record when this run of the job started and ended, in a file of its own (job id,
+    attempt, pid): a test counts the runs and their overlaps from what the jobs wrote."""
+    started = time.time()
+    time.sleep(seconds)
+    ended = time.time()
+    name = f"{os.environ['JOBSERVER_JOB_ID']}-{os.environ['JOBSERVER_ATTEMPT']}-{os.getpid()}"
+    path = Path(directory) / name
+    path.write_text(f"{started!r} {ended!r}\n")
+    return name

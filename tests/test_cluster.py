@@ -3,15 +3,28 @@ each test on a fresh database of its own (``postgresql_database``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
-from tests.conftest import ServerProcess, postgresql_database, write_config
+from jobserver.store import enqueue
+from tests.conftest import (
+    SAMPLE_TASKS,
+    ServerProcess,
+    poll_value,
+    postgresql_database,
+    write_config,
+)
 from tests.test_e2e import run_cli, submit, wait_for_job
 
 pytestmark = pytest.mark.integration
@@ -113,3 +126,335 @@ def test_a_restarted_node_rescues_only_its_own_jobs(
         done = wait_for_job(servers["b"][1].url, job_id, "succeeded")
         assert done["result"] == "go"
     assert httpx.get(f"{servers['b'][1].url}/api/v1/jobs/{on['b']}").json()["attempts"] == 1
+
+
+# -- several nodes at once: the proofs of issue 14 -------------------------------------------
+
+
+def start_nodes(
+    tmp_path: Path,
+    url: str,
+    server_factory: Any,
+    tasks: dict[str, dict[str, dict[str, Any]]],
+    *,
+    scheduler: dict[str, Any] | None = None,
+    cluster: str = "",
+) -> dict[str, ServerProcess]:
+    """A ``jobserver serve`` process per name in ``tasks`` (its own port and jobs
+    directory, the tasks given), all on the database at ``url``."""
+    nodes = {}
+    for name, known in tasks.items():
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        config_path = write_config(
+            directory, server={"database": url}, tasks=known, scheduler=scheduler
+        )
+        config_path.write_text(
+            config_path.read_text() + f'\n[cluster]\nnode = "{name}"\n{cluster}\n'
+        )
+        nodes[name] = server_factory(config_path)
+    return nodes
+
+
+STAMP = {"function": "sample_tasks:stamp", "cpus": 0.1, "memory": "16MiB"}
+WAIT = {"function": "sample_tasks:wait_for_file", "cpus": 0.1, "memory": "16MiB"}
+
+
+def runs_recorded(directory: Path) -> dict[str, list[tuple[float, float]]]:
+    """Per job id, the (start, end) of every run the job itself recorded."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for path in directory.iterdir():
+        job_id = path.name.split("-")[0]
+        started, ended = map(float, path.read_text().split())
+        runs.setdefault(job_id, []).append((started, ended))
+    return runs
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The largest number of spans that overlap at one moment (an end before a start at
+    the same instant: back to back is not overlapping)."""
+    points = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = current = 0
+    for _, step in points:
+        current += step
+        most = max(most, current)
+    return most
+
+
+# 2,000 jobs took 84 s on the 2-core development machine (three nodes and their jobs
+# share the two cores): 1,500 keep the test near a minute.  The issue's 10,000:
+# JOBSERVER_CLUSTER_JOBS=10000 (and a --timeout to match).
+JOBS = int(os.environ.get("JOBSERVER_CLUSTER_JOBS", "1500"))
+
+
+@pytest.mark.timeout(300)
+def test_three_nodes_run_every_job_exactly_once_within_a_cluster_wide_limit(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """Issue 14, proof 2: 3 nodes, JOBS jobs submitted through all three; every job runs
+    exactly once, and a task with max_concurrency = 2 never has more than 2 running on
+    the whole cluster, judged from the start and end times the jobs wrote themselves."""
+    stamps, limited_stamps = tmp_path / "stamps", tmp_path / "limited"
+    stamps.mkdir()
+    limited_stamps.mkdir()
+    tasks = {"stamp": STAMP, "limited": STAMP | {"max_concurrency": 2}}
+    nodes = start_nodes(
+        tmp_path,
+        url,
+        server_factory,
+        {name: tasks for name in ("a", "b", "c")},
+        scheduler={"max_jobs": 6, "poll_interval": "200ms"},
+    )
+    limited_count = JOBS // 10
+    bodies = [
+        # First in every node's queue head, and long enough to overlap: without the lock
+        # each node would run 2 at once.
+        {
+            "task": "limited",
+            "args": {"directory": str(limited_stamps), "seconds": 0.1},
+            "priority": 10,
+        }
+        if n % 10 == 0
+        else {"task": "stamp", "args": {"directory": str(stamps)}}
+        for n in range(JOBS)
+    ]
+    urls = [node.url for node in nodes.values()]
+    started = time.monotonic()
+
+    async def submit_all() -> list[str]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            gate = asyncio.Semaphore(24)
+
+            async def one(n: int) -> str:
+                async with gate:
+                    answer = await client.post(f"{urls[n % 3]}/api/v1/jobs", json=bodies[n])
+                assert answer.status_code == 202, answer.text
+                return str(answer.json()["id"])
+
+            return await asyncio.gather(*(one(n) for n in range(JOBS)))
+
+    ids = asyncio.run(submit_all())
+    assert len(set(ids)) == JOBS
+
+    with psycopg.connect(url) as db:
+
+        def states() -> dict[str, int]:
+            rows = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+            db.commit()
+            return dict(rows)
+
+        poll_value(
+            lambda: states() == {"succeeded": JOBS}, "every job to succeed", timeout=JOBS / 8
+        )
+        took = time.monotonic() - started
+        (attempts,) = db.execute("SELECT max(attempts) FROM jobs").fetchone() or (None,)
+        by_node = dict(
+            db.execute(
+                "SELECT node, count(*) FROM jobs WHERE task = 'limited' GROUP BY node"
+            ).fetchall()
+        )
+    assert attempts == 1  # never claimed twice
+    plain, limited = runs_recorded(stamps), runs_recorded(limited_stamps)
+    assert len(plain) + len(limited) == JOBS and set(plain) | set(limited) == set(ids)
+    assert all(len(runs) == 1 for runs in [*plain.values(), *limited.values()])  # 0 twice
+    # The limit held on the whole cluster, while every node ran some of the task's jobs.
+    assert len(limited) == limited_count
+    assert most_at_once([span for runs in limited.values() for span in runs]) == 2
+    assert set(by_node) == {"a", "b", "c"}
+    print(f"{JOBS} jobs on 3 nodes in {took:.1f} s")
+
+
+def test_one_idempotency_key_sent_to_three_nodes_at_once_makes_one_job(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """Issue 14, proof 6a."""
+    nodes = start_nodes(
+        tmp_path, url, server_factory, {name: {"add": SAMPLE_TASKS["add"]} for name in "abc"}
+    )
+    keys = [f"key-{n}" for n in range(30)]
+
+    async def race(key: str, client: httpx.AsyncClient) -> set[str]:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    f"{node.url}/api/v1/jobs",
+                    json={"task": "add", "args": {"a": 1, "b": 2}},
+                    headers={"Idempotency-Key": key},
+                )
+                for node in nodes.values()
+            )
+        )
+        assert all(answer.status_code in (200, 202) for answer in answers), answers
+        return {answer.json()["id"] for answer in answers}
+
+    async def all_keys() -> list[set[str]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return [await race(key, client) for key in keys]
+
+    found = asyncio.run(all_keys())
+    assert all(len(ids) == 1 for ids in found)  # each key: one job, whichever node answered
+    with psycopg.connect(url) as db:
+        (count,) = db.execute("SELECT count(*) FROM jobs").fetchone() or (0,)
+    assert count == len(keys)
+
+
+def test_dependents_submitted_while_their_parent_fails_are_never_orphaned(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """Issue 14, proof 6b: dependents submitted through two other nodes while the parent
+    runs and fails on one: every dependent ends cancelled, none stays queued."""
+    tasks = {"fail": SAMPLE_TASKS["fail"], "add": SAMPLE_TASKS["add"]}
+    nodes = start_nodes(
+        tmp_path,
+        url,
+        server_factory,
+        {"a": tasks, "b": {"add": SAMPLE_TASKS["add"]}, "c": {"add": SAMPLE_TASKS["add"]}},
+        scheduler={"poll_interval": "50ms"},
+    )
+    a, b, c = nodes.values()
+
+    async def one_parent(client: httpx.AsyncClient) -> list[str]:
+        parent = await client.post(f"{a.url}/api/v1/jobs", json={"task": "fail"})
+        parent_id = parent.json()["id"]
+        dependents = []
+        ended = 0
+        # Keep submitting until a few dependents came after the parent had failed.
+        for n in range(200):
+            answer = await client.post(
+                f"{(b, c)[n % 2].url}/api/v1/jobs",
+                json={"task": "add", "args": {"a": n}, "depends_on": [parent_id]},
+            )
+            assert answer.status_code == 202, answer.text
+            dependents.append(answer.json()["id"])
+            if answer.json()["state"] == "cancelled":
+                ended += 1
+                if ended >= 3:
+                    break
+        return dependents
+
+    async def parents() -> list[str]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return [job for _ in range(20) for job in await one_parent(client)]
+
+    dependents = asyncio.run(parents())
+    with psycopg.connect(url) as db:
+
+        def left() -> dict[str, int]:
+            rows = db.execute(
+                "SELECT state, count(*) FROM jobs WHERE task = 'add' GROUP BY state"
+            ).fetchall()
+            db.commit()
+            return dict(rows)
+
+        poll_value(lambda: left() == {"cancelled": len(dependents)}, "every dependent to end")
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["notify", "polling"])
+def test_long_poll_and_cancel_across_nodes(
+    tmp_path: Path, url: str, server_factory: Any, listen: bool
+) -> None:
+    """Issue 14, proof 7: a long-poll on one node of a job that another node runs answers
+    within 100 ms of the change with LISTEN/NOTIFY, within a poll interval without; a
+    cancel sent to one node stops the job on the other as fast.  Node ``b`` does not know
+    the task, so ``a`` runs it (and ``b`` leaves it queued meanwhile: a rolling upgrade)."""
+    poll = 2.0 if listen else 0.5
+    nodes = start_nodes(
+        tmp_path,
+        url,
+        server_factory,
+        {"a": {"wait_for_file": WAIT}, "b": {"add": SAMPLE_TASKS["add"]}},
+        scheduler={"poll_interval": f"{poll}s"},
+        cluster=f"listen = {'true' if listen else 'false'}",
+    )
+    a, b = nodes["a"], nodes["b"]
+    slack = 0.1 if listen else poll + 0.25
+
+    gate = tmp_path / "gate"
+    job = submit(a.url, "wait_for_file", path=str(gate))
+    running = wait_for_job(b.url, job["id"], "running")
+    assert running["history"][0]["node"] == "a"
+    etag = httpx.get(f"{b.url}/api/v1/jobs/{job['id']}", timeout=10).headers["etag"]
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            httpx.get,
+            f"{b.url}/api/v1/jobs/{job['id']}?wait=20",
+            headers={"If-None-Match": etag},
+            timeout=30,
+        )
+        time.sleep(0.3)  # the long-poll is waiting on b
+        gate.write_text("go")
+        answer = waiting.result()
+        answered = time.time()
+    document = answer.json()
+    assert document["state"] == "succeeded"
+    late = answered - parse_time(document["finished_at"])
+    assert late < slack, f"b answered {late:.3f} s after a finished the job"
+    print(f"long-poll on b answered {late * 1000:.0f} ms after a finished the job")
+
+    # An event stream on b follows a job that runs on a to its end.
+    gate = tmp_path / "gate-2"
+    streamed = submit(a.url, "wait_for_file", path=str(gate))
+    wait_for_job(b.url, streamed["id"], "running")
+    states: list[str] = []
+    url_b = f"{b.url}/api/v1/jobs/{streamed['id']}/events"
+    with httpx.stream("GET", url_b, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                document = json.loads(line.removeprefix("data: "))
+                states.append(document["state"])
+                if document["state"] == "running":
+                    gate.write_text("go")
+                elif document["state"] == "succeeded":
+                    late = time.time() - parse_time(document["finished_at"])
+            if line == "event: end":
+                break
+    assert states[0] == "running" and states[-1] == "succeeded"
+    assert late < slack, f"the stream on b told the end {late:.3f} s after a finished it"
+
+    # Cancel through b a job that runs on a.
+    other = submit(a.url, "wait_for_file", path=str(tmp_path / "never"))
+    wait_for_job(b.url, other["id"], "running")
+    asked = time.time()
+    cancelled = httpx.post(f"{b.url}/api/v1/jobs/{other['id']}/cancel", timeout=10)
+    assert cancelled.status_code == 202
+    ended = wait_for_job(b.url, other["id"], "cancelled")
+    late = parse_time(ended["finished_at"]) - asked
+    # NOTIFY: the cancel reaches a at once (its own reading of cancel flags is every
+    # poll interval / 2 = 1 s); polling: within a poll interval, plus the stop.
+    assert late < (0.5 if listen else poll + 0.5), f"stopped {late:.3f} s after the cancel"
+    print(f"cancel through b stopped the job on a in {late * 1000:.0f} ms")
+
+
+def test_a_node_leaves_a_job_of_a_task_it_does_not_know_queued_for_one_that_does(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """Issue 14, rolling upgrades: the job comes from the application's own transaction
+    (``jobserver.store.enqueue``) before any node knows its task; node ``old`` skips it
+    (never fails it), and ``new``, started later, runs it."""
+    old = start_nodes(tmp_path, url, server_factory, {"old": {"add": SAMPLE_TASKS["add"]}})["old"]
+    with psycopg.connect(url) as app:
+        job_id = enqueue(app, "added_later", {"a": 2, "b": 3})
+        app.commit()
+    waiting = poll_value(
+        lambda: (
+            "waits for a node that knows it"
+            in (httpx.get(f"{old.url}/api/v1/jobs/{job_id}", timeout=5).text)
+        ),
+        "old to leave the job queued, saying why",
+    )
+    assert waiting
+    assert httpx.get(f"{old.url}/api/v1/jobs/{job_id}").json()["state"] == "queued"
+    new = start_nodes(
+        tmp_path,
+        url,
+        server_factory,
+        {"new": {"added_later": SAMPLE_TASKS["add"], "add": SAMPLE_TASKS["add"]}},
+    )["new"]
+    done = wait_for_job(old.url, job_id, "succeeded")
+    assert done["result"] == 5 and done["history"][0]["node"] == "new"
+    assert new.process.poll() is None
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -561,7 +561,7 @@ def test_cluster_table(tmp_path: Path) -> None:
     text = PG + (
         '[cluster]\nnode = "worker-1"\nurl = "http://10.0.0.5:8000/"\n'
         'heartbeat_interval = "500ms"\nnode_timeout = "5s"\nshared_jobs_dir = "shared"\n'
-        'token = "0123456789abcdef"\n'
+        'token = "0123456789abcdef"\nlisten = false\n'
     )
     cluster = load(write(tmp_path, text)).cluster
     assert cluster == ClusterSettings(
@@ -571,6 +571,7 @@ def test_cluster_table(tmp_path: Path) -> None:
         node_timeout=5.0,
         shared_jobs_dir=tmp_path / "shared",
         token="0123456789abcdef",
+        listen=False,
     )
 
 
@@ -589,6 +590,7 @@ def test_cluster_on_sqlite_is_refused(tmp_path: Path) -> None:
         ('heartbeat_interval = "0s"', "cluster.heartbeat_interval", "greater than 0"),
         ('node_timeout = "5s"', "cluster.node_timeout", "at least 3 times"),
         ("nodes = 3", "cluster.nodes", "did you mean cluster.node"),
+        ('listen = "no"', "cluster.listen", "true or false"),
     ],
 )
 def test_cluster_errors_name_the_key(tmp_path: Path, line: str, key: str, words: str) -> None:

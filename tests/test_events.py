@@ -18,14 +18,17 @@ import uvicorn.logging
 from jobserver.cli import ProgressBar
 from jobserver.client import Job as ClientJob
 from jobserver.events import (
+    NOTICE_JOBS,
     Events,
     JsonFormatter,
     PassStreamHandler,
     TextFormatter,
     Transition,
+    Wakeups,
     configure_logging,
 )
 from jobserver.jobs import Job, JobState, utcnow
+from jobserver.store.repository import QUEUE_NOTICE
 
 
 class Recording:
@@ -207,3 +210,104 @@ def test_text_formatter_writes_what_the_default_formatter_does() -> None:
     except ValueError:
         record = logging.LogRecord("x", logging.ERROR, "", 0, "failed", None, sys.exc_info())
     assert ours.format(record) == theirs.format(record)  # with the traceback
+
+
+# -- the other nodes sharing the database (Wakeups) -------------------------------------------
+
+
+class Node:
+    """Two nodes' Events and Wakeups, wired to each other the way PostgreSQL delivers
+    NOTIFY (to every listener, the sender included)."""
+
+    def __init__(self, network: list[Node], interval: float = 0.05) -> None:
+        self.events = Events()
+        self.sent: list[str] = []
+        self.woken: list[str] = []
+        self.network = network
+        network.append(self)
+
+        async def send(payload: str) -> None:
+            self.sent.append(payload)
+            for node in self.network:
+                assert node.events.wakeups is not None
+                node.events.wakeups.received(payload)
+
+        self.events.wakeups = Wakeups(
+            send,
+            wake_readers=self.events.wake_readers,
+            wake_all=self.events.wake_all_readers,
+            wake_scheduler=lambda: self.woken.append("scheduler"),
+            job_changed=self.woken.append,
+            interval=interval,
+        )
+
+
+def a_job(job_id: str, state: JobState) -> Job:
+    return Job(
+        id=job_id, task="add", args={}, state=state, priority=0,
+        created_at=utcnow(), started_at=None, finished_at=None, attempts=0, max_retries=0,
+        failures=0, rescues=0, result=None, error=None, reason=None, cancel_requested=False,
+        run_after=None, pid=None, pid_started_at=None, exit_code=None, peak_rss=None,
+        cpu_seconds=None,
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_change_here_wakes_the_readers_and_scheduler_of_another_node() -> None:
+    network: list[Node] = []
+    here, there = Node(network), Node(network)
+    with there.events.subscription("J1") as changed:
+        here.events.transition(a_job("J1", JobState.SUCCEEDED), JobState.RUNNING)
+        await asyncio.wait_for(changed, 1)
+    # The other node's scheduler checks the job (a cancel?) and looks at the queue (an end
+    # may let a limited task or a dependent start); the sender ignores its own notice.
+    assert there.woken == ["J1", "scheduler"]
+    assert here.woken == []
+    # A submission names no job (nobody waits on it yet): only the schedulers wake.
+    here.events.transition(a_job("J2", JobState.QUEUED), None)
+    await here.events.wakeups.drain()  # type: ignore[union-attr]
+    assert json.loads(here.sent[-1]) == {"from": json.loads(here.sent[-1])["from"], "queue": True}
+    # Progress, a cancel request: the job's readers and a check of the job, no queue wake.
+    there.woken.clear()
+    here.events.changed("J3")
+    await here.events.wakeups.drain()  # type: ignore[union-attr]
+    assert there.woken == ["J3"]
+
+
+@pytest.mark.anyio
+async def test_notices_are_folded_and_rate_limited() -> None:
+    network: list[Node] = []
+    here, there = Node(network, interval=0.2), Node(network)
+    for n in range(50):
+        here.events.changed(f"J{n}")
+    here.events.settings_changed()
+    await asyncio.sleep(0)  # the first notice goes at once, with what was told so far
+    await here.events.wakeups.drain()  # type: ignore[union-attr]
+    assert len(here.sent) == 1
+    notice = json.loads(here.sent[0])
+    assert notice["queue"] is True and len(notice["jobs"]) == 50
+    # Past NOTICE_JOBS changed jobs, a notice wakes every reader instead of naming them.
+    many = [f"K{n}" for n in range(NOTICE_JOBS + 1)]
+    with there.events.subscription("unrelated") as changed:
+        for job_id in many:
+            here.events.changed(job_id)
+        await asyncio.wait_for(changed, 2)
+    assert json.loads(here.sent[-1])["jobs"] == "*"
+    assert "*" in there.woken
+
+
+@pytest.mark.anyio
+async def test_a_reconnection_wakes_everything_and_bad_payloads_are_ignored() -> None:
+    node = Node([])
+    wakeups = node.events.wakeups
+    assert wakeups is not None
+    for payload in ("not json", "[1]", '{"jobs": [1, null]}', '{"jobs": "?"}'):
+        wakeups.received(payload)
+    assert node.woken == []
+    with node.events.subscription("J1") as changed:
+        wakeups.reconnected()
+        await asyncio.wait_for(changed, 1)
+    assert node.woken == ["*", "scheduler"]
+    # A notice from outside the nodes (jobserver.store.postgres.enqueue) wakes the scheduler.
+    wakeups.received(QUEUE_NOTICE)
+    assert node.woken[-1] == "scheduler"

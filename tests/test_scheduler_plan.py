@@ -763,6 +763,22 @@ def test_max_concurrency_per_task() -> None:
     assert result.waiting == {"q0002": "task limit 2 reached: 2 render jobs running"}
 
 
+def test_max_concurrency_counts_the_jobs_running_on_every_node_when_given() -> None:
+    configured = replace(
+        limits(),
+        tasks={"render": TaskLimits(max_concurrency=3)},
+        running_everywhere={"render": 2},  # one here (below), one on another node
+    )
+    running = [started(job(0, task="render"))]
+    queue = [job(1, task="render"), job(2, task="render"), job(3, task="other")]
+    result = plan(queue, running, snapshot(), configured)
+    assert result.admit == ("q0001", "q0003")
+    assert result.waiting == {"q0002": "task limit 3 reached: 3 render jobs running on all nodes"}
+    # Another node runs them all: none here, whatever this node runs.
+    full = plan(queue, [], snapshot(), replace(configured, running_everywhere={"render": 3}))
+    assert full.admit == ("q0003",)
+
+
 def test_exclusive_task_runs_alone() -> None:
     configured = replace(limits(), tasks={"migrate": TaskLimits(exclusive=True)})
     alone = job(1, task="migrate")

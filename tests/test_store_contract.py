@@ -14,7 +14,7 @@ stores at least millisecond precision), never the wall clock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -149,12 +149,12 @@ async def submit(repo: Store, job: NewJob | None = None, now: datetime = T0) -> 
     return changed.job
 
 
-def everything(head: list[QueueEntry]) -> list[str]:
+def everything(head: list[QueueEntry], running: Mapping[str, int] = {}) -> list[str]:
     return [entry.id for entry in head]
 
 
-def only(*ids: str) -> Callable[[list[QueueEntry]], list[str]]:
-    return lambda head: [entry.id for entry in head if entry.id in ids]
+def only(*ids: str) -> Callable[[list[QueueEntry], Mapping[str, int]], list[str]]:
+    return lambda head, _: [entry.id for entry in head if entry.id in ids]
 
 
 async def claim(repo: Store, job_id: str, now: datetime = T0) -> Job:
@@ -364,7 +364,7 @@ async def test_claim_head_claims_only_what_choose_returns(repo: Store) -> None:
     ids = [(await submit(repo, new(task=f"t{i}"))).id for i in range(4)]
     offered: list[list[QueueEntry]] = []
 
-    def choose(head: list[QueueEntry]) -> list[str]:
+    def choose(head: list[QueueEntry], running: Mapping[str, int]) -> list[str]:
         offered.append(list(head))
         return [ids[2], ids[0], "01NOSUCHJOB000000000000000"]
 
@@ -377,8 +377,29 @@ async def test_claim_head_claims_only_what_choose_returns(repo: Store) -> None:
     assert (await repo.get(ids[1])).state is JobState.QUEUED
     assert (await repo.get(ids[3])).state is JobState.QUEUED
     assert await head_ids(repo, at(1)) == [ids[1], ids[3]]
-    assert await repo.claim_head(at(2), 10, lambda head: []) == []
+    assert await repo.claim_head(at(2), 10, lambda head, _: []) == []
     assert await repo.active_counts() == {"queued": 2, "running": 2}
+
+
+async def test_claim_head_counts_limited_tasks_on_every_node_of_a_shared_database(
+    backend: Backend, repo: Store
+) -> None:
+    other = backend.store(OTHER)
+    first = await submit(repo, new(task="limited"))
+    await submit(repo, new(task="limited"))
+    await submit(repo, new(task="free"))
+    assert await other.claim_head(at(1), 10, only(first.id), limited=("limited",))
+    offered: list[dict[str, int]] = []
+
+    def choose(head: list[QueueEntry], running: Mapping[str, int]) -> list[str]:
+        offered.append(dict(running))
+        return []
+
+    await repo.claim_head(at(2), 10, choose, limited=("limited", "absent"))
+    # A shared database (several nodes) counts the other node's claim, for the limited
+    # tasks in the head only; on one server's own file the scheduler counts its own jobs.
+    assert repo.shared is (backend.name == "postgresql")
+    assert offered[-1] == ({"limited": 1} if repo.shared else {})
 
 
 async def test_concurrent_claims_claim_each_job_exactly_once(backend: Backend, repo: Store) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -20,9 +21,19 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from jobserver.errors import StorageUnavailable
+from jobserver.errors import NotFound, StorageUnavailable, ValidationError
 from jobserver.jobs import Job, JobError, JobState, new_job_id
-from jobserver.store import Finish, NewJob, Requeue, Store, metadata, migrations_dir, postgres
+from jobserver.store import (
+    Finish,
+    NewJob,
+    Requeue,
+    Store,
+    enqueue,
+    metadata,
+    migrations_dir,
+    postgres,
+)
+from jobserver.store.repository import task_lock_key
 from tests.conftest import postgresql_database
 
 pytestmark = pytest.mark.anyio
@@ -113,7 +124,7 @@ async def test_admin_views_exist_and_answer(store: Store, admin: psycopg.Connect
     running = await submit(store, NewJob("work", {"n": 1}, 0, 0), now)
     failing = await submit(store, NewJob("work", {"n": 2}, 0, 0), now)
     done = await submit(store, NewJob("other", {"n": 3}, 0, 0), now)
-    claimed = await store.claim_head(now, 10, lambda head: [entry.id for entry in head])
+    claimed = await store.claim_head(now, 10, lambda head, _: [entry.id for entry in head])
     assert len(claimed) == 3
     error = JobError("ValueError", "boom")
     await store.end_attempt(failing.id, 1, Finish(JobState.FAILED, error=error), now)
@@ -252,7 +263,7 @@ async def test_a_requeue_racing_a_cancel_request_cancels(
     store: Store, admin: psycopg.Connection[Any], url: str
 ) -> None:
     job = await submit(store)
-    await store.claim_head(at(1), 10, lambda head: [job.id])
+    await store.claim_head(at(1), 10, lambda head, _: [job.id])
     admin.execute(  # a client's cancel request, not yet committed
         "UPDATE jobs SET cancel_requested_at = %s WHERE id = %s", [at(2), job.id]
     )
@@ -268,7 +279,7 @@ async def test_a_dependent_submitted_while_its_parent_fails_is_cancelled(
     store: Store, admin: psycopg.Connection[Any], url: str
 ) -> None:
     parent = await submit(store)
-    await store.claim_head(at(1), 10, lambda head: [parent.id])
+    await store.claim_head(at(1), 10, lambda head, _: [parent.id])
     admin.execute(  # the parent's attempt ends failed, not yet committed
         "UPDATE jobs SET state = 'failed', finished_at = %s WHERE id = %s", [at(2), parent.id]
     )
@@ -282,3 +293,231 @@ async def test_a_dependent_submitted_while_its_parent_fails_is_cancelled(
     # without a lock on the parent).
     assert changed.job.state is JobState.CANCELLED
     assert (await store.get(changed.job.id)).reason == f"dependency {parent.id} failed"
+
+
+# -- cluster-wide max_concurrency: a lock per limited task in the claim ------------------------
+
+
+def up_to(limit: int, task: str = "t") -> Any:
+    """A ``choose`` that admits head jobs of ``task`` while fewer than ``limit`` run on
+    all nodes (as the scheduler's plan does with the counts)."""
+
+    def choose(head: list[Any], running: Any) -> list[str]:
+        free = limit - running.get(task, 0)
+        return [entry.id for entry in head if entry.task == task][: max(0, free)]
+
+    return choose
+
+
+async def test_a_limited_claim_waits_for_another_nodes_claim_and_counts_it(
+    store: Store, admin: psycopg.Connection[Any], url: str
+) -> None:
+    jobs = [await submit(store) for _ in range(3)]
+    # Another node's claim, not yet committed: it holds the task's lock.
+    admin.execute("SELECT pg_advisory_xact_lock(%s)", [task_lock_key("t")])
+    admin.execute(
+        "UPDATE jobs SET state = 'running', attempts = 1, node = 'other', started_at = %s "
+        "WHERE id = %s",
+        [at(1), jobs[0].id],
+    )
+    offered: list[dict[str, int]] = []
+
+    def choose(head: list[Any], running: Any) -> list[str]:
+        offered.append(dict(running))
+        return up_to(2)(head, running)
+
+    claim = await blocked_behind(url, store.claim_head(at(2), 10, choose, limited=("t",)))
+    admin.commit()
+    claimed = await claim
+    assert offered[-1] == {"t": 1}  # the other node's claim, committed while this waited
+    assert [change.job.id for change in claimed] == [jobs[1].id]
+    assert (await store.active_counts())["running"] == 2
+
+
+async def test_racing_claims_on_three_nodes_never_exceed_a_task_limit(url: str) -> None:
+    nodes = [Store(postgres.PostgresDriver(url), node=f"n{i}") for i in range(3)]
+    try:
+        ids = [(await submit(nodes[0])).id for _ in range(40)]
+        done: set[str] = set()
+        for round_ in range(8):
+            claims = await asyncio.gather(
+                *(node.claim_head(at(round_), 3, up_to(2), limited=("t",)) for node in nodes * 2)
+            )
+            claimed = [change.job for batch in claims for change in batch]
+            # Without the lock each of 6 claims counted 0 and took 2 (CLUSTER-NOTES: 6
+            # running for a limit of 2).
+            assert len(claimed) == 2
+            assert (await nodes[0].active_counts())["running"] == 2
+            for job in claimed:
+                owner = next(node for node in nodes if node.node == job.node)
+                await owner.end_attempt(job.id, 1, Finish(JobState.SUCCEEDED), at(round_))
+                done.add(job.id)
+        assert len(done) == 16 and done <= set(ids)
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_an_unlimited_task_takes_no_lock(
+    store: Store, admin: psycopg.Connection[Any]
+) -> None:
+    await submit(store)
+    admin.execute("SELECT pg_advisory_xact_lock(%s)", [task_lock_key("t")])
+    offered: list[dict[str, int]] = []
+
+    def choose(head: list[Any], running: Any) -> list[str]:
+        offered.append(dict(running))
+        return [entry.id for entry in head]
+
+    # Not blocked behind the held lock: "t" is not limited here.
+    claimed = await asyncio.wait_for(store.claim_head(at(1), 10, choose, limited=("u",)), 10)
+    assert len(claimed) == 1
+    assert offered == [{}]
+    admin.rollback()
+
+
+# -- notifications: LISTEN on a connection of its own -------------------------------------------
+
+
+async def wait_until_true(condition: Any, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_listener_hands_on_notices_and_reconnects(
+    store: Store, admin: psycopg.Connection[Any]
+) -> None:
+    received: list[str] = []
+    connected: list[float] = []
+    listener = postgres.Listener(
+        postgres_url(admin), received.append, lambda: connected.append(time.monotonic())
+    )
+    await listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await store.notify('{"queue":true}')
+        await wait_until_true(lambda: received == ['{"queue":true}'], "the notice")
+        # A notice rolled back is never sent.
+        admin.execute("SELECT pg_notify('jobserver', 'rolled back')")
+        admin.rollback()
+        # The connection is lost (a restart, a failover): the listener connects again and
+        # says so, so that its owner wakes everything.
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+        )
+        admin.commit()
+        await wait_until_true(lambda: len(connected) == 2, "the reconnection", timeout=20)
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await store.notify("again")
+        await wait_until_true(lambda: received[-1:] == ["again"], "a notice after it")
+        assert "rolled back" not in received
+    finally:
+        await listener.stop()
+        await listener.stop()  # safe twice
+
+
+def postgres_url(admin: psycopg.Connection[Any]) -> str:
+    info = admin.info
+    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+
+
+# -- enqueueing in the application's own transaction ---------------------------------------------
+
+
+async def test_enqueue_stores_the_job_only_when_the_callers_transaction_commits(
+    store: Store, url: str
+) -> None:
+    received: list[str] = []
+    listener = postgres.Listener(url, received.append, lambda: None)
+    await listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        with psycopg.connect(url) as app:
+            app.execute("CREATE TABLE orders (id int)")
+            app.execute("INSERT INTO orders VALUES (1)")
+            job_id = enqueue(
+                app, "ship", {"order": 1, "note": "é"}, priority=5, max_retries=2, timeout=30
+            )
+            # Not visible, and nobody woken, before the commit.
+            with pytest.raises(NotFound):
+                await store.get(job_id)
+            await asyncio.sleep(0.2)
+            assert received == []
+            app.commit()
+            job = await store.get(job_id)
+            await wait_until_true(lambda: len(received) == 1, "the notice at commit")
+            # Rolled back: neither the job nor a notice.
+            gone = enqueue(app, "ship", {"order": 2})
+            app.rollback()
+            with pytest.raises(NotFound):
+                await store.get(gone)
+        assert (job.task, job.args, job.priority, job.max_retries, job.timeout) == (
+            "ship",
+            {"order": 1, "note": "é"},
+            5,
+            2,
+            30.0,
+        )
+        assert job.state is JobState.QUEUED and job.attempts == 0
+        # The same row as a submit through the store: every column but the id and times.
+        submitted = await submit(store, NewJob("ship", {"order": 1, "note": "é"}, 5, 2, 30.0))
+        assert replace(job, id="", created_at=T0) == replace(submitted, id="", created_at=T0)
+        await asyncio.sleep(0.2)
+        assert len(received) == 1
+        # A node claims it like any job.
+        (claimed,) = await store.claim_head(datetime.now(UTC), 10, lambda head, _: [job_id])
+        assert claimed.job.id == job_id
+    finally:
+        await listener.stop()
+
+
+async def test_enqueue_through_a_sqlalchemy_connection(store: Store, url: str) -> None:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            run_at = datetime.now(UTC) + timedelta(hours=1)
+            job_id = enqueue(conn, "ship", {"order": 3}, run_after=run_at)
+        job = await store.get(job_id)
+        assert job.args == {"order": 3} and job.run_after is not None
+        assert abs((job.run_after - run_at).total_seconds()) < 0.01
+        with pytest.raises(ZeroDivisionError), engine.begin() as conn:
+            rolled_back = enqueue(conn, "ship", {"order": 4})
+            raise ZeroDivisionError  # the application's transaction fails
+        with pytest.raises(NotFound):
+            await store.get(rolled_back)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"task": ""}, "task"),
+        ({"args": [1, 2]}, "args"),
+        ({"args": {"x": float("nan")}}, "args"),
+        ({"args": {"x": object()}}, "args"),
+        ({"priority": 1001}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"run_after": datetime(2030, 1, 1)}, "run_after"),  # no time zone
+    ],
+)
+async def test_enqueue_refuses_bad_values_and_stores_nothing(
+    store: Store, url: str, kwargs: dict[str, Any], field: str
+) -> None:
+    values: dict[str, Any] = {"task": "ship", "args": {}} | kwargs
+    with psycopg.connect(url) as app:
+        with pytest.raises(ValidationError) as caught:
+            enqueue(app, values.pop("task"), values.pop("args"), **values)
+        assert [problem["field"] for problem in caught.value.details] == [field]
+        app.commit()
+    assert (await store.active_counts())["queued"] == 0
+
+
+def test_enqueue_needs_a_psycopg_connection() -> None:
+    with pytest.raises(TypeError, match="psycopg 3 connection"):
+        enqueue(object(), "ship")  # type: ignore[arg-type]

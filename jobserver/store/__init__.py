@@ -6,7 +6,10 @@ URL a PostgreSQL database."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from jobserver.store.driver import Driver
 from jobserver.store.kept import (
@@ -33,9 +36,14 @@ from jobserver.store.repository import (
     TaskBucket,
     TaskRun,
     TaskStats,
+    checked_job,
     dump_json,
+    enqueue_in,
 )
 from jobserver.store.schema import metadata, migrations_dir
+
+if TYPE_CHECKING:
+    from jobserver.store.postgres import CallerConnection
 from jobserver.store.sqlite import (
     Checkpoint,
     DatabaseLock,
@@ -67,6 +75,7 @@ __all__ = [
     "TaskRun",
     "TaskStats",
     "dump_json",
+    "enqueue",
     "forget_outcome",
     "keep_outcome",
     "kept_outcome",
@@ -92,3 +101,30 @@ def open_driver(database: Path | str, *, synchronous: str = "FULL") -> Driver:
 def open_store(database: Path | str, *, synchronous: str = "FULL") -> Store:
     """The repository on a migrated database (see ``migrate`` and ``postgres.migrate``)."""
     return Store(open_driver(database, synchronous=synchronous))
+
+
+def enqueue(
+    connection: CallerConnection,
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    priority: int = 0,
+    max_retries: int = 0,
+    timeout: float | None = None,
+    run_after: datetime | None = None,
+) -> str:
+    """Insert a job in the caller's open transaction on the jobserver database (PostgreSQL)
+    and return its id.  ``connection`` is the application's own: a psycopg 3 connection,
+    or a SQLAlchemy ``Connection`` over psycopg.  The job is stored, and the nodes woken,
+    only when the caller commits; a rollback leaves nothing.
+
+    The row is the one ``POST /api/v1/jobs`` stores, written by the same statement.
+    Checked here: ``task`` is a name, ``args`` a JSON object, ``priority``,
+    ``max_retries``, ``timeout`` and ``run_after`` in range (``ValidationError``, nothing
+    inserted).  Not checked here (no config is loaded): that a node knows the task and
+    that the arguments fit it.  Nodes that do not know the task leave the job queued; the
+    node that runs it fails it if its arguments do not fit."""
+    from jobserver.store.postgres import caller_transaction  # psycopg: only for PostgreSQL
+
+    new = checked_job(task, args, priority, max_retries, timeout, run_after)
+    return enqueue_in(caller_transaction(connection), new)

@@ -26,6 +26,9 @@ back, the errors that mean "the database cannot be used", and migrating under a 
   plain-text statements alike; psycopg's default since 3.0, pinned here on each
   connection.  Rows come back with ``datetime`` values (which the row decoder accepts)
   and JSON as its text, which the row decoder parses, as on SQLite.
+- **Notifications.**  ``Listener`` LISTENs on a dedicated connection of its own (never
+  one of the pool's) and hands each payload on; ``Store.notify`` sends one.  They only
+  wake: whoever is woken re-reads the database.
 - **Errors.**  Cannot connect, connection lost, server shutting down or read-only
   (a standby), disk full, statement timeout: ``StorageUnavailable``, and a broken
   connection is dropped from the pool.  Integrity errors and the operation's own
@@ -45,6 +48,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
+import psycopg.sql
 import sqlalchemy as sa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.string import StrDumperUnknown, TextLoader
@@ -53,7 +57,7 @@ from sqlalchemy.pool import NullPool
 
 from jobserver.errors import StorageUnavailable
 from jobserver.store.driver import Batches, Compiler, Operation, Tx
-from jobserver.store.schema import upgrade_to_head
+from jobserver.store.schema import NOTIFY_CHANNEL, upgrade_to_head
 
 log = logging.getLogger("jobserver.store")
 T = TypeVar("T")
@@ -105,6 +109,76 @@ def _unavailable(exc: Exception) -> StorageUnavailable:
         "down, read-only or out of space); retry later",
         str(exc),
     )
+
+
+# Kept alive by the kernel: a LISTEN connection that the network dropped silently ends
+# within a minute or so (then the listener reconnects), instead of waiting forever.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5}
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 30.0  # seconds between tries to LISTEN again
+
+
+class Listener:
+    """LISTEN on ``channel`` (the nodes' own) on a connection of its own:
+    ``received(payload)`` for each notification, ``connected()`` after every
+    (re)connection (what was sent while it was down is lost: the caller wakes everything
+    then).  A connection that fails is opened again, waiting longer each time (up to
+    ``RECONNECT_MAX``); meanwhile the callers' polling does the work.  ``start``/``stop``
+    are safe to call twice."""
+
+    def __init__(
+        self,
+        url: str,
+        received: Callable[[str], None],
+        connected: Callable[[], None],
+        channel: str = NOTIFY_CHANNEL,
+    ) -> None:
+        params = conninfo_to_dict(conninfo(url))
+        for key, value in _KEEPALIVES.items():
+            params.setdefault(key, value)
+        self._conninfo = make_conninfo("", **params)
+        self._channel = channel
+        self._received = received
+        self._connected = connected
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()  # set while a LISTEN is in place (tests wait on it)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="jobserver-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = RECONNECT_FIRST
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=None
+                ) as connection:
+                    await connection.execute(
+                        psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel))
+                    )
+                    self.listening.set()
+                    delay = RECONNECT_FIRST
+                    self._connected()
+                    async for notice in connection.notifies():
+                        self._received(notice.payload)
+            except psycopg.Error as exc:
+                log.warning(
+                    "cannot LISTEN for other nodes' notifications (%s); polling meanwhile, "
+                    "trying again in %.1f s",
+                    str(exc).strip() or type(exc).__name__,
+                    delay,
+                )
+            finally:
+                self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
 
 
 class PostgresDriver:
@@ -250,3 +324,42 @@ def migrate(url: str) -> tuple[str | None, str | None]:
     if before != after:
         log.info("migrated the database from schema %s to %s", before or "(empty)", after)
     return before, after
+
+
+# -- an application's own transaction (``jobserver.store.enqueue``) -------------------------
+
+# What ``caller_transaction`` accepts: the application's psycopg 3 connection, or its
+# SQLAlchemy Connection over psycopg.
+CallerConnection = psycopg.Connection[Any] | sa.Connection
+_CALLER_COMPILER = Compiler(dialect())
+
+
+def caller_transaction(connection: CallerConnection) -> Tx:
+    """The transaction the caller has open on ``connection``, for the repository's
+    operations: statements run in it, and commit or roll back with it."""
+    if isinstance(connection, sa.Connection):
+        # The DB-API connection under SQLAlchemy's transaction (public API).
+        connection = connection.connection.driver_connection  # type: ignore[assignment]
+    if not isinstance(connection, psycopg.Connection):
+        raise TypeError(
+            "needs a psycopg 3 connection or a SQLAlchemy Connection over psycopg, "
+            f"not {type(connection).__name__}"
+        )
+    return Tx(_Untyped(connection), _CALLER_COMPILER)
+
+
+class _Untyped:
+    """The caller's connection, each statement on a cursor of its own that sends ``str`` as
+    an untyped literal (as the driver's connections do; the caller's own adapters are
+    left as they are)."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def cursor(self) -> psycopg.Cursor[Any]:
+        cursor = self._connection.cursor()
+        cursor.adapters.register_dumper(str, StrDumperUnknown)
+        return cursor
+
+    def execute(self, sql: str, params: Any) -> psycopg.Cursor[Any]:
+        return self.cursor().execute(sql, params)

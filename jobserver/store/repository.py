@@ -27,8 +27,10 @@ that id raises ``Gone`` instead of ``NotFound`` until the row is forgotten.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +39,7 @@ import sqlalchemy as sa
 
 from jobserver.errors import Conflict, Gone, InvalidTransition, NotFound, ValidationError
 from jobserver.jobs import (
+    MAX_PRIORITY,
     TERMINAL_STATES,
     Artifact,
     Attempt,
@@ -47,11 +50,14 @@ from jobserver.jobs import (
     check_retry,
     check_transition,
     format_timestamp,
+    new_job_id,
     parse_timestamp,
+    utcnow,
 )
 from jobserver.store.driver import Batches, Driver, Row, Tx
 from jobserver.store.schema import (
     JOB_COLUMNS,
+    NOTIFY_CHANNEL,
     QUEUED_LITERAL,
     attempts,
     dependencies,
@@ -228,7 +234,9 @@ class JobFilter:
     owner: str | None = None  # None: every client's jobs (an admin)
 
 
-Choose = Callable[[list[QueueEntry]], Sequence[str]]
+# The queue head, and per limited task in it its jobs running on every node (counted under
+# the task's lock; empty on SQLite, where this server's own running jobs are all of them).
+Choose = Callable[[list[QueueEntry], Mapping[str, int]], Sequence[str]]
 
 
 class Store:
@@ -244,6 +252,19 @@ class Store:
         # multi-row INSERTs for the lot: a statement per job cost twice the CPU.
         self._submits: Batches[dict[str, Any], Job] = Batches(self._insert_many, SUBMITS_MAX)
         self.submits = self._submits.stats
+
+    @property
+    def shared(self) -> bool:
+        """Whether several nodes may share this database (PostgreSQL), or it is one
+        server's own (SQLite)."""
+        return self.driver.dialect.name == "postgresql"
+
+    async def notify(self, payload: str) -> None:
+        """Send ``payload`` to the nodes listening (PostgreSQL's NOTIFY on
+        ``NOTIFY_CHANNEL``, on a shared database only).  It joins the next group commit
+        and is delivered when that commits; a payload must stay under 8,000 bytes."""
+        parameters = {"channel": NOTIFY_CHANNEL, "payload": payload}
+        await self.driver.write(lambda tx: tx.rows(NOTIFY, parameters))
 
     async def close(self) -> None:
         await self._submits.drain()  # what is queued is committed and answered
@@ -603,16 +624,27 @@ class Store:
 
     # -- the scheduler's writes --------------------------------------------------------
 
-    async def claim_head(self, now: datetime, limit: int, choose: Choose) -> list[Changed]:
+    async def claim_head(
+        self, now: datetime, limit: int, choose: Choose, *, limited: Collection[str] = ()
+    ) -> list[Changed]:
         """One transaction per scheduler tick: read the queue head (at most ``limit``
         jobs that may start now), let ``choose`` pick which to start (the scheduler's
         pure planning, called with the head), and claim those for this node: queued →
         running, counting an attempt and opening its ``attempts`` row.  ``choose`` may be
-        called again if the transaction is retried, so it must only decide."""
+        called again if the transaction is retried, so it must only decide.
+
+        ``limited`` names the tasks with a ``max_concurrency``.  On a shared database,
+        for each of them in the head, the transaction takes that task's lock and counts
+        its running jobs on every node, and ``choose`` gets the counts: another node's
+        claim of the same task waits for this commit and then counts this one's claims,
+        so a limit holds across the cluster, even in a race.  The lock is
+        transaction-scoped: nothing to leak when a node dies."""
 
         def claim(tx: Tx) -> list[Changed]:
             head = _queue_head(tx, limit, now, QUEUE_HEAD)
-            chosen = set(choose(head))
+            counted = {entry.task for entry in head}.intersection(limited)
+            running = _running_everywhere(tx, counted) if self.shared and counted else {}
+            chosen = set(choose(head, running))
             claimed = []
             for entry in head:
                 if entry.id in chosen:
@@ -1108,6 +1140,104 @@ def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) 
             "depends_on names jobs that do not exist",
             [{"field": "depends_on", "message": f"no job with id {dep!r}"} for dep in missing],
         )
+
+
+def task_lock_key(task: str) -> int:
+    """The key of ``task``'s transaction-scoped advisory lock on PostgreSQL: a stable hash
+    of its name (the same on every node and release), a signed 64-bit integer.  Two tasks
+    that happen to share a key only wait for each other's claims."""
+    digest = hashlib.blake2b(f"jobserver task {task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+TASK_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+# A notice that the queue has work, from outside the nodes (events.Wakeups reads it).
+QUEUE_NOTICE = '{"from":"enqueue","queue":true}'
+
+
+def enqueue_in(tx: Tx, new: NewJob) -> str:
+    """Insert a plain job (no dependencies, no idempotency key) in ``tx`` with the
+    submit's own statement, and NOTIFY the nodes: an application's transaction
+    (``jobserver.store.enqueue``).  The job, and the notice, exist only once ``tx``
+    commits.  Returns the job's id."""
+    job_id = new_job_id()
+    _insert_job(tx, _new_job_values(new, job_id, utcnow()))
+    tx.rows(NOTIFY, {"channel": NOTIFY_CHANNEL, "payload": QUEUE_NOTICE})
+    return job_id
+
+
+def checked_job(
+    task: str,
+    args: Mapping[str, Any] | None,
+    priority: int,
+    max_retries: int,
+    timeout: float | None,
+    run_after: datetime | None,
+) -> NewJob:
+    """The job to insert, or ``ValidationError`` naming each bad value (the caller's
+    values are checked as they come, whatever their annotations say)."""
+    problems: list[dict[str, str]] = []
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(task, str) or not task.strip():
+        problems.append({"field": "task", "message": "required: the name of a task"})
+    args = {} if args is None else args
+    if not isinstance(args, Mapping):
+        problems.append({"field": "args", "message": "expected a JSON object (a mapping)"})
+    else:
+        try:
+            dump_json(args)
+        except (TypeError, ValueError) as exc:
+            problems.append({"field": "args", "message": f"not JSON: {exc}"})
+    if not whole(priority) or abs(priority) > MAX_PRIORITY:
+        problems.append(
+            {
+                "field": "priority",
+                "message": f"expected an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
+            }
+        )
+    if not whole(max_retries) or max_retries < 0:
+        problems.append({"field": "max_retries", "message": "expected an integer >= 0"})
+    if timeout is not None and (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        problems.append({"field": "timeout", "message": "expected seconds > 0, or None"})
+    if run_after is not None and (
+        not isinstance(run_after, datetime) or run_after.utcoffset() is None
+    ):
+        problems.append(
+            {"field": "run_after", "message": "expected a datetime with a time zone, or None"}
+        )
+    if problems:
+        raise ValidationError("invalid job to enqueue", problems)
+    return NewJob(
+        task,
+        dict(args),
+        priority,
+        max_retries,
+        timeout=None if timeout is None else float(timeout),
+        run_after=run_after,
+    )
+
+
+def _running_everywhere(tx: Tx, tasks: Collection[str]) -> dict[str, int]:
+    """Lock each task (in one order on every node: no deadlock between claims), then
+    count its running jobs on every node.  The count is a statement after the locks, so
+    under READ COMMITTED it sees every claim committed by whoever held a lock before."""
+    for task in sorted(tasks):
+        tx.rows(TASK_LOCK, {"key": task_lock_key(task)})
+    query = (
+        sa.select(jobs.c.task, sa.func.count())
+        .where(jobs.c.state == JobState.RUNNING.value, jobs.c.task.in_(sorted(tasks)))
+        .group_by(jobs.c.task)
+    )
+    return {task: 0 for task in tasks} | {task: int(n) for task, n in tx.rows(query)}
 
 
 def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:

@@ -31,6 +31,8 @@ from jobserver.jobs import TERMINAL_STATES, JobState
 log = logging.getLogger("jobserver.store")
 
 metadata = sa.MetaData()
+# PostgreSQL: the channel the nodes LISTEN on, and NOTIFY (see events.Wakeups).
+NOTIFY_CHANNEL = "jobserver"
 
 # Text on SQLite (what admins read), typed on PostgreSQL (see the module docstring).
 TIMESTAMP: sa.types.TypeEngine[Any] = sa.Text().with_variant(
