@@ -227,3 +227,22 @@ def leave_artifact(text: str = "") -> int:
     is fixed)."""
     (Path(os.environ["JOBSERVER_OUTPUT_DIR"]) / "note.txt").write_text(text)
     return len(text)
+
+
+def record_run(directory: str, seconds: float) -> dict[str, object]:
+    """Runs ``seconds``, writing the time every 20 ms to a file of this run's own in
+    ``directory`` (job id, attempt, pid), then "end": the runs of one job, and when each
+    was last seen alive, read back by the tests that look for overlapping runs."""
+    job, attempt = os.environ["JOBSERVER_JOB_ID"], int(os.environ["JOBSERVER_ATTEMPT"])
+    path = Path(directory) / f"{job}.{attempt}.{os.getpid()}"
+    start = time.time()
+    with path.open("a") as out:
+        while True:
+            now = time.time()
+            out.write(f"{now}\n")
+            out.flush()
+            if now - start >= seconds:
+                break
+            time.sleep(0.02)
+        out.write("end\n")
+    return {"job": job, "attempt": attempt}

@@ -1118,7 +1118,7 @@ class Store:
             renewed = tx.run(RENEW_NODE, {"me": me, "resources": dump_json(resources)})
             if not renewed:
                 return Beat(alive=False)
-            if not tx.rows(TAKE_LEASE, {"name": LEADER, "me": me, "ttl": lease}):
+            if not _take_lease(tx, LEADER, me, lease):
                 return Beat(alive=True)
             dead = tuple(row[0] for row in tx.rows(DECLARE_DEAD, {"timeout": timeout}))
             tx.run(FORGET_NODES, {"kept": NODES_KEPT})
@@ -1312,6 +1312,21 @@ def _check_dependencies(tx: Tx, depends_on: tuple[str, ...], owner: str | None) 
             "depends_on names jobs that do not exist",
             [{"field": "depends_on", "message": f"no job with id {dep!r}"} for dep in missing],
         )
+
+
+def _take_lease(tx: Tx, name: str, me: str, ttl: float) -> bool:
+    """Take lease ``name`` for ``ttl`` seconds if it is free, expired or already this
+    incarnation's (renewed only by its holder: no session advisory lock, which a pooler
+    in transaction mode breaks); whether this incarnation holds it now.  Never waits on
+    another transaction holding the row: that one holds the lease for this beat."""
+    found = tx.rows(LEASE_LOCKED, {"name": name})
+    if not found:
+        return bool(tx.run(FIRST_LEASE, {"name": name, "me": me, "ttl": ttl}))
+    holder, valid = found[0]
+    if holder != me and valid:
+        return False
+    tx.run(RENEW_LEASE, {"name": name, "me": me, "ttl": ttl})
+    return True
 
 
 def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:
@@ -1825,21 +1840,30 @@ RENEW_NODE = sa.text(
     "UPDATE nodes SET heartbeat_at = now(), resources = :resources "
     "WHERE incarnation = :me AND dead_at IS NULL"
 )
-# Taken when free or expired, renewed only by its holder (no session advisory lock: those
-# do not survive a pooler in transaction mode).  A row back: this incarnation holds it.
-TAKE_LEASE = sa.text(
+# A lease row, unless another transaction holds it: a node frozen in the middle of its
+# heartbeat must never make the others' heartbeats wait (they would fence themselves).
+LEASE_LOCKED = sa.text(
+    "SELECT holder, expires_at >= now() FROM leases WHERE name = :name FOR UPDATE SKIP LOCKED"
+)
+FIRST_LEASE = sa.text(
     "INSERT INTO leases (name, holder, expires_at) "
     "VALUES (:name, :me, now() + make_interval(secs => :ttl)) "
-    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-    "expires_at = excluded.expires_at "
-    "WHERE leases.holder = excluded.holder OR leases.expires_at < now() "
-    "RETURNING holder"
+    "ON CONFLICT (name) DO NOTHING"
 )
+RENEW_LEASE = sa.text(
+    "UPDATE leases SET holder = :me, expires_at = now() + make_interval(secs => :ttl) "
+    "WHERE name = :name"
+)
+# Rows locked by a node frozen mid-transaction are skipped: declared on a later beat.
 DECLARE_DEAD = sa.text(
-    "UPDATE nodes SET dead_at = now() WHERE dead_at IS NULL "
-    "AND heartbeat_at < now() - make_interval(secs => :timeout) RETURNING incarnation"
+    "UPDATE nodes SET dead_at = now() WHERE incarnation IN (SELECT incarnation FROM nodes "
+    "WHERE dead_at IS NULL AND heartbeat_at < now() - make_interval(secs => :timeout) "
+    "FOR UPDATE SKIP LOCKED) RETURNING incarnation"
 )
-FORGET_NODES = sa.text("DELETE FROM nodes WHERE dead_at < now() - make_interval(secs => :kept)")
+FORGET_NODES = sa.text(
+    "DELETE FROM nodes WHERE incarnation IN (SELECT incarnation FROM nodes "
+    "WHERE dead_at < now() - make_interval(secs => :kept) FOR UPDATE SKIP LOCKED)"
+)
 RETIRE_NODE = sa.text(
     "UPDATE nodes SET dead_at = now() WHERE incarnation = :me AND dead_at IS NULL"
 )
