@@ -350,7 +350,11 @@ def build(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         if life is not None:
             # Before anything is claimed: the claims carry the new incarnation.
-            await life.register()
+            try:
+                await life.register()
+            except ConfigError as exc:  # the traceback that follows buries the message
+                log.error("%s", exc.message)
+                raise
             await life.start()
         rescued = await rescue_interrupted(
             store, settings.scheduler.max_rescues, utcnow(), events, server_settings.jobs_dir

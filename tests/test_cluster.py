@@ -366,3 +366,18 @@ def test_cron_fires_once_per_slot_across_three_nodes_when_the_leader_is_killed(
             for server in servers.values():
                 server.process.kill()
                 server.process.wait(timeout=10)
+
+
+def test_a_node_whose_task_conflicts_with_a_live_nodes_is_refused_at_start(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    server_factory(node_config(tmp_path, "a", url))
+    path = node_config(tmp_path, "b", url)
+    path.write_text(path.read_text().replace("sample_tasks:record_run", "sample_tasks:sleep"))
+    refused = server_factory(path, wait=False)
+    assert refused.process.wait(timeout=30) != 0
+    assert (
+        "node 'b' cannot join: its definitions conflict with live nodes': "
+        'tasks.record_run.function is "sample_tasks:sleep" here but '
+        "\"sample_tasks:record_run\" on live node 'a'"
+    ) in refused.log()
