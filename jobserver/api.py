@@ -696,7 +696,10 @@ async def stats(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     api: Api = request.app.api
-    body = api.metrics.render(api.scheduler.view(), await api.store.state_counts())
+    store = api.store
+    body = api.metrics.render(
+        api.scheduler.view(), await store.state_counts(), (store.node, store.incarnation)
+    )
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
@@ -784,7 +787,9 @@ async def _page_snapshot(api: Api) -> dict[str, Any]:
         "timeline": timeline_document(spans),
         "series": await _series(api, SERIES_WINDOW, SERIES_BUCKET),
         "metrics": api.metrics.render(
-            api.scheduler.view(), await api.store.state_counts()
+            api.scheduler.view(),
+            await api.store.state_counts(),
+            (api.store.node, api.store.incarnation),
         ).decode(),
     }
 

@@ -283,11 +283,17 @@ def build(
     check_admission(admission_problems(settings.scheduler, probe.snapshot()), settings.path)
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
-    driver = open_driver(server_settings.database, synchronous=server_settings.durability.upper())
+    cluster = settings.cluster
+    driver = open_driver(
+        server_settings.database,
+        synchronous=server_settings.durability.upper(),
+        # A node frozen mid-transaction: PostgreSQL ends it before the node is declared
+        # dead, so that its row locks do not hold up the rescue.
+        idle_timeout=None if cluster is None else cluster.node_timeout / 2,
+    )
     # Tests put a fault-injecting driver between the store and the database.  On
     # PostgreSQL the node registers an incarnation of its own at start (``NodeLife``),
     # which scopes its claims, its fenced writes and its start-up rescue.
-    cluster = settings.cluster
     node = {} if cluster is None else {"node": cluster.node}
     store = Store(driver if wrap_driver is None else wrap_driver(driver), **node)
     metrics = Metrics()
