@@ -75,6 +75,7 @@ from jobserver.store import (
     IdempotencyKey,
     JobFilter,
     NewJob,
+    NodeRecord,
     Store,
     TaskBucket,
     TaskStats,
@@ -237,6 +238,9 @@ class Api:
     # only while the server asks for tokens, which `jobserver token create` can change).
     openapi: Callable[[], Mapping[str, Any]]
     shutdown: Shutdown
+    # Several nodes sharing PostgreSQL: how long a node may be silent before it counts as
+    # dead; None on SQLite (one server, shown as one node).
+    node_timeout: float | None = None
     # Recently answered jobs, rendered (see ``_rendering``).
     rendered: dict[str, tuple[Job, bytes, bytes, str]] = field(default_factory=dict)
 
@@ -266,6 +270,7 @@ def create_app(
     reconfigure: Reconfigure | None = None,
     events: Events | None = None,
     shutdown: Shutdown | None = None,
+    node_timeout: float | None = None,
 ) -> App:
     api = Api(
         store=store,
@@ -281,6 +286,7 @@ def create_app(
         reconfigure=reconfigure,
         openapi=openapi,
         shutdown=shutdown or Shutdown(),
+        node_timeout=node_timeout,
     )
     return App(
         api,
@@ -697,7 +703,10 @@ async def stats(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     api: Api = request.app.api
-    body = api.metrics.render(api.scheduler.view(), await api.store.state_counts())
+    store = api.store
+    body = api.metrics.render(
+        api.scheduler.view(), await store.state_counts(), (store.node, store.incarnation)
+    )
     return Response(body, media_type=METRICS_CONTENT_TYPE)
 
 
@@ -785,7 +794,9 @@ async def _page_snapshot(api: Api) -> dict[str, Any]:
         "timeline": timeline_document(spans),
         "series": await _series(api, SERIES_WINDOW, SERIES_BUCKET),
         "metrics": api.metrics.render(
-            api.scheduler.view(), await api.store.state_counts()
+            api.scheduler.view(),
+            await api.store.state_counts(),
+            (api.store.node, api.store.incarnation),
         ).decode(),
     }
 
@@ -1145,9 +1156,54 @@ async def _long_poll(
 
 async def _system(api: Api) -> dict[str, Any]:
     await api.scheduler.starts_settled()  # a job shown running in the store is in the view
-    return system_document(
-        api.scheduler.view(), await api.store.active_counts(), api.shutdown.document()
+    view = api.scheduler.view()
+    nodes = (
+        [local_node(view, api.store.node)]
+        if api.node_timeout is None
+        else [node_document(node) for node in await api.store.nodes(api.node_timeout)]
     )
+    return system_document(view, await api.store.active_counts(), api.shutdown.document(), nodes)
+
+
+def node_document(node: NodeRecord) -> dict[str, Any]:
+    """One node incarnation in ``GET /api/v1/system``'s ``nodes``."""
+    published = node.resources
+    return {
+        "name": node.name,
+        "incarnation": node.incarnation,
+        "alive": node.alive,
+        "leader": node.leader,
+        "started_at": format_timestamp(node.started_at),
+        "last_heartbeat": format_timestamp(node.heartbeat_at),
+        "heartbeat_age": round(node.heartbeat_age, 3),
+        "dead_at": None if node.dead_at is None else format_timestamp(node.dead_at),
+        "url": node.url,
+        "capacity": published.get("capacity"),
+        "free": published.get("free"),
+        "max_jobs": published.get("max_jobs"),
+        "running": node.running,
+        "cordoned": node.cordoned,
+    }
+
+
+def local_node(view: SystemView, name: str) -> dict[str, Any]:
+    """The one server of a SQLite database, as a node: alive while it answers."""
+    return {
+        "name": name,
+        "incarnation": name,
+        "alive": True,
+        "leader": True,
+        "started_at": None,
+        "last_heartbeat": None,
+        "heartbeat_age": None,
+        "dead_at": None,
+        "url": None,
+        "capacity": asdict(view.capacity),
+        "free": asdict(view.free),
+        "max_jobs": view.max_jobs,
+        "running": len(view.running),
+        "cordoned": False,
+    }
 
 
 def refuse_new_work(api: Api) -> None:
@@ -1479,10 +1535,13 @@ def stats_document(
 
 
 def system_document(
-    view: SystemView, jobs: Mapping[str, int], draining: Mapping[str, str] | None = None
+    view: SystemView,
+    jobs: Mapping[str, int],
+    draining: Mapping[str, str] | None = None,
+    nodes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """``GET /api/v1/system``: the scheduler's view, the active jobs by state, and whether
-    the server is draining (``Shutdown.document``)."""
+    """``GET /api/v1/system``: the scheduler's view, the active jobs by state, whether
+    the server is draining (``Shutdown.document``) and the nodes (``node_document``)."""
     machine = view.machine
     return {
         "draining": None if draining is None else dict(draining),
@@ -1510,6 +1569,7 @@ def system_document(
         "running": [asdict(job) for job in view.running],
         "queue_head": [asdict(job) for job in view.queue_head],
         "jobs": jobs,
+        "nodes": [dict(node) for node in nodes],
     }
 
 

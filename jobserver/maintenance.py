@@ -1,5 +1,7 @@
-"""Work on stored jobs that no request asked for: the startup rescuer, the pruner and the
-cron firer.  The last two are small services with the same shape (``start``/``stop`` safe
+"""Work on stored jobs that no request asked for: the startup rescuer, the pruner, the
+cron firer and, on PostgreSQL, this node's life among others (``NodeLife``: heartbeats,
+the leader's rescue of dead nodes' jobs, self-fencing).  The pruner and the cron firer
+are small services with the same shape (``start``/``stop`` safe
 to call twice, ``tick(now)`` that tests call directly with a fake clock).
 
 Rescue (at start, before the scheduler runs): a job left ``running`` by a server that died
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import secrets
 import shutil
 import time
 import zoneinfo
@@ -28,12 +32,14 @@ from typing import Any
 
 from croniter import croniter
 
+from jobserver.errors import ConfigError
 from jobserver.events import Events
 from jobserver.jobs import Job, JobError, JobState, format_timestamp, new_job_id, utcnow
 from jobserver.resources import find_tagged_processes, is_same_process
 from jobserver.runner import JOB_ID_ENV, kill_group, kill_process
 from jobserver.store import (
     RESCUE,
+    Beat,
     Changed,
     Checkpoint,
     Finish,
@@ -85,23 +91,12 @@ async def rescue_interrupted(
                 _publish(events, change, f"{reason} (outcome kept while the store was down)")
                 rescued.append(change.job)
             continue
-        end: Finish | Requeue
-        if job.rescues >= max_rescues:
-            error = JobError(
-                "lost",
-                f"lost: the server stopped while this job ran {job.rescues + 1} times "
-                f"(max_rescues = {max_rescues}); not requeued again",
-            )
-            end = Finish(JobState.FAILED, error=error, reason="lost")
-            reason = f"lost after {job.rescues} rescues"
-        else:
-            why = (
-                "the server stopped while it ran"
-                if owned is None
-                else "this server no longer watched its attempt"
-            )
-            reason = f"requeued after {why} (rescue {job.rescues + 1} of {max_rescues})"
-            end = Requeue(reason, counts=RESCUE)
+        why = (
+            "the server stopped while it ran"
+            if owned is None
+            else "this server no longer watched its attempt"
+        )
+        end, reason = rescue_end(job, max_rescues, why)
         change = await store.end_attempt(job.id, job.attempts, end, now)
         if change is not None:
             if change.job.state is JobState.CANCELLED:
@@ -109,6 +104,23 @@ async def rescue_interrupted(
             _publish(events, change, reason)
             rescued.append(change.job)
     return rescued
+
+
+def rescue_end(job: Job, max_rescues: int, why: str) -> tuple[Finish | Requeue, str]:
+    """How a running job nobody watches any more ends, and the reason to log: back to
+    the queue counting a rescue, or, past ``max_rescues``, failed as ``lost`` (a job that
+    kills its server must not loop forever).  The store keeps an acknowledged cancel."""
+    if job.rescues >= max_rescues:
+        error = JobError(
+            "lost",
+            f"lost: interrupted {job.rescues + 1} times, the last because {why} "
+            f"(max_rescues = {max_rescues}); not requeued again",
+        )
+        return Finish(JobState.FAILED, error=error, reason="lost"), (
+            f"lost after {job.rescues} rescues"
+        )
+    reason = f"requeued after {why} (rescue {job.rescues + 1} of {max_rescues})"
+    return Requeue(reason, counts=RESCUE), reason
 
 
 def _publish(events: Events, change: Changed, reason: str | None) -> None:
@@ -134,8 +146,14 @@ class _Periodic:
     interval: float
     name: str
 
-    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], datetime] = utcnow,
+        leading: Callable[[], bool] | None = None,
+    ) -> None:
         self._clock = clock
+        # Several nodes: tick only while this node leads (None: always, one server).
+        self._leading = leading
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self, now: datetime) -> Any:
@@ -155,7 +173,8 @@ class _Periodic:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.tick(self._clock())
+                if self._leading is None or self._leading():
+                    await self.tick(self._clock())
             except Exception:
                 log.exception("%s tick failed; retrying on the next tick", self.name)
             await asyncio.sleep(self.interval)
@@ -256,8 +275,9 @@ class Pruner(_Periodic):
         idempotency_window: float = 86400.0,
         pruned_memory: float = 30 * 86400.0,
         clock: Callable[[], datetime] = utcnow,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(clock)
+        super().__init__(clock, leading)
         self._store = store
         self._jobs_dir = jobs_dir
         self._retention = retention
@@ -324,8 +344,9 @@ class CronService(_Periodic):
         interval: float = 1.0,
         clock: Callable[[], datetime] = utcnow,
         events: Events | None = None,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(clock)
+        super().__init__(clock, leading)
         self._store = store
         self._schedules = dict(schedules)
         self._wake = wake
@@ -406,3 +427,195 @@ def count_slots(cron: str, zone: zoneinfo.ZoneInfo, after: datetime, until: date
             break
         count += 1
     return count
+
+
+# -- this node among others (PostgreSQL) --------------------------------------------------
+
+FENCE_FRACTION = 0.75  # of node_timeout: silent this long, a node kills its own jobs
+LEASE_FRACTION = 0.5  # of node_timeout: how long a renewal holds the leader lease
+
+
+def definition_conflicts(mine: Mapping[str, Any], live: list[tuple[str, Any]]) -> list[str]:
+    """Each difference between this node's definitions and a live node's, for a task or
+    schedule both define, in words.  A name only one of them knows is no conflict (a
+    rolling upgrade adds or removes tasks one node at a time)."""
+    found = []
+    for node, theirs in live:
+        for kind in ("tasks", "schedules"):
+            ours, others = mine.get(kind, {}), theirs.get(kind, {})
+            for name in sorted(set(ours) & set(others)):
+                for key in sorted(set(ours[name]) | set(others[name])):
+                    here, there = ours[name].get(key), others[name].get(key)
+                    if here != there:
+                        found.append(
+                            f"{kind}.{name}.{key} is {json.dumps(here)} here but "
+                            f"{json.dumps(there)} on live node {node!r}"
+                        )
+    return found
+
+
+class NodeLife:
+    """This node's life among the nodes sharing one PostgreSQL database (docs/cluster.md).
+
+    ``register`` inserts a new incarnation (refused when a task or schedule conflicts
+    with a live node's).  Every ``heartbeat_interval`` a heartbeat renews it, publishes
+    ``resources()``, and renews or takes the leader lease; the leader declares nodes
+    silent for ``node_timeout`` dead and rescues their jobs in the same transaction
+    (``Store.heartbeat``).  Judged by the database's clock, never by comparing nodes'.
+
+    Self-fencing: ``healthy`` is false once no heartbeat has succeeded for
+    ``FENCE_FRACTION`` of the timeout (measured here, from the start of the last one that
+    did); the scheduler claims nothing meanwhile, and ``fence`` is called once to kill
+    this node's jobs: by the time the leader may declare it dead, they are stopped.  A
+    node that finds itself declared dead (it was frozen, or cut off) registers a new
+    incarnation; its old attempts' late writes are refused by their fence.  Heartbeats
+    run in tasks of their own, so a database that hangs does not stop the fencing."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        heartbeat_interval: float,
+        node_timeout: float,
+        url: str | None,
+        definitions: dict[str, Any],
+        resources: Callable[[], dict[str, Any]],
+        max_rescues: int,
+        fence: Callable[[str], None],
+        wake: Callable[[], None],
+        events: Events | None = None,
+    ) -> None:
+        self._store = store
+        self._interval = heartbeat_interval
+        self._timeout = node_timeout
+        self._url = url
+        self._definitions = definitions
+        self._resources = resources
+        self._max_rescues = max_rescues
+        self._fence = fence
+        self._wake = wake
+        self._events = events or Events()
+        self._fence_after = FENCE_FRACTION * node_timeout
+        self._lease = LEASE_FRACTION * node_timeout
+        self._last_ok = float("-inf")  # monotonic start of the last heartbeat that held
+        self._leader = False
+        self._fenced = False
+        self._task: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[Beat | None] | None = None
+
+    def healthy(self) -> bool:
+        """Whether this node may claim jobs: it heartbeated recently enough."""
+        return time.monotonic() - self._last_ok < self._fence_after
+
+    def leading(self) -> bool:
+        """Whether this node holds the leader lease, as far as it can know: its last
+        renewal began less than the lease's length ago."""
+        return self._leader and time.monotonic() - self._last_ok < self._lease
+
+    async def register(self) -> None:
+        """A new incarnation of this node, used from now on.  ConfigError (nothing
+        stored) if a task or schedule conflicts with a live node's."""
+
+        def check(live: list[tuple[str, Any]]) -> None:
+            conflicts = definition_conflicts(self._definitions, live)
+            if conflicts:
+                raise ConfigError(
+                    f"node {self._store.node!r} cannot join: its definitions conflict with "
+                    f"live nodes': {'; '.join(conflicts)}.  Give the task or schedule the "
+                    "same definition on every node, or a new name (a task only one node "
+                    "knows is fine)",
+                    {"conflicts": conflicts},
+                )
+
+        started = time.monotonic()
+        incarnation = f"{self._store.node}.{secrets.token_hex(6)}"
+        await self._store.register_node(
+            incarnation,
+            url=self._url,
+            resources=self._resources(),
+            definitions=self._definitions,
+            timeout=self._timeout,
+            check=check,
+        )
+        self._last_ok, self._leader, self._fenced = started, False, False
+        log.info("node %s: registered as incarnation %s", self._store.node, incarnation)
+
+    async def tick(self) -> Beat | None:
+        """One heartbeat (tests call it directly); None if it failed."""
+        self._check_fence()
+        started = time.monotonic()
+        try:
+            beat = await self._store.heartbeat(
+                self._resources(),
+                timeout=self._timeout,
+                lease=self._lease,
+                rescue=self._rescue,
+            )
+        except Exception as exc:
+            log.warning("node %s: heartbeat failed: %s", self._store.node, exc)
+            self._check_fence()
+            return None
+        if not beat.alive:
+            old = self._store.incarnation
+            self._leader = False
+            if not self._fenced:
+                self._fenced = True
+                self._fence(f"incarnation {old} was declared dead")
+            log.error(
+                "node %s: incarnation %s was declared dead (silent for node_timeout); its "
+                "jobs were rescued elsewhere and its late results are refused; joining "
+                "again as a new incarnation",
+                self._store.node,
+                old,
+            )
+            try:
+                await self.register()
+            except Exception as exc:
+                log.error("node %s: could not join again: %s", self._store.node, exc)
+            return beat
+        if self._fenced:
+            log.warning("node %s: heartbeats again; claiming jobs again", self._store.node)
+        self._last_ok, self._leader, self._fenced = started, beat.leader, False
+        for dead in beat.declared_dead:
+            log.warning("node incarnation %s declared dead: silent for node_timeout", dead)
+        for change, reason in beat.rescued:
+            _publish(self._events, change, reason)
+        if beat.rescued:
+            self._wake()
+        return beat
+
+    def _rescue(self, job: Job) -> tuple[Finish | Requeue, str]:
+        return rescue_end(job, self._max_rescues, f"its node {job.node} was declared dead")
+
+    def _check_fence(self) -> None:
+        if self._fenced or self.healthy():
+            return
+        self._fenced = True
+        silent = time.monotonic() - self._last_ok
+        log.error(
+            "node %s: no heartbeat for %.1f s (%.0f%% of node_timeout): killing this "
+            "node's jobs and claiming none until a heartbeat succeeds",
+            self._store.node,
+            silent,
+            100 * FENCE_FRACTION,
+        )
+        self._fence(f"no heartbeat for {silent:.1f} s")
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="jobserver-heartbeat")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._beat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._beat = None
+
+    async def _loop(self) -> None:
+        while True:
+            if self._beat is None or self._beat.done():
+                self._beat = asyncio.create_task(self.tick(), name="jobserver-heartbeat-beat")
+            self._check_fence()
+            await asyncio.sleep(self._interval)

@@ -126,6 +126,15 @@ class Metrics:
         self.running = Gauge(
             "jobserver_running_jobs", "Jobs this server is running now.", registry=r
         )
+        # Which node (and which start of it) serves these series: the machine's and the
+        # running jobs' are this node's, the stored jobs' are the whole database's.
+        self.node = Gauge(
+            "jobserver_node_info",
+            "1 for the node answering, labelled with its name and incarnation.",
+            ["node", "incarnation"],
+            registry=r,
+        )
+        self._node: tuple[str, str] | None = None
         for state in JobState:
             self.jobs.labels(state.value)
         for kind in HOLD_KINDS:
@@ -160,9 +169,16 @@ class Metrics:
 
     # -- the endpoint -------------------------------------------------------------
 
-    def render(self, view: SystemView, counts: Mapping[str, int]) -> bytes:
-        """The exposition text, after setting gauges from the scheduler's ``view`` and the
-        store's job counts by state."""
+    def render(
+        self, view: SystemView, counts: Mapping[str, int], node: tuple[str, str] | None = None
+    ) -> bytes:
+        """The exposition text, after setting gauges from the scheduler's ``view``, the
+        store's job counts by state and ``node`` (name, incarnation)."""
+        if node is not None and node != self._node:
+            if self._node is not None:
+                self.node.remove(*self._node)  # a new incarnation replaces the old
+            self.node.labels(*node).set(1)
+            self._node = node
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))
         for section, amounts in (

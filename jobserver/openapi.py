@@ -175,7 +175,58 @@ SCHEMAS: dict[str, Any] = {
         "required": ["tasks"],
         "properties": {"tasks": {"type": "array", "items": {"type": "object"}}},
     },
-    "System": {"type": "object"},
+    "System": {
+        "type": "object",
+        "required": ["nodes"],
+        "properties": {
+            "nodes": {
+                "type": "array",
+                "description": "every node sharing the database, by name then start (on "
+                "PostgreSQL each start of a node is an incarnation of its own; dead ones "
+                "stay listed for a day); on SQLite the one server, as one live node",
+                "items": {"$ref": "#/components/schemas/Node"},
+            }
+        },
+    },
+    "Node": {
+        "type": "object",
+        "required": [
+            "name",
+            "incarnation",
+            "alive",
+            "leader",
+            "started_at",
+            "last_heartbeat",
+            "heartbeat_age",
+            "dead_at",
+            "url",
+            "capacity",
+            "free",
+            "max_jobs",
+            "running",
+            "cordoned",
+        ],
+        "properties": {
+            "name": _STRING,
+            "incarnation": {**_STRING, "description": "this start of the node"},
+            "alive": {
+                "type": "boolean",
+                "description": "not declared dead, and heard from within node_timeout "
+                "(the database's clock)",
+            },
+            "leader": {"type": "boolean", "description": "runs rescue, pruning and cron"},
+            "started_at": _nullable({"type": "string", "format": "date-time"}),
+            "last_heartbeat": _nullable({"type": "string", "format": "date-time"}),
+            "heartbeat_age": _nullable({"type": "number", "description": "seconds"}),
+            "dead_at": _nullable({"type": "string", "format": "date-time"}),
+            "url": _nullable(_STRING),
+            "capacity": {**_nullable({"type": "object"}), "description": "cpus, memory"},
+            "free": {**_nullable({"type": "object"}), "description": "cpus, memory"},
+            "max_jobs": _nullable({"type": "integer"}),
+            "running": {"type": "integer", "description": "jobs its attempts run, as stored"},
+            "cordoned": {"type": "boolean"},
+        },
+    },
     "SystemHistory": {
         "type": "object",
         "required": ["interval", "window", "samples"],

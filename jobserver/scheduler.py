@@ -59,6 +59,7 @@ from jobserver.store import (
     FAILURE,
     OUTCOME_FILE,
     PRESSURE,
+    RESCUE,
     Changed,
     Finish,
     KeptOutcome,
@@ -785,7 +786,8 @@ class AttemptEnd:
 
     job: Job
     outcome: Outcome
-    stop_reason: str | None  # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
+    # "cancel" | "timeout" | "shutdown" | "fenced" | "pressure" | "memory_limit"
+    stop_reason: str | None
     stop_note: str | None
     timeout: float | None
     oom_killed: bool  # the kernel killed it at its cgroup's memory limit
@@ -834,6 +836,11 @@ def decide_ending(end: AttemptEnd) -> tuple[Finish | Requeue, str | None]:
     if end.stop_reason == "shutdown":
         reason = "requeued: the server shut down while it ran"
         return Requeue(reason, exit_code=outcome.exit_code), reason
+    if end.stop_reason == "fenced":
+        # Counted as a rescue would be: a node that keeps losing its database must not
+        # requeue a job forever.  Refused by the fence if the leader rescued it first.
+        reason = f"requeued: its node fenced itself ({end.stop_note})"
+        return Requeue(reason, counts=RESCUE, exit_code=outcome.exit_code), reason
     if end.stop_reason == "cancel":
         reason = "cancelled by request while running"
         return finish(JobState.CANCELLED, reason=reason), reason
@@ -889,7 +896,7 @@ class _Attempt:
     cpu_seconds: float = 0.0
     cpus_used: float = 0.0
     sampled: float = 0.0  # monotonic time of the last usage sample
-    # "cancel" | "timeout" | "shutdown" | "pressure" | "memory_limit"
+    # "cancel" | "timeout" | "shutdown" | "fenced" | "pressure" | "memory_limit"
     stop_reason: str | None = None
     kill_at: float | None = None  # monotonic deadline for SIGKILL after SIGTERM
     escalated: bool = False  # SIGKILL sent after SIGTERM (and logged)
@@ -936,8 +943,11 @@ class Scheduler:
         cgroups: JobCgroups | None = None,
         gpu_probe: GpuProbe | None = None,
         events: Events | None = None,
+        may_claim: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
+        # Several nodes: false while this node cannot heartbeat (it claims nothing).
+        self._may_claim = may_claim
         self._runner = runner
         self._probe = probe
         self._registry = registry
@@ -1075,6 +1085,14 @@ class Scheduler:
     def hurry(self) -> None:
         self._hurry = True
 
+    def fence(self, note: str) -> None:
+        """Kill every running job's tree at once: this node may be declared dead and its
+        jobs started elsewhere (self-fencing).  Their ends are written as requeues,
+        which the store refuses if the leader rescued them first."""
+        for attempt in list(self._running.values()):
+            attempt.stop_note = note
+            self._kill(attempt, "fenced")
+
     def wake(self) -> None:
         self._wakeup.set()
 
@@ -1138,7 +1156,7 @@ class Scheduler:
             await self._store_progress(monotonic)
             await self._enforce(monotonic)
             self._remove_leftover_cgroups()
-            if self._admitting:
+            if self._admitting and (self._may_claim is None or self._may_claim()):
                 snapshot = self._outside_cpu(self._probe.snapshot(), monotonic)
                 await self._admit(now, monotonic, snapshot)
                 self._relieve_pressure(snapshot)

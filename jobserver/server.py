@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import signal
@@ -38,12 +39,13 @@ from jobserver.api import InputLimits, Shutdown, create_app
 from jobserver.backup import backup_before_upgrade
 from jobserver.cgroups import JobCgroups
 from jobserver.config import ServerSettings, Settings, apply_changes, error_at, load
-from jobserver.errors import ConfigError, ValidationError
+from jobserver.errors import ConfigError, StorageUnavailable, ValidationError
 from jobserver.events import Events, Wakeups, configure_logging
 from jobserver.jobs import utcnow
 from jobserver.maintenance import (
     CronJob,
     CronService,
+    NodeLife,
     Pruner,
     Reconciler,
     WalCheckpointer,
@@ -52,7 +54,7 @@ from jobserver.maintenance import (
 from jobserver.metrics import Metrics
 from jobserver.resources import GpuProbe, MachineProbe, NvmlProbe, Probe
 from jobserver.runner import ChildSettings, Runner, allowed_environment
-from jobserver.scheduler import Scheduler, admission_problems
+from jobserver.scheduler import Scheduler, SystemView, admission_problems
 from jobserver.store import (
     DatabaseLock,
     SqliteDriver,
@@ -314,14 +316,37 @@ def build(
     check_admission(admission_problems(settings.scheduler, probe.snapshot()), settings.path)
     runner = make_runner(settings)
     registry = registry or load_tasks(settings, runner)
-    driver = open_driver(server_settings.database, synchronous=server_settings.durability.upper())
+    cluster = settings.cluster
+    driver = open_driver(
+        server_settings.database,
+        synchronous=server_settings.durability.upper(),
+        # A node frozen mid-transaction: PostgreSQL ends it before the node is declared
+        # dead, so that its row locks do not hold up the rescue.
+        idle_timeout=None if cluster is None else cluster.node_timeout / 2,
+    )
     # Tests put a fault-injecting driver between the store and the database.  On
-    # PostgreSQL the node's name scopes its claims, its fenced writes and its start-up
-    # rescue: a node restarting requeues only the jobs it ran itself.
-    node = {} if settings.cluster is None else {"node": settings.cluster.node}
+    # PostgreSQL the node registers an incarnation of its own at start (``NodeLife``),
+    # which scopes its claims, its fenced writes and its start-up rescue.
+    node = {} if cluster is None else {"node": cluster.node}
     store = Store(driver if wrap_driver is None else wrap_driver(driver), **node)
     metrics = Metrics()
     events = Events(metrics)
+    life = (
+        None
+        if cluster is None
+        else NodeLife(
+            store,
+            heartbeat_interval=cluster.heartbeat_interval,
+            node_timeout=cluster.node_timeout,
+            url=cluster.url,
+            definitions=node_definitions(settings),
+            resources=lambda: node_resources(scheduler.view()),
+            max_rescues=settings.scheduler.max_rescues,
+            fence=lambda note: scheduler.fence(note),
+            wake=lambda: scheduler.wake(),
+            events=events,
+        )
+    )
     scheduler = Scheduler(
         store=store,
         runner=runner,
@@ -333,11 +358,16 @@ def build(
         cgroups=JobCgroups.detect() if settings.scheduler.job_cgroups else None,
         gpu_probe=gpu_probe or NvmlProbe(),
         events=events,
+        may_claim=None if life is None else life.healthy,
     )
     listener = _wakeups(settings, store, events, scheduler)
     runtime = Runtime(settings, registry, scheduler, runner)
-    pruner = build_pruner(settings, store)
-    cron = CronService(store, cron_jobs(settings, registry), scheduler.wake, events=events)
+    # Several nodes: only the leader prunes and fires cron (a slot fires once anyway).
+    leading = None if life is None else life.leading
+    pruner = build_pruner(settings, store, leading)
+    cron = CronService(
+        store, cron_jobs(settings, registry), scheduler.wake, events=events, leading=leading
+    )
     # PostgreSQL manages its own WAL.
     checkpointer = (
         WalCheckpointer(driver, server_settings.wal_max_size)
@@ -358,6 +388,14 @@ def build(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if life is not None:
+            # Before anything is claimed: the claims carry the new incarnation.
+            try:
+                await life.register()
+            except ConfigError as exc:  # the traceback that follows buries the message
+                log.error("%s", exc.message)
+                raise
+            await life.start()
         rescued = await rescue_interrupted(
             store, settings.scheduler.max_rescues, utcnow(), events, server_settings.jobs_dir
         )
@@ -382,6 +420,12 @@ def build(
                 loop.remove_signal_handler(signal.SIGHUP)
             await drain.run()
             await scheduler.stop()
+            if life is not None:
+                await life.stop()
+                try:
+                    await store.retire_node()
+                except StorageUnavailable as exc:  # the leader declares it dead later
+                    log.warning("could not mark this node stopped: %s", exc)
             await runner.close()
             await pruner.stop()
             if listener is not None:
@@ -440,6 +484,7 @@ def build(
         events=events,
         metrics=metrics,
         shutdown=shutdown,
+        node_timeout=None if cluster is None else cluster.node_timeout,
     )
     app.add_middleware(AccessMiddleware, policy=policy)
     return Application(
@@ -458,8 +503,11 @@ def build(
     )
 
 
-def build_pruner(settings: Settings, store: Store) -> Pruner:
-    """The pruner for these settings (the server runs it; ``jobserver prune`` too)."""
+def build_pruner(
+    settings: Settings, store: Store, leading: Callable[[], bool] | None = None
+) -> Pruner:
+    """The pruner for these settings (the server runs it; ``jobserver prune`` too);
+    ``leading``: it prunes only while that says this node leads."""
     return Pruner(
         store,
         settings.server.jobs_dir,
@@ -468,7 +516,48 @@ def build_pruner(settings: Settings, store: Store) -> Pruner:
         interval=settings.jobs.prune_interval,
         idempotency_window=settings.jobs.idempotency_window,
         pruned_memory=settings.jobs.pruned_memory,
+        leading=leading,
     )
+
+
+def node_definitions(settings: Settings) -> dict[str, Any]:
+    """What must mean the same on every live node, as JSON: each task's code, arguments
+    and cluster-wide limits, and each schedule.  Resources and per-machine paths (a
+    task's own interpreter) may differ between nodes."""
+    tasks = {
+        name: {
+            "function": task.function,
+            "command": None if task.command is None else list(task.command),
+            "params": dict(task.params),
+            "max_retries": task.max_retries,
+            "timeout": task.timeout,
+            "max_concurrency": task.max_concurrency,
+            "exclusive": task.exclusive,
+        }
+        for name, task in settings.tasks.items()
+    }
+    schedules = {
+        name: {
+            "task": schedule.task,
+            "cron": schedule.cron,
+            "args": dict(schedule.args),
+            "timezone": schedule.timezone,
+            "priority": schedule.priority,
+        }
+        for name, schedule in settings.schedules.items()
+    }
+    # As stored: what a live node's row gives back compares equal.
+    found: dict[str, Any] = json.loads(json.dumps({"tasks": tasks, "schedules": schedules}))
+    return found
+
+
+def node_resources(view: SystemView) -> dict[str, Any]:
+    """What a node publishes with each heartbeat (GET /api/v1/system's ``nodes``)."""
+    return {
+        "capacity": dataclasses.asdict(view.capacity),
+        "free": dataclasses.asdict(view.free),
+        "max_jobs": view.max_jobs,
+    }
 
 
 def cron_jobs(settings: Settings, registry: Registry) -> dict[str, CronJob]:

@@ -239,3 +239,27 @@ def stamp(directory: str, seconds: float = 0.0) -> str:
     path = Path(directory) / name
     path.write_text(f"{started!r} {ended!r}\n")
     return name
+
+
+def record_run(
+    directory: str, seconds: float, first_seconds: float | None = None
+) -> dict[str, object]:
+    """Runs ``seconds`` (its first attempt ``first_seconds``, if given), writing the time
+    every 20 ms to a file of this run's own in ``directory`` (job id, attempt, pid), then
+    "end": the runs of one job, and when each was last seen alive, read back by the tests
+    that look for overlapping runs."""
+    job, attempt = os.environ["JOBSERVER_JOB_ID"], int(os.environ["JOBSERVER_ATTEMPT"])
+    path = Path(directory) / f"{job}.{attempt}.{os.getpid()}"
+    if attempt == 1 and first_seconds is not None:
+        seconds = first_seconds
+    start = time.time()
+    with path.open("a") as out:
+        while True:
+            now = time.time()
+            out.write(f"{now}\n")
+            out.flush()
+            if now - start >= seconds:
+                break
+            time.sleep(0.02)
+        out.write("end\n")
+    return {"job": job, "attempt": attempt}

@@ -4,11 +4,14 @@ each test on a fresh database of its own (``postgresql_database``)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,13 @@ import httpx
 import psycopg
 import pytest
 
-from jobserver.store import enqueue
+from jobserver.store import enqueue, postgres
 from tests.conftest import (
     SAMPLE_TASKS,
     ServerProcess,
     poll_value,
     postgresql_database,
+    start_server,
     write_config,
 )
 from tests.test_e2e import run_cli, submit, wait_for_job
@@ -458,3 +462,276 @@ def test_a_node_leaves_a_job_of_a_task_it_does_not_know_queued_for_one_that_does
 
 def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# -- nodes dying: kill -9, SIGSTOP, the leader killed under cron ---------------------------
+
+HEARTBEAT, NODE_TIMEOUT = 0.2, 1.5  # seconds: short, so that a death is noticed quickly
+# Two jobs at a time per node, by memory (capacities as a real box's would be set).
+RECORDING = {"record_run": {"function": "sample_tasks:record_run", "cpus": 0.01, "memory": "32MiB"}}
+
+
+def node_config(
+    tmp_path: Path, name: str, url: str, schedules: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """A node of its own, as if on a box of its own: directory (so jobs_dir), name and
+    capacity (two jobs)."""
+    directory = tmp_path / name
+    directory.mkdir()
+    path = write_config(
+        directory,
+        server={"database": url},
+        tasks=RECORDING,
+        # No per-job cgroups: nodes on one box share their parent, and a node creating a
+        # rescued job's cgroup would kill another node's run of it, which separate boxes
+        # would not do.
+        scheduler={"max_memory": "64MiB", "job_cgroups": False},
+        schedules=schedules,
+    )
+    path.write_text(
+        path.read_text() + f'\n[cluster]\nnode = "{name}"\n'
+        f'heartbeat_interval = "{HEARTBEAT}s"\nnode_timeout = "{NODE_TIMEOUT}s"\n'
+    )
+    return path
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a job's process, as it recorded itself (``sample_tasks.record_run``)."""
+
+    job: str
+    attempt: int
+    first: float  # time.time() when it began
+    last: float  # the last time it was seen alive
+    ended: bool  # ran to its end (not killed)
+
+
+def recorded_runs(directory: Path) -> dict[str, list[Run]]:
+    """Each job's runs, by start time."""
+    found: dict[str, list[Run]] = {}
+    for path in directory.iterdir():
+        job, attempt, _pid = path.name.split(".")
+        lines = path.read_text().split()
+        times = [float(line) for line in lines if line != "end"]
+        run = Run(job, int(attempt), times[0], times[-1], lines[-1] == "end")
+        found.setdefault(job, []).append(run)
+    return {job: sorted(runs, key=lambda run: run.first) for job, runs in found.items()}
+
+
+def overlap(runs: list[Run]) -> float:
+    """How long two runs of one job were alive at once (seconds), at most."""
+    return max(
+        [max(0.0, earlier.last - later.first) for earlier, later in itertools.pairwise(runs)],
+        default=0.0,
+    )
+
+
+def job(server: ServerProcess, job_id: str) -> dict[str, Any]:
+    document: dict[str, Any] = httpx.get(f"{server.url}/api/v1/jobs/{job_id}", timeout=5).json()
+    return document
+
+
+def nodes(server: ServerProcess) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = httpx.get(f"{server.url}/api/v1/system", timeout=5).json()[
+        "nodes"
+    ]
+    return found
+
+
+def test_a_killed_nodes_jobs_are_rescued_once_and_never_run_twice_at_once(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    servers = {name: server_factory(node_config(tmp_path, name, url)) for name in "abc"}
+    victim, survivor = servers["b"], servers["c"]
+    ids = [
+        submit(servers["a"].url, "record_run", directory=str(runs_dir), seconds=3)["id"]
+        for _ in range(6)
+    ]
+
+    def running_on_victim() -> bool:
+        found = [job(survivor, job_id) for job_id in ids]
+        return any(d["state"] == "running" and d["history"][-1]["node"] == "b" for d in found)
+
+    poll_value(running_on_victim, "a job running on b")
+    victim.process.kill()  # kill -9: its jobs' processes die with it (pdeathsig)
+    victim.process.wait(timeout=10)
+    killed = time.time()
+
+    done = {job_id: wait_for_job(survivor.url, job_id, "succeeded") for job_id in ids}
+    runs = recorded_runs(runs_dir)
+    rescued = 0
+    for job_id, document in done.items():
+        history = [(attempt["node"], attempt["outcome"]) for attempt in document["history"]]
+        if history[0] == ("b", "interrupted"):
+            # Rescued once, by the leader, after b was silent for node_timeout.
+            rescued += 1
+            assert document["attempts"] == 2, document
+            assert history[1][0] in ("a", "c")
+            first, second = runs[job_id]
+            assert not first.ended and second.ended and second.attempt == 2
+            assert second.first > killed + NODE_TIMEOUT - 2 * HEARTBEAT
+        else:
+            assert document["attempts"] == 1 and history == [(history[0][0], "succeeded")]
+            assert [run.ended for run in runs[job_id]] == [True]
+        assert document["result"]["attempt"] == document["attempts"]
+        assert overlap(runs[job_id]) == 0.0, runs[job_id]
+    assert rescued >= 1
+
+    listed = {node["name"]: node for node in nodes(survivor)}
+    assert not listed["b"]["alive"] and listed["b"]["dead_at"] is not None
+    assert listed["a"]["alive"] and listed["c"]["alive"]
+    assert [node["leader"] for node in listed.values()].count(True) == 1
+    assert listed["a"]["capacity"]["memory"] == 64 * 2**20
+
+
+def test_a_frozen_node_is_declared_dead_its_late_results_refused_and_it_fences_on_waking(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    """SIGSTOP nodes past node_timeout: their job processes go on running (nothing frozen
+    with the server stops them), the leader rescues their jobs and another node runs them
+    again.  On SIGCONT each kills what still runs within a heartbeat, the result of a run
+    that ended meanwhile is refused, and each joins again as a new incarnation.  (Two
+    frozen nodes, so that the two jobs run at once even on a machine whose CPUs are busy:
+    a node always admits a first job.)"""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    frozen = {name: server_factory(node_config(tmp_path, name, url)) for name in ("a", "d")}
+    a = frozen["a"]
+    # Long on a frozen node (it must outlast the freeze), short when it runs again.
+    long = submit(a.url, "record_run", directory=str(runs_dir), seconds=2, first_seconds=40)["id"]
+    short = submit(a.url, "record_run", directory=str(runs_dir), seconds=3)["id"]
+    for job_id in (long, short):
+        wait_for_job(a.url, job_id, "running")
+    for server in frozen.values():
+        os.kill(server.process.pid, signal.SIGSTOP)
+    stopped = time.time()
+    resumed = None
+    try:
+        b = server_factory(node_config(tmp_path, "b", url))
+        for job_id in (long, short):
+            # Rescued: the frozen node's attempt closed by the leader, b.
+            poll_value(
+                lambda job_id=job_id: job(b, job_id)["history"][0]["outcome"] == "interrupted",
+                f"{job_id} rescued",
+            )
+        # The short run on its frozen node ran to its end: its result waits there.
+        poll_value(
+            lambda: any(run.ended for run in recorded_runs(runs_dir).get(short, [])),
+            "the frozen node's short run to end",
+        )
+    finally:
+        for server in frozen.values():
+            os.kill(server.process.pid, signal.SIGCONT)
+        resumed = time.time()
+
+    for job_id in (long, short):
+        document = wait_for_job(b.url, job_id, "succeeded")
+        assert document["attempts"] == 2
+        assert document["result"] == {"job": job_id, "attempt": 2}  # never the late one
+        history = [(attempt["node"], attempt["outcome"]) for attempt in document["history"]]
+        # Run again by b, or by a woken node's new incarnation if b had no room before.
+        assert history[0][0] in frozen and history[0][1] == "interrupted"
+        assert len(history) == 2 and history[1][1] == "succeeded"
+    runs = recorded_runs(runs_dir)
+    first, second = runs[long]
+    # The run went on while its node was frozen, past node_timeout, and was killed within
+    # a heartbeat of the node's waking.
+    assert not first.ended and first.last > stopped + NODE_TIMEOUT
+    assert first.last <= resumed + HEARTBEAT + 1.0, (first, resumed)
+    # The overlap is within the documented window: from the rerun's start to the waking
+    # (zero when the rerun started only after that).
+    assert overlap(runs[long]) <= max(0.0, resumed - second.first) + HEARTBEAT + 1.0
+    assert [run.ended for run in runs[short]] == [True, True]  # the late result: refused
+
+    def rejoined() -> bool:
+        listed = nodes(b)
+        return all(
+            sorted(node["alive"] for node in listed if node["name"] == name) == [False, True]
+            for name in frozen
+        )
+
+    poll_value(rejoined, "the frozen nodes to join again as new incarnations")
+    # /metrics names the node and its incarnation: the new one only.
+    metrics = httpx.get(f"{a.url}/metrics", timeout=5).text
+    (info,) = [line for line in metrics.splitlines() if line.startswith("jobserver_node_info{")]
+    alive = next(node for node in nodes(b) if node["name"] == "a" and node["alive"])
+    assert f'incarnation="{alive["incarnation"]}"' in info and 'node="a"' in info
+    assert "was declared dead" in a.log()
+    # Alive again: it claims and runs jobs.
+    again = submit(a.url, "record_run", directory=str(runs_dir), seconds=0)["id"]
+    assert wait_for_job(a.url, again, "succeeded")["attempts"] == 1
+
+
+def test_cron_fires_once_per_slot_across_three_nodes_when_the_leader_is_killed(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    schedule = {
+        "task": "record_run",
+        "cron": "* * * * *",
+        "args": {"directory": str(runs_dir), "seconds": 2},
+    }
+    with postgresql_database() as url, psycopg.connect(postgres.conninfo(url)) as admin:
+        # The schedule last fired a minute ago: the current minute's slot is due at once.
+        admin.execute(
+            "INSERT INTO schedules (name, last_slot) "
+            "VALUES ('every', date_trunc('minute', now()) - interval '1 minute')"
+        )
+        admin.commit()
+        configs = {name: node_config(tmp_path, name, url, {"every": schedule}) for name in "abc"}
+        servers = {name: start_server(path, wait=False) for name, path in configs.items()}
+        try:
+
+            def leader() -> str | None:
+                row = admin.execute(
+                    "SELECT holder FROM leases WHERE name = 'leader' AND expires_at > now()"
+                ).fetchone()
+                admin.commit()
+                return None if row is None else str(row[0]).rpartition(".")[0]
+
+            first = poll_value(leader, "a leader")
+            servers[first].process.kill()  # kill -9 the leader, whatever it was doing
+            servers[first].process.wait(timeout=10)
+            second = poll_value(lambda: (found := leader()) != first and found, "another leader")
+            assert second in servers
+
+            def fired() -> list[tuple[Any, ...]]:
+                rows = admin.execute(
+                    "SELECT schedule_slot, count(*), min(state), max(state) FROM jobs "
+                    "WHERE schedule = 'every' GROUP BY schedule_slot"
+                ).fetchall()
+                admin.commit()
+                return rows
+
+            rows = poll_value(
+                lambda: (
+                    (found := fired()) and all(r[2] == r[3] == "succeeded" for r in found) and found
+                ),
+                "the slot's job to succeed",
+                timeout=30,
+            )
+            assert [count for _, count, _, _ in rows] == [1] * len(rows), rows
+            for runs in recorded_runs(runs_dir).values():
+                assert overlap(runs) == 0.0 and [run.ended for run in runs][-1]
+        finally:
+            for server in servers.values():
+                server.process.kill()
+                server.process.wait(timeout=10)
+
+
+def test_a_node_whose_task_conflicts_with_a_live_nodes_is_refused_at_start(
+    tmp_path: Path, url: str, server_factory: Any
+) -> None:
+    server_factory(node_config(tmp_path, "a", url))
+    path = node_config(tmp_path, "b", url)
+    path.write_text(path.read_text().replace("sample_tasks:record_run", "sample_tasks:sleep"))
+    refused = server_factory(path, wait=False)
+    assert refused.process.wait(timeout=30) != 0
+    assert (
+        "node 'b' cannot join: its definitions conflict with live nodes': "
+        'tasks.record_run.function is "sample_tasks:sleep" here but '
+        "\"sample_tasks:record_run\" on live node 'a'"
+    ) in refused.log()

@@ -461,3 +461,39 @@ def test_the_page_shows_each_tasks_queue_latency(
     assert len(bins) == 13  # the 12 bucket bounds and +Inf
     assert "height: 100%;" in bins, bins
     assert not browser.find_elements(By.CSS_SELECTOR, '#latency tr[data-task="sleep"]')
+
+
+@pytest.mark.integration
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+def test_the_page_lists_the_nodes_and_shows_one_die(
+    browser: Any, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import postgresql_database
+    from tests.test_cluster import node_config
+
+    with postgresql_database(migrated=False) as url:
+        a = server_factory(node_config(tmp_path, "a", url))
+        b = server_factory(node_config(tmp_path, "b", url))
+        browser.get(a.url + "/")
+
+        def states() -> dict[str, str]:
+            rows = browser.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")
+            found = {}
+            for row in rows:
+                cells = row.find_elements(By.TAG_NAME, "td")
+                found[cells[0].text] = cells[1].text
+            return found
+
+        listed = poll_value(lambda: len(states()) == 2 and states(), "both nodes listed")
+        assert sorted(state.split()[0] for state in listed.values()) == ["alive", "alive"]
+        assert browser.find_element(By.ID, "nodes-card").is_displayed()
+        b.process.kill()
+        b.process.wait(timeout=10)
+        poll_value(lambda: states().get("b") == "dead", "b shown dead")
+        assert states()["a"].startswith("alive")
+        shot = _artifacts_dir() / "nodes.png"
+        browser.save_screenshot(str(shot))
+        ARTIFACTS.append(shot)

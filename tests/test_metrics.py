@@ -68,6 +68,7 @@ async def test_metrics_count_jobs_by_task_and_state(make_harness: Any) -> None:
         assert m["jobserver_jobs_failed_total", (("task", "fail"),)] == 1
         assert m["jobserver_jobs", (("state", "succeeded"),)] == 3
         assert m["jobserver_jobs", (("state", "failed"),)] == 1
+        assert m["jobserver_node_info", (("incarnation", "local"), ("node", "local"))] == 1
         assert m["jobserver_jobs", (("state", "queued"),)] == 0
         assert m["jobserver_job_duration_seconds_count", (("task", "add"),)] == 3
         assert m["jobserver_job_queue_wait_seconds_count", (("task", "add"),)] == 3

@@ -11,7 +11,7 @@ import pytest
 
 from jobserver.jobs import Job, JobError, JobState, Outcome
 from jobserver.scheduler import AttemptEnd, decide_ending
-from jobserver.store import FAILURE, PRESSURE, Finish, Requeue
+from jobserver.store import FAILURE, PRESSURE, RESCUE, Finish, Requeue
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 BOOM = JobError("ValueError", "boom")
@@ -111,6 +111,15 @@ def test_a_shutdown_requeues_without_counting() -> None:
     killed = Outcome(exit_code=-15, error=JobError("Killed", "SIGTERM"))
     end, _ = decide_ending(ending(killed, stop_reason="shutdown"))
     assert end == Requeue("requeued: the server shut down while it ran", exit_code=-15)
+
+
+def test_a_run_killed_by_its_fencing_node_requeues_counting_a_rescue() -> None:
+    killed = Outcome(exit_code=-9, error=JobError("Killed", "SIGKILL"))
+    end, reason = decide_ending(
+        ending(killed, stop_reason="fenced", stop_note="no heartbeat for 1.2 s")
+    )
+    expected = "requeued: its node fenced itself (no heartbeat for 1.2 s)"
+    assert end == Requeue(expected, counts=RESCUE, exit_code=-9) and reason == expected
 
 
 def test_a_cancel_ends_cancelled() -> None:

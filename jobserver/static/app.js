@@ -166,6 +166,24 @@ function renderMachine(system) {
   $("#counts").textContent = `${counts.queued ?? 0} queued · ${counts.running ?? 0} running`;
 }
 
+// Several nodes sharing PostgreSQL: each incarnation, alive or dead (a SQLite server has
+// no heartbeat, and the section stays hidden).
+function renderNodes(system) {
+  const nodes = (system.nodes || []).filter((node) => node.last_heartbeat !== null);
+  $("#nodes-card").hidden = nodes.length === 0;
+  $("#nodes").querySelector("tbody").replaceChildren(...nodes.map((node) => el("tr",
+    { dataset: { alive: String(node.alive) }, title: node.incarnation },
+    el("td", {}, node.name),
+    el("td", {}, stateBadge(node.alive ? "alive" : "dead"), node.leader ? " leader" : ""),
+    el("td", {}, `${seconds(node.heartbeat_age)} ago`),
+    el("td", { class: "opt" }, node.free ? `${cpus(node.free.cpus)} of ${cpus(node.capacity.cpus)}` : "–"),
+    el("td", { class: "opt" }, node.free ? `${size(node.free.memory)} of ${size(node.capacity.memory)}` : "–"),
+    el("td", {}, String(node.running)),
+  )));
+  const alive = nodes.filter((node) => node.alive).length;
+  $("#nodes-count").textContent = nodes.length ? `(${alive} alive)` : "";
+}
+
 // -- job tables -----------------------------------------------------------------------
 
 function jobRow(job, cells) {
@@ -229,6 +247,7 @@ function listQuery(state, limit) {
 
 function renderLists(system, running, queued, recent) {
   renderMachine(system);
+  renderNodes(system);
   renderRunning(running, system);
   renderQueue(queued);
   let jobs = recent;

@@ -25,11 +25,13 @@ from jobserver.store.repository import (
     PRESSURE,
     RESCUE,
     AttemptSpan,
+    Beat,
     Changed,
     Finish,
     IdempotencyKey,
     JobFilter,
     NewJob,
+    NodeRecord,
     QueueEntry,
     Requeue,
     Store,
@@ -59,6 +61,7 @@ __all__ = [
     "PRESSURE",
     "RESCUE",
     "AttemptSpan",
+    "Beat",
     "Changed",
     "Checkpoint",
     "DatabaseLock",
@@ -67,6 +70,7 @@ __all__ = [
     "JobFilter",
     "KeptOutcome",
     "NewJob",
+    "NodeRecord",
     "QueueEntry",
     "Requeue",
     "SqliteDriver",
@@ -88,14 +92,17 @@ __all__ = [
 ]
 
 
-def open_driver(database: Path | str, *, synchronous: str = "FULL") -> Driver:
+def open_driver(
+    database: Path | str, *, synchronous: str = "FULL", idle_timeout: float | None = None
+) -> Driver:
     """The driver for ``database``: a path is a SQLite file (``synchronous`` is its
-    durability), a ``postgresql://`` URL a PostgreSQL database."""
+    durability), a ``postgresql://`` URL a PostgreSQL database (``idle_timeout``: see
+    ``PostgresDriver``)."""
     if isinstance(database, Path):
         return SqliteDriver(database, synchronous=synchronous)
     from jobserver.store.postgres import PostgresDriver  # psycopg: only for PostgreSQL
 
-    return PostgresDriver(database)
+    return PostgresDriver(database, idle_timeout=idle_timeout)
 
 
 def open_store(database: Path | str, *, synchronous: str = "FULL") -> Store:

@@ -29,6 +29,12 @@ back, the errors that mean "the database cannot be used", and migrating under a 
 - **Notifications.**  ``Listener`` LISTENs on a dedicated connection of its own (never
   one of the pool's) and hands each payload on; ``Store.notify`` sends one.  They only
   wake: whoever is woken re-reads the database.
+- **A frozen node's transaction.**  With ``idle_timeout``, each connection asks
+  PostgreSQL to end its transaction once it has been idle that long
+  (``idle_in_transaction_session_timeout``): a node frozen mid-transaction (SIGSTOP) must
+  not hold its row locks until it wakes.  A session setting, made once per connection: a
+  PgBouncer in transaction mode does not keep it (docs/cluster.md says to set it on the
+  database there).
 - **Errors.**  Cannot connect, connection lost, server shutting down or read-only
   (a standby), disk full, statement timeout: ``StorageUnavailable``, and a broken
   connection is dropped from the pool.  Integrity errors and the operation's own
@@ -184,8 +190,11 @@ class Listener:
 class PostgresDriver:
     """The driver for one PostgreSQL database (see the module docstring)."""
 
-    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = POOL_SIZE, idle_timeout: float | None = None
+    ) -> None:
         self.dialect = dialect()
+        self._idle_timeout = idle_timeout
         self._conninfo = conninfo(url)
         self._compiler = Compiler(self.dialect)
         self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="jobserver-pg")
@@ -280,6 +289,13 @@ class PostgresDriver:
         # json as its text: the row decoder parses it, as on SQLite (decoded here, a
         # result that is a JSON string would come back as a str and be parsed twice).
         connection.adapters.register_loader("json", TextLoader)
+        if self._idle_timeout is not None:
+            milliseconds = str(max(1, round(self._idle_timeout * 1000)))
+            connection.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                [milliseconds],
+            )
+            connection.commit()
         with self._opened_lock:
             self._opened.add(connection)
         return connection

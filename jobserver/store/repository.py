@@ -8,9 +8,9 @@ hint that other dialects ignore.  Rows are decoded by one function, ``decode_job
 State changes are compare-and-set statements guarded by ``jobs.can_transition``: an
 ``UPDATE ... WHERE id = ? AND state = ?`` that changes one row or none, so two actors
 (a cancel request and a finishing process) can never both win.  Every write about an
-attempt (its process, progress, end or requeue) also compares the node that claimed it
-and the attempt's number, so a late write about an attempt that is over changes nothing.
-On SQLite the node is always the one server.
+attempt (its process, progress, end or requeue) also compares the node incarnation that
+claimed it (one start of a node) and the attempt's number, so a late write about an
+attempt that is over changes nothing.  On SQLite the node is always the one server.
 
 Methods that change a job's state return a ``Changed``: the job as stored after the
 change, the state it left, and the jobs cancelled with it (its dependents), so that
@@ -63,6 +63,7 @@ from jobserver.store.schema import (
     dependencies,
     idempotency_keys,
     jobs,
+    nodes,
     pruned_jobs,
     schedules,
     task_runs,
@@ -238,13 +239,53 @@ class JobFilter:
 # the task's lock; empty on SQLite, where this server's own running jobs are all of them).
 Choose = Callable[[list[QueueEntry], Mapping[str, int]], Sequence[str]]
 
+# How the leader ends a dead incarnation's running job: the end and the reason to log.
+Rescue = Callable[[Job], tuple["Finish | Requeue", str]]
+# Given the live nodes' (name, definitions), raise if this node's definitions conflict.
+CheckDefinitions = Callable[[list[tuple[str, Any]]], None]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One incarnation of a node, as ``GET /api/v1/system`` shows it.  ``alive`` and
+    ``heartbeat_age`` are judged by the database's clock."""
+
+    name: str
+    incarnation: str
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age: float  # seconds since its last heartbeat
+    dead_at: datetime | None
+    alive: bool  # not declared dead, and heard from within the node timeout
+    leader: bool
+    url: str | None
+    resources: dict[str, Any]  # what it last published: capacity, free, max_jobs
+    running: int  # the jobs its attempts run, as stored
+    cordoned: bool
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat did: whether this incarnation is still alive (False: it was
+    declared dead, and must stop its jobs and register anew), whether it leads, and as
+    the leader the incarnations it declared dead and the jobs it rescued (with reasons)."""
+
+    alive: bool
+    leader: bool = False
+    declared_dead: tuple[str, ...] = ()
+    rescued: tuple[tuple[Changed, str], ...] = ()
+
 
 class Store:
-    """The job repository over one driver (see the module docstring)."""
+    """The job repository over one driver (see the module docstring).  ``node`` is this
+    node's name, shown in each attempt; ``incarnation`` (default: the name) this start
+    of it, which claims and fences every write about an attempt.  A node declared dead
+    registers again under a new incarnation (``register_node``)."""
 
-    def __init__(self, driver: Driver, *, node: str = LOCAL_NODE) -> None:
+    def __init__(self, driver: Driver, *, node: str = LOCAL_NODE, incarnation: str = "") -> None:
         self.driver = driver
         self.node = node
+        self.incarnation = incarnation or node
         # Decoded jobs with the rows they came from: an unchanged job read again (a poll)
         # is not decoded again.  Keyed on the rows' values, never on an object.
         self._decoded: dict[str, tuple[tuple[Any, ...], Job]] = {}
@@ -355,16 +396,18 @@ class Store:
         )
 
     async def running(self) -> list[Job]:
-        """The jobs this node's scheduler claimed and has not finished."""
+        """The jobs this incarnation's scheduler claimed and has not finished."""
         query = sa.select(jobs).where(
-            jobs.c.state == JobState.RUNNING.value, jobs.c.node == self.node
+            jobs.c.state == JobState.RUNNING.value, jobs.c.incarnation == self.incarnation
         )
         return await self.driver.read(lambda tx: [decode_job(row) for row in tx.rows(query)])
 
     async def cancel_requested(self) -> set[str]:
         """Ids of this node's running jobs that a client asked to cancel."""
         return await self.driver.read(
-            lambda tx: {row[0] for row in tx.rows(CANCEL_REQUESTED, {"node": self.node})},
+            lambda tx: {
+                row[0] for row in tx.rows(CANCEL_REQUESTED, {"incarnation": self.incarnation})
+            },
             quick=True,
         )
 
@@ -665,6 +708,7 @@ class Store:
             started_at=started,
             increments={"attempts": 1},
             node=self.node,
+            incarnation=self.incarnation,
             pid=None,
             pid_started_at=None,
             reason=None,
@@ -736,11 +780,21 @@ class Store:
 
         return await self.driver.write(record)
 
-    def _fence(self, job_id: str, attempt: int) -> dict[str, Any]:
-        return {"job_id": job_id, "w_node": self.node, "w_attempt": attempt}
+    def _fence(self, job_id: str, attempt: int, incarnation: str | None = None) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "w_incarnation": incarnation or self.incarnation,
+            "w_attempt": attempt,
+        }
 
     def _finish(
-        self, tx: Tx, job_id: str, attempt: int, finish: Finish, now: datetime
+        self,
+        tx: Tx,
+        job_id: str,
+        attempt: int,
+        finish: Finish,
+        now: datetime,
+        incarnation: str | None = None,
     ) -> Changed | None:
         extra: dict[str, Any] = {}
         if finish.artifacts is not None:
@@ -751,7 +805,7 @@ class Store:
             job_id,
             JobState.RUNNING,
             finish.state,
-            fence=(self.node, attempt),
+            fence=(incarnation or self.incarnation, attempt),
             finished_at=format_timestamp(now),
             result=None if finish.result is None else dump_json(finish.result),
             error_type=error.type if error else None,
@@ -771,9 +825,15 @@ class Store:
         return Changed(job, JobState.RUNNING, _cascade(tx, job, now))
 
     def _requeue(
-        self, tx: Tx, job_id: str, attempt: int, requeue: Requeue, now: datetime
+        self,
+        tx: Tx,
+        job_id: str,
+        attempt: int,
+        requeue: Requeue,
+        now: datetime,
+        incarnation: str | None = None,
     ) -> Changed | None:
-        found = tx.rows(CANCEL_FLAG, self._fence(job_id, attempt))
+        found = tx.rows(CANCEL_FLAG, self._fence(job_id, attempt, incarnation))
         if found and found[0][0] is not None:
             # The client was told its cancel was accepted: the job ends cancelled, never
             # runs again (a requeue after a crash, a shutdown or pressure included).
@@ -784,6 +844,7 @@ class Store:
                 attempt,
                 Finish(JobState.CANCELLED, reason=reason, exit_code=requeue.exit_code),
                 now,
+                incarnation,
             )
         error = requeue.error
         values: dict[str, Any] = {
@@ -800,7 +861,7 @@ class Store:
             job_id,
             JobState.RUNNING,
             JobState.QUEUED,
-            fence=(self.node, attempt),
+            fence=(incarnation or self.incarnation, attempt),
             increments={
                 "rescues": int(counts == RESCUE),
                 "failures": int(counts == FAILURE),
@@ -1034,6 +1095,125 @@ class Store:
         )
         return await self.driver.write(lambda tx: tx.run(statement), batched=False)
 
+    # -- nodes (PostgreSQL: times on the database's clock) ------------------------------------
+
+    async def register_node(
+        self,
+        incarnation: str,
+        *,
+        url: str | None,
+        resources: dict[str, Any],
+        definitions: dict[str, Any],
+        timeout: float,
+        check: CheckDefinitions,
+    ) -> None:
+        """Insert this node's new incarnation (and use it from now on), after ``check``
+        has accepted its definitions against those of every live node.  Registrations
+        take one lock row in turn, so two nodes starting at once both see each other."""
+
+        def register(tx: Tx) -> None:
+            tx.run(REGISTRY_ROW)
+            tx.rows(REGISTRY_LOCK)
+            live = tx.rows(LIVE_DEFINITIONS, {"timeout": timeout})
+            check([(name, _json(found)) for name, found in live])
+            tx.run(
+                ADD_NODE,
+                {
+                    "incarnation": incarnation,
+                    "name": self.node,
+                    "url": url,
+                    "resources": dump_json(resources),
+                    "definitions": dump_json(definitions),
+                },
+            )
+
+        await self.driver.write(register, batched=False)
+        self.incarnation = incarnation
+
+    async def heartbeat(
+        self, resources: dict[str, Any], *, timeout: float, lease: float, rescue: Rescue
+    ) -> Beat:
+        """One transaction: renew this incarnation's heartbeat (with what it publishes),
+        and the leader lease if it holds it or the lease expired (held ``lease`` seconds
+        from now, on the database's clock).  As the leader, declare dead every node silent
+        for ``timeout`` and end, fenced on (its incarnation, attempt), every job running
+        under an incarnation that is not alive: requeued or failed as ``rescue`` says (an
+        acknowledged cancel is kept).  Exactly once: a second leader's fenced write finds
+        the attempt over.  An incarnation already declared dead renews nothing."""
+        me = self.incarnation
+
+        def beat(tx: Tx) -> Beat:
+            renewed = tx.run(RENEW_NODE, {"me": me, "resources": dump_json(resources)})
+            if not renewed:
+                return Beat(alive=False)
+            if not _take_lease(tx, LEADER, me, lease):
+                return Beat(alive=True)
+            dead = tuple(row[0] for row in tx.rows(DECLARE_DEAD, {"timeout": timeout}))
+            tx.run(FORGET_NODES, {"kept": NODES_KEPT})
+            now = _time(tx.rows(DATABASE_NOW)[0][0])
+            rescued = []
+            for row in tx.rows(ORPHANED_JOBS):
+                job, incarnation = decode_job(row[1:]), row[0]
+                end, reason = rescue(job)
+                if isinstance(end, Finish):
+                    change = self._finish(tx, job.id, job.attempts, end, now, incarnation)
+                else:
+                    change = self._requeue(tx, job.id, job.attempts, end, now, incarnation)
+                if change is not None:
+                    if change.job.state is JobState.CANCELLED:
+                        reason = change.job.reason or reason
+                    rescued.append((change, reason))
+            return Beat(True, True, dead, tuple(rescued))
+
+        return await self.driver.write(beat, batched=False)
+
+    async def retire_node(self) -> None:
+        """This incarnation stops (a graceful shutdown, after its jobs were requeued):
+        it is dead from now on and gives up the leader lease, so another node leads at
+        once instead of after the lease runs out."""
+        me = self.incarnation
+
+        def retire(tx: Tx) -> None:
+            tx.run(RETIRE_NODE, {"me": me})
+            tx.run(RELEASE_LEASES, {"me": me})
+
+        await self.driver.write(retire, batched=False)
+
+    async def nodes(self, timeout: float) -> list[NodeRecord]:
+        """Every incarnation still remembered (dead ones for ``NODES_KEPT`` seconds),
+        by name then start."""
+        rows = await self.driver.read(lambda tx: tx.rows(NODES, {"timeout": timeout}))
+        return [
+            NodeRecord(
+                name=name,
+                incarnation=incarnation,
+                started_at=_time(started),
+                heartbeat_at=_time(beat),
+                heartbeat_age=max(0.0, float(age)),
+                dead_at=_maybe_time(dead),
+                alive=bool(alive),
+                leader=bool(leader),
+                url=url,
+                resources=_json(published),
+                running=int(running),
+                cordoned=bool(cordoned),
+            )
+            for (
+                incarnation,
+                name,
+                started,
+                beat,
+                dead,
+                url,
+                published,
+                cordoned,
+                alive,
+                age,
+                leader,
+                running,
+            ) in rows
+        ]
+
 
 # -- operations' pieces ------------------------------------------------------------------
 
@@ -1240,6 +1420,21 @@ def _running_everywhere(tx: Tx, tasks: Collection[str]) -> dict[str, int]:
     return {task: 0 for task in tasks} | {task: int(n) for task, n in tx.rows(query)}
 
 
+def _take_lease(tx: Tx, name: str, me: str, ttl: float) -> bool:
+    """Take lease ``name`` for ``ttl`` seconds if it is free, expired or already this
+    incarnation's (renewed only by its holder: no session advisory lock, which a pooler
+    in transaction mode breaks); whether this incarnation holds it now.  Never waits on
+    another transaction holding the row: that one holds the lease for this beat."""
+    found = tx.rows(LEASE_LOCKED, {"name": name})
+    if not found:
+        return bool(tx.run(FIRST_LEASE, {"name": name, "me": me, "ttl": ttl}))
+    holder, valid = found[0]
+    if holder != me and valid:
+        return False
+    tx.run(RENEW_LEASE, {"name": name, "me": me, "ttl": ttl})
+    return True
+
+
 def _queue_head(tx: Tx, limit: int, now: datetime, statement: sa.ClauseElement) -> list[QueueEntry]:
     rows = tx.rows(statement, {"limit": limit, "now": format_timestamp(now)})
     head = sorted(rows, key=lambda row: (-row[2], row[0]))[:limit]
@@ -1258,7 +1453,8 @@ def _set_state(
     **values: Any,
 ) -> Job | None:
     """source → target, setting ``values`` and adding ``increments`` to counters; with
-    ``fence`` (node, attempt), only if that node's attempt is the current one."""
+    ``fence`` (incarnation, attempt), only if that incarnation's attempt is the current
+    one."""
     check_transition(source, target, job_id)
     increments = increments or {}
     statement = _set_state_statement(
@@ -1268,7 +1464,7 @@ def _set_state(
     parameters.update({f"v_{name}": value for name, value in values.items()})
     parameters.update({f"add_{name}": value for name, value in increments.items()})
     if fence is not None:
-        parameters["w_node"], parameters["w_attempt"] = fence
+        parameters["w_incarnation"], parameters["w_attempt"] = fence
     rows = tx.rows(statement, parameters)
     return decode_job(rows[0]) if rows else None
 
@@ -1576,8 +1772,11 @@ def _set_state_statement(
     return statement.values(state=target.value, **values).returning(jobs)
 
 
-# A write about an attempt: this node's, and the attempt still current.
-_FENCE = (jobs.c.node == sa.bindparam("w_node"), jobs.c.attempts == sa.bindparam("w_attempt"))
+# A write about an attempt: this incarnation's, and the attempt still current.
+_FENCE = (
+    jobs.c.incarnation == sa.bindparam("w_incarnation"),
+    jobs.c.attempts == sa.bindparam("w_attempt"),
+)
 _RUNNING_ATTEMPT = (
     jobs.c.id == sa.bindparam("job_id"),
     jobs.c.state == JobState.RUNNING.value,
@@ -1697,7 +1896,7 @@ RETRY = (
 CANCEL_REQUESTED = sa.select(jobs.c.id).where(
     jobs.c.state == JobState.RUNNING.value,
     jobs.c.cancel_requested_at.is_not(None),
-    jobs.c.node == sa.bindparam("node"),
+    jobs.c.incarnation == sa.bindparam("incarnation"),
 )
 RECENT_RUNS = (
     sa.select(task_runs)
@@ -1730,6 +1929,80 @@ NEXT_SLOT = (
         schedules.c.last_slot == sa.bindparam("w_previous"),
     )
     .values(last_slot=sa.bindparam("v_last_slot"), last_job_id=sa.bindparam("v_last_job_id"))
+)
+
+
+# -- nodes' statements: PostgreSQL (``now()`` is the database's clock at the start of the
+# transaction; intervals are built from seconds with ``make_interval``).
+
+LEADER = "leader"  # the lease the leader holds
+REGISTRY = "registry"  # a lease row locked while a node registers; never held
+NODES_KEPT = 86400.0  # seconds a dead incarnation stays listed
+DATABASE_NOW = sa.text("SELECT now()")
+REGISTRY_ROW = sa.text(
+    f"INSERT INTO leases (name, holder, expires_at) VALUES ('{REGISTRY}', NULL, now()) "
+    "ON CONFLICT (name) DO NOTHING"
+)
+REGISTRY_LOCK = sa.text(f"SELECT name FROM leases WHERE name = '{REGISTRY}' FOR UPDATE")
+_ALIVE = "dead_at IS NULL AND heartbeat_at >= now() - make_interval(secs => :timeout)"
+LIVE_DEFINITIONS = sa.text(f"SELECT name, definitions FROM nodes WHERE {_ALIVE} ORDER BY name")
+ADD_NODE = sa.text(
+    "INSERT INTO nodes (incarnation, name, started_at, heartbeat_at, url, resources, "
+    "definitions) VALUES (:incarnation, :name, now(), now(), :url, :resources, :definitions)"
+)
+# Only a live incarnation renews: one declared dead stays dead.
+RENEW_NODE = sa.text(
+    "UPDATE nodes SET heartbeat_at = now(), resources = :resources "
+    "WHERE incarnation = :me AND dead_at IS NULL"
+)
+# A lease row, unless another transaction holds it: a node frozen in the middle of its
+# heartbeat must never make the others' heartbeats wait (they would fence themselves).
+LEASE_LOCKED = sa.text(
+    "SELECT holder, expires_at >= now() FROM leases WHERE name = :name FOR UPDATE SKIP LOCKED"
+)
+FIRST_LEASE = sa.text(
+    "INSERT INTO leases (name, holder, expires_at) "
+    "VALUES (:name, :me, now() + make_interval(secs => :ttl)) "
+    "ON CONFLICT (name) DO NOTHING"
+)
+RENEW_LEASE = sa.text(
+    "UPDATE leases SET holder = :me, expires_at = now() + make_interval(secs => :ttl) "
+    "WHERE name = :name"
+)
+# Rows locked by a node frozen mid-transaction are skipped: declared on a later beat.
+DECLARE_DEAD = sa.text(
+    "UPDATE nodes SET dead_at = now() WHERE incarnation IN (SELECT incarnation FROM nodes "
+    "WHERE dead_at IS NULL AND heartbeat_at < now() - make_interval(secs => :timeout) "
+    "FOR UPDATE SKIP LOCKED) RETURNING incarnation"
+)
+FORGET_NODES = sa.text(
+    "DELETE FROM nodes WHERE incarnation IN (SELECT incarnation FROM nodes "
+    "WHERE dead_at < now() - make_interval(secs => :kept) FOR UPDATE SKIP LOCKED)"
+)
+RETIRE_NODE = sa.text(
+    "UPDATE nodes SET dead_at = now() WHERE incarnation = :me AND dead_at IS NULL"
+)
+RELEASE_LEASES = sa.text("DELETE FROM leases WHERE holder = :me")
+_LIVE_NODE = sa.exists(
+    sa.select(1).where(nodes.c.incarnation == jobs.c.incarnation, nodes.c.dead_at.is_(None))
+)
+# Running jobs whose incarnation is not alive (declared dead, stopped, or unknown: a row
+# an older version left running).  Skipped if another leader holds them right now.
+ORPHANED_JOBS = (
+    sa.select(jobs.c.incarnation, *jobs.c)
+    .where(jobs.c.state == JobState.RUNNING.value, ~_LIVE_NODE)
+    .order_by(jobs.c.id)
+    .with_for_update(key_share=True, skip_locked=True)
+)
+NODES = sa.text(
+    "SELECT incarnation, name, started_at, heartbeat_at, dead_at, url, resources, cordoned, "
+    f"({_ALIVE}) AS alive, "
+    "EXTRACT(EPOCH FROM now() - heartbeat_at) AS age, "
+    f"COALESCE((SELECT holder FROM leases WHERE name = '{LEADER}' AND expires_at >= now()) "
+    "= incarnation, false) AS leader, "
+    "(SELECT count(*) FROM jobs WHERE jobs.state = 'running' "
+    "AND jobs.incarnation = nodes.incarnation) AS running "
+    "FROM nodes ORDER BY name, started_at"
 )
 
 

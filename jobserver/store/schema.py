@@ -109,6 +109,11 @@ jobs.append_column(sa.Column("node", sa.Text))
 jobs.append_column(sa.Column("schedule", sa.Text))
 jobs.append_column(sa.Column("schedule_slot", TIMESTAMP))
 
+# Migration 0010: the incarnation (one start of a node) that claimed the current attempt.
+# The fence is (incarnation, attempts): a node restarted under its name is a new
+# incarnation and never inherits its previous run's attempts.  ``node`` keeps the name.
+jobs.append_column(sa.Column("incarnation", sa.Text))
+
 sa.Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 # The queue head's two halves (migration 0006): jobs that may run now, and delayed ones.
 _READY = sa.and_(jobs.c.state == QUEUED_LITERAL, jobs.c.run_after.is_(None))
@@ -201,6 +206,36 @@ pruned_jobs = sa.Table(
     sa.Column("pruned_at", TIMESTAMP, nullable=False),
 )
 sa.Index("ix_pruned_jobs_pruned_at", pruned_jobs.c.pruned_at)
+
+# The nodes sharing a PostgreSQL database (migration 0010): one row per incarnation,
+# the start of one ``jobserver serve``.  Heartbeats and deaths are stamped by the
+# database's clock.  ``resources``: what the node last published (capacity, free,
+# running); ``definitions``: its tasks and schedules, compared with a starting node's.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("incarnation", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("started_at", TIMESTAMP, nullable=False),
+    sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
+    sa.Column("dead_at", TIMESTAMP),
+    sa.Column("url", sa.Text),
+    sa.Column("resources", JSON_TEXT, nullable=False),
+    sa.Column("definitions", JSON_TEXT, nullable=False),
+    sa.Column("cordoned", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+sa.Index("ix_nodes_name", nodes.c.name)
+
+# Leases (migration 0010): a named role held by one incarnation until ``expires_at``
+# (the database's clock), renewed by its holder only.  "leader" runs rescue, pruning
+# and cron.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text),
+    sa.Column("expires_at", TIMESTAMP, nullable=False),
+)
 
 JOB_COLUMNS = tuple(column.name for column in jobs.c)
 
