@@ -236,6 +236,13 @@ def plan(
       machine) against every later job, which waits "held for job ...".  A job that
       can never start (more than the capacity, or than the machine's GPUs) reserves
       nothing.
+    - The first job that waits for resources reserves them too (a soft reservation)
+      when its expected start is known: the time by which enough running and admitted
+      jobs will have ended (``remaining``, ``duration``) for it to fit.
+    - Backfill: a later job passes a reservation if it fits beside it (in free less
+      every reservation) or its ``duration`` ends before every reservation's expected
+      start.  A job of unknown ``duration`` passes a soft reservation, never a
+      starving job's; no job passes by backfill a reservation whose start is unknown.
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
@@ -400,7 +407,7 @@ def plan(
                         holder=(
                             f"job {job.id} (waiting {_format_duration(job.waited)})"
                             if starving
-                            else f"job {job.id} (ahead in the queue)"
+                            else f"job {job.id} (first in the queue)"
                         ),
                         hard=starving,
                         cpus=job.request.cpus,
@@ -483,7 +490,7 @@ def _expected_start(
 def _held_reason(binding: Sequence[_Reservation], duration: float | None) -> str:
     first = binding[0]
     more = f" and {len(binding) - 1} more" if len(binding) > 1 else ""
-    why = "it waited past starvation_after" if first.hard else "it is ahead in the queue"
+    why = "it waited past starvation_after; " if first.hard else ""
     starts = [r.start for r in binding]
     if None in starts:
         when = "when it can start is not known"
@@ -493,7 +500,7 @@ def _held_reason(binding: Sequence[_Reservation], duration: float | None) -> str
         run = "this job's run time is not known yet"
     else:
         run = f"this job may run {_format_seconds(duration)}"
-    return f"held for {first.holder}{more}: {why}; {when} and {run}"
+    return f"held for {first.holder}{more}: {why}{when} and {run}"
 
 
 def _gpus_never_fit(request: Request, gpus: Sequence[Gpu] | None) -> str | None:

@@ -1128,8 +1128,8 @@ def test_a_large_job_at_the_head_keeps_its_room_from_jobs_that_would_outlast_its
     result = plan([big, long, short, fresh], running, machine, configured)
     assert result.admit == ("q0003", "q0004")
     assert result.waiting["q0002"] == (
-        "held for job q0001 (ahead in the queue): it is ahead in the queue; it should "
-        "start within 5.0s and this job may run 20.0s"
+        "held for job q0001 (first in the queue): it should start within 5.0s and this "
+        "job may run 20.0s"
     )
     assert result.waiting["q0001"].startswith("waiting for memory: needs 5.0 GiB")
     # Without run times nothing is foreseen: plain skip ahead.
