@@ -328,7 +328,7 @@ def _spread(values: list[float], unit: str = " s") -> str:
 
 def report(name: str, results: list[Result], cap: int, bounds: list[tuple[float, float]]) -> str:
     """The Markdown table of one workload: medians over the seeds, spread in brackets."""
-    modes = list(dict.fromkeys(r.mode for r in results))
+    modes = sorted({r.mode for r in results}, key=lambda m: -1 if m == "jobserver" else int(m))
     seeds = sorted({r.seed for r in results})
     lines = [
         f"Workload `{name}`, seeds {', '.join(map(str, seeds))}: lower bound "
@@ -367,7 +367,8 @@ def report(name: str, results: list[Result], cap: int, bounds: list[tuple[float,
         fixed = [m for m in modes if m != "jobserver"]
         done = [m for m in fixed if complete[m]]
         safe = [m for m in fixed if clean[m]]
-        lines.append("")
+        bound = statistics.median(max(m, c) for m, c in bounds)
+        lines += ["", f"- jobserver vs the lower bound (median {bound:.1f} s): {ours / bound:.2f}x"]
         if done:
             best = min(done, key=medians.__getitem__)
             lines.append(
