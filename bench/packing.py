@@ -367,6 +367,7 @@ def report(name: str, results: list[Result], cap: int, bounds: list[tuple[float,
         fixed = [m for m in modes if m != "jobserver"]
         done = [m for m in fixed if complete[m]]
         safe = [m for m in fixed if clean[m]]
+        lines += ["", *_per_seed(results, seeds)]
         bound = statistics.median(max(m, c) for m, c in bounds)
         lines += ["", f"- jobserver vs the lower bound (median {bound:.1f} s): {ours / bound:.2f}x"]
         if done:
@@ -382,6 +383,34 @@ def report(name: str, results: list[Result], cap: int, bounds: list[tuple[float,
                 f"{medians[best]:.1f} s): {ours / medians[best]:.2f}x (target <= 0.7x)"
             )
     return "\n".join(lines)
+
+
+def _per_seed(results: list[Result], seeds: list[int]) -> list[str]:
+    """The targets judged seed by seed: against the fastest fixed N that completed every
+    job in that seed's run, and the fastest one without violations or kills."""
+    lines = []
+
+    def complete(run: Result) -> bool:
+        return run.failed == 0
+
+    def clean(run: Result) -> bool:
+        return run.violations + run.kills == 0
+
+    for what, good in (
+        ("the fastest fixed N that completed every job", complete),
+        ("the best fixed N without violations or kills", clean),
+    ):
+        ratios = []
+        for seed in seeds:
+            runs = [r for r in results if r.seed == seed]
+            ours = next((r for r in runs if r.mode == "jobserver"), None)
+            fixed = [r for r in runs if r.mode != "jobserver" and good(r)]
+            if ours is None or not fixed:
+                continue
+            best = min(fixed, key=lambda r: r.makespan)
+            ratios.append(f"seed {seed}: {ours.makespan / best.makespan:.2f}x (N = {best.mode})")
+        lines.append(f"- seed by seed, vs {what}: {'; '.join(ratios)}")
+    return lines
 
 
 def len_jobs(result: Result) -> int:
