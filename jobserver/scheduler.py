@@ -239,9 +239,10 @@ def plan(
     - The first job that waits for resources reserves them too (a soft reservation)
       when its expected start is known: the time by which enough running and admitted
       jobs will have ended (``remaining``, ``duration``) for it to fit.
-    - Backfill: a later job passes a reservation if it fits beside it (in free less
-      every reservation) or its ``duration`` ends before every reservation's expected
-      start.  A job of unknown ``duration`` passes a soft reservation, never a
+    - Backfill: a later job passes a reservation if its ``duration`` ends before the
+      reservation's expected start, or it fits in what will be left beside the reserved
+      job then (free at that start, less its request, less the jobs admitted beside it
+      that still run then; with no expected start, free now less its request).  A job of unknown ``duration`` passes a soft reservation, never a
       starving job's; no job passes by backfill a reservation whose start is unknown.
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
@@ -355,22 +356,21 @@ def plan(
             # before its expected start.  A job whose run time is not known yet passes a
             # soft one (skip ahead, as without backfill); a hard one it cannot pass.
             binding = [r for r in reservations if r.hard or job.duration is not None]
-            beside = (
-                not any(r.everything for r in binding)
-                and slots - len(binding) > 0
-                and job.request.cpus <= free_cpus - sum(r.cpus for r in binding) + _CPU_EPSILON
-                and job.request.memory <= free_memory - sum(r.memory for r in binding)
-                and (
-                    not picked
-                    or len(gpus or ()) - len(taken_gpus) - sum(r.gpus for r in binding)
-                    >= len(picked)
-                )
+            # Those it would still hold resources at the expected start of.
+            outlasted = [
+                r
+                for r in binding
+                if job.duration is None or r.start is None or job.duration > r.start
+            ]
+            beside = all(r.leaves(job.request) for r in outlasted) and (
+                not picked
+                or len(gpus or ()) - len(taken_gpus) - sum(r.gpus for r in binding) >= len(picked)
             )
-            ends_in_time = job.duration is not None and all(
-                r.start is not None and job.duration <= r.start for r in binding
-            )
-            if binding and not beside and not ends_in_time:
+            if not beside:
                 reason = _held_reason(binding, job.duration)
+            else:
+                for r in outlasted:
+                    r.take(job.request)
         if reason is None:
             admit.append(job.id)
             slots -= 1
@@ -393,30 +393,22 @@ def plan(
         )
         soft = blocked and not starving and not reservations
         if starving or soft:
-            start = _expected_start(
+            reservation = _reserve(
+                f"job {job.id} (waiting {_format_duration(job.waited)})"
+                if starving
+                else f"job {job.id} (first in the queue)",
+                starving,
                 job.request,
                 rules.exclusive,
-                free_cpus - sum(r.cpus for r in reservations),
-                free_memory - sum(r.memory for r in reservations),
+                Headroom(
+                    free_cpus - sum(r.cpus for r in reservations),
+                    free_memory - sum(r.memory for r in reservations),
+                ),
                 slots - len(reservations),
                 releases,
             )
-            if starving or start is not None:
-                reservations.append(
-                    _Reservation(
-                        holder=(
-                            f"job {job.id} (waiting {_format_duration(job.waited)})"
-                            if starving
-                            else f"job {job.id} (first in the queue)"
-                        ),
-                        hard=starving,
-                        cpus=job.request.cpus,
-                        memory=job.request.memory,
-                        gpus=job.request.gpu_count,
-                        everything=rules.exclusive,
-                        start=start,
-                    )
-                )
+            if starving or reservation.start is not None:
+                reservations.append(reservation)
         if starving:
             reason += (
                 f"; waiting {_format_duration(job.waited)}, past starvation_after "
@@ -436,13 +428,15 @@ def plan(
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Reservation:
     """What a waiting job sets aside against the jobs behind it.
 
     ``start`` is the latest time (seconds from now) by which it would fit, were nothing
     else started, judging by the running jobs' expected ends; None when that cannot be
     foreseen (an end not known, or it needs GPUs, whose memory NVML reads only now).
+    ``extra_*`` is what will be left beside it then (with ``start`` None: now): a job
+    that still runs at ``start`` may take only that (Slurm's "extra" nodes).
     """
 
     holder: str  # "job 01J… (waiting 5m)"
@@ -450,41 +444,74 @@ class _Reservation:
     cpus: float
     memory: int
     gpus: int
-    everything: bool  # an exclusive job: nothing may run beside it
     start: float | None
+    extra_cpus: float
+    extra_memory: int
+    extra_slots: int
+    everything: bool  # an exclusive job: nothing may run beside it
 
-
-def _expected_start(
-    request: Request,
-    exclusive: bool,
-    free_cpus: float,
-    free_memory: int,
-    slots: int,
-    releases: Sequence[tuple[float | None, float, int]],
-) -> float | None:
-    """The latest time (seconds from now) by which ``request`` fits, as the running and
-    admitted jobs ``releases`` (seconds left at most, cpus, memory) end; None if that
-    cannot be foreseen.  Ends not known only make it earlier, so they are left out."""
-    if request.gpu_count:
-        return None
-    if exclusive:
-        ends = [left for left, _, _ in releases]
-        return None if None in ends else max((left or 0.0 for left in ends), default=0.0)
-
-    def fits() -> bool:
+    def leaves(self, request: Request) -> bool:
+        """Whether a job of ``request`` still running at ``start`` leaves it room."""
         return (
-            slots > 0 and request.cpus <= free_cpus + _CPU_EPSILON and request.memory <= free_memory
+            not self.everything
+            and self.extra_slots > 0
+            and request.cpus <= self.extra_cpus + _CPU_EPSILON
+            and request.memory <= self.extra_memory
         )
 
+    def take(self, request: Request) -> None:
+        self.extra_cpus -= request.cpus
+        self.extra_memory -= request.memory
+        self.extra_slots -= 1
+
+
+def _reserve(
+    holder: str,
+    hard: bool,
+    request: Request,
+    exclusive: bool,
+    free: Headroom,
+    slots: int,
+    releases: Sequence[tuple[float | None, float, int]],
+) -> _Reservation:
+    """The reservation of ``request``: its expected start, as the running and admitted
+    jobs ``releases`` (seconds left at most, cpus, memory) end, and what is left beside it
+    then.  Ends not known could only make it earlier: leaving them out gives a start it
+    will fit by.  With none foreseen, what is left beside it is what is free now less it."""
+    cpus, memory, room = free.cpus, free.memory, slots
+
+    def reservation(start: float | None) -> _Reservation:
+        return _Reservation(
+            holder,
+            hard,
+            request.cpus,
+            request.memory,
+            request.gpu_count,
+            start,
+            cpus - request.cpus,
+            memory - request.memory,
+            room - 1,
+            exclusive,
+        )
+
+    def fits() -> bool:
+        return room > 0 and request.cpus <= cpus + _CPU_EPSILON and request.memory <= memory
+
+    if request.gpu_count:
+        return reservation(None)
+    if exclusive:
+        ends = [left for left, _, _ in releases]
+        return reservation(None if None in ends else max([0.0, *(e or 0.0 for e in ends)]))
     if fits():  # held by something else (a hysteresis margin): it fits now
-        return 0.0
-    for left, cpus, memory in sorted(
-        (left, cpus, memory) for left, cpus, memory in releases if left is not None
+        return reservation(0.0)
+    for left, more_cpus, more_memory in sorted(
+        (left, c, m) for left, c, m in releases if left is not None
     ):
-        free_cpus, free_memory, slots = free_cpus + cpus, free_memory + memory, slots + 1
+        cpus, memory, room = cpus + more_cpus, memory + more_memory, room + 1
         if fits():
-            return left
-    return None
+            return reservation(left)
+    cpus, memory, room = free.cpus, free.memory, slots
+    return reservation(None)
 
 
 def _held_reason(binding: Sequence[_Reservation], duration: float | None) -> str:

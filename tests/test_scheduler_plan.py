@@ -1092,14 +1092,16 @@ def running_for(n: int, memory: int, remaining: float | None, **kw: Any) -> Runn
 def test_backfill_starts_what_ends_before_the_starving_jobs_turn() -> None:
     machine = snapshot(cpus=8.0, memory=8 * GiB)
     configured = replace(limits(), starvation_after=300.0)
-    # 2 GiB free; the starving job needs 4 GiB, which the 6 GiB job frees within 60 s.
+    # 2 GiB free; the starving job needs 7.5 GiB, which it has once the 6 GiB job ends,
+    # within 60 s: 0.5 GiB will be left beside it then.
     running = [running_for(0, 6 * GiB, remaining=60.0)]
-    big = job(1, memory=4 * GiB, waited=600.0)
+    big = job(1, memory=7 * GiB + 512 * MiB, waited=600.0)
     quick = job(2, memory=GiB, duration=30.0)  # ends before the big job's turn
-    slow = job(3, memory=GiB, duration=120.0)  # would still hold its memory then
+    slow = job(3, memory=GiB, duration=120.0)  # would still hold 1 GiB then
     unknown = job(4, memory=GiB)  # no run time known
-    result = plan([big, quick, slow, unknown], running, machine, configured)
-    assert result.admit == ("q0002",)
+    small = job(5, memory=256 * MiB, duration=500.0)  # runs long, but fits beside it
+    result = plan([big, quick, slow, unknown, small], running, machine, configured)
+    assert result.admit == ("q0002", "q0005")
     assert "past starvation_after" in result.waiting["q0001"]
     assert result.waiting["q0003"] == (
         "held for job q0001 (waiting 10m): it waited past starvation_after; it should "
@@ -1114,18 +1116,22 @@ def test_backfill_starts_what_ends_before_the_starving_jobs_turn() -> None:
 def test_a_starving_jobs_reservation_still_holds_against_backfill() -> None:
     machine = snapshot(cpus=8.0, memory=8 * GiB)
     configured = replace(limits(), starvation_after=300.0)
-    big = job(1, memory=4 * GiB, waited=600.0)
+    big = job(1, memory=7 * GiB, waited=600.0)
     # When the running job's end is not known, no start can be foreseen: nothing that
     # would take the reserved memory passes, however short.
     unknown_end = [running_for(0, 6 * GiB, remaining=None)]
     held = plan([big, job(2, memory=GiB, duration=1.0)], unknown_end, machine, configured)
     assert held.admit == ()
     assert "when it can start is not known" in held.waiting["q0002"]
-    # A job past its expected end may end any moment: the reservation starts now.
+    # A job past its expected end may end any moment: the reservation starts now, and
+    # a job that would take more than is left beside it then waits.
     overdue = [running_for(0, 6 * GiB, remaining=0.0)]
-    now = plan([big, job(2, memory=GiB, duration=1.0)], overdue, machine, configured)
+    now = plan([big, job(2, memory=2 * GiB, duration=1.0)], overdue, machine, configured)
     assert now.admit == ()
     assert "it should start within 0.0s" in now.waiting["q0002"]
+    # What fits in the 1 GiB left beside it then starts, however long it runs.
+    beside = plan([big, job(3, memory=GiB, duration=1000.0)], overdue, machine, configured)
+    assert beside.admit == ("q0003",)
 
 
 def test_a_large_job_at_the_head_keeps_its_room_from_jobs_that_would_outlast_its_turn() -> None:
@@ -1133,24 +1139,26 @@ def test_a_large_job_at_the_head_keeps_its_room_from_jobs_that_would_outlast_its
     # foreseen (Slurm's backfill), so small jobs do not keep it waiting until it starves.
     machine = snapshot(cpus=8.0, memory=8 * GiB)
     configured = replace(limits(), starvation_after=300.0)
-    running = [running_for(0, 5 * GiB, remaining=5.0)]
+    # 2 GiB free; the big job fits once the 4 GiB job ends (5 s), 1 GiB left beside it.
+    running = [running_for(0, 4 * GiB, remaining=5.0), running_for(9, 2 * GiB, remaining=60.0)]
     big = job(1, memory=5 * GiB, duration=10.0)
-    long = job(2, memory=2 * GiB, duration=20.0)
-    short = job(3, memory=GiB, duration=4.0)
-    fresh = job(4, memory=GiB)  # a task with no history yet: skip ahead, as before
-    result = plan([big, long, short, fresh], running, machine, configured)
+    long = job(2, memory=2 * GiB, duration=20.0)  # fits now, but would outlast its turn
+    tiny = job(3, memory=512 * MiB, duration=30.0)  # outlasts it, but fits beside it
+    short = job(4, memory=GiB, duration=4.0)  # ends before its turn
+    result = plan([big, long, tiny, short], running, machine, configured)
     assert result.admit == ("q0003", "q0004")
     assert result.waiting["q0002"] == (
         "held for job q0001 (first in the queue): it should start within 5.0s and this "
         "job may run 20.0s"
     )
     assert result.waiting["q0001"].startswith("waiting for memory: needs 5.0 GiB")
+    # A task with no history yet passes it (skip ahead, as without backfill).
+    fresh = plan([big, replace(long, duration=None)], running, machine, configured)
+    assert fresh.admit == ("q0002",)
     # Without run times nothing is foreseen: plain skip ahead.
-    blind = [replace(j, duration=None) for j in (big, long, short)]
-    assert plan(blind, [replace(running[0], remaining=None)], machine, configured).admit == (
-        "q0002",
-        "q0003",
-    )
+    blind = [replace(j, duration=None) for j in (big, long, tiny, short)]
+    unknown = [replace(r, remaining=None) for r in running]
+    assert plan(blind, unknown, machine, configured).admit == ("q0002",)
 
 
 def test_backfill_ahead_of_a_starving_exclusive_job_ends_before_every_running_job() -> None:
