@@ -242,8 +242,8 @@ def plan(
     - Backfill: a later job passes a reservation if its ``duration`` ends before the
       reservation's expected start, or it fits in what will be left beside the reserved
       job then (free at that start, less its request, less the jobs admitted beside it
-      that still run then; with no expected start, free now less its request).  A job of unknown ``duration`` passes a soft reservation, never a
-      starving job's; no job passes by backfill a reservation whose start is unknown.
+      that still run then; with no expected start, free now less its request).  A job
+      of unknown ``duration`` passes a soft reservation, never a starving job's.
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
