@@ -899,6 +899,8 @@ def run_time(
     """The ``percentile`` (nearest rank) of the recent run times ``walls`` times
     ``margin``, capped at ``bound`` (its timeout plus kill_grace: it cannot run longer);
     ``bound`` alone without history."""
+    if bound is not None and not math.isfinite(bound):
+        bound = None  # a timeout of infinity bounds nothing
     limit = f"timeout + kill_grace {_format_seconds(bound)}" if bound is not None else ""
     if not walls:
         if bound is None:

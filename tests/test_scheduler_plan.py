@@ -29,6 +29,7 @@ from jobserver.scheduler import (
     memory_request,
     plan,
     pressure_victim,
+    run_time,
 )
 
 GiB = 1024**3
@@ -1255,3 +1256,16 @@ def test_backfill_never_delays_a_starving_job(scenario: Rich) -> None:
         )
 
     assert fit(before + behind) <= fit(before), (holder, behind, result.waiting[holder.id])
+
+
+def test_run_time_is_the_learned_percentile_capped_by_the_timeout() -> None:
+    assert run_time([], 95, 1.2, None).seconds is None
+    assert run_time([], 95, 1.2, 62.0).seconds == 62.0
+    learned = run_time([1.0, 2.0, 10.0], 50, 1.5, None)
+    assert learned.seconds == 3.0
+    assert learned.why == "p50 of the last 3 run(s)' wall times x learn_margin 1.5 = 3.0s"
+    capped = run_time([100.0], 95, 1.2, 62.0)
+    assert capped.seconds == 62.0 and capped.why.endswith("capped at timeout + kill_grace 1m02s")
+    # A timeout of infinity (as a client may send it) bounds nothing.
+    assert run_time([], 95, 1.2, math.inf).seconds is None
+    assert run_time([2.0], 95, 1.0, math.inf).seconds == 2.0

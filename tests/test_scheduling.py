@@ -424,7 +424,7 @@ async def test_backfill_starts_what_ends_before_the_first_waiting_jobs_turn(
     gate = tmp_path / "gate"
     tasks = {
         "blocker": {**GATED, "memory": "8GiB", "timeout": "30s"},
-        "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "10GiB"},
+        "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "13GiB"},
         "slow": {**GATED, "memory": "4GiB", "timeout": "60s"},
         "quick": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "4GiB"},
     }
@@ -448,8 +448,9 @@ async def test_backfill_starts_what_ends_before_the_first_waiting_jobs_turn(
 
         blocker = await submit(h, "blocker", path=str(gate))
         await h.wait_for_state(blocker, "running")
-        big = await submit(h, "big", a=1)  # 10 GiB: waits for the blocker's 8 GiB
-        slow = await submit(h, "slow", path=str(gate))  # fits now, but would outlast it
+        # 13 GiB of 16: waits for the blocker's 8 GiB; 3 GiB will be left beside it then.
+        big = await submit(h, "big", a=1)
+        slow = await submit(h, "slow", path=str(gate))  # 4 GiB: fits now, would outlast it
         quick = await submit(h, "quick", a=2)  # fits now, and ends long before
         await h.wait_for_state(quick, "succeeded")
         held = await document(h, slow)
