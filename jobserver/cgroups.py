@@ -69,6 +69,18 @@ class JobCgroup:
         name = "memory.peak" if self.version == "cgroup v2" else "memory.max_usage_in_bytes"
         return _read_int(self.path / name)
 
+    def usage(self) -> int | None:
+        """What the cgroup holds now that the kernel cannot just drop, bytes: its usage
+        less the inactive page cache (what a shared-page-blind RSS sum cannot tell)."""
+        if self.version == "cgroup v2":
+            current, cache = "memory.current", "inactive_file"
+        else:
+            current, cache = "memory.usage_in_bytes", "total_inactive_file"
+        used = _read_int(self.path / current)
+        if used is None:
+            return None
+        return max(0, used - (_read_keyed(self.path / "memory.stat", cache) or 0))
+
     def remove(self) -> bool:
         """Kill what is left inside, then remove the directory; False if it is still busy
         (processes take a moment to exit): call again later."""

@@ -102,6 +102,10 @@ class QueuedJob:
     priority: int
     request: Request
     waited: float = 0.0  # seconds it has been ready to run (the caller's clock, not ours)
+    # Seconds it is expected to run at most (its task's learned run time, or its timeout);
+    # None: not known yet.  Backfill starts a job ahead of a reserved one only if it ends
+    # in time.
+    duration: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class RunningJob:
     priority: int = 0
     started: float = 0.0  # start time on any monotonic scale: the youngest has the largest
     gpu_devices: tuple[int, ...] = ()  # the GPU indices it was given
+    # Seconds until it is expected to have ended at the latest (0 once past that); None:
+    # not known.  What a reservation's expected start is worked out from.
+    remaining: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,14 @@ def plan(
       machine) against every later job, which waits "held for job ...".  A job that
       can never start (more than the capacity, or than the machine's GPUs) reserves
       nothing.
+    - The first job that waits for resources reserves them too (a soft reservation)
+      when its expected start is known: the time by which enough running and admitted
+      jobs will have ended (``remaining``, ``duration``) for it to fit.
+    - Backfill: a later job passes a reservation if its ``duration`` ends before the
+      reservation's expected start, or it fits in what will be left beside the reserved
+      job then (free at that start, less its request, less the jobs admitted beside it
+      that still run then; with no expected start, free now less its request).  A job
+      of unknown ``duration`` passes a soft reservation, never a starving job's.
     - A job that asks for GPUs also needs that many devices that no running or admitted
       job holds, each with ``gpu_memory`` free (``gpus`` None: NVML does not answer,
       so it waits); it gets the ones with the most free memory (``Plan.devices``).
@@ -293,10 +308,14 @@ def plan(
     )
     busy = len(running)  # jobs running or admitted so far
 
-    # Reservations made by starving jobs for the jobs behind them.
-    reserved_cpus, reserved_memory, reserved_slots, reserved_gpus = 0.0, 0, 0, 0
-    holders: list[str] = []  # "job 01J… (waiting 5m)"
-    hold_everything = False  # a starving exclusive job: nothing behind it may start
+    # Reservations for the jobs behind them: every starving job's (hard), and the first
+    # waiting job's when its start can be foreseen (soft, Slurm's EASY backfill).
+    reservations: list[_Reservation] = []
+    # What running and admitted jobs free when they end: (seconds left, cpus, memory).
+    releases = [
+        (job.remaining, job.request.cpus, max(job.request.memory, job.memory_used))
+        for job in running
+    ]
 
     taken_gpus = {index for runner in running for index in runner.gpu_devices}
     devices: dict[str, tuple[int, ...]] = {}
@@ -342,17 +361,26 @@ def plan(
         picked: tuple[int, ...] = ()
         if reason is None and job.request.gpu_count:
             picked, reason = _pick_gpus(job.request, gpus, taken_gpus)
-        if reason is None and holders:
-            fits_after_holds = (
-                not hold_everything
-                and slots - reserved_slots > 0
-                and job.request.cpus <= free_cpus - reserved_cpus + _CPU_EPSILON
-                and job.request.memory <= free_memory - reserved_memory
-                and (not picked or len(gpus or ()) - len(taken_gpus) - reserved_gpus >= len(picked))
+        if reason is None and reservations:
+            # A reservation holds the jobs behind it unless they fit beside it or end
+            # before its expected start.  A job whose run time is not known yet passes a
+            # soft one (skip ahead, as without backfill); a hard one it cannot pass.
+            binding = [r for r in reservations if r.hard or job.duration is not None]
+            # Those it would still hold resources at the expected start of.
+            outlasted = [
+                r
+                for r in binding
+                if job.duration is None or r.start is None or job.duration > r.start
+            ]
+            beside = all(r.leaves(job.request) for r in outlasted) and (
+                not picked
+                or len(gpus or ()) - len(taken_gpus) - sum(r.gpus for r in binding) >= len(picked)
             )
-            if not fits_after_holds:
-                more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
-                reason = f"held for {holders[0]}{more}: it waited past starvation_after"
+            if not beside:
+                reason = _held_reason(binding, job.duration)
+            else:
+                for r in outlasted:
+                    r.take(job.request)
         if reason is None:
             admit.append(job.id)
             slots -= 1
@@ -360,6 +388,7 @@ def plan(
             free_cpus -= job.request.cpus
             free_memory -= job.request.memory
             live_memory -= job.request.memory
+            releases.append((job.duration, job.request.cpus, job.request.memory))
             per_task[job.task] = count + 1
             if picked:
                 devices[job.id] = picked
@@ -372,13 +401,25 @@ def plan(
             and limits.starvation_after is not None
             and job.waited >= limits.starvation_after
         )
+        soft = blocked and not starving and not reservations
+        if starving or soft:
+            reservation = _reserve(
+                f"job {job.id} (waiting {_format_duration(job.waited)})"
+                if starving
+                else f"job {job.id} (first in the queue)",
+                starving,
+                job.request,
+                rules.exclusive,
+                Headroom(
+                    free_cpus - sum(r.cpus for r in reservations),
+                    free_memory - sum(r.memory for r in reservations),
+                ),
+                slots - len(reservations),
+                releases,
+            )
+            if starving or reservation.start is not None:
+                reservations.append(reservation)
         if starving:
-            holders.append(f"job {job.id} (waiting {_format_duration(job.waited)})")
-            reserved_cpus += job.request.cpus
-            reserved_memory += job.request.memory
-            reserved_slots += 1
-            reserved_gpus += job.request.gpu_count
-            hold_everything = hold_everything or rules.exclusive
             reason += (
                 f"; waiting {_format_duration(job.waited)}, past starvation_after "
                 f"{_format_duration(limits.starvation_after or 0.0)}: later jobs may not "
@@ -395,6 +436,108 @@ def plan(
         overload=overload,
         devices=devices,
     )
+
+
+@dataclass
+class _Reservation:
+    """What a waiting job sets aside against the jobs behind it.
+
+    ``start`` is the latest time (seconds from now) by which it would fit, were nothing
+    else started, judging by the running jobs' expected ends; None when that cannot be
+    foreseen (an end not known, or it needs GPUs, whose memory NVML reads only now).
+    ``extra_*`` is what will be left beside it then (with ``start`` None: now): a job
+    that still runs at ``start`` may take only that (Slurm's "extra" nodes).
+    """
+
+    holder: str  # "job 01J… (waiting 5m)"
+    hard: bool  # a starving job's: no job of unknown run time passes it
+    cpus: float
+    memory: int
+    gpus: int
+    start: float | None
+    extra_cpus: float
+    extra_memory: int
+    extra_slots: int
+    everything: bool  # an exclusive job: nothing may run beside it
+
+    def leaves(self, request: Request) -> bool:
+        """Whether a job of ``request`` still running at ``start`` leaves it room."""
+        return (
+            not self.everything
+            and self.extra_slots > 0
+            and request.cpus <= self.extra_cpus + _CPU_EPSILON
+            and request.memory <= self.extra_memory
+        )
+
+    def take(self, request: Request) -> None:
+        self.extra_cpus -= request.cpus
+        self.extra_memory -= request.memory
+        self.extra_slots -= 1
+
+
+def _reserve(
+    holder: str,
+    hard: bool,
+    request: Request,
+    exclusive: bool,
+    free: Headroom,
+    slots: int,
+    releases: Sequence[tuple[float | None, float, int]],
+) -> _Reservation:
+    """The reservation of ``request``: its expected start, as the running and admitted
+    jobs ``releases`` (seconds left at most, cpus, memory) end, and what is left beside it
+    then.  Ends not known could only make it earlier: leaving them out gives a start it
+    will fit by.  With none foreseen, what is left beside it is what is free now less it."""
+    cpus, memory, room = free.cpus, free.memory, slots
+
+    def reservation(start: float | None) -> _Reservation:
+        return _Reservation(
+            holder,
+            hard,
+            request.cpus,
+            request.memory,
+            request.gpu_count,
+            start,
+            cpus - request.cpus,
+            memory - request.memory,
+            room - 1,
+            exclusive,
+        )
+
+    def fits() -> bool:
+        return room > 0 and request.cpus <= cpus + _CPU_EPSILON and request.memory <= memory
+
+    if request.gpu_count:
+        return reservation(None)
+    if exclusive:
+        ends = [left for left, _, _ in releases]
+        return reservation(None if None in ends else max([0.0, *(e or 0.0 for e in ends)]))
+    if fits():  # held by something else (a hysteresis margin): it fits now
+        return reservation(0.0)
+    for left, more_cpus, more_memory in sorted(
+        (left, c, m) for left, c, m in releases if left is not None
+    ):
+        cpus, memory, room = cpus + more_cpus, memory + more_memory, room + 1
+        if fits():
+            return reservation(left)
+    cpus, memory, room = free.cpus, free.memory, slots
+    return reservation(None)
+
+
+def _held_reason(binding: Sequence[_Reservation], duration: float | None) -> str:
+    first = binding[0]
+    more = f" and {len(binding) - 1} more" if len(binding) > 1 else ""
+    why = "it waited past starvation_after; " if first.hard else ""
+    starts = [r.start for r in binding]
+    if None in starts:
+        when = "when it can start is not known"
+    else:
+        when = f"it should start within {_format_seconds(min(s or 0.0 for s in starts))}"
+    if duration is None:
+        run = "this job's run time is not known yet"
+    else:
+        run = f"this job may run {_format_seconds(duration)}"
+    return f"held for {first.holder}{more}: {why}{when} and {run}"
 
 
 def _gpus_never_fit(request: Request, gpus: Sequence[Gpu] | None) -> str | None:
@@ -606,6 +749,11 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def _format_seconds(seconds: float) -> str:
+    """ "0.4s", "12.0s", then as ``_format_duration``: run times are often short."""
+    return f"{seconds:.1f}s" if seconds < 60 else _format_duration(seconds)
+
+
 def _format_cpus(cpus: float) -> str:
     # Over-commitment makes free negative; "0.00 free" reads better than "-0.30 free".
     return f"{max(0.0, cpus):.2f}"
@@ -745,6 +893,38 @@ def effective_memory(
 ) -> int:
     """``memory_request``'s figure, uncapped (no limit, no capacity)."""
     return memory_request(declared, peaks, percentile, margin, fallback).memory
+
+
+@dataclass(frozen=True)
+class RunTime:
+    """How long a task's job may run at most, as backfill reckons it, and why."""
+
+    seconds: float | None  # None: not known (the job is never backfilled ahead of others)
+    why: str
+
+
+def run_time(
+    walls: Sequence[float], percentile: float, margin: float, bound: float | None
+) -> RunTime:
+    """The ``percentile`` (nearest rank) of the recent run times ``walls`` times
+    ``margin``, capped at ``bound`` (its timeout plus kill_grace: it cannot run longer);
+    ``bound`` alone without history."""
+    if bound is not None and not math.isfinite(bound):
+        bound = None  # a timeout of infinity bounds nothing
+    limit = f"timeout + kill_grace {_format_seconds(bound)}" if bound is not None else ""
+    if not walls:
+        if bound is None:
+            return RunTime(None, "no measured run and no timeout")
+        return RunTime(bound, f"no measured run: {limit}")
+    ordered = sorted(walls)
+    learned = ordered[max(1, math.ceil(percentile / 100 * len(ordered))) - 1] * margin
+    why = (
+        f"p{percentile:g} of the last {len(walls)} run(s)' wall times x learn_margin "
+        f"{margin:g} = {_format_seconds(learned)}"
+    )
+    if bound is not None and bound < learned:
+        return RunTime(bound, f"{why}; capped at {limit}")
+    return RunTime(learned, why)
 
 
 # -- The Scheduler service: applies plan() through the store and the runner ------------
@@ -907,6 +1087,7 @@ class _Attempt:
     paused: bool = False  # SIGSTOPped under pressure (pressure_action = "pause")
     stop_note: str | None = None  # why the scheduler stopped it, for the job's reason
     gpu_devices: tuple[int, ...] = ()
+    expected: float | None = None  # seconds it may run at most, as backfill reckons it
 
     def as_running_job(self) -> RunningJob:
         """What plan() and the pressure rule see of this attempt."""
@@ -919,6 +1100,11 @@ class _Attempt:
             priority=self.job.priority,
             started=self.started,
             gpu_devices=self.gpu_devices,
+            remaining=(
+                None
+                if self.expected is None
+                else max(0.0, self.expected - (time.monotonic() - self.started))
+            ),
         )
 
 
@@ -966,7 +1152,7 @@ class Scheduler:
         self._last_plan: Plan | None = None
         self._last_snapshot: Snapshot | None = None
         self._plan_state = PlanState()
-        self._peaks: dict[str, list[int]] | None = None  # task -> recent peaks, newest first
+        self._runs: dict[str, list[TaskRun]] | None = None  # task -> recent runs, newest first
         self._pressure_ticks = 0  # consecutive ticks under memory pressure
         self._pressure_reading: Snapshot | None = None  # the previous one of those ticks
         self._leftover_cgroups: list[JobCgroup] = []
@@ -1017,7 +1203,7 @@ class Scheduler:
     def reconfigure(self, settings: SchedulerSettings) -> None:
         """Use new settings (and the registry's current task settings) from the next tick."""
         if settings.learn_window != self._settings.learn_window:
-            self._peaks = None  # reread with the new window
+            self._runs = None  # reread with the new window
         if settings.job_cgroups and not self._cgroups_looked_for:
             # Turned on since the start (which did not look for them while off).
             self._cgroups, self._cgroups_looked_for = JobCgroups.detect(), True
@@ -1264,11 +1450,15 @@ class Scheduler:
         )
 
     async def _admit(self, now: datetime, monotonic: float, snapshot: Snapshot) -> None:
-        await self._load_peaks()
+        await self._load_runs()
         # What planning reads, taken on the event loop: choose() runs in the database's
         # thread, inside the claim's transaction, while watchers change _running.
         running = self._running_jobs()
         requests = {task.name: self._request(task, snapshot) for task in self._registry}
+        durations = {
+            task.name: self._run_time(task, task.settings.timeout).seconds
+            for task in self._registry
+        }
         limits, state = self._limits, self._plan_state
         limited = {name for name, rules in limits.tasks.items() if rules.max_concurrency}
         chosen: list[tuple[Plan, list[QueuedJob], list[QueueEntry]]] = []
@@ -1281,6 +1471,7 @@ class Scheduler:
                     job.priority,
                     requests[job.task],
                     max(0.0, (now - job.ready_since).total_seconds()),
+                    durations[job.task],
                 )
                 for job in head
                 if job.task in requests
@@ -1431,6 +1622,9 @@ class Scheduler:
             memory_limit=limit,
             cgroup=group,
             gpu_devices=gpu_devices,
+            expected=self._run_time(
+                task, job.timeout if job.timeout is not None else task.settings.timeout
+            ).seconds,
             # First sample after poll_interval / 2, like every later one: a job that ends
             # sooner is not worth a scan of every process (issue 6).
             sampled=monotonic,
@@ -1507,17 +1701,33 @@ class Scheduler:
 
     # -- learned requests --------------------------------------------------------
 
-    async def _load_peaks(self) -> None:
-        if self._peaks is not None:
+    async def _load_runs(self) -> None:
+        if self._runs is not None:
             return
         window = self._settings.learn_window
-        self._peaks = {
-            task.name: [run.peak_rss for run in await self._store.recent_runs(task.name, window)]
-            for task in self._registry
+        self._runs = {
+            task.name: await self._store.recent_runs(task.name, window) for task in self._registry
         }
 
+    def _run_time(
+        self, task: Task, timeout: float | None, runs: Sequence[TaskRun] | None = None
+    ) -> RunTime:
+        """How long a job of ``task`` may run, from the task's recent runs (``runs``, else
+        those in memory) that ended by themselves (killed ones ended early) and
+        ``timeout``."""
+        s = self._settings
+        if runs is None:
+            runs = (self._runs or {}).get(task.name, [])
+        walls = [
+            run.wall_seconds
+            for run in runs
+            if run.outcome in (JobState.SUCCEEDED.value, JobState.FAILED.value)
+        ]
+        bound = None if timeout is None else timeout + s.kill_grace
+        return run_time(walls, s.learn_percentile, s.learn_margin, bound)
+
     def _request(self, task: Task, snapshot: Snapshot | None) -> Request:
-        peaks = (self._peaks or {}).get(task.name, [])
+        peaks = [run.peak_rss for run in (self._runs or {}).get(task.name, [])]
         return Request(
             cpus=task.settings.cpus,
             memory=self._memory_request(task, peaks, snapshot).memory,
@@ -1572,6 +1782,7 @@ class Scheduler:
                     "cpu_seconds_median": _median([run.cpu_seconds for run in runs]),
                     "wall_seconds_median": _median([run.wall_seconds for run in runs]),
                 },
+                "run_time": dataclasses.asdict(self._run_time(task, task.settings.timeout, runs)),
                 "scheduled_with": {
                     "cpus": task.settings.cpus,
                     "memory": used.memory,
@@ -1659,10 +1870,10 @@ class Scheduler:
         ):
             reason = change.job.reason  # an acknowledged cancel wins over the requeue
         self._publish(change, reason, duration)
-        if change is not None and run is not None and self._peaks is not None:
-            peaks = self._peaks.setdefault(job.task, [])
-            peaks.insert(0, run.peak_rss)
-            del peaks[self._settings.learn_window :]
+        if change is not None and run is not None and self._runs is not None:
+            runs = self._runs.setdefault(job.task, [])
+            runs.insert(0, run)
+            del runs[self._settings.learn_window :]
 
     async def _end_attempt(self, kept: KeptOutcome, job: Job) -> Changed | None:
         """Write the attempt's end; while the store cannot take it, keep it in the job's

@@ -419,23 +419,34 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(config_path: Path, *, wait: bool = True, timeout: float = 30) -> ServerProcess:
+def in_cgroup(procs: Path, argv: list[str]) -> list[str]:
+    """``argv`` run inside the cgroup whose ``cgroup.procs`` is ``procs``: a shell joins
+    it, then execs the program (no preexec_fn: the test process has threads)."""
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *argv]
+
+
+def start_server(
+    config_path: Path, *, wait: bool = True, timeout: float = 30, cgroup_procs: Path | None = None
+) -> ServerProcess:
+    """``jobserver serve`` on a free port; inside the cgroup of ``cgroup_procs`` if given
+    (from its first instruction, so that it reads that cgroup's limits as its own)."""
     port = free_port()
     log_path = config_path.parent / f"server-{port}.log"
     with log_path.open("wb") as log:
+        argv = [
+            sys.executable,
+            "-m",
+            "jobserver",
+            "serve",
+            "--config",
+            str(config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobserver",
-                "serve",
-                "--config",
-                str(config_path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            argv if cgroup_procs is None else in_cgroup(cgroup_procs, argv),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

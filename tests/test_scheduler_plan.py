@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +29,7 @@ from jobserver.scheduler import (
     memory_request,
     plan,
     pressure_victim,
+    run_time,
 )
 
 GiB = 1024**3
@@ -901,18 +903,31 @@ def test_a_learned_request_never_leaves_a_task_stuck_above_capacity(
 TASKS = ("a", "b", "c")
 
 
+# Run times and expected ends, in seconds; None: not known.
+run_times = st.sampled_from([None, 1.0, 5.0, 30.0, 120.0]) | st.floats(0.0, 600.0)
+
+
 @st.composite
-def rich_scenarios(draw: st.DrawFn) -> Rich:
+def rich_scenarios(draw: st.DrawFn, timed: bool = False) -> Rich:
+    """Every rule at once; ``timed``: jobs with run times and expected ends (backfill)."""
     queue, running, machine, configured, gpus = draw(scenarios())
     queue = [
         replace(
             job,
             task=draw(st.sampled_from(TASKS)),
             waited=draw(st.sampled_from([0.0, 10.0, 400.0, 4000.0])),
+            duration=draw(run_times) if timed else None,
         )
         for job in queue
     ]
-    running = [replace(job, task=draw(st.sampled_from(TASKS))) for job in running]
+    running = [
+        replace(
+            job,
+            task=draw(st.sampled_from(TASKS)),
+            remaining=draw(run_times) if timed else None,
+        )
+        for job in running
+    ]
     task_rules = {
         name: TaskLimits(
             max_concurrency=draw(st.sampled_from([None, None, 1, 2])),
@@ -939,7 +954,7 @@ Rich = tuple[list[QueuedJob], list[RunningJob], Snapshot, Limits, PlanState, lis
 
 
 @settings(max_examples=600, deadline=None)
-@given(rich_scenarios())
+@given(rich_scenarios(timed=True))
 def test_full_rules_never_overcommit_and_always_say_why(scenario: Rich) -> None:
     queue, running, machine, configured, state, gpus = scenario
     result = plan(queue, running, machine, configured, state, gpus)
@@ -1082,3 +1097,191 @@ def test_a_gpu_job_that_can_never_start_reserves_nothing() -> None:
     result = plan([too_many, job(2)], [], snapshot(), configured, gpus=gpus)
     assert result.admit == ("q0002",)
     assert result.waiting["q0001"] == "needs 2 GPU(s) but the machine has 1: it can never start"
+
+
+# -- backfill ------------------------------------------------------------------------------
+
+
+def running_for(n: int, memory: int, remaining: float | None, **kw: Any) -> RunningJob:
+    return replace(started(job(n, memory=memory, **kw), memory_used=memory), remaining=remaining)
+
+
+def test_backfill_starts_what_ends_before_the_starving_jobs_turn() -> None:
+    machine = snapshot(cpus=8.0, memory=8 * GiB)
+    configured = replace(limits(), starvation_after=300.0)
+    # 2 GiB free; the starving job needs 7.5 GiB, which it has once the 6 GiB job ends,
+    # within 60 s: 0.5 GiB will be left beside it then.
+    running = [running_for(0, 6 * GiB, remaining=60.0)]
+    big = job(1, memory=7 * GiB + 512 * MiB, waited=600.0)
+    quick = job(2, memory=GiB, duration=30.0)  # ends before the big job's turn
+    slow = job(3, memory=GiB, duration=120.0)  # would still hold 1 GiB then
+    unknown = job(4, memory=GiB)  # no run time known
+    small = job(5, memory=256 * MiB, duration=500.0)  # runs long, but fits beside it
+    result = plan([big, quick, slow, unknown, small], running, machine, configured)
+    assert result.admit == ("q0002", "q0005")
+    assert "past starvation_after" in result.waiting["q0001"]
+    assert result.waiting["q0003"] == (
+        "held for job q0001 (waiting 10m): it waited past starvation_after; it should "
+        "start within 1m and this job may run 2m"
+    )
+    assert result.waiting["q0004"] == (
+        "held for job q0001 (waiting 10m): it waited past starvation_after; it should "
+        "start within 1m and this job's run time is not known yet"
+    )
+
+
+def test_a_starving_jobs_reservation_still_holds_against_backfill() -> None:
+    machine = snapshot(cpus=8.0, memory=8 * GiB)
+    configured = replace(limits(), starvation_after=300.0)
+    big = job(1, memory=7 * GiB, waited=600.0)
+    # When the running job's end is not known, no start can be foreseen: nothing that
+    # would take the reserved memory passes, however short.
+    unknown_end = [running_for(0, 6 * GiB, remaining=None)]
+    held = plan([big, job(2, memory=GiB, duration=1.0)], unknown_end, machine, configured)
+    assert held.admit == ()
+    assert "when it can start is not known" in held.waiting["q0002"]
+    # A job past its expected end may end any moment: the reservation starts now, and
+    # a job that would take more than is left beside it then waits.
+    overdue = [running_for(0, 6 * GiB, remaining=0.0)]
+    now = plan([big, job(2, memory=2 * GiB, duration=1.0)], overdue, machine, configured)
+    assert now.admit == ()
+    assert "it should start within 0.0s" in now.waiting["q0002"]
+    # What fits in the 1 GiB left beside it then starts, however long it runs.
+    beside = plan([big, job(3, memory=GiB, duration=1000.0)], overdue, machine, configured)
+    assert beside.admit == ("q0003",)
+
+
+def test_a_large_job_at_the_head_keeps_its_room_from_jobs_that_would_outlast_its_turn() -> None:
+    # Not starving: the first waiting job still gets a reservation if its start can be
+    # foreseen (Slurm's backfill), so small jobs do not keep it waiting until it starves.
+    machine = snapshot(cpus=8.0, memory=8 * GiB)
+    configured = replace(limits(), starvation_after=300.0)
+    # 2 GiB free; the big job fits once the 4 GiB job ends (5 s), 1 GiB left beside it.
+    running = [running_for(0, 4 * GiB, remaining=5.0), running_for(9, 2 * GiB, remaining=60.0)]
+    big = job(1, memory=5 * GiB, duration=10.0)
+    long = job(2, memory=2 * GiB, duration=20.0)  # fits now, but would outlast its turn
+    tiny = job(3, memory=512 * MiB, duration=30.0)  # outlasts it, but fits beside it
+    short = job(4, memory=GiB, duration=4.0)  # ends before its turn
+    result = plan([big, long, tiny, short], running, machine, configured)
+    assert result.admit == ("q0003", "q0004")
+    assert result.waiting["q0002"] == (
+        "held for job q0001 (first in the queue): it should start within 5.0s and this "
+        "job may run 20.0s"
+    )
+    assert result.waiting["q0001"].startswith("waiting for memory: needs 5.0 GiB")
+    # A task with no history yet passes it (skip ahead, as without backfill).
+    fresh = plan([big, replace(long, duration=None)], running, machine, configured)
+    assert fresh.admit == ("q0002",)
+    # Without run times nothing is foreseen: plain skip ahead.
+    blind = [replace(j, duration=None) for j in (big, long, tiny, short)]
+    unknown = [replace(r, remaining=None) for r in running]
+    assert plan(blind, unknown, machine, configured).admit == ("q0002",)
+
+
+def test_backfill_ahead_of_a_starving_exclusive_job_ends_before_every_running_job() -> None:
+    configured = replace(
+        limits(), starvation_after=300.0, tasks={"solo": TaskLimits(exclusive=True)}
+    )
+    running = [running_for(0, GiB, remaining=30.0), running_for(5, GiB, remaining=90.0)]
+    solo = job(1, task="solo", waited=600.0)
+    result = plan(
+        [solo, job(2, duration=80.0), job(3, duration=100.0)], running, snapshot(), configured
+    )
+    assert result.admit == ("q0002",)
+    assert "should start within 1m30s" in result.waiting["q0003"]
+
+
+def _earliest_fit(
+    holder: QueuedJob,
+    free_cpus: float,
+    free_memory: int,
+    slots: int,
+    releases: list[tuple[float | None, float, int]],
+    exclusive: bool,
+) -> float:
+    """When ``holder`` first fits as the jobs of ``releases`` (seconds left, cpus, memory)
+    end, worked out step by step here; infinity when that waits for an unknown end."""
+    if exclusive:
+        ends = [left for left, _, _ in releases]
+        return math.inf if None in ends else max([0.0, *(e or 0.0 for e in ends)])
+    times = sorted({0.0, *(left for left, _, _ in releases if left is not None)})
+    for at in times:
+        ended = [(c, m) for left, c, m in releases if left is not None and left <= at]
+        if (
+            slots + len(ended) > 0
+            and holder.request.cpus <= free_cpus + sum(c for c, _ in ended) + 1e-9
+            and holder.request.memory <= free_memory + sum(m for _, m in ended)
+        ):
+            return at
+    return math.inf
+
+
+@settings(max_examples=1000, deadline=None)
+@given(rich_scenarios(timed=True))
+def test_backfill_never_delays_a_starving_job(scenario: Rich) -> None:
+    """The first starving job, with nothing waiting for resources ahead of it, fits no
+    later (by the expected ends) with the jobs admitted behind it than without them."""
+    queue, running, machine, configured, _, _ = scenario
+    # No GPUs (a GPU job's start is never foreseen: it gets no backfill).
+    queue = [replace(j, request=replace(j.request, gpus=0, gpu_memory=0)) for j in queue]
+    running = [
+        replace(j, request=replace(j.request, gpus=0, gpu_memory=0), gpu_devices=())
+        for j in running
+    ]
+    # The declared accounting alone: the live reading agrees with it.
+    machine = replace(
+        machine,
+        memory_available=machine.memory_capacity,
+        cpu_idle=machine.cpu_capacity,
+        cpu_outside=None,
+    )
+    configured = replace(configured, starvation_after=300.0)
+    result = plan(queue, running, machine, configured)
+    index = next(
+        (i for i, j in enumerate(queue) if "past starvation_after" in result.waiting.get(j.id, "")),
+        None,
+    )
+    if index is None:
+        return
+    holder = queue[index]
+    for ahead in queue[:index]:
+        reason = result.waiting.get(ahead.id)
+        if reason is not None and not (
+            "can never start" in reason or reason.startswith("task limit")
+        ):
+            return  # a job ahead waits for resources too: it comes first
+    admitted = _admitted(queue, result)
+    before = [j for j in admitted if queue.index(j) < index]
+    behind = [j for j in admitted if queue.index(j) > index]
+    if not behind:
+        return
+    free = accounting(running, machine, configured)
+    exclusive = configured.tasks[holder.task].exclusive
+
+    def fit(jobs: list[QueuedJob]) -> float:
+        releases = [
+            (r.remaining, r.request.cpus, max(r.request.memory, r.memory_used)) for r in running
+        ] + [(j.duration, j.request.cpus, j.request.memory) for j in jobs]
+        return _earliest_fit(
+            holder,
+            free.declared_cpus - sum(j.request.cpus for j in jobs),
+            free.declared_memory - sum(j.request.memory for j in jobs),
+            configured.max_jobs - len(running) - len(jobs),
+            releases,
+            exclusive,
+        )
+
+    assert fit(before + behind) <= fit(before), (holder, behind, result.waiting[holder.id])
+
+
+def test_run_time_is_the_learned_percentile_capped_by_the_timeout() -> None:
+    assert run_time([], 95, 1.2, None).seconds is None
+    assert run_time([], 95, 1.2, 62.0).seconds == 62.0
+    learned = run_time([1.0, 2.0, 10.0], 50, 1.5, None)
+    assert learned.seconds == 3.0
+    assert learned.why == "p50 of the last 3 run(s)' wall times x learn_margin 1.5 = 3.0s"
+    capped = run_time([100.0], 95, 1.2, 62.0)
+    assert capped.seconds == 62.0 and capped.why.endswith("capped at timeout + kill_grace 1m02s")
+    # A timeout of infinity (as a client may send it) bounds nothing.
+    assert run_time([], 95, 1.2, math.inf).seconds is None
+    assert run_time([2.0], 95, 1.0, math.inf).seconds == 2.0

@@ -416,6 +416,54 @@ async def _learned(h: Any) -> dict[str, Any] | None:
     return task if task["learned"]["runs"] else None
 
 
+async def test_backfill_starts_what_ends_before_the_first_waiting_jobs_turn(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    """The service hands plan() each task's learned run time and each running job's
+    expected end: a job that would outlast the big job's turn waits, a quick one starts."""
+    gate = tmp_path / "gate"
+    tasks = {
+        "blocker": {**GATED, "memory": "8GiB", "timeout": "30s"},
+        "big": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "13GiB"},
+        "slow": {**GATED, "memory": "4GiB", "timeout": "60s"},
+        "quick": {"function": "sample_tasks:add", "cpus": 0.1, "memory": "4GiB"},
+    }
+    async with make_harness(tasks=tasks) as h:
+
+        async def run_time(task: str) -> dict[str, Any] | None:
+            found = (await h.client.get("/api/v1/tasks")).json()["tasks"]
+            figure = next(t for t in found if t["name"] == task)["run_time"]
+            return dict(figure) if figure["seconds"] is not None else None
+
+        assert (await run_time("quick")) is None  # no history, no timeout: not known
+        # With a timeout and no history, the timeout + kill_grace (2s here) bounds it.
+        assert await run_time("slow") == {
+            "seconds": 62.0,
+            "why": "no measured run: timeout + kill_grace 1m02s",
+        }
+        await h.wait_for_state(await submit(h, "quick", a=1), "succeeded")
+        learned = await poll(lambda: run_time("quick"))
+        assert learned["seconds"] < 30, learned
+        assert learned["why"].startswith("p95 of the last 1 run(s)' wall times"), learned
+
+        blocker = await submit(h, "blocker", path=str(gate))
+        await h.wait_for_state(blocker, "running")
+        # 13 GiB of 16: waits for the blocker's 8 GiB; 3 GiB will be left beside it then.
+        big = await submit(h, "big", a=1)
+        slow = await submit(h, "slow", path=str(gate))  # 4 GiB: fits now, would outlast it
+        quick = await submit(h, "quick", a=2)  # fits now, and ends long before
+        await h.wait_for_state(quick, "succeeded")
+        held = await document(h, slow)
+        assert held["state"] == "queued"
+        assert held["waiting_reason"].startswith(
+            f"held for job {big} (first in the queue): it should start within "
+        ), held["waiting_reason"]
+        assert held["waiting_reason"].endswith("and this job may run 1m02s")
+        gate.touch()
+        for job_id in (blocker, big, slow):
+            await h.wait_for_state(job_id, "succeeded")
+
+
 # -- changes at run time ----------------------------------------------------------------------
 
 
