@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import psycopg
@@ -27,6 +27,7 @@ from jobserver.jobs import Job, new_job_id, utcnow
 from jobserver.resources import Snapshot
 from jobserver.server import Application, build
 from jobserver.store import Changed, Finish, NewJob, Requeue, Store, migrate, open_store, postgres
+from jobserver.store.driver import Driver, Operation
 
 TESTS_DIR = Path(__file__).resolve().parent
 GiB = 2**30
@@ -494,3 +495,30 @@ ARTIFACTS: list[Path] = []
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for path in ARTIFACTS:
         terminalreporter.write_line(f"artifact: {path}")
+
+
+_T = TypeVar("_T")
+
+
+class PassThroughDriver:
+    """A driver that passes every call to ``inner``: tests subclass it to make some
+    writes fail (a full disk, an unreachable database) and leave the rest real."""
+
+    def __init__(self, inner: Driver) -> None:
+        self.inner = inner
+
+    @property
+    def dialect(self) -> sa.engine.Dialect:
+        return self.inner.dialect
+
+    async def read(self, op: Operation[_T], *, quick: bool = False) -> _T:
+        return await self.inner.read(op, quick=quick)
+
+    async def write(self, op: Operation[_T], *, batched: bool = True) -> _T:
+        return await self.inner.write(op, batched=batched)
+
+    async def insert(self, table: sa.Table, rows: Any) -> None:
+        await self.inner.insert(table, rows)
+
+    async def close(self) -> None:
+        await self.inner.close()

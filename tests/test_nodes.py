@@ -13,14 +13,13 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from sqlalchemy.engine import Dialect
 
 from jobserver.errors import ConfigError, StorageUnavailable
 from jobserver.jobs import Job, JobState, new_job_id, utcnow
 from jobserver.maintenance import NodeLife, definition_conflicts, rescue_end
 from jobserver.store import Beat, Finish, NewJob, Requeue, Store, postgres
 from jobserver.store.driver import Driver, Operation
-from tests.conftest import claim, postgresql_database
+from tests.conftest import PassThroughDriver, claim, postgresql_database
 
 pytestmark = pytest.mark.anyio
 T = TypeVar("T")
@@ -33,20 +32,13 @@ DEFINITIONS: dict[str, Any] = {
 }
 
 
-class Switchable:
+class Switchable(PassThroughDriver):
     """A driver whose writes fail with ``StorageUnavailable`` while ``failing`` is set (a
     database this node cannot reach), reads and all else passed through."""
 
     def __init__(self, inner: Driver) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failing = False
-
-    @property
-    def dialect(self) -> Dialect:
-        return self.inner.dialect
-
-    async def read(self, op: Operation[T], *, quick: bool = False) -> T:
-        return await self.inner.read(op, quick=quick)
 
     async def write(self, op: Operation[T], *, batched: bool = True) -> T:
         if self.failing:
@@ -57,9 +49,6 @@ class Switchable:
         if self.failing:
             raise StorageUnavailable("PostgreSQL is unreachable (test)")
         await self.inner.insert(table, rows)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @pytest.fixture

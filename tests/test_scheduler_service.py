@@ -10,14 +10,13 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
-from sqlalchemy.engine import Dialect
 
 from jobserver.errors import StorageUnavailable
 from jobserver.jobs import utcnow
 from jobserver.maintenance import Reconciler
 from jobserver.store import OUTCOME_FILE, NewJob
 from jobserver.store.driver import Driver, Operation
-from tests.conftest import FakeProbe, GiB, insert
+from tests.conftest import FakeProbe, GiB, PassThroughDriver, insert
 
 pytestmark = pytest.mark.anyio
 
@@ -95,7 +94,7 @@ async def test_queued_job_of_a_removed_task_fails_clearly(make_harness: Any) -> 
 # -- an outcome the store cannot take -------------------------------------------------------
 
 
-class FailingEnds:
+class FailingEnds(PassThroughDriver):
     """The real driver, except that the repository's ``end_attempt`` writes fail with
     ``StorageUnavailable`` (what a full disk makes SQLite's writes do) ``failures`` times,
     or for as long as ``failing`` is set."""
@@ -103,18 +102,11 @@ class FailingEnds:
     def __init__(
         self, inner: Driver, failures: int = 0, error: type[Exception] = StorageUnavailable
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failures = failures
         self.error = error
         self.failing = False
         self.failed = 0
-
-    @property
-    def dialect(self) -> Dialect:
-        return self.inner.dialect
-
-    async def read(self, op: Operation[T], *, quick: bool = False) -> T:
-        return await self.inner.read(op, quick=quick)
 
     async def write(self, op: Operation[T], *, batched: bool = True) -> T:
         if "end_attempt" in op.__qualname__ and (self.failing or self.failures > 0):
@@ -122,12 +114,6 @@ class FailingEnds:
             self.failed += 1
             raise self.error("the database file cannot be written (disk full?)")
         return await self.inner.write(op, batched=batched)
-
-    async def insert(self, table: Any, rows: Any) -> None:
-        await self.inner.insert(table, rows)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def reconciler(h: Any) -> Reconciler:
